@@ -1,0 +1,45 @@
+"""Which implementation runs an op: the Triton kernels or the plain-torch reference.
+
+`kernels = "auto" | "triton" | "torch"` is a recipe switch. "auto" uses Triton on CUDA tensors and
+plain torch elsewhere; "triton" forces the kernels (on a CPU that needs `TRITON_INTERPRET=1` set before
+the kernels are imported, which is how the tests run them); "torch" forces the reference path.
+"""
+
+import importlib.util
+import os
+
+import torch
+
+KERNEL_MODES = ("auto", "triton", "torch")
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels with its numpy interpreter (CPU tensors allowed)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_mode(mode: str) -> str:
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels={mode!r} is not one of {', '.join(KERNEL_MODES)}")
+    return mode
+
+
+def use_triton(mode: str, tensor: torch.Tensor) -> bool:
+    """Decide per call: should the op on `tensor` run the Triton kernel?"""
+    check_mode(mode)
+    if mode == "torch":
+        return False
+    if mode == "auto":
+        return tensor.is_cuda and triton_importable()
+    if not triton_importable():
+        raise RuntimeError("kernels='triton' but the triton package is not installed (pip install triton)")
+    if not tensor.is_cuda and not interpreting():
+        raise RuntimeError(
+            "kernels='triton' on a CPU tensor needs TRITON_INTERPRET=1 in the environment before qtune "
+            "is imported; use kernels='auto' or 'torch' to run the plain-torch path instead"
+        )
+    return True
