@@ -1,0 +1,224 @@
+"""Load and save Hugging Face model directories (config.json + single or sharded safetensors).
+
+Quantize-on-load: every linear weight inside the decoder layers becomes NF4 the moment it is read, so
+loading a 7B model never holds the 16-bit model in memory (peak = final size + about one tensor).
+Pre-quantized bitsandbytes 4-bit checkpoints (what `qtune quantize` and transformers write) load
+directly. Only safetensors are read: nothing is ever unpickled.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qtune.config import ModelConfig
+from qtune.model import CausalLM
+
+QUANTIZE_CHOICES = ("nf4", "none")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NF4_STATE_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "added_tokens.json")
+
+
+class CheckpointError(ValueError):
+    """A model directory qtune cannot load; the message names the file and what is wrong."""
+
+
+def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bfloat16 on CUDA, float32 on CPU (CPU bf16 matmul is slow)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def parse_dtype(name: str | torch.dtype | None, device="cpu") -> torch.dtype:
+    if name is None or name == "auto":
+        return default_dtype(device)
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)} (or 'auto')")
+    return DTYPES[name]
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory, checking that every shard the index names exists."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object): {e}") from e
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index}: names shard {f.name}, which is missing from {model_dir}")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(model_dir.glob("*.safetensors"))
+    if found:
+        return found
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+        raise CheckpointError(f"{model_dir}: only pickle checkpoints (*.bin/*.pt) found; qtune loads safetensors only "
+                              "(convert them once with a trusted tool)")
+    raise CheckpointError(f"{model_dir}: no *.safetensors weights found")
+
+
+def is_quantizable(name: str) -> bool:
+    """Linear weights inside the decoder layers are quantized; embeddings, norms and lm_head stay 16-bit."""
+    return name.startswith("model.layers.") and name.endswith("_proj.weight")
+
+
+def resolve(path: str | Path) -> Path:
+    """A model directory, or an alias such as `smollm2-135m` pulled into the local cache."""
+    if Path(path).is_dir():
+        return Path(path)
+    from qtune.hub import resolve_model_path
+
+    return Path(resolve_model_path(str(path)))
+
+
+def load_model(path, quantize: str = "nf4", dtype=None, kernels: str = "auto", double_quant: bool = True,
+               device="cpu") -> CausalLM:
+    """Load a Hugging Face model directory (or alias) into a `CausalLM`, frozen, in eval mode.
+
+    quantize="nf4": linear layers become NF4 as they are read (bitsandbytes format, double quantization
+    by default); "none": weights kept in `dtype`. `dtype` is the compute dtype of everything else
+    (default bfloat16 on CUDA, float32 on CPU).
+    """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+    model_dir = resolve(path)
+    cfg = ModelConfig.from_json(model_dir)
+    dtype = parse_dtype(dtype, device)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    expected = dict(model.state_dict(keep_vars=True))
+    loaded: set[str] = set()
+    for file in shard_files(model_dir):
+        _load_file(model, file, expected, loaded, quantize, dtype, double_quant, device)
+    missing = [k for k in expected if k not in loaded and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing:
+        raise CheckpointError(f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s) the config requires, "
+                              f"e.g. {missing[:3]} (does config.json match these weights?)")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    from qtune.model import rope_inv_freq
+
+    model.register_buffer("rope_inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
+    model.requires_grad_(False)
+    model.set_kernels(kernels)
+    return model.eval()
+
+
+def _load_file(model, file, expected, loaded, quantize, dtype, double_quant, device):
+    from qtune import quant
+
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        keys = list(f.keys())
+        prequantized = {k[: -len(NF4_STATE_SUFFIX)] for k in keys if k.endswith(NF4_STATE_SUFFIX)}
+        for key in keys:
+            if key.startswith("model.layers.") and ".weight." in key:
+                continue  # quantization statistics, consumed with their weight below
+            if key not in expected:
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise CheckpointError(f"{file}: unexpected tensor {key!r}; is config.json (model_type, layer count, "
+                                      "tie_word_embeddings) right for this checkpoint?")
+            prefix = key[: -len(".weight")]
+            if prefix in prequantized:
+                state = {k: f.get_tensor(k) for k in keys if k == key or k.startswith(key + ".")}
+                q = quant.nf4_from_hf_state(prefix, state, source=str(file)).to(device)
+                _swap_in(model, prefix, quant.NF4Linear(q, bias=None))
+            elif is_quantizable(key) and quantize == "nf4":
+                w = f.get_tensor(key)
+                _check_shape(file, key, tuple(w.shape), tuple(expected[key].shape))
+                q = quant.quantize_nf4(w.to(device=device, dtype=dtype), double_quant=double_quant)
+                del w
+                _swap_in(model, prefix, quant.NF4Linear(q, bias=None))
+            else:
+                t = f.get_tensor(key)
+                _check_shape(file, key, tuple(t.shape), tuple(expected[key].shape))
+                _set_tensor(model, key, t.to(device=device, dtype=dtype))
+            loaded.add(key)
+
+
+def _check_shape(file, key, found, wanted):
+    if found != wanted:
+        raise CheckpointError(f"{file}: tensor {key!r} has shape {list(found)} but config.json implies {list(wanted)}")
+
+
+def _swap_in(model: nn.Module, prefix: str, new: nn.Module) -> None:
+    """Replace the nn.Linear at `prefix` by a quantized module, keeping a bias loaded earlier."""
+    old = model.get_submodule(prefix)
+    if old.bias is not None and not old.bias.is_meta:
+        new.bias = nn.Parameter(old.bias.detach(), requires_grad=False)
+    elif old.bias is not None:
+        new.bias = nn.Parameter(torch.empty(old.bias.shape, device="meta"), requires_grad=False)
+    model.set_submodule(prefix, new)
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+def atomic_dir(out_dir: Path) -> Path:
+    """A fresh temporary sibling of `out_dir`; `commit_dir` renames it into place when complete."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_dir(tmp: Path, out_dir: Path) -> None:
+    """Move a completed temporary directory into place; an existing `out_dir` is replaced only now."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+
+
+def save_state_dict_sharded(tensors: dict, out_dir: Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write safetensors shards (+ index when more than one), as Hugging Face does."""
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.contiguous()
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,134 @@
+"""The model's logits equal transformers' (an independent implementation) on tiny random checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from qtune.checkpoint import CheckpointError, load_model
+from qtune.config import ConfigError, ModelConfig
+from qtune.model import KVCache
+from tiny import TINY_CONFIGS, save_tiny
+
+transformers = pytest.importorskip("transformers")
+KINDS = list(TINY_CONFIGS)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def pair(request, tmp_path_factory):
+    d = save_tiny(request.param, tmp_path_factory.mktemp(request.param))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+    ours = load_model(d, quantize="none", dtype="float32")
+    return request.param, d, hf, ours
+
+
+def test_logits_match_transformers(pair):
+    kind, _, hf, ours = pair
+    torch.manual_seed(1)
+    ids = torch.randint(3, 160, (3, 100))  # past the llama3 config's original context (64) so scaling matters
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids)
+    assert (ref - got).abs().max().item() <= 1e-4, kind
+
+
+def test_rope_scaling_is_applied(pair):
+    kind, d, _, ours = pair
+    cfg = json.loads((d / "config.json").read_text())
+    if kind == "llama3":
+        plain = ModelConfig.from_dict({**cfg, "rope_scaling": None, "rope_parameters": None})
+        from qtune.model import rope_inv_freq
+
+        assert not torch.allclose(rope_inv_freq(plain), ours.rope_inv_freq)
+
+
+def test_left_padding_matches_transformers(pair):
+    kind, _, hf, ours = pair
+    torch.manual_seed(2)
+    ids = torch.randint(3, 160, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding on the first row
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=pos).logits
+        got = ours(ids, attention_mask=mask, position_ids=pos)
+    real = mask.bool()
+    assert (ref[real] - got[real]).abs().max().item() <= 1e-4
+
+
+def test_packed_rows_equal_separate_sequences(pair):
+    """Segment ids in the mask plus restarting positions make packed examples independent."""
+    _, _, _, ours = pair
+    torch.manual_seed(3)
+    a, b = torch.randint(3, 160, (1, 5)), torch.randint(3, 160, (1, 7))
+    packed = torch.cat([a, b], 1)
+    seg = torch.tensor([[1] * 5 + [2] * 7])
+    pos = torch.tensor([list(range(5)) + list(range(7))])
+    with torch.no_grad():
+        got = ours(packed, attention_mask=seg, position_ids=pos)
+        ref = torch.cat([ours(a), ours(b)], 1)
+    assert (ref - got).abs().max().item() <= 1e-5
+
+
+def test_kv_cache_decoding_equals_full_forward(pair):
+    _, _, _, ours = pair
+    torch.manual_seed(4)
+    ids = torch.randint(3, 160, (2, 12))
+    with torch.no_grad():
+        full = ours(ids)
+        cache = ours.new_cache(2, 16)
+        steps = [ours(ids[:, :8], kv_cache=cache)]
+        for t in range(8, 12):
+            steps.append(ours(ids[:, t:t + 1], kv_cache=cache))
+    assert isinstance(cache, KVCache) and cache.length == 12
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4
+
+
+def test_gradient_checkpointing_gives_same_gradients(pair):
+    _, _, _, ours = pair
+    ids = torch.randint(3, 160, (2, 10))
+    emb = ours.model.embed_tokens.weight
+    grads = []
+    for ckpt in (False, True):
+        ours.gradient_checkpointing = ckpt
+        ours.train()
+        emb.requires_grad_(True)
+        emb.grad = None
+        ours(ids).square().mean().backward()
+        grads.append(emb.grad.clone())
+        emb.requires_grad_(False)
+    ours.gradient_checkpointing = False
+    ours.eval()
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bad_config_names_file_and_field(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ConfigError, match=r"config.json.*vocab_size"):
+        ModelConfig.from_json(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match="gpt2"):
+        ModelConfig.from_json(tmp_path)
+
+
+def test_shape_mismatch_and_missing_shard(tmp_path):
+    d = save_tiny("llama", tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.*mlp.*shape"):
+        load_model(d, quantize="none")
+    sharded = save_tiny("llama", tmp_path / "s", max_shard_size="100KB")
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=f"{shards[-1].name}.*missing"):
+        load_model(sharded, quantize="none")
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    single = load_model(save_tiny("mistral", tmp_path / "a"), quantize="none")
+    sharded = load_model(save_tiny("mistral", tmp_path / "b", max_shard_size="100KB"), quantize="none")
+    ids = torch.randint(3, 160, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(single(ids), sharded(ids))

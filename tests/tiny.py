@@ -1,0 +1,51 @@
+"""Tiny random Llama-family checkpoints written by transformers (the independent reference), for tests."""
+
+from pathlib import Path
+
+import torch
+
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  max_position_embeddings=256, tie_word_embeddings=False),
+    "llama3": dict(model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=500000.0,
+                   max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral": dict(model_type="mistral", vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                    max_position_embeddings=256, sliding_window=4096, tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", vocab_size=160, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                  max_position_embeddings=256, tie_word_embeddings=True),
+}
+
+
+def hf_config(kind: str):
+    import transformers
+
+    d = dict(TINY_CONFIGS[kind])
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[d.pop("model_type")]
+    return cls(**d, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def make_hf_model(kind: str, seed: int = 0):
+    """A randomly initialised transformers model (fp32, eval mode) with non-trivial norms and biases."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(kind), torch_dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model.eval()
+
+
+def save_tiny(kind: str, out_dir: Path, seed: int = 0, max_shard_size: str | None = None) -> Path:
+    model = make_hf_model(kind, seed)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+    return Path(out_dir)
