@@ -1,0 +1,458 @@
+"""QLoRA linear layers: a frozen (dense or NF4) base weight plus a trainable low-rank adapter.
+
+    y = x Wᵀ + bias + s · dropout(x) Aᵀ Bᵀ          W (out, in) frozen, A (r, in), B (out, r), s = alpha / r
+
+Three ops share one forward/backward recipe per projection:
+- `lora_linear`: one projection.
+- `lora_qkv`: q, k, v projections of the same input; x is saved once.
+- `lora_mlp`: the Llama SwiGLU block down(silu(gate(x)) * up(x)); saves x, g = gate(x), u = up(x).
+
+What backward keeps and what it recomputes (the point of fusing):
+- The base weight is never saved in a dequantized form: backward dequantizes it again.
+- Adapter gradients stay in rank-r order, never forming an (out, in) product:
+      dB = s · dYᵀ (x_d Aᵀ)     with x_d Aᵀ (N, r) saved from the forward
+      dA = s · (dY B)ᵀ x_d
+      dX = dY W + s · dropout'((dY B) A)        accumulated into one buffer
+- LoRA dropout masks are not stored at all. Each projection draws a seed from torch's default
+  generator (so `torch.manual_seed` makes runs reproducible) and backward regenerates the mask from it:
+  Philox via `tl.rand(seed, element_index)` on the Triton path, a `torch.Generator` seeded with the
+  same seed on the plain-torch path. The two paths therefore draw different masks for the same seed;
+  `dropout_keep_mask` reproduces either. Projection i of a fused block uses seed + i, giving every
+  adapter its own mask as separate dropout modules would.
+- The MLP recomputes h = silu(g) * u in backward instead of saving it.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from qtune.backend import use_triton
+from qtune.kernels import KernelSpec
+
+BLOCK = 1024  # elements per program of the elementwise kernels
+NUM_WARPS = 4
+
+
+class LoraParams(NamedTuple):
+    """One projection: frozen base weight (+ bias) and an optional trainable adapter."""
+
+    weight: object  # (out, in) torch.Tensor or qtune.quant.NF4Weight; frozen
+    bias: torch.Tensor | None = None  # (out,) frozen (Qwen2 q/k/v carry one)
+    lora_a: torch.Tensor | None = None  # (r, in) trainable, None for a projection without adapter
+    lora_b: torch.Tensor | None = None  # (out, r) trainable
+    scale: float = 1.0  # s = lora_alpha / r
+
+
+# ----------------------------------------------------------------------------- references (the spec)
+
+def dense_weight(weight, dtype: torch.dtype, triton_path: bool = False) -> torch.Tensor:
+    """The (out, in) base weight in `dtype`: a dense tensor as is, an NF4Weight dequantized."""
+    if isinstance(weight, torch.Tensor):
+        return weight.to(dtype)
+    if triton_path:
+        from qtune.kernels.nf4 import dequantize_nf4
+
+        return dequantize_nf4(weight, dtype)
+    return weight.dequantize(dtype)
+
+
+def reference_dropout(x: torch.Tensor, keep_mask: torch.Tensor | None, p: float) -> torch.Tensor:
+    """Inverted dropout with a given mask: x · keep / (1 - p)."""
+    return x if keep_mask is None else x * keep_mask / (1.0 - p)
+
+
+def reference_lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout: float = 0.0,
+                          training: bool = True, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x Wᵀ + bias + s · dropout(x) Aᵀ Bᵀ in plain torch autograd.
+
+    `keep_mask` (same shape as x, bool) fixes the dropout mask; without it `F.dropout` draws one.
+    """
+    y = F.linear(x, dense_weight(weight, x.dtype), bias)
+    if lora_a is None:
+        return y
+    if not training or dropout == 0.0:
+        x_d = x
+    elif keep_mask is None:
+        x_d = F.dropout(x, dropout, training=True)
+    else:
+        x_d = reference_dropout(x, keep_mask, dropout)
+    return y + scale * F.linear(F.linear(x_d, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+
+
+def reference_swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """h = silu(g) · u."""
+    return F.silu(g) * u
+
+
+def reference_swiglu_backward(dh, g, u) -> tuple[torch.Tensor, torch.Tensor]:
+    """dg = dh · u · σ(g) · (1 + g · (1 - σ(g))),  du = dh · silu(g)."""
+    sig = torch.sigmoid(g)
+    return dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
+
+
+def _reference_projection(x, p: LoraParams, dropout, training, keep_mask):
+    return reference_lora_linear(x, p.weight, p.bias, p.lora_a, p.lora_b, p.scale, dropout, training, keep_mask)
+
+
+def reference_lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: float = 0.0,
+                       training: bool = True, keep_masks=(None, None, None)) -> torch.Tensor:
+    """out = down(silu(gate(x)) · up(x)); keep_masks fixes the (gate, up, down) dropout masks."""
+    g = _reference_projection(x, gate, dropout, training, keep_masks[0])
+    u = _reference_projection(x, up, dropout, training, keep_masks[1])
+    return _reference_projection(reference_swiglu(g, u), down, dropout, training, keep_masks[2])
+
+
+def reference_lora_qkv(x, q: LoraParams, k: LoraParams, v: LoraParams, dropout: float = 0.0,
+                       training: bool = True, keep_masks=(None, None, None)):
+    """(q(x), k(x), v(x)), each a LoRA linear; keep_masks fixes the three dropout masks."""
+    return tuple(_reference_projection(x, p, dropout, training, m) for p, m in zip((q, k, v), keep_masks))
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _keep(seed, offs, p):
+    # Philox counter = element index: the same (seed, index) gives the same uniform in forward and backward.
+    return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def lora_dropout_kernel(x_ptr, out_ptr, n_elements, seed, p, BLOCK: tl.constexpr):
+    """out = x · keep / (1 - p), keep regenerated from (seed, index)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n_elements
+    x = tl.load(x_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    out = tl.where(_keep(seed, offs, p), x / (1.0 - p), 0.0)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def lora_dropout_accumulate_inplace_kernel(acc_ptr, x_ptr, n_elements, seed, p, BLOCK: tl.constexpr):
+    """acc += x · keep / (1 - p): adds the adapter's input gradient into the shared dX buffer."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n_elements
+    acc = tl.load(acc_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    acc += tl.where(_keep(seed, offs, p), x / (1.0 - p), 0.0)
+    tl.store(acc_ptr + offs, acc.to(acc_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_elements, BLOCK: tl.constexpr):
+    """h = silu(g) · u = g · σ(g) · u."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n_elements
+    g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    h = g * tl.sigmoid(g) * u
+    tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def swiglu_backward_inplace_kernel(dh_ptr, g_ptr, u_ptr, du_ptr, n_elements, BLOCK: tl.constexpr):
+    """dg = dh · u · σ(g) · (1 + g · (1 - σ(g))) written over dh; du = dh · silu(g).
+
+    dh is a temporary of the MLP backward that nothing reads afterwards, so overwriting it with dg
+    saves one (N, I) buffer at the backward's memory peak.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n_elements
+    dh = tl.load(dh_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+    du = dh * g * sig
+    tl.store(dh_ptr + offs, dg.to(dh_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=in_bounds)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _grid(n: int) -> tuple[int]:
+    return (triton.cdiv(n, BLOCK),)
+
+
+def _torch_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def lora_dropout(x: torch.Tensor, seed: int, p: float, triton_path: bool) -> torch.Tensor:
+    """x · keep / (1 - p) with the mask regenerated from `seed` (nothing stored)."""
+    if not triton_path:
+        return reference_dropout(x, _torch_keep_mask(seed, x.shape, p, x.device), p)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lora_dropout_kernel[_grid(x.numel())](x, out, x.numel(), seed, p, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+def lora_dropout_accumulate_inplace(acc: torch.Tensor, x: torch.Tensor, seed: int, p: float, triton_path: bool):
+    """acc += x · keep / (1 - p), in place on `acc` (the dX buffer being accumulated)."""
+    if not triton_path:
+        acc += reference_dropout(x, _torch_keep_mask(seed, x.shape, p, x.device), p)
+        return
+    assert acc.is_contiguous() and x.is_contiguous() and acc.shape == x.shape
+    lora_dropout_accumulate_inplace_kernel[_grid(x.numel())](acc, x, x.numel(), seed, p, BLOCK=BLOCK,
+                                                             num_warps=NUM_WARPS)
+
+
+def dropout_keep_mask(seed: int, shape, p: float, device, kernels: str = "auto") -> torch.Tensor:
+    """The bool keep mask the ops use for `seed` (for checking them against a reference)."""
+    ones = torch.ones(shape, device=device)
+    return lora_dropout(ones, seed, p, use_triton(kernels, ones)) != 0
+
+
+def new_dropout_seed() -> int:
+    """A dropout seed drawn from torch's default generator (what the ops draw on each training call)."""
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor, triton_path: bool) -> torch.Tensor:
+    """h = silu(g) · u."""
+    if not triton_path:
+        return reference_swiglu(g, u)
+    g, u = g.contiguous(), u.contiguous()
+    h = torch.empty_like(g)
+    swiglu_forward_kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return h
+
+
+def swiglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, triton_path: bool):
+    """Returns (dg, du); on the Triton path dg is `dh` overwritten in place."""
+    if not triton_path:
+        return reference_swiglu_backward(dh, g, u)
+    assert dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()
+    du = torch.empty_like(u)
+    swiglu_backward_inplace_kernel[_grid(g.numel())](dh, g, u, du, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return dh, du
+
+
+# ----------------------------------------------------------------------------- one projection, forward and backward
+
+class _Run(NamedTuple):
+    """How one call runs: effective dropout (0 when off), the seed of projection 0, Triton or torch."""
+
+    dropout: float
+    seed: int
+    triton_path: bool
+
+
+def _dropped(x: torch.Tensor, run: _Run, i: int) -> torch.Tensor:
+    """x_d = dropout(x) for projection i (seed + i), regenerated identically in forward and backward."""
+    if run.dropout == 0.0:
+        return x
+    return lora_dropout(x, run.seed + i, run.dropout, run.triton_path)
+
+
+def _projection_forward(x: torch.Tensor, p: LoraParams, run: _Run, i: int):
+    """y = x Wᵀ + bias + s · x_d Aᵀ Bᵀ  ->  y (N, out) and xa = x_d Aᵀ (N, r), kept for dB."""
+    w = dense_weight(p.weight, x.dtype, run.triton_path)  # (out, in), dropped on return
+    y = F.linear(x, w, None if p.bias is None else p.bias.to(x.dtype))  # (N, out)
+    if p.lora_a is None:
+        return y, None
+    xa = _dropped(x, run, i) @ p.lora_a.to(x.dtype).t()  # (N, r)
+    y.addmm_(xa, p.lora_b.to(x.dtype).t(), alpha=p.scale)  # y is our own fresh output
+    return y, xa
+
+
+def _projection_backward(dy, x, xa, p: LoraParams, run: _Run, i: int, dx, need_dx: bool):
+    """Gradients of one projection in rank-r order; adds its input gradient into `dx`.
+
+        dB = s · dYᵀ xa               (out, r)
+        dA = s · (dY B)ᵀ x_d          (r, in)
+        dX += dY W + s · dropout'((dY B) A)
+    Returns (dx, dA, dB); dx is allocated by the first projection and None when not needed.
+    """
+    dtype = dy.dtype
+    if need_dx:
+        w = dense_weight(p.weight, dtype, run.triton_path)  # dequantized again rather than saved
+        dx = dy @ w if dx is None else dx.addmm_(dy, w)  # (N, in)
+        del w
+    if p.lora_a is None:
+        return dx, None, None
+    a, b = p.lora_a.to(dtype), p.lora_b.to(dtype)
+    dyb = dy @ b  # (N, r)
+    d_b = (dy.t() @ xa).mul_(p.scale).to(p.lora_b.dtype)
+    d_a = (dyb.t() @ _dropped(x, run, i)).mul_(p.scale).to(p.lora_a.dtype)
+    if need_dx and run.dropout == 0.0:
+        dx.addmm_(dyb, a, alpha=p.scale)
+    elif need_dx:
+        # dropout' applies the same mask again: dX += keep · (s · dyb A) / (1 - p)
+        lora_dropout_accumulate_inplace(dx, (dyb @ a).mul_(p.scale), run.seed + i, run.dropout, run.triton_path)
+    return dx, d_a, d_b
+
+
+def _with_adapters(frozen, adapters) -> list[LoraParams]:
+    """Re-attach the (lora_a, lora_b) pairs to the frozen projections."""
+    return [p._replace(lora_a=adapters[2 * i], lora_b=adapters[2 * i + 1]) for i, p in enumerate(frozen)]
+
+
+# ----------------------------------------------------------------------------- autograd functions
+
+class LoraProjectionsFn(torch.autograd.Function):
+    """Projections of one shared input x (N, in): outputs x Wᵢᵀ + bᵢ + sᵢ · dropoutᵢ(x) Aᵢᵀ Bᵢᵀ.
+
+    Saves x once, each (N, r) xa, and the adapters. `frozen` holds the projections without adapters,
+    `adapters` the flat (lora_a, lora_b, ...) pairs so that autograd sees them as inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, frozen, run, *adapters):
+        params = _with_adapters(frozen, adapters)
+        ys, xas = zip(*(_projection_forward(x, p, run, i) for i, p in enumerate(params)))
+        ctx.save_for_backward(x, *xas, *adapters)
+        ctx.frozen, ctx.run = frozen, run
+        return ys
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x, *rest = ctx.saved_tensors
+        n = len(ctx.frozen)
+        xas, params = rest[:n], _with_adapters(ctx.frozen, rest[n:])
+        dx, grads = None, []
+        for i, (dy, xa, p) in enumerate(zip(dys, xas, params)):
+            dx, d_a, d_b = _projection_backward(dy, x, xa, p, ctx.run, i, dx, ctx.needs_input_grad[0])
+            grads += [d_a, d_b]
+        return dx, None, None, *grads
+
+
+class LoraMLPFn(torch.autograd.Function):
+    """SwiGLU block out = down(silu(gate(x)) · up(x)) over x (N, H) with three LoRA projections.
+
+    Saves x, g = gate(x), u = up(x) and the three (N, r) xa; recomputes h = silu(g) · u, the
+    dropout masks and the dequantized weights in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, frozen, run, *adapters):
+        gate, up, down = _with_adapters(frozen, adapters)
+        g, xa_gate = _projection_forward(x, gate, run, 0)  # (N, I), (N, r)
+        u, xa_up = _projection_forward(x, up, run, 1)  # (N, I), (N, r)
+        out, xa_down = _projection_forward(swiglu(g, u, run.triton_path), down, run, 2)  # (N, H), (N, r)
+        ctx.save_for_backward(x, g, u, xa_gate, xa_up, xa_down, *adapters)
+        ctx.frozen, ctx.run = frozen, run
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, g, u, xa_gate, xa_up, xa_down, *adapters = ctx.saved_tensors
+        gate, up, down = _with_adapters(ctx.frozen, adapters)
+        run = ctx.run
+        # h is needed only for down's dA; recomputing it costs one elementwise pass over g and u.
+        h = None if down.lora_a is None else swiglu(g, u, run.triton_path)  # (N, I)
+        dh, d_a_down, d_b_down = _projection_backward(dout, h, xa_down, down, run, 2, None, True)
+        del h
+        dg, du = swiglu_backward_inplace(dh, g, u, run.triton_path)  # (N, I) each
+        need_dx = ctx.needs_input_grad[0]
+        dx, d_a_gate, d_b_gate = _projection_backward(dg, x, xa_gate, gate, run, 0, None, need_dx)
+        dx, d_a_up, d_b_up = _projection_backward(du, x, xa_up, up, run, 1, dx, need_dx)
+        return dx, None, None, d_a_gate, d_b_gate, d_a_up, d_b_up, d_a_down, d_b_down
+
+
+# ----------------------------------------------------------------------------- public ops
+
+def _shape(weight) -> tuple[int, int]:
+    return tuple(weight.shape)
+
+
+def _check_projection(op: str, name: str, p: LoraParams, in_features: int) -> None:
+    """Clear errors for mismatched shapes and for base tensors that would silently get no gradient."""
+    out_features, w_in = _shape(p.weight)
+    if w_in != in_features:
+        raise ValueError(f"{op}: {name}.weight is {(out_features, w_in)} but its input has {in_features} features")
+    if p.bias is not None and tuple(p.bias.shape) != (out_features,):
+        raise ValueError(f"{op}: {name}.bias has shape {tuple(p.bias.shape)}, expected ({out_features},)")
+    if (p.lora_a is None) != (p.lora_b is None):
+        raise ValueError(f"{op}: {name} has only one of lora_a / lora_b; pass both or neither")
+    if p.lora_a is not None:
+        r = p.lora_a.shape[0]
+        if tuple(p.lora_a.shape) != (r, in_features) or tuple(p.lora_b.shape) != (out_features, r):
+            raise ValueError(f"{op}: {name}.lora_a {tuple(p.lora_a.shape)} / lora_b {tuple(p.lora_b.shape)} do not "
+                             f"fit weight {(out_features, in_features)}: expected ({r}, {in_features}) / "
+                             f"({out_features}, {r})")
+    frozen = [t for t in (p.weight, p.bias) if isinstance(t, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in frozen):
+        raise ValueError(f"{op}: {name}.weight/bias require grad but the base layer is frozen here; "
+                         f"call .requires_grad_(False) on them")
+
+
+def _prepare(op: str, params, dropout: float, training: bool, kernels: str, x: torch.Tensor):
+    """Validate the call and split it into frozen projections, the run settings and the adapter tensors."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{op}: dropout={dropout} must be in [0, 1)")
+    p_eff = dropout if training else 0.0
+    run = _Run(p_eff, new_dropout_seed() if p_eff > 0.0 else 0, use_triton(kernels, x))
+    frozen = tuple(p._replace(lora_a=None, lora_b=None) for p in params)
+    adapters = [t for p in params for t in (p.lora_a, p.lora_b)]
+    return frozen, run, adapters
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout: float = 0.0, training: bool = True,
+                kernels: str = "auto") -> torch.Tensor:
+    """y = x Wᵀ + bias + scale · dropout(x) Aᵀ Bᵀ over x (..., in) -> (..., out).
+
+    weight (out, in) is a frozen tensor or NF4Weight (dequantized on the fly, never saved);
+    lora_a (r, in) / lora_b (out, r) are trainable or both None. `kernels`: see qtune.backend.
+    """
+    p = LoraParams(weight, bias, lora_a, lora_b, scale)
+    _check_projection("lora_linear", "", p, x.shape[-1])
+    frozen, run, adapters = _prepare("lora_linear", (p,), dropout, training, kernels, x)
+    (y,) = LoraProjectionsFn.apply(x.reshape(-1, x.shape[-1]), frozen, run, *adapters)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def lora_qkv(x, q: LoraParams, k: LoraParams, v: LoraParams, dropout: float = 0.0, training: bool = True,
+             kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q(x), k(x), v(x)) for x (..., D): three LoRA linears over one input, which is saved once.
+
+    A projection without an adapter has lora_a = lora_b = None (e.g. adapting only q and v).
+    """
+    for name, p in zip("qkv", (q, k, v)):
+        _check_projection("lora_qkv", name, p, x.shape[-1])
+    frozen, run, adapters = _prepare("lora_qkv", (q, k, v), dropout, training, kernels, x)
+    ys = LoraProjectionsFn.apply(x.reshape(-1, x.shape[-1]), frozen, run, *adapters)
+    return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys)
+
+
+def lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: float = 0.0, training: bool = True,
+             kernels: str = "auto") -> torch.Tensor:
+    """Llama SwiGLU MLP down(silu(gate(x)) · up(x)) over x (..., H) with LoRA on each projection."""
+    hidden = x.shape[-1]
+    _check_projection("lora_mlp", "gate", gate, hidden)
+    _check_projection("lora_mlp", "up", up, hidden)
+    intermediate = _shape(gate.weight)[0]
+    if _shape(up.weight)[0] != intermediate:
+        raise ValueError(f"lora_mlp: gate.weight is {_shape(gate.weight)} but up.weight is {_shape(up.weight)}")
+    _check_projection("lora_mlp", "down", down, intermediate)
+    frozen, run, adapters = _prepare("lora_mlp", (gate, up, down), dropout, training, kernels, x)
+    out = LoraMLPFn.apply(x.reshape(-1, hidden), frozen, run, *adapters)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+# ----------------------------------------------------------------------------- shipped configurations
+
+def compile_specs() -> list[KernelSpec]:
+    """Every kernel in every dtype the ops launch it with (fp32 / fp16 / bf16 activations)."""
+    specs = []
+    for ty in ("fp32", "fp16", "bf16"):
+        ptr, scalars = f"*{ty}", {"n_elements": "i32"}
+        block = {"BLOCK": BLOCK}
+        dropout_args = {"n_elements": "i32", "seed": "i32", "p": "fp32", "BLOCK": "constexpr"}
+        specs += [
+            KernelSpec(f"lora_dropout[{ty},BLOCK={BLOCK}]", lora_dropout_kernel,
+                       {"x_ptr": ptr, "out_ptr": ptr, **dropout_args}, block, NUM_WARPS),
+            KernelSpec(f"lora_dropout_accumulate_inplace[{ty},BLOCK={BLOCK}]", lora_dropout_accumulate_inplace_kernel,
+                       {"acc_ptr": ptr, "x_ptr": ptr, **dropout_args}, block, NUM_WARPS),
+            KernelSpec(f"swiglu_forward[{ty},BLOCK={BLOCK}]", swiglu_forward_kernel,
+                       {"g_ptr": ptr, "u_ptr": ptr, "h_ptr": ptr, **scalars, "BLOCK": "constexpr"}, block, NUM_WARPS),
+            KernelSpec(f"swiglu_backward_inplace[{ty},BLOCK={BLOCK}]", swiglu_backward_inplace_kernel,
+                       {"dh_ptr": ptr, "g_ptr": ptr, "u_ptr": ptr, "du_ptr": ptr, **scalars, "BLOCK": "constexpr"},
+                       block, NUM_WARPS),
+        ]
+    return specs
