@@ -1,0 +1,375 @@
+"""GGUF (llama.cpp) -> Hugging Face model directory, for Llama-architecture models.
+
+    convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "models/smollm2")  # config.json, model.safetensors, tokenizer ...
+
+Weights are dequantized with the `gguf` package. Two things llama.cpp changes on the way in are undone:
+  - dims: GGUF lists a tensor's shape innermost-first; the reader already gives numpy arrays row-major, so
+    a weight comes back (out_features, in_features) as in PyTorch.
+  - Q/K rows: llama.cpp rotates adjacent pairs (x0, x1), (x2, x3) ... while HF's `rotate_half` rotates
+    (x_i, x_{i + d/2}). Its converter therefore interleaves each head's two row halves; we put them back.
+The tokenizer becomes a `tokenizer.json` built from the vocabulary, merges and token types in the file.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# GGUF tensor name -> Hugging Face LlamaForCausalLM parameter name ("{i}" is the layer index).
+GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+BLOCK_TENSORS = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class GGUFFile:
+    """A GGUF file's metadata and tensors, with errors that name the file."""
+
+    def __init__(self, path: str | Path):
+        import gguf
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such GGUF file")
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{self.path}: not a readable GGUF file ({err})") from err
+        self.architecture = self.get("general.architecture")
+
+    def has(self, key: str) -> bool:
+        return key in self.reader.fields
+
+    def get(self, key: str, default=...):
+        """A metadata value; without a default, a missing key is an error naming the file and the key."""
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is ...:
+                raise KeyError(f"{self.path}: metadata key {key!r} is missing; the GGUF file is incomplete")
+            return default
+        return field.contents()
+
+    def arch(self, key: str, default=...):
+        """`{architecture}.{key}`, e.g. arch("block_count") reads "llama.block_count"."""
+        return self.get(f"{self.architecture}.{key}", default)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row order: per head, rows (0, d/2, 1, d/2+1, ...) back to (0, 1, ..., d-1).
+
+    llama.cpp wrote w.reshape(n_head, 2, d/2, in).swapaxes(1, 2); this is its inverse.
+    """
+    out_features, in_features = w.shape
+    head_dim = out_features // n_head
+    return w.reshape(n_head, head_dim // 2, 2, in_features).swapaxes(1, 2).reshape(out_features, in_features)
+
+
+def _float32_repr(value: float) -> float:
+    # GGUF stores floats as float32: 1e-5 reads back as 9.999999747378752e-06. Keep float32's shortest spelling.
+    return float(str(np.float32(value)))
+
+
+def llama_config(g: GGUFFile, dtype: torch.dtype) -> dict:
+    """config.json of LlamaForCausalLM from the GGUF metadata."""
+    n_head = g.arch("attention.head_count")
+    hidden = g.arch("embedding_length")
+    tensor_names = {t.name for t in g.reader.tensors}
+    vocab_size = g.arch("vocab_size", None) or len(g.get("tokenizer.ggml.tokens"))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": g.arch("feed_forward_length"),
+        "num_hidden_layers": g.arch("block_count"),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": g.arch("attention.head_count_kv", n_head),
+        "head_dim": g.arch("attention.key_length", None) or g.arch("rope.dimension_count", None) or hidden // n_head,
+        "hidden_act": "silu",
+        "rms_norm_eps": _float32_repr(g.arch("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": _float32_repr(g.arch("rope.freq_base", 10000.0)),
+        "max_position_embeddings": g.arch("context_length"),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": g.get("tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": g.get("tokenizer.ggml.eos_token_id", None),
+        "pad_token_id": g.get("tokenizer.ggml.padding_token_id", None),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    rope_scaling = _rope_scaling(g, tensor_names)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+def _rope_scaling(g: GGUFFile, tensor_names: set[str]) -> dict | None:
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError(
+            f"{g.path}: the file carries a rope_freqs tensor (Llama-3.1-style frequency scaling), which this "
+            "converter does not translate; convert the original Hugging Face checkpoint instead"
+        )
+    kind = g.arch("rope.scaling.type", None)
+    if kind in (None, "none"):
+        return None
+    factor = g.arch("rope.scaling.factor", None)
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        original = g.arch("rope.scaling.original_context_length")
+        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+    raise ValueError(f"{g.path}: rope scaling type {kind!r} is not supported (supported: linear, yarn)")
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[gguf_name]
+    parts = gguf_name.split(".", 2)  # "blk", "{i}", "attn_q.weight"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in BLOCK_TENSORS:
+        return f"model.layers.{int(parts[1])}.{BLOCK_TENSORS[parts[2]]}"
+    return None
+
+
+def _dequantize(g: GGUFFile, tensor) -> torch.Tensor:
+    import gguf
+
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as err:
+        raise ValueError(
+            f"{g.path}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, which the gguf package "
+            "cannot dequantize; re-quantize the model to a supported type (e.g. Q8_0, Q4_K, F16)"
+        ) from err
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF dims are innermost-first
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
+    if not values.flags.writeable:  # F32 tensors come back as read-only views of the memory-mapped file
+        values = values.copy()
+    return torch.from_numpy(values)
+
+
+def llama_state_dict(g: GGUFFile, config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, dequantized, renamed to HF names, Q/K rows un-permuted, cast to `dtype`."""
+    state = {}
+    for tensor in g.reader.tensors:
+        name = _hf_name(tensor.name)
+        if name is None:
+            raise ValueError(f"{g.path}: tensor {tensor.name!r} has no LlamaForCausalLM counterpart")
+        w = _dequantize(g, tensor)
+        if name.endswith("q_proj.weight"):
+            w = unpermute_qk(w, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_qk(w, config["num_key_value_heads"])
+        state[name] = w.to(dtype).contiguous()
+    expected = 2 + 9 * config["num_hidden_layers"] + (0 if config["tie_word_embeddings"] else 1)
+    if len(state) != expected:
+        raise ValueError(f"{g.path}: found {len(state)} tensors, a Llama with this config has {expected}")
+    return state
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------
+
+# llama.cpp token types (gguf.TokenType).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Llama 3's split regex (its tokenizer.json Split pre-tokenizer): contractions, letters with one leading
+# non-letter, numbers in groups of at most three digits, punctuation runs, newlines, other whitespace.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BYTE_LEVEL_REGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+BYTE_LEVEL_NO_REGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+
+# `tokenizer.ggml.pre` -> the pre-tokenizer that splits text before byte-level BPE, as in llama.cpp's
+# llama-vocab.cpp: the StarCoder family splits every digit on its own and then applies GPT-2's regex.
+PRE_TOKENIZERS = {
+    "default": BYTE_LEVEL_REGEX,
+    "gpt2": BYTE_LEVEL_REGEX,
+    **{
+        name: {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL_REGEX]}
+        for name in ("smollm", "starcoder", "refact", "codeshell")
+    },
+    **{
+        name: {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+                BYTE_LEVEL_NO_REGEX,
+            ],
+        }
+        for name in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe")
+    },
+}
+
+
+def _added_tokens(tokens: list[str], types: list[int], special_types: tuple[int, ...]) -> list[dict]:
+    """Control tokens (and `special_types`) are matched whole and are special; user-defined ones are plain."""
+    added = []
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if kind in special_types or kind == USER_DEFINED:
+            special = kind in special_types
+            added.append(
+                {"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": not special, "special": special}
+            )
+    return added
+
+
+def _byte_level_tokenizer(g: GGUFFile, tokens: list[str], types: list[int]) -> dict:
+    pre = g.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(
+            f"{g.path}: tokenizer.ggml.pre={pre!r} is not a pre-tokenizer this converter knows "
+            f"(known: {', '.join(sorted(PRE_TOKENIZERS))})"
+        )
+    merges = [merge.split(" ") for merge in g.get("tokenizer.ggml.merges")]
+    return {
+        "added_tokens": _added_tokens(tokens, types, (CONTROL,)),
+        "normalizer": None,
+        "pre_tokenizer": PRE_TOKENIZERS[pre],
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": {token: i for i, token in enumerate(tokens)}, "merges": merges,
+        },
+    }
+
+
+def sentencepiece_merges(tokens: list[str], types: list[int], scores: list[float]) -> list[list[str]]:
+    """BPE merges implied by a sentencepiece BPE vocabulary.
+
+    Sentencepiece merges, at each step, the adjacent pair whose concatenation is the vocabulary piece with
+    the highest score. A BPE merge list ranked by that score (ties: lower left, then right id) does the same.
+    """
+    ids = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind == NORMAL}
+    ranked = []
+    for token, i in ids.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ids and right in ids:
+                ranked.append((-scores[i], ids[left], ids[right], left, right))
+    ranked.sort()
+    return [[left, right] for *_, left, right in ranked]
+
+
+def _sentencepiece_tokenizer(g: GGUFFile, tokens: list[str], types: list[int]) -> dict:
+    scores = g.get("tokenizer.ggml.scores")
+    add_prefix = g.get("tokenizer.ggml.add_space_prefix", True)
+    unk_id = g.get("tokenizer.ggml.unknown_token_id", types.index(UNKNOWN) if UNKNOWN in types else None)
+    decoder = [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ]
+    if add_prefix:  # the prefix "▁" becomes a leading space when decoding; drop it
+        decoder.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    return {
+        "added_tokens": _added_tokens(tokens, types, (CONTROL, UNKNOWN)),
+        "normalizer": None,
+        # Only the start of the text gets the "▁" prefix, not text after a special token (transformers'
+        # non-legacy Llama behaviour, the one its own GGUF loader uses).
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "split": False,
+                          "prepend_scheme": "first" if add_prefix else "never"},
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": decoder},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": tokens[unk_id] if unk_id is not None else None,
+            "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+            "byte_fallback": True, "ignore_merges": False,
+            "vocab": {token: i for i, token in enumerate(tokens)},
+            "merges": sentencepiece_merges(tokens, types, scores),
+        },
+    }
+
+
+def gguf_tokenizer_files(g: GGUFFile) -> tuple[dict, dict, dict]:
+    """(tokenizer.json, tokenizer_config.json, generation_config.json) contents from the GGUF's tokenizer."""
+    tokens = g.get("tokenizer.ggml.tokens")
+    types = g.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
+    kind = g.get("tokenizer.ggml.model")
+    if kind == "gpt2":
+        body = _byte_level_tokenizer(g, tokens, types)
+    elif kind == "llama":
+        body = _sentencepiece_tokenizer(g, tokens, types)
+    else:
+        raise ValueError(
+            f"{g.path}: tokenizer.ggml.model={kind!r} is not supported (supported: gpt2 = byte-level BPE, "
+            "llama = sentencepiece BPE)"
+        )
+    tokenizer_json = {"version": "1.0", "truncation": None, "padding": None, **body}
+
+    def token(key: str) -> str | None:
+        i = g.get(f"tokenizer.ggml.{key}", None)
+        return tokens[i] if i is not None else None
+
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": bool(g.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+        "add_eos_token": bool(g.get("tokenizer.ggml.add_eos_token", False)),
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id"),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": g.arch("context_length"),
+    }
+    template = g.get("tokenizer.chat_template", None)
+    if template is not None:
+        tokenizer_config["chat_template"] = template
+    # End-of-turn / end-of-message ids (Llama 3's <|eot_id|>, <|eom_id|>) also end generation.
+    eos_ids = [g.get(f"tokenizer.ggml.{key}", None) for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
+    generation_config = {
+        "bos_token_id": g.get("tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
+        "pad_token_id": g.get("tokenizer.ggml.padding_token_id", None),
+    }
+    return tokenizer_json, tokenizer_config, generation_config
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a Hugging Face directory for a Llama-architecture GGUF and return its path.
+
+    Files: config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
+    """
+    g = GGUFFile(gguf_path)
+    if g.architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{g.path}: architecture {g.architecture!r} is not supported; this converter handles "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama, SmolLM, Mistral-v0.1-style models)"
+        )
+    config = llama_config(g, dtype)
+    state = llama_state_dict(g, config, dtype)
+    tokenizer_json, tokenizer_config, generation_config = gguf_tokenizer_files(g)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    _write_json(out_dir / "config.json", config)
+    _write_json(out_dir / "generation_config.json", generation_config)
+    _write_json(out_dir / "tokenizer.json", tokenizer_json)
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+    return out_dir

@@ -1,0 +1,297 @@
+"""Tokenizers of Hugging Face model directories, and their Jinja chat templates.
+
+One `Tokenizer` over either backend a model directory can hold:
+  - `tokenizer.json`   -> the `tokenizers` library (BPE, byte-level or byte-fallback, unigram ...)
+  - `tokenizer.model`  -> the `sentencepiece` library (Llama-1/2, Mistral v0.1 ...)
+`tokenizer.json` wins when both are present, as it does in `transformers`.
+
+Special tokens come from `tokenizer_config.json` (then `special_tokens_map.json`), the extra ids that end
+generation from `generation_config.json`. The chat template is rendered the way `transformers` renders it
+(sandboxed Jinja, trim_blocks + lstrip_blocks, `raise_exception`, `strftime_now`, a `tojson` that does not
+escape HTML), so a prompt built here tokenizes to exactly what the model saw in training.
+"""
+
+import json
+import re
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+# A protobuf suffix that sets ModelProto.normalizer_spec (field 3) .add_dummy_prefix (field 3) = false.
+# Protobuf merges a repeated occurrence of an embedded message into the first one, so appending these
+# bytes to a serialized sentencepiece model turns off the leading "▁" and changes nothing else.
+_NO_DUMMY_PREFIX = bytes([0x1A, 0x02, 0x18, 0x00])
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); re-download or re-convert the model") from err
+
+
+def _token_content(value) -> str | None:
+    """A special token as configs spell it: a string, or an AddedToken dict with a "content" key."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class _HFTokenizerJson:
+    """The `tokenizers` backend: added tokens, normalizer and pre-tokenizer all live in tokenizer.json."""
+
+    def __init__(self, path: Path, added_tokens: dict[int, dict]):
+        from tokenizers import AddedToken, Tokenizer as RustTokenizer
+
+        self.tok = RustTokenizer.from_file(str(path))
+        # tokenizer_config.json may declare added tokens that tokenizer.json lacks; transformers adds them too.
+        for spec in added_tokens.values():
+            if self.tok.token_to_id(spec["content"]) is None:
+                special = spec.get("special", False)
+                added = AddedToken(spec["content"], special=special, normalized=spec.get("normalized", not special))
+                if special:
+                    self.tok.add_special_tokens([added])
+                else:
+                    self.tok.add_tokens([added])
+        self.special_ids = {i for i, added in self.tok.get_added_tokens_decoder().items() if added.special}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.tok.id_to_token(token_id)
+
+
+class _SentencePieceModel:
+    """The `sentencepiece` backend, with added/special tokens matched whole in the text as transformers does.
+
+    `legacy` is transformers' flag: True encodes every stretch of text between special tokens as if it began
+    the input (with sentencepiece's leading "▁"); False gives only the first stretch that "▁".
+    """
+
+    def __init__(self, path: Path, added_tokens: dict[int, dict], legacy: bool):
+        import sentencepiece
+
+        proto = path.read_bytes()
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        self.sp_no_prefix = sentencepiece.SentencePieceProcessor(model_proto=proto + _NO_DUMMY_PREFIX)
+        self.legacy = legacy
+        n = self.sp.get_piece_size()
+        # Control pieces (<s>, </s>) are special; user-defined pieces are added but not special.
+        self.added = {spec["content"]: i for i, spec in added_tokens.items()}
+        self.special_ids = {i for i, spec in added_tokens.items() if spec.get("special", True)}
+        for i in range(n):
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
+                self.added.setdefault(self.sp.id_to_piece(i), i)
+                self.special_ids.add(i)
+        self.id_to_added = {i: token for token, i in self.added.items()}
+        self.vocab_size = max([n, *[i + 1 for i in self.id_to_added]])
+        # Longest first, so "<|im_start|>" wins over a shorter token that is its prefix.
+        alternatives = sorted(self.added, key=len, reverse=True)
+        self.split_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
+
+    def encode(self, text: str) -> list[int]:
+        pieces = self.split_re.split(text) if self.split_re else [text]
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if k % 2 == 1:  # re.split puts the matched separators at odd positions
+                ids.append(self.added[piece])
+            elif piece:
+                first = k == 0
+                ids += (self.sp if self.legacy or first else self.sp_no_prefix).encode(piece)
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool) -> str:
+        # Pieces -> bytes ("▁" is a space, "<0x0A>" a raw byte), then drop the one leading space the
+        # dummy prefix added: the same steps as transformers' Llama decoder.
+        out = bytearray()
+        for i in ids:
+            if i in self.id_to_added:
+                if not (skip_special and i in self.special_ids):
+                    out += self.id_to_added[i].encode()
+            elif self.sp.is_byte(i):
+                out.append(int(self.sp.id_to_piece(i)[3:5], 16))
+            else:
+                out += self.sp.id_to_piece(i).replace("\u2581", " ").encode()
+        text = out.decode("utf-8", errors="replace")
+        return text[1:] if text.startswith(" ") else text
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self.added:
+            return self.added[token]
+        i = self.sp.piece_to_id(token)
+        return i if self.sp.id_to_piece(i) == token else None  # unknown pieces map to <unk>'s id
+
+    def id_to_token(self, token_id: int) -> str | None:
+        if token_id in self.id_to_added:
+            return self.id_to_added[token_id]
+        return self.sp.id_to_piece(token_id) if 0 <= token_id < self.sp.get_piece_size() else None
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text in some templates; it renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # Jinja's own tojson escapes <, >, & and ' for HTML; chat templates expect plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=8)
+def _compile_chat_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def _pick_chat_template(model_dir: Path, config: dict) -> str | None:
+    """The template from chat_template.jinja, else tokenizer_config's `chat_template` (a string or named list)."""
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {entry["name"]: entry["template"] for entry in template}
+        template = named.get("default", next(iter(named.values()), None))
+    return template
+
+
+class Tokenizer:
+    """Text <-> token ids for one model directory, with its special tokens and chat template.
+
+    Attributes: bos_id, eos_id, pad_id (falls back to eos), unk_id; eos_ids (every id that ends generation);
+    vocab_size; add_bos_token (whether the model expects BOS at the start of a sequence); has_chat_template.
+    """
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        config = _read_json(self.model_dir / "tokenizer_config.json")
+        special_map = _read_json(self.model_dir / "special_tokens_map.json")
+        added_tokens = {int(i): spec for i, spec in config.get("added_tokens_decoder", {}).items()}
+        if (self.model_dir / "tokenizer.json").is_file():
+            self._backend = _HFTokenizerJson(self.model_dir / "tokenizer.json", added_tokens)
+        elif (self.model_dir / "tokenizer.model").is_file():
+            legacy = config.get("legacy", True)
+            self._backend = _SentencePieceModel(self.model_dir / "tokenizer.model", added_tokens, legacy)
+        else:
+            raise FileNotFoundError(
+                f"{self.model_dir}: no tokenizer.json or tokenizer.model; a model directory needs one of them"
+            )
+        self._set_special_tokens(config, special_map)
+        self.add_bos_token = bool(config.get("add_bos_token", isinstance(self._backend, _SentencePieceModel)))
+        self.chat_template = _pick_chat_template(self.model_dir, config)
+        self.has_chat_template = self.chat_template is not None
+
+    def _set_special_tokens(self, config: dict, special_map: dict) -> None:
+        model_config = _read_json(self.model_dir / "config.json")
+        generation = _read_json(self.model_dir / "generation_config.json")
+        fallback_ids = {
+            "bos_token": generation.get("bos_token_id", model_config.get("bos_token_id")),
+            "eos_token": generation.get("eos_token_id", model_config.get("eos_token_id")),
+            "pad_token": generation.get("pad_token_id", model_config.get("pad_token_id")),
+            "unk_token": None,
+        }
+        if isinstance(self._backend, _SentencePieceModel):
+            sp = self._backend.sp
+            fallback_ids.update(
+                {key: i for key, i in zip(SPECIAL_TOKEN_KEYS, (sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id())) if i >= 0}
+            )
+        self.special_tokens: dict[str, str] = {}
+        ids: dict[str, int | None] = {}
+        for key in SPECIAL_TOKEN_KEYS:
+            content = _token_content(config.get(key, special_map.get(key)))
+            token_id = self._backend.token_to_id(content) if content is not None else None
+            if content is not None and token_id is None:
+                raise ValueError(f"{self.model_dir}/tokenizer_config.json: {key}={content!r} is not in the vocabulary")
+            if content is None:
+                fallback = fallback_ids[key]
+                token_id = fallback[0] if isinstance(fallback, list) else fallback
+                content = self._backend.id_to_token(token_id) if token_id is not None else None
+            ids[key] = token_id
+            if content is not None:
+                self.special_tokens[key] = content
+        self.bos_id, self.eos_id, self.unk_id = ids["bos_token"], ids["eos_token"], ids["unk_token"]
+        self.pad_id = ids["pad_token"] if ids["pad_token"] is not None else self.eos_id
+        extra_eos = generation.get("eos_token_id", [])
+        self.eos_ids = {i for i in [self.eos_id, *(extra_eos if isinstance(extra_eos, list) else [extra_eos])] if i is not None}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.vocab_size
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens written in the text (e.g. "<|im_end|>") become their ids."""
+        ids = self._backend.encode(text)
+        if add_bos:
+            if self.bos_id is None:
+                raise ValueError(f"{self.model_dir}: add_bos=True but the tokenizer has no bos_token")
+            ids = [self.bos_id, *ids]
+        if add_eos:
+            if self.eos_id is None:
+                raise ValueError(f"{self.model_dir}: add_eos=True but the tokenizer has no eos_token")
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        """Text of `ids`; special tokens are dropped unless `skip_special=False`."""
+        return self._backend.decode(list(ids), skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one vocabulary entry (or added token), None when it is not in the vocabulary."""
+        return self._backend.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **template_vars) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the model's own chat template.
+
+        The result already holds the template's special tokens (e.g. BOS), so encode it with add_bos=False.
+        Extra keyword arguments reach the template as variables (e.g. `tools=[...]`).
+        """
+        if not self.has_chat_template:
+            raise ValueError(
+                f"{self.model_dir}: the tokenizer has no chat template; add `chat_template` to tokenizer_config.json "
+                "or a chat_template.jinja file, or format prompts yourself"
+            )
+        variables = {"tools": None, "documents": None, **self.special_tokens, **template_vars}
+        template = _compile_chat_template(self.chat_template)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """The tokenizer of a Hugging Face model directory (tokenizer.json preferred over tokenizer.model)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: not a directory; pass a model directory (see `qtune pull`)")
+    return Tokenizer(model_dir)
