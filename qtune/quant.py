@@ -1,0 +1,371 @@
+"""NF4 weight quantization in plain torch, byte-identical to bitsandbytes.
+
+QLoRA (Dettmers et al. 2023, arXiv:2305.14314) stores each frozen weight as 4-bit NormalFloat codes:
+the flat weight is cut into blocks of 64 values, each block is divided by its absolute maximum, and
+every value becomes the index of the nearest of 16 levels (quantiles of N(0, 1) scaled to [-1, 1]).
+Two codes share a byte, element 2j in the high nibble and 2j+1 in the low one.
+
+Double quantization stores the fp32 per-block absmax values in 8 bits: their mean (the offset) is
+subtracted and the centred values are quantized in blocks of 256 with the signed 8-bit dynamic map
+(Dettmers 2015, arXiv:1511.04561), leaving one fp32 "nested" absmax per 256 blocks.
+
+Every rounding step follows bitsandbytes' CPU backend so that packed bytes, absmax codes, nested
+absmax, offset and dequantized values all equal `bitsandbytes.functional.quantize_4bit(w,
+quant_type="nf4", compress_statistics=...)` bit for bit; tests/test_quant.py checks this.
+"""
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qtune.backend import check_mode, use_triton
+
+# The 16 NF4 levels as bitsandbytes lists them: quantiles of N(0, 1) normalized to [-1, 1], with an
+# exact zero (QLoRA appendix E).
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)  # (16,)
+
+# A value goes to level i when it lies above midpoint i-1 and at or below midpoint i (ties go down).
+NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # (15,)
+
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def signed_dynamic_map() -> torch.Tensor:
+    """The 256-entry signed 8-bit dynamic map that quantizes the absmax values (sorted, fp32).
+
+    For exponent e = 0..6 it holds 2^e linearly spaced fractions in (0.1, 1], scaled by 10^(e-6),
+    with both signs; plus 0 and 1. Built with the same fp32 steps as bitsandbytes'
+    `create_dynamic_map(signed=True)`, so the values are identical.
+    """
+    values = [0.0, 1.0]
+    for e in range(7):
+        edges = torch.linspace(0.1, 1.0, 2**e + 1, dtype=torch.float32)
+        centres = (10.0 ** (e - 6)) * ((edges[:-1] + edges[1:]) / 2.0)
+        values += centres.tolist() + (-centres).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)  # (256,)
+
+
+def _nf4_codes(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block absmax (n_blocks,) fp32 and the 4-bit level index of every element (n,) int64."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)  # (n_full_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    # Full blocks are scaled by the reciprocal of absmax, the ragged tail by a division, and only the
+    # tail's stored absmax is clamped: all three as bitsandbytes does, so ties round the same way.
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1)).reshape(-1)
+    if full < n:
+        tail_absmax = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_absmax.view(1)])
+        scaled = torch.cat([scaled, flat[full:] / tail_absmax])
+    codes = torch.bucketize(scaled.clamp(-1, 1), NF4_MIDPOINTS.to(flat.device))
+    return absmax, codes
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(n,) codes in 0..15 -> (ceil(n/2),) uint8, element 2j in the high nibble."""
+    if codes.numel() % 2:
+        # bitsandbytes pads with a scaled value of 0.0, whose level is the exact zero (index 7).
+        codes = F.pad(codes, (0, 1), value=7)
+    return ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8)
+
+
+def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """(ceil(n/2),) uint8 -> (n,) int64 codes."""
+    high = (packed >> 4).long()
+    low = (packed & 0xF).long()
+    return torch.stack([high, low], dim=1).reshape(-1)[:numel]
+
+
+# bitsandbytes' CPU backend rounds x / absmax onto a grid of 65536 points spanning [-1, 1] and looks
+# each grid point's nearest code entry up in a table, instead of searching the code for x itself.
+# Near a midpoint between two entries this can pick the farther one; we reproduce it exactly.
+LUT_STEPS = 65536
+
+
+def _grid_nearest_code(code: torch.Tensor) -> torch.Tensor:
+    """(65536,) int64: for grid point i (value -1 + 2i/65535) the index of the nearest code entry."""
+    midpoints = 0.5 * (code[:-1] + code[1:])  # (255,)
+    grid = -1.0 + (2.0 * torch.arange(LUT_STEPS, dtype=torch.float32, device=code.device)) / (LUT_STEPS - 1)
+    return torch.searchsorted(midpoints, grid)  # how many midpoints lie strictly below the grid point
+
+
+def quantize_blockwise_dynamic(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of a flat fp32 tensor, as bitsandbytes' CPU `quantize_blockwise`.
+
+    v = clamp(x * (1 / absmax), -1, 1); grid index = trunc(((v + 1) * 0.5) * 65535 + 0.5), every
+    step rounded to fp32; the code index is the grid point's nearest entry. A block whose absmax is 0
+    gets code index 0. Returns (uint8 codes (n,), fp32 absmax (ceil(n/blocksize),)).
+    """
+    n = x.numel()
+    n_blocks = math.ceil(n / blocksize)
+    padded = F.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    absmax = padded.abs().amax(dim=1)  # (n_blocks,) the zero padding never raises a maximum
+    empty = (absmax == 0).repeat_interleave(blocksize)[:n]  # (n,) all-zero blocks
+    inv_absmax = (1.0 / absmax).repeat_interleave(blocksize)[:n]
+    v = torch.where(empty, 0.0, x * inv_absmax).clamp(-1.0, 1.0)
+    grid_index = (((v + 1.0) * 0.5) * (LUT_STEPS - 1) + 0.5).long()
+    idx = torch.where(empty, 0, _grid_nearest_code(code)[grid_index])
+    return idx.to(torch.uint8), absmax
+
+
+@dataclass
+class NF4Weight:
+    """One NF4-quantized tensor: packed 4-bit codes plus the (optionally double-quantized) absmax."""
+
+    packed: torch.Tensor  # uint8 (ceil(numel/2),), element 2j in the high nibble
+    absmax: torch.Tensor  # double quant: uint8 codes (n_blocks,); else fp32 (n_blocks,)
+    shape: torch.Size  # original shape, (out_features, in_features) for linears
+    dtype: torch.dtype  # dtype to dequantize to by default (the original weight's dtype)
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None  # fp32 (ceil(n_blocks/256),)
+    nested_code: torch.Tensor | None = None  # fp32 (256,) the signed dynamic map
+    offset: torch.Tensor | None = None  # fp32 scalar: mean of the fp32 absmax
+    nested_blocksize: int = 256
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.numel / self.blocksize)
+
+    @property
+    def nbytes(self) -> int:
+        """All stored bytes: packed codes, absmax and the double-quant statistics."""
+        tensors = (self.packed, self.absmax, self.nested_absmax, self.nested_code, self.offset)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """The per-block absmax (n_blocks,) fp32, decoded from 8 bits when double-quantized."""
+        if not self.double_quant:
+            return self.absmax.float()
+        # absmax = nested_code[c] * nested_absmax[block // 256] + offset, rounded after each op
+        scale = self.nested_absmax.repeat_interleave(self.nested_blocksize)[: self.absmax.numel()]
+        return self.nested_code[self.absmax.long()] * scale + self.offset
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in `dtype` (default: the original dtype), shape `self.shape`.
+
+        w = NF4_CODE[code] * absmax[block], computed in fp32 and rounded once to `dtype`.
+        """
+        n = self.numel
+        values = NF4_CODE.to(self.device)[_unpack_nibbles(self.packed, n)]  # (n,)
+        padded = F.pad(values, (0, self.n_blocks * self.blocksize - n))
+        w = (padded.view(self.n_blocks, self.blocksize) * self.absmax_fp32().view(-1, 1)).view(-1)[:n]
+        return w.to(dtype or self.dtype).view(self.shape)
+
+    def to(self, device) -> "NF4Weight":
+        """A copy with every tensor on `device`."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, packed=move(self.packed), absmax=move(self.absmax),
+                       nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code),
+                       offset=move(self.offset))
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize `w` (fp32, bf16 or fp16, any shape) to NF4 exactly as bitsandbytes' `quantize_4bit`."""
+    if w.dtype not in FLOAT_DTYPES.values():
+        raise ValueError(f"quantize_nf4: weight dtype {w.dtype} is not float32, bfloat16 or float16")
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"quantize_nf4: blocksize={blocksize} is not one of {VALID_BLOCKSIZES}")
+    if w.numel() == 0:
+        raise ValueError(f"quantize_nf4: weight of shape {tuple(w.shape)} is empty")
+    flat = w.detach().reshape(-1).float()  # (n,)
+    absmax, codes = _nf4_codes(flat, blocksize)
+    q = NF4Weight(packed=_pack_nibbles(codes), absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
+    if double_quant:
+        nested_code = signed_dynamic_map().to(w.device)
+        offset = absmax.mean()
+        q.absmax, q.nested_absmax = quantize_blockwise_dynamic(absmax - offset, nested_code, q.nested_blocksize)
+        q.nested_code, q.offset = nested_code, offset
+    return q
+
+
+def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dequantized weight of `q` in `dtype` (default: the original dtype)."""
+    return q.dequantize(dtype)
+
+
+class NF4Linear(nn.Module):
+    """A frozen 4-bit linear layer: y = x @ W^T (+ bias), W stored as NF4.
+
+    The quantized tensors are buffers, so `.to(device)` and `state_dict()` carry them. `kernels`
+    chooses the implementation per call ("auto" | "triton" | "torch", see qtune/backend.py).
+    """
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-d (out_features, in_features) weight, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(f"NF4Linear bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+        self.weight_dtype = weight.dtype
+        self.blocksize = weight.blocksize
+        self.nested_blocksize = weight.nested_blocksize
+        self.kernels = "auto"
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("absmax", weight.absmax)
+        self.register_buffer("nested_absmax", weight.nested_absmax)
+        self.register_buffer("nested_code", weight.nested_code)
+        self.register_buffer("offset", weight.offset)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, double_quant: bool = True) -> "NF4Linear":
+        """Quantize an `nn.Linear` (its weight dtype becomes the default compute dtype)."""
+        return cls(quantize_nf4(linear.weight.detach(), double_quant=double_quant), linear.bias)
+
+    def nf4_weight(self) -> NF4Weight:
+        """The buffers viewed as an `NF4Weight` (no copy)."""
+        return NF4Weight(packed=self.packed, absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                         dtype=self.weight_dtype, blocksize=self.blocksize, nested_absmax=self.nested_absmax,
+                         nested_code=self.nested_code, offset=self.offset, nested_blocksize=self.nested_blocksize)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.nf4_weight().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
+        if use_triton(check_mode(self.kernels), x):
+            # Imported here because the kernel module imports this one (and needs triton).
+            from qtune.kernels.nf4 import nf4_matmul
+
+            return nf4_matmul(x, self.nf4_weight(), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"double_quant={self.nested_absmax is not None}, kernels={self.kernels!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face / bitsandbytes serialization: the keys transformers writes for a bnb-4bit model.
+
+QUANT_STATE_SUFFIX = "weight.quant_state.bitsandbytes__nf4"
+
+
+def _json_tensor(meta: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+
+
+def nf4_to_hf_state(prefix: str, q: NF4Weight) -> dict[str, torch.Tensor]:
+    """The tensors bitsandbytes' `Linear4bit` saves for this weight, keyed under `prefix`.
+
+    The small fields travel as a JSON string in a uint8 tensor, exactly as
+    `QuantState.as_dict(packed=True)` writes them. Each map is a fresh copy because safetensors
+    refuses two keys that share storage.
+    """
+    meta = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": str(q.dtype).removeprefix("torch."),
+            "shape": list(q.shape)}
+    state = {f"{prefix}.weight": q.packed.reshape(-1, 1), f"{prefix}.weight.absmax": q.absmax,
+             f"{prefix}.weight.quant_map": NF4_CODE.to(q.device, copy=True)}
+    if q.double_quant:
+        state[f"{prefix}.weight.nested_absmax"] = q.nested_absmax
+        state[f"{prefix}.weight.nested_quant_map"] = q.nested_code.clone()
+        meta.update(nested_blocksize=q.nested_blocksize, nested_dtype="float32", nested_offset=q.offset.item())
+    state[f"{prefix}.{QUANT_STATE_SUFFIX}"] = _json_tensor(meta)
+    return state
+
+
+class _HFStateReader:
+    """Looks up `prefix.<suffix>` keys and raises errors that name the file and the key."""
+
+    def __init__(self, prefix: str, tensors: Mapping[str, torch.Tensor], source: str):
+        self.prefix, self.tensors, self.where = prefix, tensors, source or "the given tensors"
+
+    def key(self, suffix: str) -> str:
+        return f"{self.prefix}.{suffix}"
+
+    def fail(self, suffix: str, problem: str) -> ValueError:
+        return ValueError(f"{self.where}: key '{self.key(suffix)}' {problem}")
+
+    def get(self, suffix: str) -> torch.Tensor:
+        if self.key(suffix) not in self.tensors:
+            raise self.fail(suffix, "is missing; a bitsandbytes NF4 weight needs weight, weight.absmax and "
+                                    f"{QUANT_STATE_SUFFIX} (re-export the model with load_in_4bit / bnb_4bit_quant_type='nf4')")
+        return self.tensors[self.key(suffix)]
+
+    def meta(self) -> dict:
+        fp4_key = self.key("weight.quant_state.bitsandbytes__fp4")
+        if fp4_key in self.tensors:
+            raise self.fail("weight.quant_state.bitsandbytes__fp4", "holds an FP4 weight; only NF4 is supported "
+                            "(quantize with bnb_4bit_quant_type='nf4')")
+        raw = self.get(QUANT_STATE_SUFFIX)
+        try:
+            meta = json.loads(bytes(raw.to(torch.uint8).cpu().tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self.fail(QUANT_STATE_SUFFIX, f"is not a JSON quant state: {err}") from err
+        missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in meta]
+        if missing:
+            raise self.fail(QUANT_STATE_SUFFIX, f"lacks the fields {missing}")
+        if meta["quant_type"] != "nf4":
+            raise self.fail(QUANT_STATE_SUFFIX, f"has quant_type={meta['quant_type']!r}; only 'nf4' is supported")
+        if meta["dtype"] not in FLOAT_DTYPES:
+            raise self.fail(QUANT_STATE_SUFFIX, f"has dtype={meta['dtype']!r}, not one of {list(FLOAT_DTYPES)}")
+        if meta["blocksize"] not in VALID_BLOCKSIZES:
+            raise self.fail(QUANT_STATE_SUFFIX, f"has blocksize={meta['blocksize']}, not one of {VALID_BLOCKSIZES}")
+        return meta
+
+    def sized(self, suffix: str, expected: int, dtype: torch.dtype) -> torch.Tensor:
+        t = self.get(suffix)
+        if t.numel() != expected:
+            raise self.fail(suffix, f"has {t.numel()} values where the quant state implies {expected}")
+        if t.dtype != dtype:
+            raise self.fail(suffix, f"has dtype {t.dtype}, expected {dtype}")
+        return t.reshape(-1)
+
+
+def nf4_from_hf_state(prefix: str, tensors: Mapping[str, torch.Tensor], source: str = "") -> NF4Weight:
+    """Read the NF4 weight that bitsandbytes / transformers saved under `prefix` (see `nf4_to_hf_state`).
+
+    `source` (usually the safetensors file name) is named in every error, with the offending key.
+    """
+    r = _HFStateReader(prefix, tensors, source)
+    meta = r.meta()
+    shape = torch.Size(meta["shape"])
+    numel = math.prod(shape)
+    packed = r.get("weight")
+    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may hold the same bytes as another dtype
+        packed = packed.contiguous().view(torch.uint8)
+    if packed.numel() != math.ceil(numel / 2):
+        raise r.fail("weight", f"holds {packed.numel()} bytes but shape {list(shape)} needs {math.ceil(numel / 2)}")
+    quant_map = r.tensors.get(r.key("weight.quant_map"))
+    if quant_map is not None and not torch.equal(quant_map.float().cpu().reshape(-1), NF4_CODE):
+        raise r.fail("weight.quant_map", "is not the standard NF4 code; this weight was quantized with another map")
+    n_blocks = math.ceil(numel / meta["blocksize"])
+    q = NF4Weight(packed=packed.reshape(-1), absmax=None, shape=shape, dtype=FLOAT_DTYPES[meta["dtype"]],
+                  blocksize=meta["blocksize"])
+    if r.key("weight.nested_absmax") not in tensors:
+        q.absmax = r.sized("weight.absmax", n_blocks, r.get("weight.absmax").dtype).float()
+        return q
+    missing = [k for k in ("nested_blocksize", "nested_offset") if k not in meta]
+    if missing:
+        raise r.fail(QUANT_STATE_SUFFIX, f"lacks the double-quant fields {missing}")
+    q.nested_blocksize = meta["nested_blocksize"]
+    q.absmax = r.sized("weight.absmax", n_blocks, torch.uint8)
+    q.nested_absmax = r.sized("weight.nested_absmax", math.ceil(n_blocks / q.nested_blocksize), torch.float32)
+    q.nested_code = r.sized("weight.nested_quant_map", 256, torch.float32)
+    q.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
+    return q
