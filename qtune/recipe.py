@@ -1,0 +1,553 @@
+"""TOML recipes: a file of sections read with `tomllib` into nested dataclasses.
+
+Every field has a default and a one-line docstring written right under it (the attribute-docstring
+convention litgpt uses); `field_docs()` reads those strings back from the source so that
+`qtune validate` can show them and `recipe_to_toml()` can write them as comments.
+
+Recipes share a base set of sections (`[model]`, `[lora]`, `[train]`, `[eval]`, `[output]`); each
+algorithm subclasses `TrainRecipe` and adds or specialises sections (SFT uses `SFTDataSection` for
+`[data]`). A recipe's top-level `kind` names its schema in `RECIPE_SCHEMAS`.
+
+Loading checks everything a typo could break: unknown keys, wrong types and impossible values are
+`RecipeError`s naming the file (or the command-line override), the dotted key and what is allowed.
+"""
+
+import ast
+import difflib
+import functools
+import inspect
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+# The linear layers of a Llama-family decoder block, by their Hugging Face names.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class RecipeError(ValueError):
+    """A recipe qtune cannot use; the message names the file or override, the key and the fix."""
+
+
+class _Invalid(Exception):
+    """Raised while building: `key` (dotted) holds a bad value; `load_recipe` adds where it came from."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+# ----------------------------------------------------------------------------- sections
+
+@dataclass
+class ModelSection:
+    path: str = "smollm2-135m"
+    """A Hugging Face model directory, or an alias that qtune can resolve (e.g. "smollm2-135m")."""
+    quantize: Literal["nf4", "none"] = "nf4"
+    """Frozen base weights: "nf4" stores them as QLoRA's 4-bit NormalFloat, "none" keeps them in `dtype`."""
+    double_quant: bool = True
+    """Quantize the NF4 block scales again (QLoRA's double quantization, about 0.37 bit per parameter saved)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype; "auto" is bfloat16 on CUDA and float32 on CPU."""
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """Triton kernels or the plain-torch reference ops; "auto" uses Triton on CUDA tensors."""
+    gradient_checkpointing: bool = True
+    """Recompute each layer's activations during the backward pass instead of storing them (less memory)."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.path:
+            yield "path", "must name a model directory or alias"
+
+
+@dataclass
+class LoRASection:
+    r: int = 64
+    """Rank of the low-rank update B @ A added to each target layer."""
+    alpha: float = 16.0
+    """Update scale numerator: scale = alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.1
+    """Dropout on the adapter's input (QLoRA: 0.1 up to 13B, 0.05 for 33B and 65B)."""
+    target_modules: str | list[str] = "all-linear"
+    """Layers that get adapters: "all-linear" or a list such as ["q_proj", "v_proj"]."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.r < 1:
+            yield "r", f"must be a positive integer, got {self.r}"
+        if self.alpha <= 0:
+            yield "alpha", f"must be positive, got {self.alpha}"
+        if not 0 <= self.dropout < 1:
+            yield "dropout", f"must be in [0, 1), got {self.dropout}"
+        if isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                yield "target_modules", (f"{self.target_modules!r} is not allowed; use \"all-linear\" or a list "
+                                         f"of: {', '.join(LORA_TARGETS)}")
+        elif not self.target_modules:
+            yield "target_modules", "the list is empty; name at least one layer or use \"all-linear\""
+        else:
+            for name in self.target_modules:
+                if name not in LORA_TARGETS:
+                    yield "target_modules", f"{name!r} is not a layer name; choose from: {', '.join(LORA_TARGETS)}"
+
+
+@dataclass
+class DataSection:
+    """Data settings every training recipe shares; algorithms subclass it for their formats."""
+
+    path: str = ""
+    """Training data: a .json / .jsonl / .parquet file, a directory, or a `datasets` name (e.g. "tatsu-lab/alpaca")."""
+    split: str = "train"
+    """Split to read when `path` is a directory or a `datasets` name."""
+    max_seq_len: int = 512
+    """Longest example in tokens; longer ones are cut at the end (and counted)."""
+    val_fraction: float = 0.0
+    """Fraction of the examples held out for validation."""
+    val_size: int = 0
+    """Number of examples held out for validation (use this or val_fraction)."""
+    shuffle: bool = True
+    """Reshuffle the training examples every epoch (seeded by train.seed)."""
+    cache_dir: str = "~/.cache/qtune/data"
+    """Where tokenized data is cached (keyed by file, tokenizer and settings); "" turns the cache off."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.max_seq_len < 2:
+            yield "max_seq_len", f"must be at least 2 tokens, got {self.max_seq_len}"
+        if not 0 <= self.val_fraction < 1:
+            yield "val_fraction", f"must be in [0, 1), got {self.val_fraction}"
+        if self.val_size < 0:
+            yield "val_size", f"must be >= 0, got {self.val_size}"
+        if self.val_size > 0 and self.val_fraction > 0:
+            yield "val_size", "set either val_size or val_fraction, not both"
+
+
+SFT_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
+
+
+@dataclass
+class DataSource:
+    """One dataset of a mixture (`[[data.sources]]`)."""
+
+    path: str = ""
+    """A .json / .jsonl / .parquet file, a directory, or a `datasets` name."""
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
+    """Record layout; "auto" detects it from the fields of the first record."""
+    weight: float = 1.0
+    """Mixing weight: the source's share is proportional to weight * min(examples, max_examples)."""
+    max_examples: int = 0
+    """Cap K of examples-proportional mixing (T5, FLAN): use at most this many examples; 0 = no cap."""
+    split: str = "train"
+    """Split to read when `path` is a directory or a `datasets` name."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.path:
+            yield "path", "every source needs a path"
+        if self.weight <= 0:
+            yield "weight", f"must be positive, got {self.weight}"
+        if self.max_examples < 0:
+            yield "max_examples", f"must be >= 0 (0 = no cap), got {self.max_examples}"
+
+
+@dataclass
+class SFTDataSection(DataSection):
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
+    """Record layout of `path`: alpaca (instruction/input/output), chat (messages), sharegpt (conversations), text."""
+    train_on_input: bool = False
+    """Also train on prompt / user / system tokens (by default only responses carry loss)."""
+    packing: bool = False
+    """Pack several examples into each max_seq_len row; attention never crosses example boundaries."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (sorted within shuffled mega-batches) to waste less padding."""
+    sources: list[DataSource] = field(default_factory=list)
+    """A mixture of datasets as [[data.sources]] tables (instead of `path`)."""
+    pretrain_path: str = ""
+    """Plain text (records with a "text" field) mixed into training as a regulariser."""
+    pretrain_fraction: float = 0.0
+    """Share of the training examples that come from pretrain_path."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
+        if self.path and self.sources:
+            yield "sources", "set either data.path or [[data.sources]], not both"
+        if not self.path and not self.sources:
+            yield "path", "no training data: set data.path or add [[data.sources]] tables"
+        if not 0 <= self.pretrain_fraction < 1:
+            yield "pretrain_fraction", f"must be in [0, 1), got {self.pretrain_fraction}"
+        if self.pretrain_fraction > 0 and not self.pretrain_path:
+            yield "pretrain_path", "pretrain_fraction > 0 needs a pretrain_path"
+        if self.pretrain_path and self.pretrain_fraction == 0:
+            yield "pretrain_fraction", "pretrain_path is set, so give it a pretrain_fraction in (0, 1)"
+
+    def source_list(self) -> list[DataSource]:
+        """The datasets to read: the `sources` mixture, or `path` as a single source."""
+        if self.sources:
+            return list(self.sources)
+        return [DataSource(path=self.path, format=self.format, split=self.split)]
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 0
+    """Optimizer steps to run; 0 runs `epochs` full passes over the training data."""
+    epochs: int = 1
+    """Passes over the training data when max_steps is 0."""
+    micro_batch_size: int = 4
+    """Rows per forward/backward pass."""
+    grad_accum_steps: int = 4
+    """Micro-batches accumulated per optimizer step (batch size = micro_batch_size * grad_accum_steps)."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming the learning rate up linearly from 0."""
+    warmup_steps: int = 0
+    """Warmup length in steps; when > 0 it replaces warmup_ratio."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay on the adapter weights."""
+    max_grad_norm: float = 0.3
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "paged_adamw"
+    """AdamW with 32-bit or 8-bit states; paged variants let the states spill to CPU memory under pressure."""
+    seed: int = 0
+    """Seed for adapter initialisation, data order and dropout."""
+    log_every: int = 10
+    """Log loss and learning rate every this many steps."""
+    save_every: int = 0
+    """Save a resumable checkpoint every this many steps; 0 saves only at the end."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        for name in ("max_steps", "warmup_steps", "save_every", "seed"):
+            if getattr(self, name) < 0:
+                yield name, f"must be >= 0, got {getattr(self, name)}"
+        for name in ("epochs", "micro_batch_size", "grad_accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                yield name, f"must be a positive integer, got {getattr(self, name)}"
+        if self.lr <= 0:
+            yield "lr", f"must be positive, got {self.lr}"
+        if not 0 <= self.warmup_ratio < 1:
+            yield "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"
+        if self.weight_decay < 0:
+            yield "weight_decay", f"must be >= 0, got {self.weight_decay}"
+        if self.max_grad_norm < 0:
+            yield "max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
+
+
+@dataclass
+class EvalSection:
+    every: int = 0
+    """Compute the validation loss every this many steps; 0 only at the end."""
+    max_batches: int = 0
+    """Validation micro-batches per evaluation; 0 uses the whole validation set."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        for name in ("every", "max_batches"):
+            if getattr(self, name) < 0:
+                yield name, f"must be >= 0, got {getattr(self, name)}"
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/sft"
+    """Run directory: the resolved recipe, logs, checkpoints and the final adapter are written here."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.dir:
+            yield "dir", "must name a directory"
+
+
+# ----------------------------------------------------------------------------- recipes
+
+@dataclass
+class Recipe:
+    """Fields every recipe has. Subclasses set KIND and add their sections."""
+
+    KIND: typing.ClassVar[str] = ""
+    kind: str = ""
+    """Which recipe schema this file follows (e.g. "sft")."""
+    description: str = ""
+    """One line shown by `qtune ls`."""
+    model: ModelSection = field(default_factory=ModelSection)
+    """The base model."""
+    output: OutputSection = field(default_factory=OutputSection)
+    """Where results go."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.kind != self.KIND:
+            yield "kind", f"this is a {self.KIND!r} recipe schema but the file says kind = {self.kind!r}"
+
+
+@dataclass
+class TrainRecipe(Recipe):
+    """A fine-tuning run: model, adapters, data, optimisation, evaluation, output."""
+
+    lora: LoRASection = field(default_factory=LoRASection)
+    """The LoRA adapters."""
+    data: DataSection = field(default_factory=DataSection)
+    """The training data."""
+    train: TrainSection = field(default_factory=TrainSection)
+    """Optimisation."""
+    eval: EvalSection = field(default_factory=EvalSection)
+    """Validation during training."""
+
+
+@dataclass
+class SFTRecipe(TrainRecipe):
+    """Supervised fine-tuning on instruction / chat / text data."""
+
+    KIND: typing.ClassVar[str] = "sft"
+    kind: str = "sft"
+    """Which recipe schema this file follows (e.g. "sft")."""
+    data: SFTDataSection = field(default_factory=SFTDataSection)
+    """The training data."""
+
+
+RECIPE_SCHEMAS: dict[str, type[Recipe]] = {"sft": SFTRecipe}
+
+
+# ----------------------------------------------------------------------------- docs
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it, for `cls` and its dataclass bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for stmt, after in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[stmt.target.id] = after.value.value
+    return docs
+
+
+def _public_fields(obj_or_cls):
+    return [f for f in fields(obj_or_cls) if f.init]
+
+
+def iter_fields(recipe, prefix: str = "") -> Iterator[tuple[str, object, str]]:
+    """(dotted key, value, doc) for every leaf field of a recipe, in file order."""
+    docs = field_docs(type(recipe))
+    for f in _public_fields(recipe):
+        value = getattr(recipe, f.name)
+        if is_dataclass(value):
+            yield from iter_fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, docs.get(f.name, "")
+
+
+# ----------------------------------------------------------------------------- building
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"a list of ({_type_name(args[0])})"
+    if is_dataclass(tp):
+        return "a table"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[tp]
+
+
+def _convert(value, tp, key: str):
+    """`value` as type `tp`, or _Invalid naming `key` and the allowed values."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Invalid(key, f"expected a table, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise _Invalid(key, f"{value!r} is not allowed; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            try:
+                return _convert(value, arm, key)
+            except _Invalid:
+                continue
+        raise _Invalid(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Invalid(key, f"expected {_type_name(tp)}, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}[tp]
+    if not ok(value):
+        raise _Invalid(key, f"expected {_type_name(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _unknown_key(cls, name: str, prefix: str) -> _Invalid:
+    known = [f.name for f in _public_fields(cls)]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    where = f"[{prefix[:-1]}]" if prefix else "the top level"
+    return _Invalid(prefix + name, f"unknown key{hint}; keys allowed at {where}: {', '.join(known)}")
+
+
+def _build(cls, table: dict, prefix: str = ""):
+    """Instantiate dataclass `cls` from a TOML table, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in _public_fields(cls)}
+    for name in table:
+        if name not in known:
+            raise _unknown_key(cls, name, prefix)
+    return cls(**{name: _convert(value, hints[name], prefix + name) for name, value in table.items()})
+
+
+def _check_values(obj, prefix: str = "") -> None:
+    """Run every section's `check()` (sections left at their defaults too); raise the first problem."""
+    for name, problem in obj.check():
+        raise _Invalid(prefix + name, problem)
+    for f in _public_fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            _check_values(value, f"{prefix}{f.name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if is_dataclass(item):
+                    _check_values(item, f"{prefix}{f.name}[{i}].")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _field_type(schema: type, key: str):
+    """The declared type of dotted `key` in `schema` (raises _Invalid for keys that do not exist)."""
+    cls, tp, prefix = schema, None, ""
+    for part in key.split("."):
+        if cls is None:
+            raise _Invalid(key, f"{prefix[:-1]} is not a table")
+        if part not in {f.name for f in _public_fields(cls)}:
+            raise _unknown_key(cls, part, prefix)
+        tp = typing.get_type_hints(cls)[part]
+        cls = tp if is_dataclass(tp) else None
+        prefix += part + "."
+    return tp
+
+
+def parse_override(text: str, schema: type) -> tuple[str, object]:
+    """"key.sub=value" -> (key, value). Values are TOML literals; string fields take the text as is."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(f"override {text!r}: expected key.sub=value (e.g. train.lr=1e-4)")
+    try:
+        tp = _field_type(schema, key)
+    except _Invalid as e:
+        raise RecipeError(f"override {text!r}: {e}") from None
+    raw = raw.strip()
+    if tp is str or (typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))):
+        return key, raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'" else raw
+    try:
+        return key, tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, raw
+
+
+def _set_dotted(table: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        table = table.setdefault(part, {})
+    table[last] = value
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file path, or the shipped recipe of that name (see `qtune ls`)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    from qtune.recipes import shipped_recipes
+
+    shipped = shipped_recipes()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise RecipeError(f"{name_or_path}: no such recipe file, and no shipped recipe has that name "
+                      f"(shipped: {', '.join(shipped) or 'none'})")
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), schema: type[Recipe] | None = None):
+    """Read a recipe file (or shipped recipe name), apply `key.sub=value` overrides, check everything.
+
+    `schema` defaults to the one named by the file's top-level `kind` (an absent kind means "sft").
+    """
+    path = find_recipe(path)
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    if schema is None:
+        kind = table.get("kind", "sft")
+        if kind not in RECIPE_SCHEMAS:
+            raise RecipeError(f"{path}: kind = {kind!r} is not a recipe kind; choose one of: "
+                              f"{', '.join(RECIPE_SCHEMAS)}")
+        schema = RECIPE_SCHEMAS[kind]
+    table.setdefault("kind", schema.KIND)
+    overridden = {}
+    for text in overrides:
+        key, value = parse_override(text, schema)
+        _set_dotted(table, key, value)
+        overridden[key] = text
+    try:
+        recipe = _build(schema, table)
+        _check_values(recipe)
+        return recipe
+    except _Invalid as e:
+        source = next((f"override {t!r}" for k, t in overridden.items()
+                       if e.key == k or e.key.startswith(k + ".") or e.key.startswith(k + "[")), str(path))
+        raise RecipeError(f"{source}: {e.key}: {e.message}") from None
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _emit_table(obj, dotted: str, lines: list[str]) -> None:
+    """Append `obj`'s scalar keys, then its sub-tables and arrays of tables, each under its dotted header."""
+    docs = field_docs(type(obj))
+    subtables, arrays = [], []
+    for f in _public_fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            subtables.append((f.name, value))
+        elif isinstance(value, list) and value and is_dataclass(value[0]):
+            arrays.append((f.name, value))
+        else:
+            if docs.get(f.name):
+                lines.append(f"# {docs[f.name]}")
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    for name, value in subtables:
+        child = f"{dotted}.{name}" if dotted else name
+        lines += ["", f"[{child}]"]
+        _emit_table(value, child, lines)
+    for name, items in arrays:
+        child = f"{dotted}.{name}" if dotted else name
+        for item in items:
+            lines += ["", f"[[{child}]]"]
+            _emit_table(item, child, lines)
+
+
+def recipe_to_toml(recipe) -> str:
+    """The resolved recipe as TOML, every key present and documented; `load_recipe` reads it back equal."""
+    lines: list[str] = []
+    _emit_table(recipe, "", lines)
+    return "\n".join(lines) + "\n"
