@@ -135,13 +135,13 @@ def _load_file(model, file, expected, loaded, quantize, dtype, double_quant, dev
             if prefix in prequantized:
                 state = {k: f.get_tensor(k) for k in keys if k == key or k.startswith(key + ".")}
                 q = quant.nf4_from_hf_state(prefix, state, source=str(file)).to(device)
-                _swap_in(model, prefix, quant.NF4Linear(q, bias=None))
+                _swap_in(model, prefix, q)
             elif is_quantizable(key) and quantize == "nf4":
                 w = f.get_tensor(key)
                 _check_shape(file, key, tuple(w.shape), tuple(expected[key].shape))
                 q = quant.quantize_nf4(w.to(device=device, dtype=dtype), double_quant=double_quant)
                 del w
-                _swap_in(model, prefix, quant.NF4Linear(q, bias=None))
+                _swap_in(model, prefix, q)
             else:
                 t = f.get_tensor(key)
                 _check_shape(file, key, tuple(t.shape), tuple(expected[key].shape))
@@ -154,20 +154,25 @@ def _check_shape(file, key, found, wanted):
         raise CheckpointError(f"{file}: tensor {key!r} has shape {list(found)} but config.json implies {list(wanted)}")
 
 
-def _swap_in(model: nn.Module, prefix: str, new: nn.Module) -> None:
-    """Replace the nn.Linear at `prefix` by a quantized module, keeping a bias loaded earlier."""
+def _swap_in(model: nn.Module, prefix: str, weight) -> None:
+    """Replace the nn.Linear at `prefix` by an NF4Linear, keeping a bias that was loaded before it."""
+    from qtune.quant import NF4Linear
+
     old = model.get_submodule(prefix)
-    if old.bias is not None and not old.bias.is_meta:
-        new.bias = nn.Parameter(old.bias.detach(), requires_grad=False)
-    elif old.bias is not None:
-        new.bias = nn.Parameter(torch.empty(old.bias.shape, device="meta"), requires_grad=False)
+    bias = old.bias.detach() if old.bias is not None and not old.bias.is_meta else None
+    new = NF4Linear(weight, bias=bias)
+    if old.bias is not None and bias is None:  # the bias comes later in the file: keep a placeholder
+        new.bias = torch.empty(old.bias.shape, device="meta")
     model.set_submodule(prefix, new)
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
-    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+    if attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
@@ -222,3 +227,40 @@ def save_state_dict_sharded(tensors: dict, out_dir: Path, max_shard_bytes: int =
             total += t.numel() * t.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def quantize_checkpoint(model_dir, out_dir, dtype=None, double_quant: bool = True) -> Path:
+    """Write an NF4 copy of a model directory in the bitsandbytes format transformers reads (`qtune quantize`).
+
+    Non-quantized tensors keep the checkpoint's dtype (config `torch_dtype`) unless `dtype` is given.
+    The directory is written beside `out_dir` and renamed into place only when complete.
+    """
+    from qtune import quant
+
+    model_dir = resolve(model_dir)
+    cfg = ModelConfig.from_json(model_dir)
+    dtype = parse_dtype(dtype or cfg.torch_dtype or "float32")
+    model = load_model(model_dir, quantize="nf4", dtype=dtype, double_quant=double_quant)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, quant.NF4Linear):
+            tensors.update(quant.nf4_to_hf_state(name, module.nf4_weight()))
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.detach()
+    for name, p in model.named_parameters():
+        if name not in tensors and not (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            tensors[name] = p.detach()
+    tmp = atomic_dir(Path(out_dir))
+    save_state_dict_sharded(tensors, tmp)
+    config = cfg.to_dict()
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": config["torch_dtype"], "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": ["lm_head"],
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    copy_tokenizer_files(model_dir, tmp)
+    commit_dir(tmp, Path(out_dir))
+    return Path(out_dir)

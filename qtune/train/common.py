@@ -1,0 +1,251 @@
+"""What every training loop shares: seeding, optimizer, schedule, losses, checkpoints, metrics.
+
+SFT, reward, DPO and PPO each keep their own loop (`qtune/train/<algo>.py`) and call into this module.
+Checkpoints hold no pickles: tensors go to safetensors, everything else to JSON, and a checkpoint
+directory is written under a temporary name and renamed into place only once complete, so killing the
+process mid-write leaves the previous checkpoint intact.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+SCHEDULES = ("cosine", "linear", "constant")
+COMPLETE_MARKER = "COMPLETE"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (non-finite loss, unusable checkpoint); the message says what to do."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):
+    """AdamW, or bitsandbytes' 8-bit / paged AdamW (paged state moves to host memory under GPU memory pressure)."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise TrainingError("no trainable parameters: add a LoRA adapter (lora.target_modules) before training")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    import bitsandbytes as bnb
+
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw8bit": bnb.optim.PagedAdamW8bit}.get(name)
+    if cls is None:
+        raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    return cls(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, max_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based): linear warmup, then cosine / linear decay or constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+
+
+def build_scheduler(optimizer, schedule: str, warmup_steps: int, max_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule, warmup_steps, max_steps))
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t+1: targets (B, T) = labels shifted left, -100 at the last position."""
+    pad = torch.full_like(labels[:, :1], -100)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def lm_loss_sum(model, batch: dict, kernels: str = "auto") -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over the batch's trained tokens, and their count.
+
+    Goes through the fused log-prob op: the [tokens, vocab] fp32 logits are never materialised. Dividing
+    the sum by the token count of the whole accumulated step (not of each micro-batch) makes accumulation
+    over micro-batches equal to one large batch.
+    """
+    from qtune.kernels.logprobs import cross_entropy_sum
+
+    hidden = model.hidden_states(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+    targets = shifted_targets(batch["labels"])
+    keep = targets != -100  # only positions that carry a loss enter the vocabulary projection
+    loss_sum, count = cross_entropy_sum(hidden[keep], model.output_weight(), targets[keep], kernels=kernels)
+    return loss_sum, int(count)
+
+
+def count_targets(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def peak_memory_bytes(device) -> int:
+    """Peak GPU memory allocated by torch on CUDA; peak resident set size of the process on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+def _flatten_state(obj, prefix: str, tensors: dict, meta_prefix=""):
+    """Split a nested state (dicts / lists / tensors / scalars) into a tensor dict and a JSON skeleton."""
+    if torch.is_tensor(obj):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_key(k), _flatten_state(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    return obj
+
+
+def _key(k):
+    return {"int": k} if isinstance(k, int) else k
+
+
+def _unflatten_state(skeleton, tensors: dict):
+    if isinstance(skeleton, dict) and "__tensor__" in skeleton:
+        return tensors[skeleton["__tensor__"]]
+    if isinstance(skeleton, dict) and "__dict__" in skeleton:
+        return {(k["int"] if isinstance(k, dict) else k): _unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
+    if isinstance(skeleton, dict) and "__list__" in skeleton:
+        items = [_unflatten_state(v, tensors) for v in skeleton["__list__"]]
+        return tuple(items) if skeleton.get("tuple") else items
+    return skeleton
+
+
+def save_state(path: Path, name: str, state) -> None:
+    """Write a nested state as `name.safetensors` + `name.json` (no pickle)."""
+    tensors: dict = {}
+    skeleton = _flatten_state(state, name, tensors)
+    save_file(tensors, str(path / f"{name}.safetensors"))
+    (path / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(path: Path, name: str):
+    tensors = load_file(str(path / f"{name}.safetensors"))
+    return _unflatten_state(json.loads((path / f"{name}.json").read_text()), tensors)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": _jsonable(random.getstate()),
+             "numpy": _jsonable(np.random.get_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+class Checkpointer:
+    """`output.dir/checkpoints/step-000050/` directories, each complete or absent.
+
+    A checkpoint is written to `.step-000050.tmp`, marked complete last, then renamed; loading takes the
+    newest directory whose marker exists. `keep` bounds how many are kept (oldest deleted after a save).
+    """
+
+    def __init__(self, output_dir: Path, keep: int = 2):
+        self.dir = Path(output_dir) / "checkpoints"
+        self.keep = keep
+
+    def save(self, step: int, write_fn) -> Path:
+        """`write_fn(tmp_dir)` writes the payload; the directory becomes visible only when it returned."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"step-{step:06d}"
+        tmp = self.dir / f".step-{step:06d}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        write_fn(tmp)
+        (tmp / COMPLETE_MARKER).write_text(str(step))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        self._prune()
+        return final
+
+    def latest(self) -> Path | None:
+        if not self.dir.exists():
+            return None
+        done = [p for p in self.dir.glob("step-*") if (p / COMPLETE_MARKER).exists()]
+        return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+    def _prune(self) -> None:
+        done = sorted((p for p in self.dir.glob("step-*") if (p / COMPLETE_MARKER).exists()),
+                      key=lambda p: int(p.name.split("-")[1]))
+        for old in done[: max(0, len(done) - self.keep)]:
+            shutil.rmtree(old)
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir() if path.is_dir() else []:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per logged step, flushed as written (a resumed run truncates to its step)."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
