@@ -1,0 +1,182 @@
+"""Records -> token ids and labels: the Alpaca, chat, ShareGPT and plain-text formats.
+
+`labels` has one entry per input token: the token id where the loss is taken, -100 elsewhere. Position t of
+`labels` is the target for the model's prediction made at position t-1 (the training loss shifts by one, as
+in Hugging Face), so `labels[0]` is always -100: nothing predicts the first token, and in a packed row
+that keeps one example from being trained to predict the start of the next.
+"""
+
+import numpy as np
+
+from qtune.data.records import DataError
+
+IGNORE = -100
+
+# Stanford Alpaca's training prompts, verbatim (tatsu-lab/stanford_alpaca, train.py, PROMPT_DICT).
+# The response follows "### Response:" directly and ends with EOS.
+PROMPT_DICT = {
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:"
+    ),
+}
+
+# ShareGPT speaker names -> chat roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+FORMAT_FIELDS = {"chat": "messages", "sharegpt": "conversations", "alpaca": "instruction + output", "text": "text"}
+
+
+def detect_format(row: dict, where: str) -> str:
+    """The format a record's fields imply: messages -> chat, conversations -> sharegpt, instruction -> alpaca."""
+    if "messages" in row:
+        return "chat"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    expected = "; ".join(f"{fmt}: {fields}" for fmt, fields in FORMAT_FIELDS.items())
+    raise DataError(f"{where}: cannot tell the format from fields {sorted(row)}; expected one of ({expected}), "
+                    "or set data.format")
+
+
+def _string(row: dict, key: str, where: str, fmt: str, required: bool = True, nonempty: bool = False) -> str:
+    value = row.get(key)
+    if value is None and not required:
+        return ""
+    if value is None:
+        raise DataError(f"{where}: {fmt} record has no {key!r} field (fields: {sorted(row)})")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    if nonempty and not value.strip():
+        raise DataError(f"{where}: {key!r} is empty; every example needs a response to train on")
+    return value
+
+
+def alpaca_prompt(row: dict, where: str = "record") -> str:
+    """The Stanford Alpaca prompt for an instruction record (with the input section only if input is set)."""
+    instruction = _string(row, "instruction", where, "alpaca")
+    text_input = _string(row, "input", where, "alpaca", required=False)
+    if text_input != "":
+        return PROMPT_DICT["prompt_input"].format(instruction=instruction, input=text_input)
+    return PROMPT_DICT["prompt_no_input"].format(instruction=instruction)
+
+
+def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
+    """Chat (`messages` with role/content) or ShareGPT (`conversations` with from/value) as chat messages."""
+    key, role_key, text_key = ("messages", "role", "content") if fmt == "chat" else ("conversations", "from", "value")
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: {fmt} record needs a non-empty list {key!r} (fields: {sorted(row)})")
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            raise DataError(f"{where}: {key}[{k}] must be an object with {role_key!r} and {text_key!r}")
+        role = turn[role_key]
+        if fmt == "sharegpt":
+            if role not in SHAREGPT_ROLES:
+                raise DataError(f"{where}: {key}[{k}] has from={role!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+            role = SHAREGPT_ROLES[role]
+        content = turn[text_key]
+        if not isinstance(content, str):
+            raise DataError(f"{where}: {key}[{k}].{text_key} must be a string, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise DataError(f"{where}: {key}[{k}] is an empty assistant reply; every reply needs text to train on")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant turn, so nothing would be trained")
+    return messages
+
+
+def tokenize_alpaca(row: dict, tokenizer, train_on_input: bool, where: str) -> tuple[list[int], list[int]]:
+    """[BOS] prompt response EOS; loss on the response and EOS (and on the prompt with train_on_input).
+
+    Prompt and response are encoded separately, so the response's first token is exactly what the model
+    must produce after the prompt at inference time (when the prompt is all it has).
+    """
+    output = _string(row, "output", where, "alpaca", nonempty=True)
+    prompt_ids = tokenizer.encode(alpaca_prompt(row, where), add_bos=tokenizer.add_bos_token)
+    response_ids = tokenizer.encode(output) + [tokenizer.eos_id]
+    prompt_labels = prompt_ids if train_on_input else [IGNORE] * len(prompt_ids)
+    return prompt_ids + response_ids, prompt_labels + response_ids
+
+
+def _encode_prefix(tokenizer, full_ids: list[int], text: str, where: str, what: str) -> int:
+    """Token count of `text`, checking that its tokens begin `full_ids` (the prefix property)."""
+    ids = tokenizer.encode(text)
+    if full_ids[:len(ids)] != ids:
+        raise DataError(f"{where}: the conversation up to {what} tokenizes differently on its own than inside the "
+                        "whole conversation, so the assistant tokens cannot be located; the chat template must end "
+                        "each turn at a token boundary (e.g. with a special token)")
+    return len(ids)
+
+
+def tokenize_chat(messages: list[dict], tokenizer, train_on_input: bool, where: str) -> tuple[list[int], list[int]]:
+    """The conversation rendered with the model's chat template; loss on every assistant turn.
+
+    Assistant spans are found by rendering the conversation incrementally: turn i's tokens run from the end of
+    render(messages[:i], add_generation_prompt=True) to the end of render(messages[:i+1]). Both renders must be
+    text prefixes of the full render and tokenize to token prefixes of it; templates that break that are
+    reported rather than guessed at.
+    """
+    if not tokenizer.has_chat_template:
+        raise DataError(f"{where}: chat data needs a chat template, and the model's tokenizer has none; "
+                        "use an instruct model or set data.format = \"alpaca\" with instruction/output records")
+    full = tokenizer.apply_chat_template(messages)
+    ids = tokenizer.encode(full)
+    labels = list(ids) if train_on_input else [IGNORE] * len(ids)
+    last_end, last_span = 0, []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start_text = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        end_text = tokenizer.apply_chat_template(messages[:i + 1])
+        for text, what in ((start_text, f"the prompt of turn {i}"), (end_text, f"the end of turn {i}")):
+            if not full.startswith(text):
+                raise DataError(f"{where}: the chat template renders {what} differently from how it appears in the "
+                                "whole conversation (it is not prefix-stable), so the assistant turns cannot be "
+                                "located; use a template that renders earlier turns identically")
+        start = _encode_prefix(tokenizer, ids, start_text, where, f"the prompt of turn {i}")
+        last_end = _encode_prefix(tokenizer, ids, end_text, where, f"the end of turn {i}")
+        labels[start:last_end] = ids[start:last_end]
+        last_span = ids[start:last_end]
+    # Templates end assistant turns with their own end-of-turn token; add EOS only if the last turn lacks one.
+    if not any(t in tokenizer.eos_ids for t in last_span):
+        ids = ids[:last_end] + [tokenizer.eos_id] + ids[last_end:]
+        labels = labels[:last_end] + [tokenizer.eos_id] + labels[last_end:]
+    return ids, labels
+
+
+def tokenize_text(row: dict, tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """Plain text: [BOS] text EOS, every token trained."""
+    text = _string(row, "text", where, "text", nonempty=True)
+    ids = tokenizer.encode(text, add_bos=tokenizer.add_bos_token) + [tokenizer.eos_id]
+    return ids, list(ids)
+
+
+def tokenize_record(row: dict, fmt: str, tokenizer, train_on_input: bool, where: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one record in format `fmt` (alpaca | chat | sharegpt | text), untruncated."""
+    if fmt == "alpaca":
+        return tokenize_alpaca(row, tokenizer, train_on_input, where)
+    if fmt in ("chat", "sharegpt"):
+        return tokenize_chat(to_messages(row, fmt, where), tokenizer, train_on_input, where)
+    if fmt == "text":
+        return tokenize_text(row, tokenizer, where)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def finish_example(ids: list[int], labels: list[int], max_seq_len: int):
+    """Truncate to max_seq_len and mask the first label -> (ids, labels, truncated), or None if nothing is trained."""
+    truncated = len(ids) > max_seq_len
+    ids, labels = np.asarray(ids[:max_seq_len], np.int32), np.asarray(labels[:max_seq_len], np.int32)
+    labels[0] = IGNORE
+    if not (labels != IGNORE).any():
+        return None
+    return ids, labels, truncated
