@@ -1,0 +1,189 @@
+"""Fused log-probs / cross-entropy / entropy vs the naive full-logits reference, outputs and all gradients.
+
+CPU lane: fp32 inputs, references computed in fp64 from the same values, both the Triton kernels (run by the
+interpreter, see conftest.py) and the chunked plain-torch path. Errors are measured norm-wise,
+max|actual - expected| <= 1e-5 * max|expected|, because elementwise relative error is meaningless for the
+many gradient entries that are close to zero.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qtune.kernels.logprobs import (
+    VOCAB_CHUNK, cross_entropy_sum, reference_token_entropy, reference_token_logprobs, token_logprobs,
+    token_logprobs_and_entropy,
+)
+
+KERNELS = ["torch", "triton"]
+# (N, D, V, chunk_size): odd sizes; V=2500 spans three fp32 vocabulary splits of the kernel and
+# V=VOCAB_CHUNK+4 a torch vocabulary chunk of 4 columns; chunk sizes split the tokens unevenly.
+SHAPES = [(37, 40, 301, 1024), (70, 48, 2500, 16), (5, 16, VOCAB_CHUNK + 4, 3)]
+
+
+def assert_rel_close(actual, expected, rtol=1e-5, what=""):
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = max(expected.abs().max().item(), 1e-30)
+    assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol:g} x max |expected| {scale:.3e}"
+
+
+def make_inputs(N, D, V, seed=0, masked_every=3):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=gen) * 0.5
+    weight = torch.randn(V, D, generator=gen) * 0.5
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[::masked_every] = -100  # masked rows, including the first
+    return hidden, weight, targets
+
+
+def grads(fn, hidden, weight, dtype=None):
+    """fn(h, w) -> scalar; returns (value, dL/dh, dL/dw) evaluated at copies cast to `dtype`."""
+    h = hidden.detach().to(dtype or hidden.dtype, copy=True).requires_grad_()
+    w = weight.detach().to(dtype or weight.dtype, copy=True).requires_grad_()
+    out = fn(h, w)
+    out.backward()
+    return out.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-D{}-V{}-chunk{}".format(*s))
+def test_outputs_and_gradients_match_reference(shape, kernels):
+    N, D, V, chunk = shape
+    hidden, weight, targets = make_inputs(N, D, V)
+    gen = torch.Generator().manual_seed(1)
+    weight_logp, weight_entropy = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+
+    logp, entropy = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=chunk, kernels=kernels)
+    h64, w64 = hidden.double(), weight.double()
+    assert logp.dtype == entropy.dtype == torch.float32
+    assert_rel_close(logp, reference_token_logprobs(h64, w64, targets), what="logp")
+    assert_rel_close(entropy, reference_token_entropy(h64, w64, targets), what="entropy")
+    assert (logp[targets == -100] == 0).all() and (entropy[targets == -100] == 0).all()
+
+    objectives = {  # name: (ours, reference), each (h, w) -> scalar
+        "logp": (lambda h, w: (token_logprobs(h, w, targets, chunk_size=chunk, kernels=kernels) * weight_logp).sum(),
+                 lambda h, w: (reference_token_logprobs(h, w, targets) * weight_logp.double()).sum()),
+        "entropy": (lambda h, w: (token_logprobs_and_entropy(h, w, targets, chunk_size=chunk, kernels=kernels)[1]
+                                  * weight_entropy).sum(),
+                    lambda h, w: (reference_token_entropy(h, w, targets) * weight_entropy.double()).sum()),
+        "cross_entropy_sum": (lambda h, w: cross_entropy_sum(h, w, targets, chunk_size=chunk, kernels=kernels)[0],
+                              lambda h, w: F.cross_entropy(h @ w.T, targets, ignore_index=-100, reduction="sum")),
+    }
+    for name, (ours, reference) in objectives.items():
+        value, grad_h, grad_w = grads(ours, hidden, weight)
+        ref_value, ref_grad_h, ref_grad_w = grads(reference, hidden, weight, torch.float64)
+        assert_rel_close(value, ref_value, what=f"{name} value")
+        assert_rel_close(grad_h, ref_grad_h, what=f"{name} dL/dhidden")
+        assert_rel_close(grad_w, ref_grad_w, what=f"{name} dL/dweight")
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_cross_entropy_count_and_all_masked_batch(kernels):
+    hidden, weight, targets = make_inputs(9, 16, 50)
+    _, count = cross_entropy_sum(hidden, weight, targets, kernels=kernels)
+    assert count.item() == 6  # rows 0, 3, 6 are masked
+
+    targets = torch.full((9,), -100)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, count = cross_entropy_sum(h, w, targets, kernels=kernels)
+    logp, entropy = token_logprobs_and_entropy(h, w, targets, kernels=kernels)
+    assert loss.item() == 0.0 and count.item() == 0
+    assert not logp.any() and not entropy.any()
+    (loss + logp.sum() + entropy.sum()).backward()
+    assert h.grad is not None and not h.grad.any() and w.grad is not None and not w.grad.any()
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_leading_dims_and_frozen_weight(kernels):
+    """(B, T, D) hidden states give (B, T) outputs; a frozen lm_head (QLoRA) gets no gradient."""
+    hidden, weight, targets = make_inputs(12, 24, 70)
+    h = hidden.reshape(3, 4, 24).clone().requires_grad_()
+    logp = token_logprobs(h, weight, targets.reshape(3, 4), kernels=kernels)
+    assert logp.shape == (3, 4)
+    assert_rel_close(logp.reshape(-1), reference_token_logprobs(hidden.double(), weight.double(), targets))
+    logp.sum().backward()
+    ref_h = hidden.double().requires_grad_()
+    reference_token_logprobs(ref_h, weight.double(), targets).sum().backward()
+    assert_rel_close(h.grad.reshape(12, 24), ref_h.grad, what="dL/dhidden")
+
+
+INTERPRETER_BF16 = pytest.mark.skip(reason="Triton 3.9's interpreter multiplies bf16 dot operands as raw uint16 "
+                                          "bits; the GPU lane covers bf16 kernels")
+
+
+@pytest.mark.parametrize("kernels, dtype", [("torch", torch.bfloat16), ("torch", torch.float16),
+                                            ("triton", torch.float16),
+                                            pytest.param("triton", torch.bfloat16, marks=INTERPRETER_BF16)])
+def test_16bit_inputs_accumulate_in_fp32(kernels, dtype):
+    """16-bit hidden and weight: the logits are summed in fp32, so outputs match fp64 on the same 16-bit
+    values to fp32 accuracy, far below the inputs' own rounding (4e-3 for bf16)."""
+    hidden, weight, targets = make_inputs(21, 32, 200)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    logp, entropy = token_logprobs_and_entropy(hidden, weight, targets, kernels=kernels)
+    assert_rel_close(logp, reference_token_logprobs(hidden.double(), weight.double(), targets), what="logp")
+    assert_rel_close(entropy, reference_token_entropy(hidden.double(), weight.double(), targets), what="entropy")
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op (forward or backward) returns."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_torch_path_never_holds_full_logits():
+    N, D, V, chunk = 512, 8, 3 * VOCAB_CHUNK, 64
+    hidden, weight, targets = make_inputs(N, D, V)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    with LargestTensor() as mode:
+        loss, _ = cross_entropy_sum(h, w, targets, chunk_size=chunk, kernels="torch")
+        loss.backward()
+    # the (chunk, VOCAB_CHUNK) logit tile and the (V, D) weight gradient are the largest tensors, not (N, V)
+    assert mode.largest == max(chunk * VOCAB_CHUNK, V * D) < N * V // 4
+
+
+def test_bad_inputs_are_explained():
+    hidden, weight, targets = make_inputs(4, 8, 10)
+    with pytest.raises(ValueError, match="target 10 at position"):
+        token_logprobs(hidden, weight, torch.tensor([1, 2, 10, -100]))
+    with pytest.raises(ValueError, match="must match hidden"):
+        token_logprobs(hidden, weight, targets[:3])
+    with pytest.raises(ValueError, match="cast one so they match"):
+        token_logprobs(hidden, weight.double(), targets)
+    with pytest.raises(ValueError, match="kernels="):
+        token_logprobs(hidden, weight, targets, kernels="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("V", [32000, 128256])
+def test_gpu_bf16_error_within_twice_torch_bf16(V):
+    """Llama sizes in bf16: the Triton path's error against fp32 is at most 2x the naive bf16 torch error."""
+    N, D = 1024, 4096
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(N, D, device="cuda", generator=gen)
+    weight = torch.randn(V, D, device="cuda", generator=gen) * D**-0.5
+    targets = torch.randint(0, V, (N,), device="cuda", generator=gen)
+    targets[:100] = -100
+
+    def naive(h, w):
+        return (reference_token_logprobs(h, w, targets).float() + reference_token_entropy(h, w, targets).float()).sum()
+
+    def fused(h, w):
+        logp, entropy = token_logprobs_and_entropy(h, w, targets, chunk_size=512, kernels="triton")
+        return (logp + entropy).sum()
+
+    exact = grads(naive, hidden, weight)
+    torch_bf16 = grads(naive, hidden, weight, torch.bfloat16)
+    ours = grads(fused, hidden, weight, torch.bfloat16)
+    for name, e, t, o in zip(("value", "dL/dhidden", "dL/dweight"), exact, torch_bf16, ours):
+        torch_err = (t.float() - e).abs().max().item()
+        our_err = (o.float() - e).abs().max().item()
+        assert our_err <= 2 * torch_err, f"{name}: error {our_err:.3e} vs torch bf16 {torch_err:.3e}"
