@@ -183,8 +183,11 @@ def test_gradients_reach_only_the_active_adapter(tiny_dirs, tmp_path):
     assert max_diff(logits(m, ids), logits(ref, ids)) <= TOL
 
 
-def test_triton_route_matches_torch_route(tiny_dirs):
-    m = load_model(tiny_dirs["qwen2"], quantize="none")
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_triton_route_matches_torch_route(tiny_dirs, quantize):
+    if quantize == "nf4":
+        pytest.importorskip("qtune.kernels.nf4")
+    m = load_model(tiny_dirs["qwen2"], quantize=quantize)
     add_lora(m, LoraConfig(r=4, target_modules=("q_proj", "down_proj")))
     randomise(m)
     ids = token_ids(6, (1, 5))
