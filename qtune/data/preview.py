@@ -1,5 +1,7 @@
 """`qtune data preview`: a few examples as the model sees them, trained tokens highlighted, plus statistics."""
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
@@ -38,7 +40,8 @@ def stats_table(stats: dict) -> Table:
         table.add_column(column, justify="left" if column in ("source", "format") else "right")
     rows = stats["sources"] + ([stats["pretrain"]] if stats["pretrain"] else [])
     for s in rows:
-        table.add_row(s["name"], s["format"], *(str(s.get(k, "")) for k in
+        name = Path(s["name"]).name if Path(s["name"]).exists() else s["name"]  # a file's name, or a dataset's
+        table.add_row(name, s["format"], *(str(s.get(k, "")) for k in
                                                 ("records", "examples", "truncated", "dropped", "train", "val",
                                                  "cached")))
     return table

@@ -111,7 +111,7 @@ def _pretrain_examples(data, tokenizer, n_sft: int, seed: int) -> tuple[list[Exa
     f = data.pretrain_fraction
     count = max(1, round(n_sft * f / (1 - f)))
     picks = sample_indices(len(store), count, np.random.default_rng([seed, _PRETRAIN_STREAM]))
-    return [store.example(i) for i in picks], {**store.stats, "train": count}
+    return [store.example(i) for i in picks], {**store.stats, "cached": store.from_cache, "train": count}
 
 
 def build_sft_data(data, tokenizer, seed: int) -> SFTData:
