@@ -70,7 +70,8 @@ class ModelConfig:
         window = d.get("sliding_window")
         if model_type == "qwen2" and not d.get("use_sliding_window", False):
             window = None
-        known = {f.name for f in fields(cls)} | {"attention_bias", "num_key_value_heads", "rope_parameters", "use_sliding_window"}
+        known = {f.name for f in fields(cls)} | {"attention_bias", "num_key_value_heads", "rope_parameters",
+                                                 "use_sliding_window", "dtype"}
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,

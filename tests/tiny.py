@@ -52,3 +52,21 @@ def save_tiny(kind: str, out_dir: Path, seed: int = 0, max_shard_size: str | Non
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
     return Path(out_dir)
+
+
+def save_tiny_with_tokenizer(kind: str, out_dir: Path, seed: int = 0) -> Path:
+    """A tiny random model plus a small real byte-level BPE tokenizer with a ChatML template."""
+    from test_data_tokenizer import make_tokenizer_dir
+    from tokenizers import Tokenizer
+
+    out_dir = Path(out_dir)
+    make_tokenizer_dir(out_dir)
+    vocab = Tokenizer.from_file(str(out_dir / "tokenizer.json")).get_vocab_size()
+    saved = dict(TINY_CONFIGS[kind])
+    TINY_CONFIGS[kind] = {**saved, "vocab_size": vocab}
+    try:
+        model = make_hf_model(kind, seed)
+    finally:
+        TINY_CONFIGS[kind] = saved
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

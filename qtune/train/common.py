@@ -66,10 +66,17 @@ def build_scheduler(optimizer, schedule: str, warmup_steps: int, max_steps: int)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule, warmup_steps, max_steps))
 
 
-def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Position t predicts token t+1: targets (B, T) = labels shifted left, -100 at the last position."""
-    pad = torch.full_like(labels[:, :1], -100)
-    return torch.cat([labels[:, 1:], pad], dim=1)
+def shifted_targets(labels: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Position t predicts token t+1: targets (B, T) = labels shifted left, -100 at the last position.
+
+    With packed rows (`segments` = the attention mask's segment ids) the last token of one example must not
+    be trained to predict the first token of the next, so targets that cross a segment boundary are masked.
+    """
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    if segments is not None:
+        crosses = torch.cat([segments[:, 1:] != segments[:, :-1], torch.ones_like(segments[:, :1], dtype=torch.bool)], 1)
+        targets = targets.masked_fill(crosses, -100)
+    return targets
 
 
 def lm_loss_sum(model, batch: dict, kernels: str = "auto") -> tuple[torch.Tensor, int]:
@@ -82,14 +89,14 @@ def lm_loss_sum(model, batch: dict, kernels: str = "auto") -> tuple[torch.Tensor
     from qtune.kernels.logprobs import cross_entropy_sum
 
     hidden = model.hidden_states(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
-    targets = shifted_targets(batch["labels"])
+    targets = shifted_targets(batch["labels"], batch.get("attention_mask"))
     keep = targets != -100  # only positions that carry a loss enter the vocabulary projection
     loss_sum, count = cross_entropy_sum(hidden[keep], model.output_weight(), targets[keep], kernels=kernels)
     return loss_sum, int(count)
 
 
 def count_targets(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((shifted_targets(batch["labels"], batch.get("attention_mask")) != -100).sum())
 
 
 def peak_memory_bytes(device) -> int:
@@ -249,3 +256,21 @@ class MetricsLog:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def training_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def clip_gradients(params, max_norm: float) -> float:
+    """Clip the global gradient norm to `max_norm` (0 = no clipping); returns the norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))

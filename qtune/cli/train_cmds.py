@@ -1,0 +1,56 @@
+"""Training verbs: `qtune sft` (and, as they land, the alignment loops).
+
+Each prints its run summary as one JSON object on the last stdout line; progress goes to stderr.
+"""
+
+import json
+
+import click
+from rich.console import Console
+
+err = Console(stderr=True)
+
+
+def load_checked(recipe: str, overrides: tuple[str, ...], schema):
+    from qtune.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe, overrides, schema=schema)
+    except RecipeError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def run_or_explain(fn, *args, **kwargs) -> dict:
+    """Run a training entry point; known user errors become a one-line message and exit code 1."""
+    from qtune.checkpoint import CheckpointError
+    from qtune.config import ConfigError
+    from qtune.data.records import DataError
+    from qtune.lora import AdapterError
+    from qtune.train.common import TrainingError
+
+    try:
+        return fn(*args, **kwargs)
+    except (CheckpointError, ConfigError, DataError, AdapterError, TrainingError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.argument("recipe", required=False, default="quickstart")
+@click.argument("overrides", nargs=-1)
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in output.dir.")
+def sft(recipe, overrides, resume):
+    """Supervised fine-tuning with a RECIPE (file or shipped name; default: the CPU quickstart).
+
+    Overrides look like `train.max_steps=100 model.path=/models/llama-2-7b`.
+    """
+    from qtune.recipe import SFTRecipe
+    from qtune.train.sft import run_sft
+
+    r = load_checked(recipe, overrides, SFTRecipe)
+    summary = run_or_explain(run_sft, r, resume=resume, console=err)
+    click.echo(json.dumps(summary))
+
+
+COMMANDS = [sft]
