@@ -10,10 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ALPACA_DEMO = Path("/work/shared/data/llamafactory/alpaca_en_demo.json")
-DPO_DEMO = Path("/work/shared/data/llamafactory/dpo_en_demo.json")
-C4_DEMO = Path("/work/shared/data/llamafactory/c4_demo.jsonl")
-SHARED_DATA = pytest.mark.skipif(not ALPACA_DEMO.is_file(), reason="shared/data is not present")
+from shared_data import ALPACA_DEMO, C4_DEMO, DPO_DEMO, SHARED_DATA  # noqa: F401  (re-exported for other tests)
 
 # ChatML, with a default system turn when the conversation has none (as SmolLM2's template does).
 CHATML = (
