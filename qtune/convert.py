@@ -11,6 +11,7 @@ The tokenizer becomes a `tokenizer.json` built from the vocabulary, merges and t
 """
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -115,18 +116,47 @@ def llama_config(g: GGUFFile, dtype: torch.dtype) -> dict:
         "pad_token_id": g.get("tokenizer.ggml.padding_token_id", None),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    rope_scaling = _rope_scaling(g, tensor_names)
+    rope_scaling = _rope_scaling(g, config)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
     return config
 
 
-def _rope_scaling(g: GGUFFile, tensor_names: set[str]) -> dict | None:
-    if "rope_freqs.weight" in tensor_names:
-        raise ValueError(
-            f"{g.path}: the file carries a rope_freqs tensor (Llama-3.1-style frequency scaling), which this "
-            "converter does not translate; convert the original Hugging Face checkpoint instead"
-        )
+def llama3_rope_scaling(rope_factors: torch.Tensor, theta: float, head_dim: int) -> dict:
+    """Recover Llama 3.1's `rope_scaling` from the per-frequency divisors llama.cpp stores as rope_freqs.
+
+    HF's llama3 rule, with wavelength w_i = 2*pi / theta^(-2i/d) and L = original context length:
+        w_i < L/high: divisor 1;  w_i > L/low: divisor `factor`;
+        between: 1/divisor = (1 - s)/factor + s,  s = (L/w_i - low) / (high - low) = a/w_i - b
+    so it depends on (factor, a, b) only. The band's points give a and b by least squares; then
+    low = 1, high = 1 + 1/b, L = a/b reproduce every divisor (for Llama 3.1: 1, 4, 8192).
+    """
+    divisors = rope_factors.double()
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    factor = divisors.max().item()
+    medium = (divisors > 1 + 1e-4) & (divisors < factor * (1 - 1e-4))
+    if medium.sum() < 2:
+        raise ValueError("fewer than two rope_freqs values lie between 1 and the scaling factor")
+    s = (1 / divisors[medium] - 1 / factor) / (1 - 1 / factor)
+    design = torch.stack([1 / wavelen[medium], -torch.ones_like(s)], dim=1)
+    a, b = torch.linalg.lstsq(design, s[:, None]).solution.flatten().tolist()
+    return {
+        "rope_type": "llama3",
+        "factor": round(factor, 4),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": round(1 + 1 / b, 4),
+        "original_max_position_embeddings": round(a / b),
+    }
+
+
+def _rope_scaling(g: GGUFFile, config: dict) -> dict | None:
+    freqs = next((t for t in g.reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        try:
+            return llama3_rope_scaling(_dequantize(g, freqs), config["rope_theta"], config["head_dim"])
+        except ValueError as err:
+            raise ValueError(f"{g.path}: cannot read Llama-3-style rope scaling from rope_freqs: {err}") from err
     kind = g.arch("rope.scaling.type", None)
     if kind in (None, "none"):
         return None
@@ -169,6 +199,8 @@ def llama_state_dict(g: GGUFFile, config: dict, dtype: torch.dtype) -> dict[str,
     """Every tensor of the file, dequantized, renamed to HF names, Q/K rows un-permuted, cast to `dtype`."""
     state = {}
     for tensor in g.reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # became config["rope_scaling"]; HF recomputes it
+            continue
         name = _hf_name(tensor.name)
         if name is None:
             raise ValueError(f"{g.path}: tensor {tensor.name!r} has no LlamaForCausalLM counterpart")

@@ -62,7 +62,6 @@ class _HFTokenizerJson:
                     self.tok.add_special_tokens([added])
                 else:
                     self.tok.add_tokens([added])
-        self.special_ids = {i for i, added in self.tok.get_added_tokens_decoder().items() if added.special}
 
     @property
     def vocab_size(self) -> int:
@@ -212,33 +211,36 @@ class Tokenizer:
             )
         self._set_special_tokens(config, special_map)
         self.add_bos_token = bool(config.get("add_bos_token", isinstance(self._backend, _SentencePieceModel)))
-        self.chat_template = _pick_chat_template(self.model_dir, config)
-        self.has_chat_template = self.chat_template is not None
+        self.chat_template: str | None = _pick_chat_template(self.model_dir, config)
+
+    def _fallback_ids(self, generation: dict) -> dict[str, int]:
+        """Special-token ids for keys the tokenizer configs do not mention at all."""
+        model_config = _read_json(self.model_dir / "config.json")
+        ids = {}
+        for key in ("bos_token", "eos_token"):
+            token_id = generation.get(f"{key}_id", model_config.get(f"{key}_id"))
+            ids[key] = token_id[0] if isinstance(token_id, list) else token_id
+        if isinstance(self._backend, _SentencePieceModel):  # the ids the sentencepiece model was trained with
+            sp = self._backend.sp
+            trained = (sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id())  # -1 when the model has none
+            ids.update({key: i for key, i in zip(SPECIAL_TOKEN_KEYS, trained) if i >= 0})
+        return {key: i for key, i in ids.items() if i is not None}
 
     def _set_special_tokens(self, config: dict, special_map: dict) -> None:
-        model_config = _read_json(self.model_dir / "config.json")
         generation = _read_json(self.model_dir / "generation_config.json")
-        fallback_ids = {
-            "bos_token": generation.get("bos_token_id", model_config.get("bos_token_id")),
-            "eos_token": generation.get("eos_token_id", model_config.get("eos_token_id")),
-            "pad_token": generation.get("pad_token_id", model_config.get("pad_token_id")),
-            "unk_token": None,
-        }
-        if isinstance(self._backend, _SentencePieceModel):
-            sp = self._backend.sp
-            fallback_ids.update(
-                {key: i for key, i in zip(SPECIAL_TOKEN_KEYS, (sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id())) if i >= 0}
-            )
+        fallback = self._fallback_ids(generation)
         self.special_tokens: dict[str, str] = {}
         ids: dict[str, int | None] = {}
         for key in SPECIAL_TOKEN_KEYS:
-            content = _token_content(config.get(key, special_map.get(key)))
-            token_id = self._backend.token_to_id(content) if content is not None else None
-            if content is not None and token_id is None:
-                raise ValueError(f"{self.model_dir}/tokenizer_config.json: {key}={content!r} is not in the vocabulary")
-            if content is None:
-                fallback = fallback_ids[key]
-                token_id = fallback[0] if isinstance(fallback, list) else fallback
+            if key in config or key in special_map:  # an explicit null means "this model has none"
+                content = _token_content(config[key] if key in config else special_map[key])
+                token_id = self._backend.token_to_id(content) if content is not None else None
+                if content is not None and token_id is None:
+                    raise ValueError(
+                        f"{self.model_dir}/tokenizer_config.json: {key}={content!r} is not in the vocabulary"
+                    )
+            else:
+                token_id = fallback.get(key)
                 content = self._backend.id_to_token(token_id) if token_id is not None else None
             ids[key] = token_id
             if content is not None:
@@ -246,11 +248,16 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.unk_id = ids["bos_token"], ids["eos_token"], ids["unk_token"]
         self.pad_id = ids["pad_token"] if ids["pad_token"] is not None else self.eos_id
         extra_eos = generation.get("eos_token_id", [])
-        self.eos_ids = {i for i in [self.eos_id, *(extra_eos if isinstance(extra_eos, list) else [extra_eos])] if i is not None}
+        extra_eos = extra_eos if isinstance(extra_eos, list) else [extra_eos]
+        self.eos_ids = {i for i in [self.eos_id, *extra_eos] if i is not None}
 
     @property
     def vocab_size(self) -> int:
         return self._backend.vocab_size
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template is not None
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Token ids of `text`; special tokens written in the text (e.g. "<|im_end|>") become their ids."""

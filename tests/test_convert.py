@@ -18,7 +18,14 @@ from safetensors.torch import load_file
 
 from qtune import hub
 from qtune.cli.hub_cmds import COMMANDS
-from qtune.convert import GGUFFile, convert_gguf, gguf_tokenizer_files, sentencepiece_merges, unpermute_qk
+from qtune.convert import (
+    GGUFFile,
+    convert_gguf,
+    gguf_tokenizer_files,
+    llama_config,
+    sentencepiece_merges,
+    unpermute_qk,
+)
 from qtune.tokenizer import load_tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,7 +60,8 @@ def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def test_unpermute_hand_example():
-    # 2 heads of dim 4: llama.cpp stores per head rows (0, 2, 1, 3): row i of the first half next to row i of the second.
+    # 2 heads of dim 4: llama.cpp stores each head's rows as (0, 2, 1, 3), i.e. first-half row i next to
+    # second-half row i.
     stored = torch.tensor([0.0, 2, 1, 3, 4, 6, 5, 7])[:, None]
     assert unpermute_qk(stored, n_head=2).flatten().tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
 
@@ -141,7 +149,8 @@ def test_smollm2_tokenizer_json_equals_transformers_gguf_tokenizer(smollm2_dir, 
         expected = reference(text, add_special_tokens=False).input_ids
         assert ours_json.encode(text, add_special_tokens=False).ids == expected, text
         assert ours.encode(text) == expected, text
-    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (reference.bos_token_id, reference.eos_token_id, reference.pad_token_id)
+    expected_ids = (reference.bos_token_id, reference.eos_token_id, reference.pad_token_id)
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == expected_ids
     config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
     assert config["chat_template"] == reference.chat_template
 
@@ -178,7 +187,8 @@ def test_byte_level_pre_tokenizers_equal_transformers(pre, smollm2_dir, tmp_path
     tokenizer_json, _, _ = gguf_tokenizer_files(GGUFFile(path))
     ours = RustTokenizer.from_str(json.dumps(tokenizer_json))
     for text in TEXTS + ["I'LL say it's 12345678 o'clock!!\n\n  \tend", "<|im_start|>x<|im_end|>"]:
-        assert ours.encode(text, add_special_tokens=False).ids == reference(text, add_special_tokens=False).input_ids, text
+        expected = reference(text, add_special_tokens=False).input_ids
+        assert ours.encode(text, add_special_tokens=False).ids == expected, text
 
 
 def test_unknown_pre_tokenizer_is_an_error(smollm2_dir, tmp_path):
@@ -186,6 +196,37 @@ def test_unknown_pre_tokenizer_is_an_error(smollm2_dir, tmp_path):
     write_byte_level_tokenizer_gguf(path, smollm2_dir, "no-such-pre", n_tokens=300)
     with pytest.raises(ValueError, match=r"odd\.gguf.*tokenizer\.ggml\.pre='no-such-pre'.*known: .*llama-bpe"):
         gguf_tokenizer_files(GGUFFile(path))
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
+    # llama.cpp stores Llama 3.1's scaling as per-frequency divisors; transformers' llama3 rope is the reference.
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    theta, head_dim = 500000.0, 64
+    original = {"rope_type": "llama3", "rope_theta": theta, "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+    def hf_inv_freq(params):
+        config = LlamaConfig(hidden_size=128, num_attention_heads=2, head_dim=head_dim, max_position_embeddings=131072,
+                             rope_parameters=params)
+        return ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")[0].double()
+
+    unscaled = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    path = tmp_path / "llama31.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    for add, value in [(writer.add_embedding_length, 128), (writer.add_head_count, 2), (writer.add_block_count, 0),
+                       (writer.add_feed_forward_length, 256), (writer.add_context_length, 131072),
+                       (writer.add_rope_freq_base, theta), (writer.add_vocab_size, 10)]:
+        add(value)
+    writer.add_tensor("rope_freqs.weight", (unscaled / hf_inv_freq(original)).float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    scaling = llama_config(GGUFFile(path), torch.float32)["rope_scaling"]
+    assert scaling == {k: v for k, v in original.items() if k != "rope_theta"}
+    assert torch.allclose(hf_inv_freq({**scaling, "rope_theta": theta}), hf_inv_freq(original), rtol=1e-6)
 
 
 # --- a tiny sentencepiece Llama written here ------------------------------------------------------------
@@ -278,7 +319,8 @@ def test_tiny_weights_equal_transformers_and_originals(tiny_gguf, tiny_converted
         assert torch.equal(w, reference[name]), name
         # F32 tensors come back exactly; F16/Q8_0 within their rounding (Q8_0: 1/127 of a block's max).
         assert torch.allclose(w, originals[name], atol=originals[name].abs().max().item() / 100), name
-    assert torch.equal(ours["model.layers.0.self_attn.k_proj.weight"], originals["model.layers.0.self_attn.k_proj.weight"])
+    k_proj = "model.layers.0.self_attn.k_proj.weight"  # stored as F32: exact after un-permuting
+    assert torch.equal(ours[k_proj], originals[k_proj])
     config = json.loads((tiny_converted / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["head_dim"] == 16 and config["num_key_value_heads"] == 2
 
