@@ -56,9 +56,6 @@ class GGUFFile:
             raise ValueError(f"{self.path}: not a readable GGUF file ({err})") from err
         self.architecture = self.get("general.architecture")
 
-    def has(self, key: str) -> bool:
-        return key in self.reader.fields
-
     def get(self, key: str, default=...):
         """A metadata value; without a default, a missing key is an error naming the file and the key."""
         field = self.reader.fields.get(key)

@@ -377,6 +377,12 @@ def test_cli_convert_bfloat16(tiny_gguf, tmp_path):
 # --- qtune pull / hub ------------------------------------------------------------------------------------
 
 
+def test_commands_are_wired_into_the_qtune_cli():
+    from qtune.cli import main
+
+    assert main.commands["pull"] is COMMANDS[0] and main.commands["convert"] is COMMANDS[1]
+
+
 def test_cli_pull_prints_model_dir_last(smollm2_dir):
     home = smollm2_dir.parent.parent  # the session's pull cache: $QTUNE_HOME/models/smollm2-135m
     result = cli("pull", "smollm2-135m", env={"QTUNE_HOME": str(home)})
