@@ -131,8 +131,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, d)
+        groups = self.n_head // self.n_kv
+        if not q.is_cuda:
+            # CPU SDPA with a mask is ~10-100x slower with enable_gqa or a strided query (torch 2.13)
+            q = q.contiguous()
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, d)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)  # (B, H, T, d)
+                                           enable_gqa=groups > 1 and q.is_cuda)  # (B, H, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
