@@ -81,11 +81,13 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8)
 
 
-def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """(ceil(n/2),) uint8 -> (n,) int64 codes."""
-    high = (packed >> 4).long()
-    low = (packed & 0xF).long()
-    return torch.stack([high, low], dim=1).reshape(-1)[:numel]
+# byte -> (level of its high nibble, level of its low nibble): one gather decodes two weights
+NF4_BYTE_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # (256, 2)
+
+
+def _nf4_levels(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """(ceil(n/2),) uint8 -> (n,) fp32 NF4 levels in element order."""
+    return NF4_BYTE_PAIRS.to(packed.device).index_select(0, packed.int()).view(-1)[:numel]
 
 
 # bitsandbytes' CPU backend rounds x / absmax onto a grid of 65536 points spanning [-1, 1] and looks
@@ -169,10 +171,11 @@ class NF4Weight:
 
         w = NF4_CODE[code] * absmax[block], computed in fp32 and rounded once to `dtype`.
         """
-        n = self.numel
-        values = NF4_CODE.to(self.device)[_unpack_nibbles(self.packed, n)]  # (n,)
-        padded = F.pad(values, (0, self.n_blocks * self.blocksize - n))
-        w = (padded.view(self.n_blocks, self.blocksize) * self.absmax_fp32().view(-1, 1)).view(-1)[:n]
+        n, padded_n = self.numel, self.n_blocks * self.blocksize
+        values = _nf4_levels(self.packed, n)  # (n,)
+        if padded_n > n:
+            values = F.pad(values, (0, padded_n - n))
+        w = (values.view(self.n_blocks, self.blocksize) * self.absmax_fp32().view(-1, 1)).view(-1)[:n]
         return w.to(dtype or self.dtype).view(self.shape)
 
     def to(self, device) -> "NF4Weight":
