@@ -78,3 +78,25 @@ def test_bad_arguments():
         Sampling(temperature=0).check()
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=0).check()
+
+
+CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+                "List three primary colors, separated by commas."]
+
+
+def test_smollm2_greedy_chat_completions_equal_transformers(smollm2_dir):
+    """The converted real model decodes exactly as transformers decodes the same directory."""
+    from qtune.generate import generate_text
+    from qtune.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(smollm2_dir)
+    ours = load_model(smollm2_dir, quantize="none", dtype="float32")
+    got = generate_text(ours, tok, CHAT_PROMPTS, chat=True, max_new_tokens=16, greedy=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, torch_dtype=torch.float32).eval()
+    for prompt, g in zip(CHAT_PROMPTS, got):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = torch.tensor([tok.encode(text)])
+        ref = hf.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=sorted(tok.eos_ids),
+                          pad_token_id=tok.pad_id)[0, ids.shape[1]:].tolist()
+        assert g.token_ids == ref, prompt
+    assert "Paris" in got[0].text
