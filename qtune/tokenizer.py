@@ -297,8 +297,13 @@ class Tokenizer:
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """The tokenizer of a Hugging Face model directory (tokenizer.json preferred over tokenizer.model)."""
+    """The tokenizer of a Hugging Face model directory or alias (tokenizer.json preferred over tokenizer.model)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: not a directory; pass a model directory (see `qtune pull`)")
+        from qtune.hub import ALIASES, resolve_model_path
+
+        if str(model_dir) not in ALIASES:
+            raise FileNotFoundError(f"{model_dir}: not a directory; pass a model directory or an alias "
+                                    f"({', '.join(ALIASES)}; see `qtune pull`)")
+        model_dir = Path(resolve_model_path(str(model_dir)))
     return Tokenizer(model_dir)
