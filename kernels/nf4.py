@@ -2,7 +2,7 @@
 
 - `dequantize_nf4(q, dtype)`: one pass decodes the double-quantized absmax *and* the 4-bit codes,
       absmax[b] = nested_code[c[b]] · nested_absmax[b // 256] + offset
-      w[i]      = NF4_CODE[nibble(i)] · absmax[i // 64]
+      w[i]      = NF4_CODE[nibble(i)] · absmax[i // blocksize]
   with the same fp32 rounding steps as `qtune.quant` (and so bitsandbytes): the result is bit-equal.
 - `nf4_matmul(x, q, bias)`: for up to SMALL_M rows (decoding, rollouts) a fused kernel reads the
   4-bit weight directly and never writes a dequantized W; for more rows W is dequantized into a

@@ -92,7 +92,8 @@ def _nf4_levels(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 # bitsandbytes' CPU backend rounds x / absmax onto a grid of 65536 points spanning [-1, 1] and looks
 # each grid point's nearest code entry up in a table, instead of searching the code for x itself.
-# Near a midpoint between two entries this can pick the farther one; we reproduce it exactly.
+# Near a midpoint between two entries this can pick the farther one; we reproduce it exactly. (bnb's
+# CUDA kernels search exactly, so a bnb quantization made on a GPU can differ in such rare codes.)
 LUT_STEPS = 65536
 
 
