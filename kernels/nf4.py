@@ -132,9 +132,14 @@ def _triton_can_run(t: torch.Tensor) -> bool:
     return t.is_cuda or interpreting()
 
 
+_NF4_CODE_ON_DEVICE: dict[torch.device, torch.Tensor] = {}  # copied once, not on every launch
+
+
 def _quant_state_args(q: NF4Weight) -> tuple:
     """Pointer arguments shared by both kernels; without double quant the nested slots are unused."""
-    code = NF4_CODE.to(q.device)
+    code = _NF4_CODE_ON_DEVICE.get(q.device)
+    if code is None:
+        code = _NF4_CODE_ON_DEVICE[q.device] = NF4_CODE.to(q.device)
     if q.double_quant:
         return q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset.reshape(1), code
     absmax = q.absmax.float()
