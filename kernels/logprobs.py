@@ -20,12 +20,15 @@ Gradients, with upstream g = dL/dlogp and g_H = dL/dH:
     dL/dh = dz @ W,   dL/dW = dz^T @ h
 
 Memory trade-off: backward *recomputes* the logits chunk by chunk instead of computing gradients during the
-forward pass ("fused linear cross-entropy"). Forward saves only three fp32 numbers per token (lse, E[z]) plus
+forward pass ("fused linear cross-entropy"). Forward saves two fp32 numbers per token (lse, E[z]) besides
 the inputs, and the same op serves per-token outputs whose upstream gradient is unknown at forward time
 (DPO and PPO weight each token's log-probability), at the price of one extra h @ W^T matmul (4 matmuls
 instead of 3). The Triton backward writes the logit gradients of `chunk_size` tokens (chunk_size x V in the
 input dtype: 262 MB for 1024 tokens of a 128256 vocabulary in bf16) and lets cuBLAS do the two matmuls;
-the plain-torch path holds at most chunk_size x VOCAB_CHUNK fp32 logits (16 MB at the defaults).
+the plain-torch path holds at most two chunk_size x VOCAB_CHUNK fp32 tiles (4 MB each at the defaults).
+
+Masked tokens (ignore_index) cost the Triton path nothing: its kernels read the scored rows through an
+index. The torch path computes them and zeroes them, since gathering rows would copy them.
 """
 
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ import triton.language as tl
 from qtune.backend import use_triton
 from qtune.kernels import KernelSpec
 
-VOCAB_CHUNK = 4096  # vocabulary columns per step of the plain-torch path
+VOCAB_CHUNK = 1024  # vocabulary columns per step of the plain-torch path (4 MB fp32 tiles at 1024 tokens)
 
 
 def reference_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -58,30 +61,33 @@ def reference_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets:
 
 
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, rows, cols, N, V, D,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """z = h[rows] @ W[cols]^T for one (BLOCK_N, BLOCK_V) tile, accumulated in fp32 over D."""
+def _logit_tile(h_ptr, w_ptr, tokens, rows_ok, cols, V, D,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z = h[tokens] @ W[cols]^T for one (BLOCK_N, BLOCK_V) tile, accumulated in fp32 over D."""
     z = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ks = d0 + tl.arange(0, BLOCK_D)
-        h = tl.load(h_ptr + rows[:, None] * D + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < D), other=0.0)
+        h = tl.load(h_ptr + tokens[:, None] * D + ks[None, :], mask=rows_ok[:, None] & (ks[None, :] < D), other=0.0)
         w = tl.load(w_ptr + cols[:, None] * D + ks[None, :], mask=(cols[:, None] < V) & (ks[None, :] < D), other=0.0)
-        z = tl.dot(h, tl.trans(w), z, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_V)
+        z = tl.dot(h, tl.trans(w), z, input_precision="ieee")  # (BLOCK_N, BLOCK_V); exact fp32 for fp32 inputs
     return z
 
 
 @triton.jit
-def logsumexp_partials_kernel(h_ptr, w_ptr, y_ptr, max_ptr, sumexp_ptr, zsum_ptr, target_ptr, N, V, D,
+def logsumexp_partials_kernel(h_ptr, w_ptr, y_ptr, token_ptr, max_ptr, sumexp_ptr, zsum_ptr, target_ptr, M, V, D,
                               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                              VOCAB_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online log-sum-exp statistics of BLOCK_N tokens over one VOCAB_SPLIT-wide slice of the vocabulary.
+                              VOCAB_SPLIT: tl.constexpr):
+    """Online log-sum-exp statistics of BLOCK_N of the M scored tokens over one VOCAB_SPLIT-wide vocabulary slice.
 
-    Writes, per token and slice (row `split` of the (n_splits, N) outputs): the max logit m, s = sum exp(z - m),
-    t = sum exp(z - m) z, and the target logit if the target falls in this slice (else 0).
+    token_ptr lists the rows of h that are scored (masked tokens are skipped). Writes, per scored token and
+    slice (row `split` of the (n_splits, M) outputs): the max logit m, s = sum exp(z - m), t = sum exp(z - m) z,
+    and the target logit if the target falls in this slice (else 0).
     """
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    y = tl.load(y_ptr + rows, mask=rows < N, other=-1)
+    rows_ok = rows < M
+    tokens = tl.load(token_ptr + rows, mask=rows_ok, other=0)
+    y = tl.load(y_ptr + tokens, mask=rows_ok, other=-1)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
@@ -89,7 +95,7 @@ def logsumexp_partials_kernel(h_ptr, w_ptr, y_ptr, max_ptr, sumexp_ptr, zsum_ptr
     v_start = split * VOCAB_SPLIT
     for v0 in range(v_start, tl.minimum(v_start + VOCAB_SPLIT, V), BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        z = _logit_tile(h_ptr, w_ptr, rows, cols, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
+        z = _logit_tile(h_ptr, w_ptr, tokens, rows_ok, cols, V, D, BLOCK_N, BLOCK_V, BLOCK_D)
         in_vocab = cols[None, :] < V
         z = tl.where(in_vocab, z, float("-inf"))
         # m' = max(m, max_j z_j); rescale the running sums by exp(m - m'). The first tile of a slice is never
@@ -101,31 +107,32 @@ def logsumexp_partials_kernel(h_ptr, w_ptr, y_ptr, max_ptr, sumexp_ptr, zsum_ptr
         t = t * alpha + tl.sum(e * tl.where(in_vocab, z, 0.0), axis=1)
         z_target += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         m = m_new
-    out = split * N + rows
-    tl.store(max_ptr + out, m, mask=rows < N)
-    tl.store(sumexp_ptr + out, s, mask=rows < N)
-    tl.store(zsum_ptr + out, t, mask=rows < N)
-    tl.store(target_ptr + out, z_target, mask=rows < N)
+    out = split * M + rows
+    tl.store(max_ptr + out, m, mask=rows_ok)
+    tl.store(sumexp_ptr + out, s, mask=rows_ok)
+    tl.store(zsum_ptr + out, t, mask=rows_ok)
+    tl.store(target_ptr + out, z_target, mask=rows_ok)
 
 
 @triton.jit
-def logit_grad_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, mean_logit_ptr, grad_logp_ptr, grad_entropy_ptr, grad_z_ptr,
-                      N, V, D, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
-    """Recompute one (BLOCK_N, BLOCK_V) logit tile and write dL/dz = g (onehot - p) + g_H p (E[z] - z)."""
+def logit_grad_kernel(h_ptr, w_ptr, y_ptr, token_ptr, lse_ptr, mean_logit_ptr, grad_logp_ptr, grad_entropy_ptr,
+                      grad_z_ptr, M, V, D, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Recompute one (BLOCK_N, BLOCK_V) logit tile of M scored tokens (rows token_ptr of h; per-token inputs
+    and the (M, V) output are indexed 0..M-1) and write dL/dz = g (onehot - p) + g_H p (E[z] - z)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    z = _logit_tile(h_ptr, w_ptr, rows, cols, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
-    row_ok = rows < N
-    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    mean_logit = tl.load(mean_logit_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0)
-    g_entropy = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
+    rows_ok = rows < M
+    tokens = tl.load(token_ptr + rows, mask=rows_ok, other=0)
+    z = _logit_tile(h_ptr, w_ptr, tokens, rows_ok, cols, V, D, BLOCK_N, BLOCK_V, BLOCK_D)
+    y = tl.load(y_ptr + tokens, mask=rows_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=rows_ok, other=0.0)
+    mean_logit = tl.load(mean_logit_ptr + rows, mask=rows_ok, other=0.0)
+    g = tl.load(grad_logp_ptr + rows, mask=rows_ok, other=0.0)
+    g_entropy = tl.load(grad_entropy_ptr + rows, mask=rows_ok, other=0.0)
     p = tl.exp(z - lse[:, None])  # (BLOCK_N, BLOCK_V)
     grad_z = p * (g_entropy[:, None] * (mean_logit[:, None] - z) - g[:, None])
     grad_z += tl.where(cols[None, :] == y[:, None], g[:, None], 0.0)
-    mask = row_ok[:, None] & (cols[None, :] < V)
+    mask = rows_ok[:, None] & (cols[None, :] < V)
     tl.store(grad_z_ptr + rows[:, None] * V + cols[None, :], grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
 
 
@@ -152,50 +159,74 @@ BLOCKS = {
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's own matmul setting; 16-bit dots ignore it."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def _merge_partials(m, s, t, z_target):
-    """Merge (n_splits, N) online log-sum-exp statistics into lse, E[z] and the target logit, each (N,)."""
-    m_max = m.max(dim=0).values  # (N,)
-    scale = torch.exp(m - m_max)  # (n_splits, N)
+    """Merge (n_splits, M) online log-sum-exp statistics into lse, E[z] and the target logit, each (M,)."""
+    m_max = m.max(dim=0).values  # (M,)
+    scale = torch.exp(m - m_max)  # (n_splits, M)
     sumexp = (s * scale).sum(0)
     lse = m_max + torch.log(sumexp)
     mean_logit = (t * scale).sum(0) / sumexp
     return lse, mean_logit, z_target.sum(0)
 
 
-def logsumexp_stats_triton(hidden, weight, targets):
-    """(lse, E[z], target logit) per token, each (N,) fp32, from the fused Triton forward kernel."""
-    (N, D), V = hidden.shape, weight.shape[0]
+def logsumexp_stats_triton(hidden, weight, targets, valid):
+    """(lse, E[z], target logit), each (N,) fp32 and 0 where not `valid`, from the fused Triton forward kernel.
+
+    Only the valid rows are computed: the kernel reads them through an index, so nothing is copied."""
+    tokens = valid.nonzero().squeeze(1)  # (M,)
+    (N, D), V, M = hidden.shape, weight.shape[0], tokens.numel()
+    stats = torch.zeros(3, N, device=hidden.device, dtype=torch.float32)
+    if M == 0:
+        return stats.unbind(0)
     cfg = BLOCKS[hidden.dtype]
     n_splits = triton.cdiv(V, cfg.vocab_split)
-    m, s, t, z_target = torch.empty(4, n_splits, N, device=hidden.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, cfg.block_n), n_splits)
+    m, s, t, z_target = torch.empty(4, n_splits, M, device=hidden.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, cfg.block_n), n_splits)
     logsumexp_partials_kernel[grid](
-        hidden, weight, targets, m, s, t, z_target, N, V, D,
+        hidden, weight, targets, tokens, m, s, t, z_target, M, V, D,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, VOCAB_SPLIT=cfg.vocab_split,
-        DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return _merge_partials(m, s, t, z_target)
-
-
-def logit_grad_triton(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy):
-    """dL/dz (N, V) in the input dtype for one chunk of tokens, recomputing the logits tile by tile."""
-    (N, D), V = hidden.shape, weight.shape[0]
-    cfg = BLOCKS[hidden.dtype]
-    grad_z = torch.empty(N, V, device=hidden.device, dtype=hidden.dtype)
-    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v))
-    logit_grad_kernel[grid](
-        hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy, grad_z, N, V, D,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_PRECISION=_dot_precision(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    stats[:, tokens] = torch.stack(_merge_partials(m, s, t, z_target))
+    return stats.unbind(0)
+
+
+def logit_grad_triton(hidden, weight, targets, tokens, lse, mean_logit, grad_logp, grad_entropy):
+    """dL/dz (M, V) in the input dtype for the rows `tokens` of hidden, recomputing the logits tile by tile.
+    lse, mean_logit and the gradients are the (M,) values of those rows."""
+    D, V, M = hidden.shape[1], weight.shape[0], tokens.numel()
+    cfg = BLOCKS[hidden.dtype]
+    grad_z = torch.empty(M, V, device=hidden.device, dtype=hidden.dtype)
+    grid = (triton.cdiv(M, cfg.block_n), triton.cdiv(V, cfg.block_v))
+    logit_grad_kernel[grid](
+        hidden, weight, targets, tokens, lse, mean_logit, grad_logp, grad_entropy, grad_z, M, V, D,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return grad_z
 
 
+def logits_backward_triton(hidden, weight, targets, valid, lse, mean_logit, grad_logp, grad_entropy, chunk_size,
+                           need_weight):
+    """dL/dh (N, D) and dL/dW (V, D) in the input dtype (or None): Triton writes dz for `chunk_size` valid
+    rows at a time, cuBLAS does the two matmuls. Rows that are not valid get zero gradient."""
+    tokens = valid.nonzero().squeeze(1)  # (M,)
+    grad_h = torch.zeros_like(hidden)
+    grad_w = torch.zeros_like(weight) if need_weight else None
+    for start in range(0, tokens.numel(), chunk_size):
+        rows = tokens[start:start + chunk_size]  # (C,)
+        grad_z = logit_grad_triton(hidden, weight, targets, rows, lse[rows], mean_logit[rows], grad_logp[rows],
+                                   grad_entropy[rows])  # (C, V)
+        grad_h[rows] = grad_z @ weight
+        if need_weight:
+            # addmm rounds once per chunk: with a single chunk this equals torch's own dz^T @ h
+            grad_w.addmm_(grad_z.T, hidden[rows])
+    return grad_h, grad_w
+
+
 def logsumexp_stats_torch(hidden, weight, targets, chunk_size):
-    """The same statistics in plain torch: VOCAB_CHUNK-wide vocabulary slices play the kernel's splits."""
+    """The same statistics in plain torch for all N rows: VOCAB_CHUNK-wide slices play the kernel's splits.
+
+    Masked rows are computed too (and zeroed by the caller): slicing rows is free, while gathering the
+    valid ones would copy (C, D) per step, and this path is written for the smallest memory footprint."""
     N, V = hidden.shape[0], weight.shape[0]
     h = hidden.float()  # (N, D); a no-op for fp32
     starts = range(0, V, VOCAB_CHUNK)
@@ -206,7 +237,7 @@ def logsumexp_stats_torch(hidden, weight, targets, chunk_size):
             rows = slice(n0, n0 + chunk_size)
             z = h[rows] @ w.T  # (C, Vc) fp32: the only logits alive
             m[k, rows] = z.max(dim=1).values
-            e = torch.exp(z - m[k, rows, None])  # (C, Vc)
+            e = (z - m[k, rows, None]).exp_()  # (C, Vc)
             s[k, rows] = e.sum(1)
             t[k, rows] = torch.linalg.vecdot(e, z)
             local = targets[rows] - v0
@@ -217,69 +248,60 @@ def logsumexp_stats_torch(hidden, weight, targets, chunk_size):
 
 
 def logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy, chunk_size, need_weight):
-    """dL/dh (N, D) fp32 and dL/dW (V, D) in W's dtype (or None), recomputing (C, VOCAB_CHUNK) logit tiles."""
+    """dL/dh (N, D) fp32 and dL/dW (V, D) in W's dtype (or None), recomputing (C, VOCAB_CHUNK) logit tiles.
+    Masked rows must come with zero grad_logp and grad_entropy."""
     N, V = hidden.shape[0], weight.shape[0]
     h = hidden.float()  # (N, D)
     grad_h = torch.zeros_like(h)
     grad_w = torch.empty_like(weight) if need_weight else None
     for v0 in range(0, V, VOCAB_CHUNK):
         w = weight[v0:v0 + VOCAB_CHUNK].float()  # (Vc, D)
-        grad_w_chunk = torch.zeros_like(w)  # fp32 sum over all tokens, rounded to W's dtype once
+        grad_w_chunk = torch.zeros_like(w) if need_weight else None  # fp32 sum over all tokens, rounded once
         for n0 in range(0, N, chunk_size):
             rows = slice(n0, n0 + chunk_size)
             z = h[rows] @ w.T  # (C, Vc)
-            p = torch.exp(z - lse[rows, None])
+            p = (z - lse[rows, None]).exp_()
             # dz = p (g_H (E[z] - z) - g) + g onehot(y), computed in z's storage (a local temporary)
             grad_z = z.sub_(mean_logit[rows, None]).mul_(-grad_entropy[rows, None]).sub_(grad_logp[rows, None]).mul_(p)
             local = targets[rows] - v0
             hit = ((local >= 0) & (local < w.shape[0])).nonzero().squeeze(1)
             grad_z.index_put_((hit, local[hit]), grad_logp[rows][hit], accumulate=True)
-            grad_h[rows] += grad_z @ w
+            grad_h[rows].addmm_(grad_z, w)  # in place: no (C, D) temporary
             if need_weight:
-                grad_w_chunk += grad_z.T @ h[rows]
+                grad_w_chunk.addmm_(grad_z.T, h[rows])
         if need_weight:
             grad_w[v0:v0 + VOCAB_CHUNK] = grad_w_chunk
     return grad_h, grad_w
 
 
-def logits_backward_triton(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy, chunk_size, need_weight):
-    """dL/dh (N, D) and dL/dW (V, D) in the input dtype (or None): Triton writes dz per chunk, cuBLAS multiplies."""
-    grad_h = torch.empty_like(hidden)
-    grad_w = torch.zeros_like(weight) if need_weight else None
-    for n0 in range(0, hidden.shape[0], chunk_size):
-        rows = slice(n0, n0 + chunk_size)
-        grad_z = logit_grad_triton(hidden[rows], weight, targets[rows], lse[rows], mean_logit[rows],
-                                   grad_logp[rows], grad_entropy[rows])  # (C, V)
-        grad_h[rows] = grad_z @ weight
-        if need_weight:
-            # addmm rounds once per chunk: with a single chunk this equals torch's own dz^T @ h
-            grad_w.addmm_(grad_z.T, hidden[rows])
-    return grad_h, grad_w
-
-
 class LogprobsEntropyFn(torch.autograd.Function):
-    """(logp, entropy) per token for targets that are all inside the vocabulary (no ignore_index here)."""
+    """(logp, entropy) per token, each (N,) fp32 and 0 where targets == ignore_index."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, triton_kernels):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, triton_kernels):
+        valid = targets != ignore_index  # (N,)
         if triton_kernels:
-            lse, mean_logit, z_target = logsumexp_stats_triton(hidden, weight, targets)
+            lse, mean_logit, z_target = logsumexp_stats_triton(hidden, weight, targets, valid)
         else:
             lse, mean_logit, z_target = logsumexp_stats_torch(hidden, weight, targets, chunk_size)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_logit)
-        ctx.chunk_size, ctx.triton_kernels = chunk_size, triton_kernels
-        return z_target - lse, lse - mean_logit
+        ctx.ignore_index, ctx.chunk_size, ctx.triton_kernels = ignore_index, chunk_size, triton_kernels
+        return torch.where(valid, z_target - lse, 0.0), torch.where(valid, lse - mean_logit, 0.0)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, mean_logit = ctx.saved_tensors
-        grads = (hidden, weight, targets, lse, mean_logit, grad_logp.float().contiguous(),
-                 grad_entropy.float().contiguous(), ctx.chunk_size, ctx.needs_input_grad[1])
+        valid = targets != ctx.ignore_index
+        grad_logp = torch.where(valid, grad_logp.float(), 0.0)  # masked outputs are constants
+        grad_entropy = torch.where(valid, grad_entropy.float(), 0.0)
+        need_weight = ctx.needs_input_grad[1]
         if ctx.triton_kernels:
-            grad_h, grad_w = logits_backward_triton(*grads)
+            grad_h, grad_w = logits_backward_triton(hidden, weight, targets, valid, lse, mean_logit, grad_logp,
+                                                    grad_entropy, ctx.chunk_size, need_weight)
         else:
-            grad_h, grad_w = logits_backward_torch(*grads)
-        return grad_h.to(hidden.dtype), grad_w, None, None, None
+            grad_h, grad_w = logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy,
+                                                   ctx.chunk_size, need_weight)
+        return grad_h.to(hidden.dtype), grad_w, None, None, None, None
 
 
 logprobs_entropy = LogprobsEntropyFn.apply
@@ -303,30 +325,33 @@ def _check_inputs(hidden, weight, targets, ignore_index, chunk_size):
                          f"[0, {weight.shape[0]}) and is not ignore_index={ignore_index}")
 
 
+def _use_triton_kernels(kernels: str, hidden: torch.Tensor) -> bool:
+    if not use_triton(kernels, hidden):
+        return False
+    if hidden.dtype in BLOCKS:
+        return True
+    if kernels == "auto":
+        return False  # e.g. fp64 on a GPU: the plain-torch path handles it
+    raise ValueError(f"the Triton kernels take {', '.join(TRITON_TYPES.values())} inputs, got {hidden.dtype}: "
+                     "cast the inputs or use kernels='torch'")
+
+
 def token_logprobs_and_entropy(hidden, weight, targets, ignore_index=-100, chunk_size=1024, kernels="auto"):
     """Per-token log p(target) and entropy of softmax(hidden @ weight^T), both differentiable, both fp32.
 
     hidden (..., D) and weight (V, D) share one dtype; targets (...) are token ids, `ignore_index` marks tokens
     whose outputs are 0 and get no gradient. Returns (logp, entropy), each shaped like targets. The full
-    logits are never materialised (see the module docstring for the memory each path holds).
+    logits are never materialised: `chunk_size` tokens are handled per step (the torch path holds
+    chunk_size x VOCAB_CHUNK fp32 logits, the Triton backward chunk_size x V logit gradients in the input
+    dtype). kernels="auto" | "triton" | "torch" picks the implementation (see qtune.backend).
     """
     _check_inputs(hidden, weight, targets, ignore_index, chunk_size)
-    flat_targets = targets.reshape(-1)
-    triton_kernels = use_triton(kernels, hidden)
-    # Masked tokens (prompts, padding) are dropped before any matmul rather than computed and zeroed.
-    keep = (flat_targets != ignore_index).nonzero().squeeze(1)  # (n_valid,)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep).contiguous()  # (n_valid, D)
-    y = flat_targets.index_select(0, keep).contiguous()
-    if keep.numel() == 0:
-        # Nothing to score: exact zeros that still carry (zero) gradients to both inputs.
-        zero = (h.sum() + weight[:0].sum()).float() * 0.0
-        logp_kept = entropy_kept = zero.expand(0)
-    else:
-        logp_kept, entropy_kept = logprobs_entropy(h, weight.contiguous(), y, chunk_size, triton_kernels)
-    zeros = torch.zeros(flat_targets.shape[0], device=hidden.device, dtype=torch.float32)
-    logp = zeros.index_copy(0, keep, logp_kept).reshape(targets.shape)
-    entropy = zeros.index_copy(0, keep, entropy_kept).reshape(targets.shape)
-    return logp, entropy
+    triton_kernels = _use_triton_kernels(kernels, hidden)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (N, D)
+    flat_targets = targets.reshape(-1).long().contiguous()  # (N,)
+    logp, entropy = logprobs_entropy(flat_hidden, weight.contiguous(), flat_targets, ignore_index, chunk_size,
+                                     triton_kernels)
+    return logp.reshape(targets.shape), entropy.reshape(targets.shape)
 
 
 def token_logprobs(hidden, weight, targets, ignore_index=-100, chunk_size=1024, kernels="auto"):
@@ -350,9 +375,9 @@ def compile_specs() -> list[KernelSpec]:
     specs = []
     for dtype, cfg in BLOCKS.items():
         ty = TRITON_TYPES[dtype]
-        tiles = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d, "DOT_PRECISION": "ieee"}
-        sizes = {"N": "i32", "V": "i32", "D": "i32"}
-        inputs = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "y_ptr": "*i64"}
+        tiles = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d}
+        sizes = {"M": "i32", "V": "i32", "D": "i32"}
+        inputs = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "y_ptr": "*i64", "token_ptr": "*i64"}
         tag = f"{ty},BLOCK_N={cfg.block_n},BLOCK_V={cfg.block_v},BLOCK_D={cfg.block_d}"
         partials = {name: "*fp32" for name in ("max_ptr", "sumexp_ptr", "zsum_ptr", "target_ptr")}
         specs.append(KernelSpec(
