@@ -38,6 +38,7 @@ NF4_CODE = torch.tensor([
 NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # (15,)
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+QUANT_CHUNK = 1 << 22  # elements quantized per step (a multiple of every valid block size)
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -195,9 +196,17 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise ValueError(f"quantize_nf4: blocksize={blocksize} is not one of {VALID_BLOCKSIZES}")
     if w.numel() == 0:
         raise ValueError(f"quantize_nf4: weight of shape {tuple(w.shape)} is empty")
-    flat = w.detach().reshape(-1).float()  # (n,)
-    absmax, codes = _nf4_codes(flat, blocksize)
-    q = NF4Weight(packed=_pack_nibbles(codes), absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
+    flat = w.detach().reshape(-1)  # (n,)
+    # Chunks of whole blocks (and an even count, so bytes never straddle chunks) bound the fp32 and int64
+    # temporaries to ~100 MB whatever the tensor's size: quantize-on-load stays near one tensor's size.
+    absmax_parts, packed_parts = [], []
+    for start in range(0, flat.numel(), QUANT_CHUNK):
+        part_absmax, codes = _nf4_codes(flat[start:start + QUANT_CHUNK].float(), blocksize)
+        absmax_parts.append(part_absmax)
+        packed_parts.append(_pack_nibbles(codes))
+        del codes
+    absmax = torch.cat(absmax_parts)
+    q = NF4Weight(packed=torch.cat(packed_parts), absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
     if double_quant:
         nested_code = signed_dynamic_map().to(w.device)
         offset = absmax.mean()

@@ -264,3 +264,15 @@ def test_nf4_linear_buffers_and_dtype():
         layer(x)
     with pytest.raises(ValueError, match="2-d"):
         NF4Linear(quantize_nf4(torch.randn(64)))
+
+
+def test_chunked_quantization_equals_bitsandbytes_across_chunk_edges(monkeypatch):
+    """Quantizing in chunks (to bound memory) must not change a byte, also when the chunk edge is mid-tensor."""
+    import qtune.quant as quant
+
+    monkeypatch.setattr(quant, "QUANT_CHUNK", 4096)
+    w = torch.randn(37, 301)  # 11137 elements: two full chunks and a ragged tail
+    q = quant.quantize_nf4(w)
+    ref, state = BF.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(q.packed, ref.flatten())
+    assert torch.equal(q.absmax, state.absmax)
