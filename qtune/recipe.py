@@ -551,3 +551,91 @@ def recipe_to_toml(recipe) -> str:
     lines: list[str] = []
     _emit_table(recipe, "", lines)
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- alignment recipes
+
+@dataclass
+class PrefDataSection(DataSection):
+    """Preference data for reward models and DPO (layouts: see `qtune.data.prefs`)."""
+
+    max_seq_len: int = 512
+    """Longest prompt + response in tokens; a longer prompt loses its first tokens (down to half of this), then responses their last."""
+    cache_dir: str = "~/.cache/qtune/data"
+    """Where precomputed DPO reference log-probabilities are cached (keyed by data and model); "" turns the cache off."""
+    format: Literal["auto", "pairs", "ranking", "sharegpt", "chat", "hh"] = "auto"
+    """Record layout: pairs {prompt, chosen, rejected}, ranking {prompt, responses best first}, sharegpt / chat conversations with chosen and rejected, hh transcripts."""
+    bad_records: Literal["error", "skip"] = "error"
+    """A record that cannot be used (missing field, empty or identical responses ...) stops loading, or is skipped and counted."""
+    group_by_length: bool = True
+    """Batch records of similar length together (sorted within shuffled mega-batches) to waste less padding."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
+        if not self.path:
+            yield "path", "no preference data: set data.path to a .json / .jsonl file"
+
+
+@dataclass
+class RewardSection:
+    loss: Literal["pairwise", "listwise", "mse"] = "pairwise"
+    """pairwise: −log σ(r⁺ − r⁻ − margin) averaged over pairs; listwise: averaged within each ranking first (InstructGPT); mse: (r − score)² on the records' scores."""
+    lm_loss_coef: float = 0.0
+    """Weight of a language-modelling loss on the chosen response, added as a regulariser; 0 turns it off."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.lm_loss_coef < 0:
+            yield "lm_loss_coef", f"must be >= 0, got {self.lm_loss_coef}"
+
+
+@dataclass
+class DPOSection:
+    beta: float = 0.1
+    """Strength β of the KL penalty towards the reference model (DPO's β; IPO's τ)."""
+    loss: Literal["sigmoid", "ipo", "robust"] = "sigmoid"
+    """sigmoid: DPO (conservative DPO with label_smoothing > 0); ipo: IPO's squared loss; robust: rDPO, unbiased under label noise."""
+    label_smoothing: float = 0.0
+    """Assumed fraction ε of flipped preference labels, for the sigmoid and robust losses; 0 <= ε < 0.5."""
+    precompute_reference: bool = False
+    """Compute the reference log-probabilities once before training and cache them (in data.cache_dir, keyed by data and model) instead of running the adapter-free model every step."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.beta <= 0:
+            yield "beta", f"must be positive, got {self.beta}"
+        if not 0 <= self.label_smoothing < 0.5:
+            yield "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}"
+        if self.loss == "ipo" and self.label_smoothing > 0:
+            yield "label_smoothing", "IPO has no label smoothing; set it to 0 or use loss = \"sigmoid\" / \"robust\""
+
+
+@dataclass
+class RewardRecipe(TrainRecipe):
+    """A reward model: the base plus a LoRA adapter plus a scalar head, trained on preferences."""
+
+    KIND: typing.ClassVar[str] = "reward"
+    kind: str = "reward"
+    """Which recipe schema this file follows (e.g. "sft")."""
+    data: PrefDataSection = field(default_factory=PrefDataSection)
+    """The preference data; train.micro_batch_size counts records (a K-way ranking brings K sequences)."""
+    reward: RewardSection = field(default_factory=RewardSection)
+    """The reward model's loss."""
+    output: OutputSection = field(default_factory=lambda: OutputSection(dir="runs/reward"))
+    """Where results go; the adapter and the reward head are written to output.dir/adapter/."""
+
+
+@dataclass
+class DPORecipe(TrainRecipe):
+    """Direct preference optimisation of a LoRA adapter; the reference is the base with adapters disabled."""
+
+    KIND: typing.ClassVar[str] = "dpo"
+    kind: str = "dpo"
+    """Which recipe schema this file follows (e.g. "sft")."""
+    data: PrefDataSection = field(default_factory=PrefDataSection)
+    """The preference data; train.micro_batch_size counts records (a K-way ranking brings K sequences)."""
+    dpo: DPOSection = field(default_factory=DPOSection)
+    """The DPO loss and its reference model."""
+    output: OutputSection = field(default_factory=lambda: OutputSection(dir="runs/dpo"))
+    """Where results go."""
+
+
+RECIPE_SCHEMAS.update({"reward": RewardRecipe, "dpo": DPORecipe})

@@ -1,0 +1,273 @@
+"""Direct preference optimisation (DPO, IPO, robust DPO) of a LoRA adapter, read top to bottom like nanoGPT.
+
+    recipe -> 4-bit base + LoRA adapter -> preference batches (K sequences per record)
+           -> log π(y|x) with the adapter, log π_ref(y|x) with adapters disabled (or from a precomputed cache)
+           -> DPO loss over every pair -> (accumulate, clip, step) x max_steps -> held-out implicit-reward accuracy
+
+The reference model is the policy's own base with its adapters switched off: one copy of the weights
+serves both. A fresh adapter (B = 0) leaves the policy equal to the reference, so the first loss is ln 2.
+"""
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qtune.data.batching import DataPosition
+from qtune.data.prefs import build_preference_data, fixed_batches
+from qtune.data.render import IGNORE
+from qtune.lora import adapters_disabled
+from qtune.losses import dpo_loss, preference_accuracy
+from qtune.recipe import DPORecipe, recipe_to_toml
+from qtune.reward import pair_summary
+from qtune.train import common
+from qtune.train.reward import ADAPTER, attach_adapter
+from qtune.train.run import Run, load_base_model
+from qtune.train.sft import total_steps
+
+REFERENCE_CACHE_VERSION = 1
+
+
+def sequence_logprobs(model, batch: dict, kernels: str = "auto") -> torch.Tensor:
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over each sequence's response tokens (labels != -100). (S,) fp32.
+
+    Goes through the fused log-prob op: only response positions reach the vocabulary projection, and the
+    (tokens, vocab) logits are never materialised.
+    """
+    from qtune.kernels.logprobs import token_logprobs
+
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # (S, T, D)
+    targets = common.shifted_targets(batch["labels"])  # (S, T): position t predicts token t + 1
+    keep = targets != IGNORE
+    logp = token_logprobs(hidden[keep], model.output_weight(), targets[keep], kernels=kernels)  # (n_response,)
+    rows = keep.nonzero()[:, 0]  # the sequence of each kept token, in the same row-major order
+    return torch.zeros(len(targets), device=logp.device, dtype=torch.float32).index_add(0, rows, logp)
+
+
+@torch.no_grad()
+def reference_logprobs(model, batch: dict, kernels: str = "auto") -> torch.Tensor:
+    """log π_ref(y|x): the same base with every adapter switched off. (S,)"""
+    with adapters_disabled(model):
+        return sequence_logprobs(model, batch, kernels)
+
+
+def pair_losses(policy: torch.Tensor, reference: torch.Tensor, batch: dict, beta: float, loss_type: str,
+                label_smoothing: float):
+    """The DPO loss and implicit rewards of every pair (better, worse) of the batch's records, (P,) each."""
+    b, w = batch["better"], batch["worse"]
+    return dpo_loss(policy[b], policy[w], reference[b], reference[w], beta, loss_type, label_smoothing)
+
+
+# ----------------------------------------------------------------------------- precomputed reference
+
+class ReferenceLogprobs:
+    """log π_ref of every sequence of the training and held-out records, computed once before training.
+
+    Tensors "<split>.logps" hold the values record after record (best response first) and "<split>.offsets"
+    where each record starts, so a batch's values are found from its records' dataset indices.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def lookup(self, split: str, batch: dict) -> torch.Tensor:
+        """The batch's reference log-probs (S,), on the batch's device."""
+        offsets, logps = self.tensors[f"{split}.offsets"], self.tensors[f"{split}.logps"]
+        first = offsets[batch["index"].cpu()]  # (G,) where each record's values start
+        return logps[first[batch["ranking"].cpu()] + batch["rank"].cpu()].to(batch["input_ids"].device)
+
+    @classmethod
+    def compute(cls, model, splits: dict, pad_id: int, micro_batch_size: int, device, kernels: str, console
+                ) -> "ReferenceLogprobs":
+        """Run the adapter-free model once over `splits` ({name: tokenized records}) in eval mode."""
+        was_training = model.training
+        model.eval()
+        tensors = {}
+        sizes = " + ".join(f"{len(items)} {name}" for name, items in splits.items())
+        console.print(f"reference log-probs: one pass with adapters disabled over {sizes} records")
+        for name, items in splits.items():
+            values = [reference_logprobs(model, common.to_device(batch, device), kernels).cpu()
+                      for batch in fixed_batches(items, micro_batch_size, pad_id)]
+            counts = torch.tensor([0] + [len(it.response_ids) for it in items])
+            tensors[f"{name}.logps"] = torch.cat(values) if values else torch.zeros(0)
+            tensors[f"{name}.offsets"] = counts.cumsum(0)
+        model.train(was_training)
+        return cls(tensors)
+
+    def save(self, path: Path) -> None:
+        """Write atomically: a temporary file renamed into place once complete."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "ReferenceLogprobs":
+        return cls(load_file(str(path)))
+
+
+def model_fingerprint(model_section) -> dict:
+    """What identifies the reference model: config, weight files (name, size, mtime) and how they are loaded.
+
+    A copied or rewritten weight file gets a new mtime and so misses the cache: a miss costs one pass over
+    the data, a stale hit would silently train against the wrong reference.
+    """
+    from qtune.checkpoint import resolve
+
+    model_dir = resolve(model_section.path)
+    files = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors")
+    return {"config": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
+            "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+            "quantize": model_section.quantize, "double_quant": model_section.double_quant,
+            "dtype": model_section.dtype}
+
+
+def reference_cache_path(cache_dir: str, splits: dict, model_section) -> Path | None:
+    """cache_dir/dpo_reference/<hash of the tokenized records and the model>.safetensors (None: no cache)."""
+    if not cache_dir:
+        return None
+    h = hashlib.sha256(json.dumps({"version": REFERENCE_CACHE_VERSION, "model": model_fingerprint(model_section)},
+                                  sort_keys=True).encode())
+    for name, items in splits.items():
+        h.update(f"\0{name}:{len(items)}".encode())
+        for it in items:
+            h.update(b"\1" + it.prompt_ids.tobytes())
+            for response in it.response_ids:
+                h.update(b"\2" + response.tobytes())
+    return Path(cache_dir).expanduser() / "dpo_reference" / f"{h.hexdigest()[:24]}.safetensors"
+
+
+def precomputed_reference(model, data, recipe: DPORecipe, device, console) -> ReferenceLogprobs:
+    """The cached reference log-probs of `data`, computed (and cached) on a miss."""
+    splits = {"train": data.train, "val": data.val}
+    path = reference_cache_path(recipe.data.cache_dir, splits, recipe.model)
+    if path is not None and path.is_file():
+        console.print(f"reference log-probs: cached at {path}")
+        return ReferenceLogprobs.load(path)
+    reference = ReferenceLogprobs.compute(model, splits, data.pad_id, recipe.train.micro_batch_size, device,
+                                          recipe.model.kernels, console)
+    if path is not None:
+        reference.save(path)
+    return reference
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_dpo(model, batches, device, beta: float, kernels: str = "auto", reference: ReferenceLogprobs | None = None,
+                 loss_type: str = "sigmoid", label_smoothing: float = 0.0, max_batches: int = 0) -> dict:
+    """Implicit-reward accuracy on held-out pairs, in eval mode: r = β (log π − log π_ref) of each response.
+
+    Returns accuracy (ties count 1/2), mean_margin (mean r⁺ − r⁻), n (pairs) and loss (mean DPO loss).
+    """
+    was_training = model.training
+    model.eval()
+    margins, losses = [], []
+    try:
+        for k, batch in enumerate(batches):
+            if max_batches and k >= max_batches:
+                break
+            batch = common.to_device(batch, device)
+            policy = sequence_logprobs(model, batch, kernels)
+            ref = reference.lookup("val", batch) if reference is not None else reference_logprobs(model, batch, kernels)
+            pair_loss, chosen, rejected = pair_losses(policy, ref, batch, beta, loss_type, label_smoothing)
+            margins.append(chosen - rejected)
+            losses.append(pair_loss)
+    finally:
+        model.train(was_training)
+    return {**pair_summary(torch.cat(margins)), "loss": float(torch.cat(losses).mean())}
+
+
+def validation(model, data, recipe: DPORecipe, device, reference) -> dict:
+    d = recipe.dpo
+    result = evaluate_dpo(model, data.val_batches(recipe.train.micro_batch_size), device, d.beta, recipe.model.kernels,
+                          reference, d.loss, d.label_smoothing, recipe.eval.max_batches)
+    return {"val_accuracy": result["accuracy"], "val_margin": result["mean_margin"], "val_loss": result["loss"]}
+
+
+# ----------------------------------------------------------------------------- training
+
+def run_dpo(recipe: DPORecipe, resume: bool = False, console=None) -> dict:
+    """Train the recipe's adapter with DPO; returns the run summary (also written to `output.dir/summary.json`)."""
+    t, d, device = recipe.train, recipe.dpo, common.training_device()
+    run = Run(Path(recipe.output.dir), console, resume)
+    run.base_model = recipe.model.path
+    common.seed_everything(t.seed)
+    model, tokenizer = load_base_model(recipe.model, device)
+    params = attach_adapter(model, recipe.lora, t.seed)
+    data = build_preference_data(recipe.data, tokenizer, t.seed)
+    run.console.print(data.describe())
+    steps = total_steps(recipe, data.batches_per_epoch(t.micro_batch_size))
+    optimizer = common.build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+    scheduler = common.build_scheduler(optimizer, t.schedule, t.warmup_steps or round(t.warmup_ratio * steps), steps)
+    start_step, position = 0, DataPosition()
+    if resume:
+        start_step, position = run.restore(model, ADAPTER, optimizer, scheduler)
+    run.write_recipe(recipe_to_toml(recipe))
+    kernels = recipe.model.kernels
+    reference = precomputed_reference(model, data, recipe, device, run.console) if d.precompute_reference else None
+    batches = data.batches(t.micro_batch_size, t.seed, start=position)
+    model.train()
+    run.start_progress(steps, start_step)
+    done_step, rng_at_done, val_after = start_step, common.rng_state(), None
+    try:
+        for step in range(start_step + 1, steps + 1):
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(t.grad_accum_steps)]
+            # Normalise by the pairs of the whole step, so accumulation equals one big batch.
+            n_pairs = sum(len(b["better"]) for _, b in micro)
+            loss_total, chosen, rejected = 0.0, [], []
+            for _, batch in micro:
+                batch = common.to_device(batch, device)
+                ref = reference.lookup("train", batch) if reference is not None else reference_logprobs(model, batch, kernels)
+                policy = sequence_logprobs(model, batch, kernels)
+                losses, chosen_rewards, rejected_rewards = pair_losses(policy, ref, batch, d.beta, d.loss, d.label_smoothing)
+                (losses.sum() / n_pairs).backward()
+                loss_total += losses.sum().item()
+                chosen.append(chosen_rewards)
+                rejected.append(rejected_rewards)
+            loss = loss_total / n_pairs
+            if not math.isfinite(loss):
+                raise common.TrainingError(
+                    f"loss is {loss} at step {step}; stopping without saving. The last good checkpoint is "
+                    f"{run.checkpointer.latest() or 'none'}; lower train.lr or check the data, then run again with --resume")
+            grad_norm = common.clip_gradients(params, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            position, done_step, rng_at_done = micro[-1][0], step, common.rng_state()
+            chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+            record = {"step": step, "loss": loss, "chosen_reward": float(chosen.mean()),
+                      "rejected_reward": float(rejected.mean()),
+                      "accuracy": float(preference_accuracy(chosen - rejected).mean()),
+                      "margin": float((chosen - rejected).mean()), "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm, "epoch": position.epoch,
+                      "tokens_per_s": sum(b["input_ids"].numel() for _, b in micro) / (time.perf_counter() - t0),
+                      "peak_memory_bytes": common.peak_memory_bytes(device)}
+            val_after = None
+            if recipe.eval.every and step % recipe.eval.every == 0 and data.val:
+                val_after = validation(model, data, recipe, device, reference)
+                record.update(val_after)
+            run.step_done(record, log=step % t.log_every == 0 or step == steps or "val_loss" in record)
+            if t.save_every and step % t.save_every == 0 and step < steps:
+                run.save_checkpoint(step, model, ADAPTER, optimizer, scheduler, position)
+    except KeyboardInterrupt:
+        # Save the state after the last completed step: an unfinished step is redone on --resume.
+        run.save_checkpoint(done_step, model, ADAPTER, optimizer, scheduler, position, rng_at_done)
+        run.console.print(f"[yellow]interrupted: saved step {done_step}; continue with --resume[/yellow]")
+        raise
+    finally:
+        run.stop_progress()
+    run.save_checkpoint(steps, model, ADAPTER, optimizer, scheduler, position)
+    if val_after is None and data.val:
+        val_after = validation(model, data, recipe, device, reference)
+        run.log({"step": steps, **val_after})
+    after = val_after or {}
+    return run.finish(model, ADAPTER, recipe.model.path, {
+        "steps": steps, "pairs": data.stats["train_pairs"], "val_pairs": data.stats["val_pairs"],
+        "val_accuracy_after": after.get("val_accuracy"), "val_margin_after": after.get("val_margin")})
