@@ -141,12 +141,35 @@ def _load_file(model, file, expected, loaded, quantize, dtype, double_quant, dev
                 _check_shape(file, key, tuple(w.shape), tuple(expected[key].shape))
                 q = quant.quantize_nf4(w.to(device=device, dtype=dtype), double_quant=double_quant)
                 del w
+                release_freed_memory()
                 _swap_in(model, prefix, q)
             else:
                 t = f.get_tensor(key)
                 _check_shape(file, key, tuple(t.shape), tuple(expected[key].shape))
                 _set_tensor(model, key, t.to(device=device, dtype=dtype))
             loaded.add(key)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, so the resident size of a process
+    that loaded a model tensor by tensor would stay at its transient peak)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _check_shape(file, key, found, wanted):
