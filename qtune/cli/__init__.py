@@ -2,7 +2,7 @@
 
 import click
 
-from qtune.cli import hub_cmds, lora_cmds, model_cmds, recipe_cmds, train_cmds
+from qtune.cli import align_cmds, hub_cmds, lora_cmds, model_cmds, recipe_cmds, train_cmds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -11,5 +11,6 @@ def main() -> None:
     """qtune: QLoRA fine-tuning on one GPU (or a CPU)."""
 
 
-for _command in hub_cmds.COMMANDS + model_cmds.COMMANDS + lora_cmds.COMMANDS + recipe_cmds.COMMANDS + train_cmds.COMMANDS:
+for _command in (hub_cmds.COMMANDS + model_cmds.COMMANDS + lora_cmds.COMMANDS + recipe_cmds.COMMANDS + train_cmds.COMMANDS
+                 + align_cmds.COMMANDS):
     main.add_command(_command)
