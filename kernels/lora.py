@@ -8,16 +8,17 @@ Three ops share one forward/backward recipe per projection:
 - `lora_mlp`: the Llama SwiGLU block down(silu(gate(x)) * up(x)); saves x, g = gate(x), u = up(x).
 
 What backward keeps and what it recomputes (the point of fusing):
-- The base weight is never saved in a dequantized form: backward dequantizes it again.
+- The base weight is never saved in a dequantized form: backward dequantizes it again (on the
+  Triton path through qtune.kernels.nf4, whose nf4_matmul also serves the forward).
 - Adapter gradients stay in rank-r order, never forming an (out, in) product:
       dB = s · dYᵀ (x_d Aᵀ)     with x_d Aᵀ (N, r) saved from the forward
       dA = s · (dY B)ᵀ x_d
       dX = dY W + s · dropout'((dY B) A)        accumulated into one buffer
 - LoRA dropout masks are not stored at all. Each projection draws a seed from torch's default
   generator (so `torch.manual_seed` makes runs reproducible) and backward regenerates the mask from it:
-  Philox via `tl.rand(seed, element_index)` on the Triton path, a `torch.Generator` seeded with the
-  same seed on the plain-torch path. The two paths therefore draw different masks for the same seed;
-  `dropout_keep_mask` reproduces either. Projection i of a fused block uses seed + i, giving every
+  Philox via `tl.rand(seed, element_index)` on the Triton path, Bernoulli draws from a
+  `torch.Generator` seeded with it on the plain-torch path (so the two paths draw different masks;
+  `dropout_keep_mask` reproduces either). Projection i of a fused block uses seed + i, giving every
   adapter its own mask as separate dropout modules would.
 - The MLP recomputes h = silu(g) * u in backward instead of saving it.
 """
@@ -31,6 +32,7 @@ import triton.language as tl
 
 from qtune.backend import use_triton
 from qtune.kernels import KernelSpec
+from qtune.kernels.nf4 import dequantize_into_workspace, nf4_matmul
 
 BLOCK = 1024  # elements per program of the elementwise kernels
 NUM_WARPS = 4
@@ -48,15 +50,9 @@ class LoraParams(NamedTuple):
 
 # ----------------------------------------------------------------------------- references (the spec)
 
-def dense_weight(weight, dtype: torch.dtype, triton_path: bool = False) -> torch.Tensor:
+def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) base weight in `dtype`: a dense tensor as is, an NF4Weight dequantized."""
-    if isinstance(weight, torch.Tensor):
-        return weight.to(dtype)
-    if triton_path:
-        from qtune.kernels.nf4 import dequantize_nf4
-
-        return dequantize_nf4(weight, dtype)
-    return weight.dequantize(dtype)
+    return weight.to(dtype) if isinstance(weight, torch.Tensor) else weight.dequantize(dtype)
 
 
 def reference_dropout(x: torch.Tensor, keep_mask: torch.Tensor | None, p: float) -> torch.Tensor:
@@ -176,16 +172,17 @@ def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, BLOCK),)
 
 
-def _torch_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
-    gen = torch.Generator(device=device)
+def _torch_keep(seed: int, like: torch.Tensor, p: float) -> torch.Tensor:
+    """keep ~ Bernoulli(1 - p) as 0./1. shaped like `like`, drawn by a generator seeded with `seed`."""
+    gen = torch.Generator(device=like.device)
     gen.manual_seed(seed)
-    return torch.rand(shape, generator=gen, device=device) >= p
+    return torch.empty_like(like, memory_format=torch.contiguous_format).bernoulli_(1.0 - p, generator=gen)
 
 
 def lora_dropout(x: torch.Tensor, seed: int, p: float, triton_path: bool) -> torch.Tensor:
     """x · keep / (1 - p) with the mask regenerated from `seed` (nothing stored)."""
     if not triton_path:
-        return reference_dropout(x, _torch_keep_mask(seed, x.shape, p, x.device), p)
+        return _torch_keep(seed, x, p).mul_(x).div_(1.0 - p)  # the mask's buffer becomes the output
     x = x.contiguous()
     out = torch.empty_like(x)
     lora_dropout_kernel[_grid(x.numel())](x, out, x.numel(), seed, p, BLOCK=BLOCK, num_warps=NUM_WARPS)
@@ -195,28 +192,48 @@ def lora_dropout(x: torch.Tensor, seed: int, p: float, triton_path: bool) -> tor
 def lora_dropout_accumulate_inplace(acc: torch.Tensor, x: torch.Tensor, seed: int, p: float, triton_path: bool):
     """acc += x · keep / (1 - p), in place on `acc` (the dX buffer being accumulated)."""
     if not triton_path:
-        acc += reference_dropout(x, _torch_keep_mask(seed, x.shape, p, x.device), p)
+        acc += _torch_keep(seed, x, p).mul_(x).div_(1.0 - p)
         return
     assert acc.is_contiguous() and x.is_contiguous() and acc.shape == x.shape
     lora_dropout_accumulate_inplace_kernel[_grid(x.numel())](acc, x, x.numel(), seed, p, BLOCK=BLOCK,
                                                              num_warps=NUM_WARPS)
 
 
-def dropout_keep_mask(seed: int, shape, p: float, device, kernels: str = "auto") -> torch.Tensor:
-    """The bool keep mask the ops use for `seed` (for checking them against a reference)."""
-    ones = torch.ones(shape, device=device)
+def dropout_keep_mask(seed: int, shape, p: float, device, kernels: str = "auto",
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The bool keep mask the ops draw for `seed` over a tensor of this shape and dtype (for checks)."""
+    ones = torch.ones(shape, device=device, dtype=dtype)
     return lora_dropout(ones, seed, p, use_triton(kernels, ones)) != 0
+
+
+def _base_forward(x: torch.Tensor, p: LoraParams, triton_path: bool) -> torch.Tensor:
+    """x Wᵀ + bias (N, out); an NF4 weight goes through nf4_matmul, which skips dequantizing for few rows."""
+    if triton_path and not isinstance(p.weight, torch.Tensor):
+        return nf4_matmul(x, p.weight, p.bias)
+    return F.linear(x, dense_weight(p.weight, x.dtype), None if p.bias is None else p.bias.to(x.dtype))
+
+
+def _base_weight(weight, dtype: torch.dtype, triton_path: bool) -> torch.Tensor:
+    """W (out, in) for the backward's dY W, to be used at once.
+
+    On the Triton path an NF4 weight is dequantized into qtune.kernels.nf4's shared workspace, which
+    stays valid only until the next dequantization of that shape.
+    """
+    if triton_path and not isinstance(weight, torch.Tensor):
+        return dequantize_into_workspace(weight, dtype)
+    return dense_weight(weight, dtype)
 
 
 def new_dropout_seed() -> int:
     """A dropout seed drawn from torch's default generator (what the ops draw on each training call)."""
-    return int(torch.randint(0, 2**31 - 1, ()).item())
+    # Below 2^31 - 8 so that seed + i of every projection stays an int32 kernel argument.
+    return int(torch.randint(0, 2**31 - 8, ()).item())
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor, triton_path: bool) -> torch.Tensor:
     """h = silu(g) · u."""
     if not triton_path:
-        return reference_swiglu(g, u)
+        return F.silu(g).mul_(u)  # one (N, I) buffer instead of reference_swiglu's two
     g, u = g.contiguous(), u.contiguous()
     h = torch.empty_like(g)
     swiglu_forward_kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
@@ -224,9 +241,12 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, triton_path: bool) -> torch.Tensor:
 
 
 def swiglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, triton_path: bool):
-    """Returns (dg, du); on the Triton path dg is `dh` overwritten in place."""
+    """Returns (dg, du), dg being `dh` overwritten in place (a backward temporary nothing else reads)."""
     if not triton_path:
-        return reference_swiglu_backward(dh, g, u)
+        # The reference's formula with in-place steps: one (N, I) temporary besides du.
+        du = F.silu(g).mul_(dh)  # dh · silu(g)
+        sig = torch.sigmoid(g)
+        return dh.mul_(u).mul_(sig).mul_(sig.neg_().add_(1).mul_(g).add_(1)), du  # dh · u · σ · (1 + g(1 - σ))
     assert dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()
     du = torch.empty_like(u)
     swiglu_backward_inplace_kernel[_grid(g.numel())](dh, g, u, du, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
@@ -252,8 +272,7 @@ def _dropped(x: torch.Tensor, run: _Run, i: int) -> torch.Tensor:
 
 def _projection_forward(x: torch.Tensor, p: LoraParams, run: _Run, i: int):
     """y = x Wᵀ + bias + s · x_d Aᵀ Bᵀ  ->  y (N, out) and xa = x_d Aᵀ (N, r), kept for dB."""
-    w = dense_weight(p.weight, x.dtype, run.triton_path)  # (out, in), dropped on return
-    y = F.linear(x, w, None if p.bias is None else p.bias.to(x.dtype))  # (N, out)
+    y = _base_forward(x, p, run.triton_path)  # (N, out); a dequantized W is dropped on return
     if p.lora_a is None:
         return y, None
     xa = _dropped(x, run, i) @ p.lora_a.to(x.dtype).t()  # (N, r)
@@ -270,19 +289,22 @@ def _projection_backward(dy, x, xa, p: LoraParams, run: _Run, i: int, dx, need_d
     Returns (dx, dA, dB); dx is allocated by the first projection and None when not needed.
     """
     dtype = dy.dtype
-    if need_dx:
-        w = dense_weight(p.weight, dtype, run.triton_path)  # dequantized again rather than saved
-        dx = dy @ w if dx is None else dx.addmm_(dy, w)  # (N, in)
-        del w
+    d_a = d_b = None
+    if p.lora_a is not None:
+        # Adapter gradients first: the recomputed x_d is freed before dX is allocated.
+        a, b = p.lora_a.to(dtype), p.lora_b.to(dtype)
+        dyb = dy @ b  # (N, r)
+        d_b = (dy.t() @ xa).mul_(p.scale).to(p.lora_b.dtype)
+        d_a = (dyb.t() @ _dropped(x, run, i)).mul_(p.scale).to(p.lora_a.dtype)
+    if not need_dx:
+        return dx, d_a, d_b
+    w = _base_weight(p.weight, dtype, run.triton_path)  # dequantized again rather than saved
+    dx = dy @ w if dx is None else dx.addmm_(dy, w)  # (N, in)
     if p.lora_a is None:
-        return dx, None, None
-    a, b = p.lora_a.to(dtype), p.lora_b.to(dtype)
-    dyb = dy @ b  # (N, r)
-    d_b = (dy.t() @ xa).mul_(p.scale).to(p.lora_b.dtype)
-    d_a = (dyb.t() @ _dropped(x, run, i)).mul_(p.scale).to(p.lora_a.dtype)
-    if need_dx and run.dropout == 0.0:
+        return dx, d_a, d_b
+    if run.dropout == 0.0:
         dx.addmm_(dyb, a, alpha=p.scale)
-    elif need_dx:
+    else:
         # dropout' applies the same mask again: dX += keep · (s · dyb A) / (1 - p)
         lora_dropout_accumulate_inplace(dx, (dyb @ a).mul_(p.scale), run.seed + i, run.dropout, run.triton_path)
     return dx, d_a, d_b

@@ -1,0 +1,283 @@
+"""QLoRA linear, QKV and SwiGLU MLP ops vs plain-autograd references: outputs and every gradient.
+
+The CPU lane runs the Triton kernels in the interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+and the plain-torch path, fp32, small odd shapes. The dropout mask the op drew is reproduced from the
+seed it took from torch's default generator and handed to the reference.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from qtune.kernels import lora
+from qtune.kernels.lora import LoraParams, lora_linear, lora_mlp, lora_qkv
+from qtune.quant import quantize_nf4
+
+KERNELS = ("triton", "torch")
+SEED = 1234  # torch.manual_seed before each op call, so the op's dropout seed can be drawn again
+
+
+def close(actual, expected, rtol=1e-5):
+    """fp32 agreement: relative 1e-5 with an absolute floor at 1e-5 of the tensor's scale."""
+    assert actual is not None and expected is not None
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item() + 1e-12)
+
+
+def make_params(out_features, in_features, rank=5, bias=False, adapter=True, nf4=False, scale=0.75):
+    """A frozen base (dense or NF4) with a trainable adapter whose B is non-zero (so dA is non-zero)."""
+    w = torch.randn(out_features, in_features) / in_features**0.5
+    weight = quantize_nf4(w) if nf4 else w
+    b = torch.randn(out_features) if bias else None
+    if not adapter:
+        return LoraParams(weight, b, None, None, scale)
+    a = (torch.randn(rank, in_features) / in_features**0.5).requires_grad_()
+    b_lora = (torch.randn(out_features, rank) / rank**0.5).requires_grad_()
+    return LoraParams(weight, b, a, b_lora, scale)
+
+
+def drawn_masks(kernels, shapes, p):
+    """The keep masks the op drew after torch.manual_seed(SEED): projection i uses seed + i."""
+    if p == 0.0:
+        return [None] * len(shapes)
+    torch.manual_seed(SEED)
+    seed = lora.new_dropout_seed()
+    return [lora.dropout_keep_mask(seed + i, shape, p, "cpu", kernels) for i, shape in enumerate(shapes)]
+
+
+def grads(outputs, tensors):
+    """Gradients of a fixed random projection of the outputs w.r.t. tensors (None where unused)."""
+    gen = torch.Generator().manual_seed(7)
+    loss = sum((o * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outputs)
+    return torch.autograd.grad(loss, tensors, allow_unused=True)
+
+
+def adapters(*params):
+    return [t for p in params for t in (p.lora_a, p.lora_b) if t is not None]
+
+
+def check_same(fused_out, ref_out, inputs):
+    for a, e in zip(fused_out, ref_out):
+        close(a, e)
+    for a, e in zip(grads(fused_out, inputs), grads(ref_out, inputs)):
+        close(a, e)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_lora_linear_matches_reference(kernels, dropout, bias, nf4):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 19, requires_grad=True)  # (B, T, in)
+    p = make_params(23, 19, bias=bias, nf4=nf4)
+    torch.manual_seed(SEED)
+    y = lora_linear(x, *p, dropout=dropout, kernels=kernels)
+    (mask,) = drawn_masks(kernels, [x.shape], dropout)
+    y_ref = lora.reference_lora_linear(x, *p, dropout=dropout, keep_mask=mask)
+    assert y.shape == (2, 7, 23)
+    check_same([y], [y_ref], [x, p.lora_a, p.lora_b])
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_lora_linear_eval_has_no_dropout(kernels):
+    torch.manual_seed(0)
+    x = torch.randn(9, 19, requires_grad=True)
+    p = make_params(11, 19)
+    y = lora_linear(x, *p, dropout=0.5, training=False, kernels=kernels)
+    y_ref = lora.reference_lora_linear(x, *p, dropout=0.5, training=False)
+    check_same([y], [y_ref], [x, p.lora_a, p.lora_b])
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_lora_linear_without_adapter_or_input_grad(kernels):
+    torch.manual_seed(0)
+    x = torch.randn(9, 19, requires_grad=True)
+    p = make_params(11, 19, bias=True, adapter=False)
+    y = lora_linear(x, *p, kernels=kernels)
+    check_same([y], [F.linear(x, p.weight, p.bias)], [x])
+    # x without grad (e.g. the first layer over frozen embeddings): only the adapters get gradients.
+    p = make_params(11, 19)
+    x = x.detach()
+    torch.manual_seed(SEED)
+    y = lora_linear(x, *p, dropout=0.2, kernels=kernels)
+    (mask,) = drawn_masks(kernels, [x.shape], 0.2)
+    check_same([y], [lora.reference_lora_linear(x, *p, dropout=0.2, keep_mask=mask)], [p.lora_a, p.lora_b])
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_lora_qkv_matches_reference(kernels, dropout, nf4):
+    """Qwen2-like: biased q/k/v, grouped k/v narrower than q, and k without an adapter."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 21, requires_grad=True)  # (B, T, D)
+    q = make_params(24, 21, bias=True, nf4=nf4)
+    k = make_params(10, 21, bias=True, nf4=nf4, adapter=False)
+    v = make_params(10, 21, bias=True, nf4=nf4, scale=2.0)
+    torch.manual_seed(SEED)
+    out = lora_qkv(x, q, k, v, dropout=dropout, kernels=kernels)
+    masks = drawn_masks(kernels, [x.shape] * 3, dropout)
+    ref = lora.reference_lora_qkv(x, q, k, v, dropout=dropout, keep_masks=masks)
+    assert [o.shape for o in out] == [(3, 5, 24), (3, 5, 10), (3, 5, 10)]
+    check_same(out, ref, [x, *adapters(q, k, v)])
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_lora_mlp_matches_reference(kernels, dropout, nf4):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 19, requires_grad=True)  # (B, T, H)
+    gate, up, down = make_params(37, 19, nf4=nf4), make_params(37, 19, nf4=nf4), make_params(19, 37, nf4=nf4)
+    torch.manual_seed(SEED)
+    out = lora_mlp(x, gate, up, down, dropout=dropout, kernels=kernels)
+    masks = drawn_masks(kernels, [x.shape, x.shape, (14, 37)], dropout)
+    masks[2] = None if masks[2] is None else masks[2].view(2, 7, 37)
+    ref = lora.reference_lora_mlp(x, gate, up, down, dropout=dropout, keep_masks=masks)
+    check_same([out], [ref], [x, *adapters(gate, up, down)])
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_lora_mlp_partial_adapters_and_eval(kernels):
+    torch.manual_seed(0)
+    x = torch.randn(13, 19, requires_grad=True)
+    gate, up, down = make_params(37, 19), make_params(37, 19, adapter=False), make_params(19, 37, adapter=False)
+    out = lora_mlp(x, gate, up, down, dropout=0.3, training=False, kernels=kernels)
+    ref = lora.reference_lora_mlp(x, gate, up, down, dropout=0.3, training=False)
+    check_same([out], [ref], [x, *adapters(gate, up, down)])
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_activation_checkpointing_replays_the_same_dropout(kernels):
+    """torch.utils.checkpoint restores the RNG state before recomputing, so the op redraws its seed."""
+    torch.manual_seed(0)
+    x = torch.randn(11, 19, requires_grad=True)
+    gate, up, down = make_params(37, 19), make_params(37, 19), make_params(19, 37)
+    tensors = [x, *adapters(gate, up, down)]
+    torch.manual_seed(SEED)
+    plain = grads([lora_mlp(x, gate, up, down, dropout=0.2, kernels=kernels)], tensors)
+    torch.manual_seed(SEED)
+    out = torch.utils.checkpoint.checkpoint(lora_mlp, x, gate, up, down, 0.2, kernels=kernels, use_reentrant=False)
+    for a, e in zip(grads([out], tensors), plain):
+        close(a, e)
+
+
+def test_lora_mlp_matches_peft_on_transformers_llama_mlp():
+    """Independent reference: peft's LoRA layers injected into transformers' LlamaMLP."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=19, intermediate_size=37, num_attention_heads=1, head_dim=2,
+                                 hidden_act="silu"))
+    config = peft.LoraConfig(r=4, lora_alpha=6, lora_dropout=0.0, target_modules=["gate_proj", "up_proj", "down_proj"])
+    mlp = peft.inject_adapter_in_model(config, mlp)
+    names = ("gate_proj", "up_proj", "down_proj")
+    for name in names:
+        torch.nn.init.normal_(getattr(mlp, name).lora_B["default"].weight)
+    x = torch.randn(2, 5, 19, requires_grad=True)
+
+    def params(name):
+        layer = getattr(mlp, name)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        return LoraParams(layer.base_layer.weight.detach(), None, a, b, layer.scaling["default"])
+
+    ours = lora_mlp(x, *(params(n) for n in names), kernels="triton")
+    tensors = [x, *adapters(*(params(n) for n in names))]
+    check_same([ours], [mlp(x)], tensors)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_dropout_mask_rate_scale_and_independence(kernels):
+    p, shape = 0.1, (201, 199)
+    keep = lora.dropout_keep_mask(5, shape, p, "cpu", kernels)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.0075  # 40k draws: 5 sigma is 0.0075
+    assert torch.equal(keep, lora.dropout_keep_mask(5, shape, p, "cpu", kernels))
+    other = lora.dropout_keep_mask(6, shape, p, "cpu", kernels)
+    assert abs((keep != other).float().mean().item() - 2 * p * (1 - p)) < 0.0075  # independent masks
+    x = torch.randn(shape)
+    close(lora.lora_dropout(x, 5, p, kernels == "triton"), x * keep / (1 - p))
+
+
+def test_swiglu_kernels_match_autograd():
+    torch.manual_seed(0)
+    g, u, dh = (torch.randn(7, 131) * 3 for _ in range(3))
+    g.requires_grad_(), u.requires_grad_()
+    h = F.silu(g) * u
+    dg_ref, du_ref = torch.autograd.grad(h, (g, u), dh)
+    g, u = g.detach(), u.detach()
+    close(lora.reference_swiglu_backward(dh, g, u)[0], dg_ref)
+    for triton_path in (True, False):
+        close(lora.swiglu(g, u, triton_path), h.detach())
+        dg, du = lora.swiglu_backward_inplace(dh.clone(), g, u, triton_path)
+        close(dg, dg_ref)
+        close(du, du_ref)
+
+
+def saved_shapes(fn):
+    """Shapes of the tensors autograd saves for backward while running fn()."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes
+
+
+def test_lora_mlp_saves_only_x_g_u_and_rank_sized_tensors():
+    torch.manual_seed(0)
+    x = torch.randn(13, 19, requires_grad=True)
+    gate, up, down = make_params(37, 19, rank=3), make_params(37, 19, rank=3), make_params(19, 37, rank=3)
+    shapes = saved_shapes(lambda: lora_mlp(x, gate, up, down, dropout=0.1, kernels="triton"))
+    big = sorted(s for s in shapes if s[0] == 13 and s[1] > 3)
+    assert big == [(13, 19), (13, 37), (13, 37)]  # x, g, u; the rest is (13, 3) or adapter-sized
+    assert sorted(s for s in shapes if s[0] == 13 and s[1] == 3) == [(13, 3)] * 3
+
+
+def test_bad_arguments_are_named():
+    x = torch.randn(4, 19)
+    p = make_params(11, 19)
+    with pytest.raises(ValueError, match="dropout=1.5"):
+        lora_linear(x, *p, dropout=1.5)
+    with pytest.raises(ValueError, match="input has 18 features"):
+        lora_linear(x[:, :18], *p)
+    with pytest.raises(ValueError, match="only one of lora_a / lora_b"):
+        lora_linear(x, p.weight, None, p.lora_a, None, 1.0)
+    with pytest.raises(ValueError, match="up.lora_a"):
+        lora_mlp(x, make_params(37, 19), make_params(37, 19)._replace(lora_a=torch.zeros(5, 18)), make_params(19, 37))
+    with pytest.raises(ValueError, match="requires_grad_"):
+        lora_qkv(x, p, p._replace(weight=p.weight.clone().requires_grad_()), p)
+    with pytest.raises(ValueError, match="kernels='cuda'"):
+        lora_linear(x, *p, kernels="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lora_mlp_bf16_on_gpu_real_sizes():
+    """bf16 error of the fused block against fp32 stays within 2x of torch's own bf16 error."""
+    torch.manual_seed(0)
+    hidden, inter, rank, tokens = 4096, 11008, 16, 1024
+    dev = "cuda"
+    x32 = torch.randn(tokens, hidden, device=dev)
+    blocks = [make_params(inter, hidden, rank), make_params(inter, hidden, rank), make_params(hidden, inter, rank)]
+    blocks = [LoraParams(quantize_nf4(p.weight.to(dev)).dequantize(torch.float32), None,
+                         p.lora_a.detach().to(dev).requires_grad_(), p.lora_b.detach().to(dev).requires_grad_(),
+                         p.scale) for p in blocks]
+
+    def run(fn, dtype):
+        x = x32.to(dtype).requires_grad_()
+        ps = [p._replace(weight=p.weight.to(dtype)) for p in blocks]
+        out = fn(x, *ps)
+        tensors = [x, *adapters(*ps)]
+        return [out.float(), *(g.float() for g in grads([out.float()], tensors))]
+
+    exact = run(lora.reference_lora_mlp, torch.float32)
+    torch_bf16 = run(lora.reference_lora_mlp, torch.bfloat16)
+    fused_bf16 = run(lambda x, *ps: lora_mlp(x, *ps, kernels="triton"), torch.bfloat16)
+    for e, t, f in zip(exact, torch_bf16, fused_bf16):
+        assert (f - e).norm() <= 2 * (t - e).norm() + 1e-6
