@@ -220,6 +220,23 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     return q.dequantize(dtype)
 
 
+class DequantLinearFn(torch.autograd.Function):
+    """y = x W^T + b with W dequantized for the product only; backward dequantizes W again.
+
+    Plain autograd would keep the dequantized W of every layer alive until backward, i.e. a 16/32-bit
+    copy of the whole model; recomputing it costs one more dequantization per layer. W and b are frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x, q: "NF4Weight", bias):
+        ctx.q = q
+        return F.linear(x, q.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return grad_y @ ctx.q.dequantize(grad_y.dtype), None, None
+
+
 class NF4Linear(nn.Module):
     """A frozen 4-bit linear layer: y = x @ W^T (+ bias), W stored as NF4.
 
@@ -266,6 +283,8 @@ class NF4Linear(nn.Module):
 
             return nf4_matmul(x, self.nf4_weight(), self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return DequantLinearFn.apply(x, self.nf4_weight(), bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     def extra_repr(self) -> str:

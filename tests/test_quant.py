@@ -276,3 +276,18 @@ def test_chunked_quantization_equals_bitsandbytes_across_chunk_edges(monkeypatch
     ref, state = BF.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     assert torch.equal(q.packed, ref.flatten())
     assert torch.equal(q.absmax, state.absmax)
+
+
+def test_nf4_linear_backward_keeps_no_dequantized_weight():
+    """The input gradient equals autograd's through the dequantized weight, and no (out, in) tensor is saved."""
+    layer = NF4Linear.from_linear(torch.nn.Linear(96, 80, bias=True))
+    x = torch.randn(3, 5, 96, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = layer(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (F.linear(x2, layer.dequantize(torch.float32), layer.bias) * g).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6)
+    assert torch.Size([80, 96]) not in saved
