@@ -66,7 +66,7 @@ def reference_lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout
 
     `keep_mask` (same shape as x, bool) fixes the dropout mask; without it `F.dropout` draws one.
     """
-    y = F.linear(x, dense_weight(weight, x.dtype), bias)
+    y = F.linear(x, dense_weight(weight, x.dtype), None if bias is None else bias.to(x.dtype))
     if lora_a is None:
         return y
     if not training or dropout == 0.0:

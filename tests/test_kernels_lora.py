@@ -256,28 +256,51 @@ def test_bad_arguments_are_named():
         lora_linear(x, *p, kernels="cuda")
 
 
+def gpu_errors(fn, blocks, x32, dtype, dense):
+    """Output(s) and every gradient of fn(x, *blocks) in `dtype`, as fp32; NF4 bases dequantized if dense."""
+    if dense:
+        blocks = [p._replace(weight=lora.dense_weight(p.weight, torch.float32)) for p in blocks]
+    x = x32.to(dtype).requires_grad_()
+    out = fn(x, *blocks)
+    outs = [o.float() for o in (out if isinstance(out, tuple) else (out,))]
+    return outs + [g.float() for g in grads(outs, [x, *adapters(*blocks)])]
+
+
+def check_bf16_within_2x_of_torch(fused, reference, blocks, x32):
+    """The fused op in bf16 on NF4 bases errs at most 2x torch's bf16 error against fp32."""
+    exact = gpu_errors(reference, blocks, x32, torch.float32, dense=True)
+    torch_bf16 = gpu_errors(reference, blocks, x32, torch.bfloat16, dense=True)
+    fused_bf16 = gpu_errors(fused, blocks, x32, torch.bfloat16, dense=False)
+    for e, t, f in zip(exact, torch_bf16, fused_bf16):
+        assert (f - e).norm() <= 2 * (t - e).norm() + 1e-6 * e.norm()
+
+
+def to_cuda(p: LoraParams) -> LoraParams:
+    cuda = lambda t: None if t is None else t.detach().cuda().requires_grad_(t.requires_grad)  # noqa: E731
+    return LoraParams(quantize_nf4(p.weight.cuda()), cuda(p.bias), cuda(p.lora_a), cuda(p.lora_b), p.scale)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lora_mlp_bf16_on_gpu_real_sizes():
-    """bf16 error of the fused block against fp32 stays within 2x of torch's own bf16 error."""
     torch.manual_seed(0)
     hidden, inter, rank, tokens = 4096, 11008, 16, 1024
-    dev = "cuda"
-    x32 = torch.randn(tokens, hidden, device=dev)
-    blocks = [make_params(inter, hidden, rank), make_params(inter, hidden, rank), make_params(hidden, inter, rank)]
-    blocks = [LoraParams(quantize_nf4(p.weight.to(dev)).dequantize(torch.float32), None,
-                         p.lora_a.detach().to(dev).requires_grad_(), p.lora_b.detach().to(dev).requires_grad_(),
-                         p.scale) for p in blocks]
+    blocks = [to_cuda(make_params(o, i, rank)) for o, i in ((inter, hidden), (inter, hidden), (hidden, inter))]
+    x32 = torch.randn(tokens, hidden, device="cuda")
+    check_bf16_within_2x_of_torch(lambda x, *ps: lora_mlp(x, *ps, kernels="triton"), lora.reference_lora_mlp,
+                                  blocks, x32)
 
-    def run(fn, dtype):
-        x = x32.to(dtype).requires_grad_()
-        ps = [p._replace(weight=p.weight.to(dtype)) for p in blocks]
-        out = fn(x, *ps)
-        tensors = [x, *adapters(*ps)]
-        return [out.float(), *(g.float() for g in grads([out.float()], tensors))]
 
-    exact = run(lora.reference_lora_mlp, torch.float32)
-    torch_bf16 = run(lora.reference_lora_mlp, torch.bfloat16)
-    fused_bf16 = run(lambda x, *ps: lora_mlp(x, *ps, kernels="triton"), torch.bfloat16)
-    for e, t, f in zip(exact, torch_bf16, fused_bf16):
-        assert (f - e).norm() <= 2 * (t - e).norm() + 1e-6
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lora_qkv_bf16_on_gpu_real_sizes():
+    """Qwen2-7B-like attention input: biased q/k/v, 4 KV heads, k without an adapter; also decode-sized."""
+    torch.manual_seed(0)
+    hidden, kv, rank = 3584, 512, 16
+    blocks = [to_cuda(make_params(hidden, hidden, rank, bias=True)),
+              to_cuda(make_params(kv, hidden, rank, bias=True, adapter=False)),
+              to_cuda(make_params(kv, hidden, rank, bias=True))]
+    for tokens in (2048, 7):  # 7 rows take nf4_matmul's fused 4-bit kernel in the forward
+        x32 = torch.randn(tokens, hidden, device="cuda")
+        check_bf16_within_2x_of_torch(lambda x, *ps: lora_qkv(x, *ps, kernels="triton"), lora.reference_lora_qkv,
+                                      blocks, x32)
