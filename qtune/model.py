@@ -112,6 +112,32 @@ def attention_mask_4d(segments_q, segments_k, offset: int, window: int | None):
     return allowed[:, None]
 
 
+def fused_path(mode: str, x, *projections) -> bool:
+    """Use a fused QLoRA block when the Triton kernels run for x and some projection is quantized or adapted."""
+    from qtune.backend import use_triton
+
+    return use_triton(mode, x) and any(not isinstance(p, nn.Linear) for p in projections)
+
+
+def projection_params(*projections):
+    """Each projection as the fused ops take it (frozen weight, bias, active adapter A/B, scale) and the dropout p."""
+    from qtune.kernels.lora import LoraParams
+    from qtune.lora import LoRALinear
+    from qtune.quant import NF4Linear
+
+    params, dropout = [], 0.0
+    for m in projections:
+        base = m.base_layer if isinstance(m, LoRALinear) else m
+        weight = base.nf4_weight() if isinstance(base, NF4Linear) else base.weight
+        name = m.active if isinstance(m, LoRALinear) else None
+        if name is not None and name in m.lora_A:
+            params.append(LoraParams(weight, base.bias, m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name]))
+            dropout = max(dropout, getattr(m.lora_dropout[name], "p", 0.0))
+        else:
+            params.append(LoraParams(weight, base.bias))
+    return params, dropout
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -122,12 +148,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, D, bias=cfg.o_bias)
+        self.kernels = "auto"  # "triton" routes q/k/v through the fused QLoRA op (see qtune/backend.py)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if fused_path(self.kernels, x, self.q_proj, self.k_proj, self.v_proj):
+            # one fused QLoRA op for the three projections: x is saved once, NF4 weights are recomputed
+            from qtune.kernels.lora import lora_qkv
+
+            params, p = projection_params(self.q_proj, self.k_proj, self.v_proj)
+            q, k, v = lora_qkv(x, *params, dropout=p, training=self.training, kernels=self.kernels)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, d)
@@ -148,9 +183,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.kernels = "auto"  # "triton" runs the whole block as one fused QLoRA op
 
     def forward(self, x):
         # SwiGLU: down(silu(gate x) * up x)
+        if fused_path(self.kernels, x, self.gate_proj, self.up_proj, self.down_proj):
+            # the fused block saves x, gate x and up x only and recomputes the rest in backward
+            from qtune.kernels.lora import lora_mlp
+
+            params, p = projection_params(self.gate_proj, self.up_proj, self.down_proj)
+            return lora_mlp(x, *params, dropout=p, training=self.training, kernels=self.kernels)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
