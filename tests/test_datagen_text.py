@@ -232,7 +232,7 @@ def test_seed_files_load():
 @pytest.mark.parametrize("line, message", [
     ('{"id": "a", "name": "n", "instruction": "x", "instances": [{"input": "", "output": "y"}]', "not valid JSON"),
     ('{"id": "a", "name": "n", "instances": [{"input": "", "output": "y"}], "is_classification": false}',
-     "missing field 'instruction'"),
+     "missing field 'instruction' (each task needs id, name, instruction, instances, is_classification)"),
     ('{"id": "a", "name": "n", "instruction": "x", "instances": [{"input": ""}], "is_classification": false}',
      "instances[0]"),
     ('{"id": "a", "name": "n", "instruction": "x", "instances": [], "is_classification": false}', "'instances' is empty"),

@@ -62,6 +62,8 @@ class GenerateSection:
     """Nucleus sampling of instruction generation (Self-Instruct: 0.5, Alpaca: 1.0)."""
     instance_greedy: bool = True
     """Greedy instances, as Self-Instruct's temperature 0 (else sampled with `temperature`/`top_p`)."""
+    instance_stop_strings: list[str] = field(default_factory=lambda: ["Task:"])
+    """Strings that end an instance completion ("Example N+1" is added); "\n\n" suits small models."""
     max_rounds: int = 0
     """Stop after this many rounds even if num_instructions is not reached; 0 = no limit."""
 

@@ -42,10 +42,13 @@ CLASSIFICATION_HEADER = ("Below are requests that people type to a helpful text 
                          "its input into one of a few labels, and names the labels when it can:\n")
 
 
-def instruction_prompt(demos: list[Demonstration], classification: bool = False) -> str:
-    """A numbered list of the demonstrations, ending with the next number for the model to continue."""
+def instruction_prompt(demos: list[Demonstration], classification: bool = False, chat: bool = False) -> str:
+    """A numbered list of the demonstrations, ending with the next number for the model to continue
+    (with `chat`, a request to continue the list instead, for a chat model's user turn)."""
     header = CLASSIFICATION_HEADER if classification else INSTRUCTION_HEADER
     lines = "".join(f"{k}. {d.text}\n" for k, d in enumerate(demos, start=1))
+    if chat:
+        return f"{header}{lines}\nContinue the list with new requests that differ from these, numbered from {len(demos) + 1}."
     return f"{header}{lines}{len(demos) + 1}."
 
 
@@ -123,13 +126,17 @@ ALPACA_HEADER = (
 )
 
 
-def alpaca_prompt(demos: list[Task], n_tasks: int = 20) -> str:
-    """Alpaca-style prompt: the rules, `len(demos)` complete seed tasks, then "N. Instruction:" to continue.
-    Each seed contributes its first instance; an empty input is written as <noinput>."""
+def alpaca_prompt(demos: list[Task], n_tasks: int = 20, chat: bool = False) -> str:
+    """Alpaca-style prompt: the rules, `len(demos)` complete seed tasks, then "N. Instruction:" to continue
+    (with `chat`, a request to continue from task N). Each seed contributes its first instance; an empty
+    input is written as <noinput>."""
     parts = [ALPACA_HEADER.format(n=n_tasks)]
     for k, task in enumerate(demos, start=1):
         inst = task.instances[0]
         parts.append(f"###\n{k}. Instruction: {clean_instruction(task.instruction)}\n"
                      f"{k}. Input:\n{inst.input or '<noinput>'}\n{k}. Output:\n{inst.output}\n")
-    parts.append(f"###\n{len(demos) + 1}. Instruction:")
+    if chat:
+        parts.append(f"###\nContinue the list in the same format, starting with task {len(demos) + 1}.")
+    else:
+        parts.append(f"###\n{len(demos) + 1}. Instruction:")
     return "".join(parts)

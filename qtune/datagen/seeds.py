@@ -53,10 +53,12 @@ def task_name(instruction: str, words: int = 6) -> str:
     return "_".join(re.findall(r"[a-z0-9]+", instruction.lower())[:words]) or "task"
 
 
+SEED_FIELDS = ("id", "name", "instruction", "instances", "is_classification")
+
+
 def _require(record: dict, key: str, kind: type, where: str) -> object:
     if key not in record:
-        raise SeedError(f"{where}: missing field {key!r} (each task needs id, name, instruction, instances, "
-                        f"is_classification)")
+        raise SeedError(f"{where}: missing field {key!r}")
     value = record[key]
     if not isinstance(value, kind):
         raise SeedError(f"{where}: field {key!r} must be {kind.__name__}, found {type(value).__name__} {value!r:.60}")
@@ -67,6 +69,10 @@ def parse_task(record: object, where: str) -> Task:
     """Validate one decoded seed record; `where` ("file:line") prefixes every error."""
     if not isinstance(record, dict):
         raise SeedError(f"{where}: expected a JSON object, found {type(record).__name__}")
+    missing = [k for k in SEED_FIELDS if k not in record]
+    if missing:
+        raise SeedError(f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                        f"(each task needs {', '.join(SEED_FIELDS)})")
     instruction = _require(record, "instruction", str, where)
     if not instruction.strip():
         raise SeedError(f"{where}: field 'instruction' is empty")

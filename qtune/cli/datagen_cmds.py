@@ -1,0 +1,71 @@
+"""Data-generation verbs: `qtune self-instruct` (Self-Instruct or Alpaca-style) and `qtune evol-instruct`.
+
+RECIPE is a TOML file or a shipped recipe name; `key.sub=value` arguments override it. Re-running with the
+same output.dir resumes the run. Progress goes to stderr; the last stdout line is the report as JSON.
+"""
+
+import json
+
+import click
+
+
+def _load(recipe: str, overrides: tuple[str, ...], schema):
+    from qtune.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe, overrides, schema=schema)
+    except RecipeError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _run(fn, recipe, progress: bool) -> None:
+    """Run a pipeline; user errors become one clear line, Ctrl-C leaves a resumable run behind."""
+    from qtune.checkpoint import CheckpointError
+    from qtune.config import ConfigError
+    from qtune.datagen.seeds import SeedError
+    from qtune.datagen.store import ResumeError
+
+    try:
+        report = fn(recipe, progress=progress)
+    except (SeedError, ResumeError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted. Re-run the same command to resume from {recipe.output.dir}.", err=True)
+        raise SystemExit(130) from None
+    click.echo(f"Wrote {recipe.output.dir}: {report['kept_instructions']} instructions, "
+               f"{report['alpaca_examples']} Alpaca examples.", err=True)
+    click.echo(json.dumps(report))
+
+
+@click.command("self-instruct")
+@click.argument("recipe", required=False, default="self_instruct")
+@click.argument("overrides", nargs=-1)
+@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+def self_instruct_cmd(recipe, overrides, no_progress):
+    """Generate instruction data with Self-Instruct (or Alpaca-style with generate.method=alpaca).
+
+    Writes output.dir/instructions.jsonl, alpaca.json (ready for `qtune sft`) and report.json.
+    Overrides look like `generate.num_instructions=200 output.dir=runs/si`.
+    """
+    from qtune.datagen.config import SelfInstructRecipe
+    from qtune.datagen.self_instruct import run_self_instruct
+
+    _run(run_self_instruct, _load(recipe, overrides, SelfInstructRecipe), not no_progress)
+
+
+@click.command("evol-instruct")
+@click.argument("recipe", required=False, default="evol_instruct")
+@click.argument("overrides", nargs=-1)
+@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+def evol_instruct_cmd(recipe, overrides, no_progress):
+    """Evolve instructions into harder and rarer ones with Evol-Instruct, and answer them.
+
+    Writes output.dir/instructions.jsonl, alpaca.json (ready for `qtune sft`) and report.json.
+    """
+    from qtune.datagen.config import EvolInstructRecipe
+    from qtune.datagen.evol_instruct import run_evol_instruct
+
+    _run(run_evol_instruct, _load(recipe, overrides, EvolInstructRecipe), not no_progress)
+
+
+COMMANDS = [self_instruct_cmd, evol_instruct_cmd]
