@@ -30,6 +30,14 @@ def test_commit_then_crash_mid_round_resumes_at_the_last_commit(tmp_path):
     assert [json.loads(line) for line in lines] == [{"i": 0}, {"i": 1}]
 
 
+def test_crash_in_the_first_round_resumes_empty(tmp_path):
+    j = _journal(tmp_path)
+    j.open()
+    j.append("kept.jsonl", [{"i": 0}])  # appended, never committed
+    again = _journal(tmp_path)
+    assert again.open() == {"kept.jsonl": [], "rejected.jsonl": []} and again.round == 0
+
+
 def test_resume_refuses_other_settings_and_foreign_files(tmp_path):
     j = _journal(tmp_path)
     j.open()

@@ -215,7 +215,9 @@ def test_prompt_builders_end_where_the_parsers_start():
     seeds = load_seed_tasks(SEEDS_175)[:3]
     prompt = alpaca_prompt(seeds)
     assert prompt.endswith("###\n4. Instruction:") and prompt.count("###\n") == 4
-    assert "1. Input:\n<noinput>\n" in prompt or seeds[0].instances[0].input in prompt
+    assert "1. Input:\n<noinput>\n1. Output:\nYes, you can have" in prompt  # seed_task_0 has no input
+    assert "2. Instruction: What is the relation between the given pairs?\n2. Input:\nNight : Day :: Right : Left\n" in prompt
+    assert parse_alpaca_list(prompt.split("1. Instruction:", 1)[1], "stop").items[1]["input"] == "Night : Day :: Right : Left"
 
 
 # ----------------------------------------------------------------------------- seeds

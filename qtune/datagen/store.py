@@ -53,6 +53,7 @@ class Journal:
                     raise ResumeError(f"{self.dir / name} exists but {state_path} does not: this directory was not "
                                       f"written by a qtune generation run; choose an empty output.dir")
                 (self.dir / name).write_bytes(b"")
+            self.commit(0, {})  # from now on an interrupted first round is cut back like any other
             return {name: [] for name in self.files}
         state = json.loads(state_path.read_text(encoding="utf-8"))
         if state.get("fingerprint") != self.fingerprint:
