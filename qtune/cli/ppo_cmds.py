@@ -1,0 +1,46 @@
+"""RL verbs: `qtune ppo` and `qtune best-of-n`.
+
+Each prints its run summary as one JSON object on the last stdout line; progress goes to stderr.
+"""
+
+import json
+
+import click
+
+from qtune.cli.train_cmds import err, load_checked, run_or_explain
+
+
+@click.command()
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in output.dir.")
+def ppo(recipe, overrides, resume):
+    """PPO on a LoRA policy with a RECIPE (file or shipped name, e.g. `ppo`).
+
+    Policy, value and reward adapters share one 4-bit base; the reference is the base with adapters off.
+    Overrides look like `train.max_steps=50 ppo.reward_fn=qtune.rewards:arithmetic`.
+    """
+    from qtune.recipe import PPORecipe
+    from qtune.train.ppo import run_ppo
+
+    r = load_checked(recipe, overrides, PPORecipe)
+    click.echo(json.dumps(run_or_explain(run_ppo, r, resume=resume, console=err)))
+
+
+@click.command("best-of-n")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--resume", is_flag=True, help="Reuse the kept samples and continue the SFT run from its newest checkpoint.")
+def best_of_n(recipe, overrides, resume):
+    """Rejection-sampling fine-tuning with a RECIPE (file or shipped name, e.g. `best_of_n`).
+
+    Samples best_of_n.n responses per prompt, keeps the best-scoring one, and fine-tunes on those with the SFT loop.
+    """
+    from qtune.recipe import BestOfNRecipe
+    from qtune.train.best_of_n import run_best_of_n
+
+    r = load_checked(recipe, overrides, BestOfNRecipe)
+    click.echo(json.dumps(run_or_explain(run_best_of_n, r, resume=resume, console=err)))
+
+
+COMMANDS = [ppo, best_of_n]

@@ -1,0 +1,372 @@
+"""PPO (Schulman et al. 2017) on a LoRA policy, the InstructGPT way, with every role on ONE frozen 4-bit base.
+
+    base model (NF4, frozen, loaded once)
+      ├── adapter "policy"              trainable   π_θ: samples the responses, trained by the clipped objective
+      ├── adapter "value" + value head  trainable   V: a value per response token; starts as the reward model
+      ├── adapter "reward" + its head   frozen      the score of a whole response (or a Python function)
+      └── adapters switched off         frozen      π_ref, which the KL penalty pulls the policy towards
+
+    per iteration (train.max_steps of them):
+      prompts -> sample one response each (KV cache, policy adapter)
+              -> score; log π_old, log π_ref, V at every response token
+              -> r_t = −β (log π_old − log π_ref) + score · [t = last]  -> GAE -> advantages (whitened), returns
+              -> ppo_epochs passes over minibatches: clipped policy loss + vf_coef · clipped value loss
+                 (+ ptx_coef · LM loss on plain text: PPO-ptx) -> AdamW
+              -> move β towards the KL target (Ziegler et al. 2019)
+
+Losses and advantages live in `qtune.ppo_losses`; prompts, sampling and scoring in `qtune.train.rollout`.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qtune.data.batching import DataPosition, collate
+from qtune.lora import (LoraConfig, adapters_disabled, add_lora, load_adapter, load_extra_tensors, lora_parameters,
+                        save_adapter, set_active_adapter, use_adapter)
+from qtune.ppo_losses import (AdaptiveKLController, FixedKLController, approx_kl, clipped_policy_loss,
+                              clipped_value_loss, gae, kl_penalized_rewards, masked_mean, whiten)
+from qtune.recipe import PPORecipe, recipe_to_toml
+from qtune.reward import ScalarHead
+from qtune.train import common
+from qtune.train.rollout import build_scorer, collate_responses, load_prompts, micro_batches, prompt_batches, sample
+from qtune.train.run import Run, load_base_model
+
+POLICY, VALUE = "policy", "value"
+VALUE_HEAD = "value_head"  # the value head rides on the base as a submodule, so checkpoints hold it
+
+
+# ----------------------------------------------------------------------------- the roles on one base
+
+def attach_roles(model, recipe: PPORecipe, pad_id: int, device):
+    """Put the reward, policy and value roles on `model`; returns (scorer, trainable parameters).
+
+    The policy adapter starts at B = 0, so the first policy is the reference. With a reward model and
+    ppo.init_value_from_reward, the value adapter and head start as copies of the reward model's.
+    """
+    p, lora, seed = recipe.ppo, recipe.lora, recipe.train.seed
+    scorer = build_scorer(p, model, pad_id, recipe.train.micro_batch_size, device)
+    if p.reward_model:
+        scorer.reward_model.head.requires_grad_(False)
+    cfg = LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                     rslora=lora.rslora)
+    add_lora(model, cfg, name=POLICY, seed=seed)
+    if p.reward_model and p.init_value_from_reward:
+        load_adapter(model, p.reward_model, name=VALUE)
+        head = ScalarHead.from_tensors(load_extra_tensors(p.reward_model), where=p.reward_model)
+    else:
+        add_lora(model, cfg, name=VALUE, seed=seed + 1)
+        head = ScalarHead(model.config.hidden_size, seed=seed)
+    model.add_module(VALUE_HEAD, head.to(device))
+    model.requires_grad_(False)
+    params = lora_parameters(model, POLICY) + lora_parameters(model, VALUE) + list(head.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    set_active_adapter(model, POLICY)
+    return scorer, params
+
+
+def response_hidden(model, batch: dict) -> torch.Tensor:
+    """Final hidden states at the positions that predict the response tokens. (S, R, D)"""
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # (S, L, D)
+    rows = torch.arange(len(hidden), device=hidden.device)[:, None]
+    return hidden[rows, batch["response_cols"]]
+
+
+def response_logprobs(model, batch: dict, temperature: float, kernels: str):
+    """log π(y_t | x, y_<t) and the entropy of π(· | x, y_<t) of the active adapter, (S, R) each, 0 off the mask.
+
+    Sampling divided the logits by the temperature, and z / τ = (h / τ) Wᵀ, so dividing the hidden states
+    gives the sampled distribution without materialising any logits.
+    """
+    from qtune.kernels.logprobs import token_logprobs_and_entropy
+
+    hidden = response_hidden(model, batch)
+    if temperature != 1.0:
+        hidden = hidden / temperature
+    return token_logprobs_and_entropy(hidden, model.output_weight(), batch["targets"], kernels=kernels)
+
+
+def response_values(model, batch: dict) -> torch.Tensor:
+    """V(x, y_<t) of the active (value) adapter through the value head, (S, R) fp32, 0 off the mask."""
+    head = model.get_submodule(VALUE_HEAD)
+    values = head.linear(response_hidden(model, batch).float()).squeeze(-1)
+    return values * batch["response_mask"]
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+def _scatter_rows(pieces: list[torch.Tensor], S: int, R: int) -> torch.Tensor:
+    """Micro-batch results (each trimmed to its own response length) laid back into one (S, R) tensor."""
+    out, row = torch.zeros(S, R), 0
+    for piece in pieces:
+        out[row:row + len(piece), :piece.shape[1]] = piece.float().cpu()
+        row += len(piece)
+    return out
+
+
+@torch.no_grad()
+def make_experience(model, scorer, prompts, generations, recipe: PPORecipe, beta: float, device) -> tuple[dict, dict]:
+    """Score the responses and run the policy, the reference and the value model over them (eval mode).
+
+    Returns the rollout batch (the `collate_responses` tensors plus old_logp, ref_logp, values, advantages,
+    returns (S, R) and scores (S,)) on the CPU, and its statistics.
+    """
+    p, kernels = recipe.ppo, recipe.model.kernels
+    batch = collate_responses([q.ids for q in prompts], [g.token_ids for g in generations], pad_id=0)
+    scores = scorer.score(prompts, generations)
+    if p.score_clip > 0:
+        scores = scores.clamp(-p.score_clip, p.score_clip)
+    was_training = model.training
+    model.eval()
+    old, ref, values = [], [], []
+    for piece in micro_batches(batch, recipe.train.micro_batch_size):
+        piece = common.to_device(piece, device)
+        with use_adapter(model, POLICY):
+            old.append(response_logprobs(model, piece, p.temperature, kernels)[0])
+        with adapters_disabled(model):
+            ref.append(response_logprobs(model, piece, p.temperature, kernels)[0])
+        with use_adapter(model, VALUE):
+            values.append(response_values(model, piece))
+    model.train(was_training)
+    S, R = batch["targets"].shape
+    mask = batch["response_mask"].float()
+    old_logp, ref_logp, values = (_scatter_rows(x, S, R) for x in (old, ref, values))
+    rewards = kl_penalized_rewards(scores, old_logp, ref_logp, mask, beta)
+    advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
+    if p.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    batch.update(old_logp=old_logp, ref_logp=ref_logp, values=values, advantages=advantages, returns=returns,
+                 scores=scores)
+    kl = ((old_logp - ref_logp) * mask).sum(1)  # (S,) each response's Σ_t log π/π_ref, an estimate of its KL
+    lengths = mask.sum(1)
+    stats = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if S > 1 else 0.0,
+             "kl": float(kl.mean()), "response_length": float(lengths.mean()),
+             "eos_fraction": sum(g.finish_reason == "eos" for g in generations) / S,
+             "value": float(masked_mean(values, mask)), "return": float(masked_mean(returns, mask)),
+             "tokens": int(batch["attention_mask"].sum())}
+    return batch, stats
+
+
+# ----------------------------------------------------------------------------- the PPO update
+
+class PretrainText:
+    """Plain text for PPO-ptx: random micro-batches of data.max_seq_len-token rows, fixed by (seed, step)."""
+
+    def __init__(self, data, tokenizer, seed: int):
+        from qtune.data.records import load_records
+        from qtune.data.tokenized import tokenize_cached
+
+        records = load_records(data.pretrain_path, data.split)
+        self.store = tokenize_cached(records, "text", tokenizer, data.max_seq_len, True, data.cache_dir, chunk=True)
+        self.pad_id, self.seed = tokenizer.pad_id, seed
+
+    def batch(self, size: int, *key: int) -> dict:
+        rng = np.random.default_rng([self.seed, *key])
+        picks = rng.choice(len(self.store), size=min(size, len(self.store)), replace=False)
+        return collate([[self.store.example(int(i))] for i in picks], self.pad_id)
+
+
+def ppo_minibatch(model, batch: dict, rows: torch.Tensor, recipe: PPORecipe, ptx: PretrainText | None, key: tuple,
+                  device) -> dict:
+    """Accumulate the gradients of one minibatch (rows of the rollout batch); returns summed statistics.
+
+    Each role runs its backward while its own adapter is active: gradient checkpointing re-runs a layer's
+    forward during the backward pass, and would otherwise re-run it with whichever adapter is active then.
+    Losses are divided by the minibatch's response tokens, so accumulation equals one large batch.
+    """
+    p, t, kernels = recipe.ppo, recipe.train, recipe.model.kernels
+    n_tokens = float(batch["response_mask"][rows].sum())
+    sums = dict.fromkeys(("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "entropy", "approx_kl",
+                          "ptx_loss"), 0.0)
+    for k, piece in enumerate(micro_batches(batch, t.micro_batch_size, rows)):
+        piece = common.to_device(piece, device)
+        mask = piece["response_mask"].float()
+        with use_adapter(model, POLICY):
+            logp, entropy = response_logprobs(model, piece, p.temperature, kernels)
+            pg, clipped = clipped_policy_loss(logp, piece["old_logp"], piece["advantages"], p.clip_range)
+            ((pg * mask).sum() / n_tokens).backward()
+            if ptx is not None:
+                # PPO-ptx (InstructGPT eq. 2): + γ E_pretrain[log π(x)], i.e. γ times the mean token cross-entropy
+                loss_sum, count = common.lm_loss_sum(model, common.to_device(ptx.batch(t.micro_batch_size, *key, k),
+                                                                             device), kernels)
+                (p.ptx_coef * loss_sum / max(count, 1) / t.grad_accum_steps).backward()
+                sums["ptx_loss"] += loss_sum.item() / max(count, 1) / t.grad_accum_steps
+        with use_adapter(model, VALUE):
+            vf, vf_clipped = clipped_value_loss(response_values(model, piece), piece["values"], piece["returns"],
+                                                p.clip_range_value)
+            (p.vf_coef * (vf * mask).sum() / n_tokens).backward()
+        for name, x in (("policy_loss", pg), ("value_loss", vf), ("clip_frac", clipped),
+                        ("value_clip_frac", vf_clipped), ("entropy", entropy),
+                        ("approx_kl", approx_kl(logp, piece["old_logp"]))):
+            sums[name] += float((x.detach() * mask).sum()) / n_tokens
+    return sums
+
+
+def ppo_epochs(model, batch: dict, recipe: PPORecipe, ptx, params, optimizer, scheduler, step: int, device) -> dict:
+    """ppo_epochs passes over the rollout batch in shuffled minibatches, one optimizer step each; mean statistics."""
+    p, t = recipe.ppo, recipe.train
+    S, minibatch = len(batch["input_ids"]), t.micro_batch_size * t.grad_accum_steps
+    generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
+    totals, updates = {}, 0
+    for epoch in range(p.ppo_epochs):
+        order = torch.randperm(S, generator=generator)
+        for start in range(0, S, minibatch):
+            sums = ppo_minibatch(model, batch, order[start:start + minibatch], recipe, ptx, (step, epoch, start), device)
+            sums["grad_norm"] = common.clip_gradients(params, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
+            updates += 1
+    return {k: v / updates for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------- evaluation, checkpoints, output
+
+@torch.no_grad()
+def evaluate_policy(model, scorer, prompts, tokenizer, max_new_tokens: int, batch_size: int) -> dict:
+    """Mean score and length of the policy's greedy responses to held-out prompts."""
+    with use_adapter(model, POLICY):
+        generations = sample(model, prompts, tokenizer, max_new_tokens, greedy=True, batch_size=batch_size)
+    scores = scorer.score(prompts, generations)
+    return {"val_reward": float(scores.mean()),
+            "val_response_length": float(np.mean([len(g.token_ids) for g in generations]))}
+
+
+def save_checkpoint(run: Run, step: int, model, optimizer, scheduler, position: DataPosition, kl_controller,
+                    rng=None) -> Path:
+    """What `Run.save_checkpoint` writes (policy adapter, every trainable tensor, optimizer, schedule, RNG,
+    data position), plus the KL controller's β in trainer.json."""
+    def write(tmp: Path):
+        save_adapter(model, tmp / "adapter", name=POLICY, base_model_name_or_path=run.base_model)
+        common.save_state(tmp, "trainable", {n: q.detach() for n, q in model.named_parameters() if q.requires_grad})
+        common.save_state(tmp, "optimizer", optimizer.state_dict())
+        common.save_state(tmp, "rng", rng if rng is not None else common.rng_state())
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "position": position.to_dict(),
+                                                      "kl_controller": kl_controller.state_dict()}))
+
+    return run.checkpointer.save(step, write)
+
+
+def kl_controller(p):
+    if p.adaptive_kl:
+        return AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
+    return FixedKLController(p.kl_coef)
+
+
+def plot_reward_curve(records: list[dict], path: Path) -> None:
+    """Mean reward and KL per iteration, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if "reward" in r]
+    if not rows:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    steps = [r["step"] for r in rows]
+    left.plot(steps, [r["reward"] for r in rows], label="rollout reward")
+    val = [(r["step"], r["val_reward"]) for r in records if r.get("val_reward") is not None]
+    if val:
+        left.plot(*zip(*val), "o-", label="held-out reward (greedy)")
+    left.set_xlabel("iteration")
+    left.set_ylabel("mean reward")
+    left.legend()
+    right.plot(steps, [r["kl"] for r in rows])
+    right.set_xlabel("iteration")
+    right.set_ylabel("KL to the reference (nats / response)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
+    """Train the recipe's policy adapter with PPO; returns the run summary (also in output.dir/summary.json)."""
+    t, p, device = recipe.train, recipe.ppo, common.training_device()
+    run = Run(Path(recipe.output.dir), console, resume)
+    run.base_model = recipe.model.path
+    common.seed_everything(t.seed)
+    model, tokenizer = load_base_model(recipe.model, device)
+    scorer, params = attach_roles(model, recipe, tokenizer.pad_id, device)
+    train_prompts, val_prompts, stats = load_prompts(recipe.data, tokenizer, t.seed)
+    run.console.print(f"prompts: {stats['train']} train / {stats['val']} held-out ({stats['format']} records), "
+                      f"{stats['truncated']} truncated to {recipe.data.max_seq_len} tokens")
+    ptx = PretrainText(recipe.data, tokenizer, t.seed) if p.ptx_coef > 0 else None
+    iterations = t.max_steps or max(1, t.epochs * (len(train_prompts) // p.rollout_batch_size))
+    updates = iterations * p.ppo_epochs * (p.rollout_batch_size // (t.micro_batch_size * t.grad_accum_steps))
+    optimizer = common.build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+    scheduler = common.build_scheduler(optimizer, t.schedule, t.warmup_steps or round(t.warmup_ratio * updates),
+                                       updates)
+    kl_ctl, start_step, position = kl_controller(p), 0, DataPosition()
+    if resume:
+        start_step, position = run.restore(model, POLICY, optimizer, scheduler)
+        kl_ctl.load_state_dict(json.loads((run.checkpointer.latest() / "trainer.json").read_text())["kl_controller"])
+    run.write_recipe(recipe_to_toml(recipe))
+    evaluate = (lambda: evaluate_policy(model, scorer, val_prompts, tokenizer, p.max_new_tokens,
+                                        p.rollout_batch_size)) if val_prompts else (lambda: {})
+    before = evaluate() if start_step == 0 else {}
+    if before:
+        run.log({"step": 0, **before})
+    batches = prompt_batches(len(train_prompts), p.rollout_batch_size, t.seed, recipe.data.shuffle, position)
+    model.train()
+    run.start_progress(iterations, start_step)
+    done_step, rng_at_done, after = start_step, common.rng_state(), {}
+    try:
+        for step in range(start_step + 1, iterations + 1):
+            t0 = time.perf_counter()
+            position, indices = next(batches)
+            prompts = [train_prompts[i] for i in indices]
+            with use_adapter(model, POLICY):
+                generations = sample(model, prompts, tokenizer, p.max_new_tokens, p.temperature,
+                                     seed=t.seed * 1_000_003 + step, batch_size=p.rollout_batch_size)
+            beta = kl_ctl.beta
+            batch, rollout = make_experience(model, scorer, prompts, generations, recipe, beta, device)
+            update = ppo_epochs(model, batch, recipe, ptx, params, optimizer, scheduler, step, device)
+            if not all(math.isfinite(v) for v in update.values()):
+                raise common.TrainingError(
+                    f"non-finite PPO statistics at iteration {step} ({update}); stopping without saving. The last "
+                    f"good checkpoint is {run.checkpointer.latest() or 'none'}; lower train.lr, then --resume")
+            kl_ctl.update(rollout["kl"], len(prompts))
+            done_step, rng_at_done = step, common.rng_state()
+            record = {"step": step, **rollout, **update, "beta": beta, "next_beta": kl_ctl.beta,
+                      "loss": update["policy_loss"] + p.vf_coef * update["value_loss"],
+                      "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0,
+                      "tokens_per_s": rollout["tokens"] / (time.perf_counter() - t0),
+                      "peak_memory_bytes": common.peak_memory_bytes(device)}
+            after = {}
+            if recipe.eval.every and step % recipe.eval.every == 0 and val_prompts:
+                after = evaluate()
+                record.update(after)
+            run.step_done(record, log=step % t.log_every == 0 or step == iterations or bool(after))
+            if t.save_every and step % t.save_every == 0 and step < iterations:
+                save_checkpoint(run, step, model, optimizer, scheduler, position, kl_ctl)
+    except KeyboardInterrupt:
+        # The state after the last completed iteration: an unfinished one is redone on --resume.
+        save_checkpoint(run, done_step, model, optimizer, scheduler, position, kl_ctl, rng_at_done)
+        run.console.print(f"[yellow]interrupted: saved iteration {done_step}; continue with --resume[/yellow]")
+        raise
+    finally:
+        run.stop_progress()
+    save_checkpoint(run, iterations, model, optimizer, scheduler, position, kl_ctl)
+    if not after and val_prompts:
+        after = evaluate()
+        run.log({"step": iterations, **after})
+    save_adapter(model, run.dir / "value", name=VALUE, base_model_name_or_path=recipe.model.path,
+                 extra_tensors=model.get_submodule(VALUE_HEAD).tensors())
+    records = run.metrics.read()
+    plot_reward_curve(records, run.dir / "reward_curve.png")
+    rewards = [r["reward"] for r in records if "reward" in r]
+    return run.finish(model, POLICY, recipe.model.path, {
+        "iterations": iterations, "value_adapter": str(run.dir / "value"),
+        "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
+        "kl_last": next((r["kl"] for r in reversed(records) if "kl" in r), None), "beta_last": kl_ctl.beta,
+        "val_reward_before": before.get("val_reward"), "val_reward_after": after.get("val_reward")})
