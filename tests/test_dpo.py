@@ -1,0 +1,214 @@
+"""DPO: sequence log-probabilities against transformers, the adapters-disabled reference, a first loss of ln 2,
+the cached reference equal to the live one, learning on a tiny model, `qtune eval-prefs --kind dpo` against
+transformers + PEFT, and the shipped recipes."""
+
+import json
+import math
+import random
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from shared_data import SHARED_DATA
+from tiny import save_tiny_with_tokenizer
+
+from qtune.checkpoint import load_model
+from qtune.cli.align_cmds import COMMANDS
+from qtune.data.prefs import TokenizedPreference, collate_preferences, load_preferences, tokenize_preferences
+from qtune.lora import LoraConfig, add_lora, lora_layers
+from qtune.recipe import DPORecipe, RewardRecipe, load_recipe
+from qtune.tokenizer import load_tokenizer
+from qtune.train.dpo import reference_logprobs, sequence_logprobs
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = {c.name: c for c in COMMANDS}
+WORDS = "the cat dog sat on mat a big small red blue green tree house river".split()
+LN2 = math.log(2.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_with_tokenizer("llama", tmp_path_factory.mktemp("tiny_dpo"))
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_dir):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """Learnable pairs: the chosen reply repeats the prompt after "good", the rejected one is "bad" and noise."""
+    rng = random.Random(2)
+    rows = []
+    for _ in range(40):
+        words = " ".join(rng.choices(WORDS, k=5))
+        rows.append({"prompt": f"Say: {words}", "chosen": f"good {words}",
+                     "rejected": "bad " + " ".join(rng.choices(WORDS, k=4))})
+    path = tmp_path_factory.mktemp("dpo_pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def hf_response_logprob(model, prompt: list[int], response: list[int]) -> float:
+    """Σ log p(response token | everything before it), from full transformers logits."""
+    ids = prompt + response
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)  # (T, V)
+    return float(sum(logp[t - 1, ids[t]] for t in range(len(prompt), len(ids))))
+
+
+def random_items(n: int, vocab: int, seed: int) -> list[TokenizedPreference]:
+    rng = np.random.default_rng(seed)
+    seq = lambda lo, hi: rng.integers(3, vocab, int(rng.integers(lo, hi))).astype(np.int32)  # noqa: E731
+    return [TokenizedPreference(seq(1, 7), (seq(1, 7), seq(1, 7), seq(1, 7)), 0.0, None) for _ in range(n)]
+
+
+def run_cli(command: str, *args) -> dict:
+    result = CliRunner().invoke(CLI[command], [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads(result.output.strip().splitlines()[-1])
+
+
+def dpo_recipe(tmp_path) -> Path:
+    path = tmp_path / "dpo.toml"
+    path.write_text('kind = "dpo"\n')
+    return path
+
+
+def logged(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_sequence_logprobs_match_transformers(tiny_dir, hf_model, kernels):
+    model = load_model(tiny_dir, quantize="none", kernels=kernels)
+    items = random_items(3, model.config.vocab_size, seed=0)
+    batch = collate_preferences(items, pad_id=0)
+    with torch.no_grad():
+        got = sequence_logprobs(model, batch, kernels)
+    expected = [hf_response_logprob(hf_model, it.prompt_ids.tolist(), r.tolist()) for it in items for r in it.response_ids]
+    assert got.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_reference_is_the_base_with_adapters_disabled(tiny_dir, hf_model):
+    model = load_model(tiny_dir, quantize="none")
+    add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), name="policy", seed=0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["policy"].weight.normal_(0, 0.3)
+    items = random_items(2, model.config.vocab_size, seed=1)
+    batch = collate_preferences(items, pad_id=0)
+    base = [hf_response_logprob(hf_model, it.prompt_ids.tolist(), r.tolist()) for it in items for r in it.response_ids]
+    reference = reference_logprobs(model, batch)
+    assert reference.tolist() == pytest.approx(base, abs=1e-4) and not reference.requires_grad
+    with torch.no_grad():
+        policy = sequence_logprobs(model, batch)
+    assert (policy - reference).abs().max() > 1e-2  # the adapter is back on afterwards
+    assert all(layer.active == "policy" for layer in lora_layers(model).values())
+
+
+# ----------------------------------------------------------------------------- training through the CLI
+
+def test_first_loss_is_ln2_with_a_fresh_adapter_on_an_nf4_base(tiny_dir, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    run_cli("dpo", dpo_recipe(tmp_path), f"model.path={tiny_dir}", f"data.path={pairs_file}", f"output.dir={out}",
+            "train.max_steps=2", "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.log_every=1",
+            "train.lr=1e-2", "lora.r=4", "lora.dropout=0.1", "train.optimizer=adamw")
+    first, second = logged(out)
+    assert first["loss"] == pytest.approx(LN2, abs=1e-7) and first["accuracy"] == 0.5  # ln 2 to fp32 precision
+    assert first["chosen_reward"] == first["rejected_reward"] == first["margin"] == 0.0
+    assert second["loss"] != first["loss"] and second["margin"] != 0.0
+
+
+@pytest.mark.parametrize("loss,expected", [("ipo", (1 / (2 * 0.25)) ** 2), ("robust", LN2)])
+def test_first_loss_of_ipo_and_robust_dpo(tiny_dir, pairs_file, tmp_path, loss, expected):
+    out = tmp_path / "run"
+    run_cli("dpo", dpo_recipe(tmp_path), f"model.path={tiny_dir}", "model.quantize=none", f"data.path={pairs_file}",
+            f"output.dir={out}", f"dpo.loss={loss}", "dpo.beta=0.25", "dpo.label_smoothing=0.0" if loss == "ipo"
+            else "dpo.label_smoothing=0.2", "train.max_steps=1", "train.micro_batch_size=4", "train.grad_accum_steps=1",
+            "lora.r=4", "train.optimizer=adamw")
+    assert logged(out)[0]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_cached_reference_gives_the_same_run_and_is_reused(tiny_dir, pairs_file, tmp_path):
+    common = [f"model.path={tiny_dir}", "model.quantize=none", f"data.path={pairs_file}", "data.val_size=8",
+              "train.max_steps=3", "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.log_every=1",
+              "train.lr=5e-3", "lora.r=4", "lora.dropout=0.0", "train.optimizer=adamw", "eval.every=3"]
+    cache = tmp_path / "cache"
+    live = run_cli("dpo", dpo_recipe(tmp_path), *common, f"output.dir={tmp_path / 'live'}")
+    cached = run_cli("dpo", dpo_recipe(tmp_path), *common, f"output.dir={tmp_path / 'cached'}",
+                     "dpo.precompute_reference=true", f"data.cache_dir={cache}")
+    files = list((cache / "dpo_reference").glob("*.safetensors"))
+    assert len(files) == 1
+    for a, b in zip(logged(tmp_path / "live"), logged(tmp_path / "cached")):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["margin"] == pytest.approx(b["margin"], abs=1e-5)
+    assert cached["val_accuracy_after"] == live["val_accuracy_after"]
+    assert cached["val_margin_after"] == pytest.approx(live["val_margin_after"], abs=1e-5)
+    stamp = files[0].stat().st_mtime_ns
+    result = CliRunner().invoke(CLI["dpo"], [str(dpo_recipe(tmp_path)), *common, f"output.dir={tmp_path / 'again'}",
+                                             "dpo.precompute_reference=true", f"data.cache_dir={cache}"])
+    assert result.exit_code == 0 and "cached at" in result.output and files[0].stat().st_mtime_ns == stamp
+    run_cli("dpo", dpo_recipe(tmp_path), *common, f"output.dir={tmp_path / 'shorter'}", "data.max_seq_len=12",
+            "dpo.precompute_reference=true", f"data.cache_dir={cache}")
+    assert len(list((cache / "dpo_reference").glob("*.safetensors"))) == 2  # other tokens, other entry
+
+
+def test_dpo_learns_and_eval_prefs_matches_transformers_with_peft(tiny_dir, hf_model, pairs_file, tmp_path):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "run"
+    summary = run_cli("dpo", dpo_recipe(tmp_path), f"model.path={tiny_dir}", "model.quantize=none",
+                      f"data.path={pairs_file}", f"output.dir={out}", "data.val_size=12", "train.max_steps=12",
+                      "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.lr=2e-3", "lora.r=8",
+                      "train.optimizer=adamw", "dpo.beta=0.1")
+    assert summary["val_pairs"] == 12 and summary["val_accuracy_after"] >= 0.8 and summary["val_margin_after"] > 0
+    result = run_cli("eval-prefs", tiny_dir, "--adapter", out / "adapter", "--data", pairs_file, "--kind", "dpo",
+                     "--quantize", "none", "--beta", 0.1)
+    # Independent: transformers + PEFT, the reference being PEFT's own disable_adapter().
+    policy = peft.PeftModel.from_pretrained(hf_model, out / "adapter").eval()
+    items, _ = tokenize_preferences(load_preferences(str(pairs_file))[0], load_tokenizer(tiny_dir), 512)
+    margins = []
+    for it in items:
+        prompt, (chosen, rejected) = it.prompt_ids.tolist(), [r.tolist() for r in it.response_ids]
+        with policy.disable_adapter():
+            ref = [hf_response_logprob(policy, prompt, chosen), hf_response_logprob(policy, prompt, rejected)]
+        pol = [hf_response_logprob(policy, prompt, chosen), hf_response_logprob(policy, prompt, rejected)]
+        margins.append(0.1 * ((pol[0] - ref[0]) - (pol[1] - ref[1])))
+    assert result["n"] == 40
+    assert result["mean_margin"] == pytest.approx(sum(margins) / 40, abs=1e-4)
+    assert result["accuracy"] == sum(m > 0 for m in margins) / 40
+
+
+def test_eval_prefs_dpo_takes_exactly_one_adapter(tiny_dir, pairs_file):
+    result = CliRunner().invoke(CLI["eval-prefs"], [str(tiny_dir), "--adapter", "a", "--adapter", "b", "--data",
+                                                    str(pairs_file), "--kind", "dpo"])
+    assert result.exit_code == 2 and "--kind dpo evaluates one adapter" in result.output
+
+
+# ----------------------------------------------------------------------------- shipped recipes
+
+@pytest.mark.parametrize("name,schema", [("reward", RewardRecipe), ("dpo", DPORecipe)])
+def test_shipped_recipes_load_and_point_at_the_shared_data(name, schema):
+    path = ROOT / "recipes" / f"{name}.toml"
+    recipe = load_recipe(path)
+    assert isinstance(recipe, schema) and tomllib.loads(path.read_text())["kind"] == name
+    assert recipe.model.path == "smollm2-135m" and recipe.lora.r == 16
+    assert recipe.data.path.startswith("../shared/data/")
+
+
+@SHARED_DATA
+@pytest.mark.slow
+def test_shipped_dpo_recipe_starts_at_ln2_on_smollm2(smollm2_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the recipe's data path is relative to the repository root
+    out = tmp_path / "run"
+    run_cli("dpo", "recipes/dpo.toml", f"model.path={smollm2_dir}", "data.max_seq_len=48", "data.val_size=1",
+            "train.max_steps=1", "train.micro_batch_size=1", "train.grad_accum_steps=1", "train.log_every=1",
+            "model.gradient_checkpointing=false", f"output.dir={out}", "eval.every=0", "eval.max_batches=1")
+    assert logged(out)[0]["loss"] == pytest.approx(LN2, abs=1e-7)
