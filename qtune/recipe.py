@@ -250,6 +250,21 @@ class EvalSection:
 
 
 @dataclass
+class SFTEvalSection(EvalSection):
+    exact_match: int = 0
+    """Held-out examples whose greedy completion must equal the reference response, scored before and after training; 0 = off."""
+    max_new_tokens: int = 32
+    """Longest completion generated for exact_match."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
+        if self.exact_match < 0:
+            yield "exact_match", f"must be >= 0 (0 = off), got {self.exact_match}"
+        if self.max_new_tokens < 1:
+            yield "max_new_tokens", f"must be a positive integer, got {self.max_new_tokens}"
+
+
+@dataclass
 class OutputSection:
     dir: str = "runs/sft"
     """Run directory: the resolved recipe, logs, checkpoints and the final adapter are written here."""
@@ -303,6 +318,8 @@ class SFTRecipe(TrainRecipe):
     """Which recipe schema this file follows (e.g. "sft")."""
     data: SFTDataSection = field(default_factory=SFTDataSection)
     """The training data."""
+    eval: SFTEvalSection = field(default_factory=SFTEvalSection)
+    """Validation during training, and the held-out exact match before and after."""
 
 
 RECIPE_SCHEMAS: dict[str, type[Recipe]] = {"sft": SFTRecipe}

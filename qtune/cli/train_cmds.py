@@ -21,13 +21,19 @@ def load_checked(recipe: str, overrides: tuple[str, ...], schema):
 
 
 def run_or_explain(fn, *args, **kwargs) -> dict:
-    """Run a training entry point; known user errors become a one-line message and exit code 1."""
+    """Run a training entry point; known user errors become a one-line message and exit code 1.
+
+    On CPU the process uses one torch thread per idle core (see `use_idle_cpu_cores`); Ctrl-C exits with 130.
+    """
     from qtune.checkpoint import CheckpointError
     from qtune.config import ConfigError
     from qtune.data.records import DataError
     from qtune.lora import AdapterError
-    from qtune.train.common import TrainingError
+    from qtune.train.common import TrainingError, training_device, use_idle_cpu_cores
 
+    threads = use_idle_cpu_cores(training_device())
+    if threads is not None:
+        err.print(f"cpu: {threads} torch thread(s), one per idle core (set OMP_NUM_THREADS to choose)")
     try:
         return fn(*args, **kwargs)
     except (CheckpointError, ConfigError, DataError, AdapterError, TrainingError, FileNotFoundError, ValueError) as e:

@@ -109,10 +109,27 @@ def _load_with_datasets(name: str, split: str) -> Records:
     return Records(name, rows, None, digest)
 
 
+def _generated(path: str) -> Records:
+    """Records qtune makes itself (`qtune:checkable-tasks?...`, see qtune/data/tasks.py)."""
+    from qtune.data.tasks import generate_tasks, parse_generated_path
+
+    try:
+        rows = generate_tasks(**parse_generated_path(path))
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    return Records(path, rows, None, digest)
+
+
 def load_records(path: str, split: str = "train") -> Records:
-    """Read every record of `path`: a local file (by suffix), a local directory, or a `datasets` name."""
+    """Read every record of `path`: a local file (by suffix), a local directory, a `datasets` name, or
+    data qtune generates (`qtune:checkable-tasks?count=N&seed=S`)."""
+    from qtune.data.tasks import GENERATED_PREFIX
+
     local = Path(path).expanduser()
-    if local.is_file():
+    if path.startswith(GENERATED_PREFIX):
+        records = _generated(path)
+    elif local.is_file():
         if not local.name.endswith(LOCAL_SUFFIXES):
             raise DataError(f"{path}: unknown file type; use one of {', '.join(LOCAL_SUFFIXES)}")
         records = _load_local_file(local)

@@ -6,11 +6,14 @@ directory is written under a temporary name and renamed into place only once com
 process mid-write leaves the previous checkpoint intact.
 """
 
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ class TrainingError(RuntimeError):
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) from one number."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -63,6 +67,7 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, max_steps: int, min_r
 
 
 def build_scheduler(optimizer, schedule: str, warmup_steps: int, max_steps: int):
+    """A LambdaLR applying `lr_factor`; its state (the step count) is saved with every checkpoint."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule, warmup_steps, max_steps))
 
 
@@ -96,7 +101,57 @@ def lm_loss_sum(model, batch: dict, kernels: str = "auto") -> tuple[torch.Tensor
 
 
 def count_targets(batch: dict) -> int:
+    """Trained tokens of a batch: the positions whose next token carries a loss."""
     return int((shifted_targets(batch["labels"], batch.get("attention_mask")) != -100).sum())
+
+
+def count_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens of a batch, for tokens/s."""
+    mask = batch.get("attention_mask")
+    return int((mask != 0).sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def autocast(device, model_dtype: torch.dtype):
+    """bf16 / fp16 autocast for the forward pass on CUDA when the model computes in that dtype; off on CPU.
+
+    The fp32 adapter weights then multiply in the compute dtype while their gradients and the optimizer
+    state stay fp32 (mixed precision). CPU runs stay fp32 throughout: CPU half-precision matmuls are slow.
+    """
+    if torch.device(device).type == "cuda" and model_dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=model_dtype)
+    return contextlib.nullcontext()
+
+
+class GracefulStop:
+    """Turns the first Ctrl-C (SIGINT) into a request to stop after the current step; a second one aborts.
+
+    Stopping between steps means a checkpoint can always be written with a consistent model, optimizer,
+    scheduler, RNG and data position. Use as a context manager around the training loop and check
+    `requested` after each step. Outside the main thread signals cannot be caught, so it does nothing there.
+    """
+
+    def __init__(self, console=None):
+        self.requested = False
+        self.console = console
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.console is not None:
+            self.console.print("[yellow]Ctrl-C: finishing this step, then saving a checkpoint "
+                               "(press Ctrl-C again to quit without saving)[/yellow]")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def peak_memory_bytes(device) -> int:
@@ -110,7 +165,7 @@ def peak_memory_bytes(device) -> int:
 
 # ---- checkpoints -----------------------------------------------------------------------------------
 
-def _flatten_state(obj, prefix: str, tensors: dict, meta_prefix=""):
+def _flatten_state(obj, prefix: str, tensors: dict):
     """Split a nested state (dicts / lists / tensors / scalars) into a tensor dict and a JSON skeleton."""
     if torch.is_tensor(obj):
         tensors[prefix] = obj.detach().cpu().contiguous()
@@ -194,17 +249,23 @@ class Checkpointer:
         self.keep = keep
 
     def save(self, step: int, write_fn) -> Path:
-        """`write_fn(tmp_dir)` writes the payload; the directory becomes visible only when it returned."""
+        """`write_fn(tmp_dir)` writes the payload; the directory becomes visible only when it returned.
+
+        A complete checkpoint of the same step is kept as it is: a run's state at a given step is always
+        the same, and deleting it first would leave a moment with no checkpoint of that step at all.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step:06d}"
+        if (final / COMPLETE_MARKER).exists():
+            return final
+        for stale in self.dir.glob(".step-*.tmp"):  # left by a process killed while writing
+            shutil.rmtree(stale)
         tmp = self.dir / f".step-{step:06d}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         tmp.mkdir()
         write_fn(tmp)
         (tmp / COMPLETE_MARKER).write_text(str(step))
         _fsync_dir(tmp)
-        if final.exists():
+        if final.exists():  # an incomplete directory of this step (no marker) is never loaded
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.dir)
@@ -237,14 +298,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per logged step, flushed as written (a resumed run truncates to its step)."""
+    """`metrics.jsonl`: one JSON object per logged step, appended and flushed as written.
+
+    A new run (`resume_step=None`) starts the file afresh; a resumed run keeps the records up to its
+    checkpoint's step (rewritten atomically) and appends from there, so the file reads like one run.
+    """
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in self.read() if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
 
@@ -253,16 +319,41 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
+        """Every record; a last line cut short by a killed process is ignored."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+
+def use_idle_cpu_cores(device) -> int | None:
+    """On CPU, run torch with one thread per core that other processes leave idle; returns the count.
+
+    OpenMP threads wait for each other at every operation, so a thread that shares its core with another
+    busy process stalls all of them: with two threads on two cores that are already loaded, a small model
+    trains many times slower than with one. Idle cores = cores - the 1-minute load average, at least one.
+    An explicit OMP_NUM_THREADS is respected (returns None), and so is any other device.
+    """
+    if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, min(cores, cores - round(os.getloadavg()[0])))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def training_device() -> str:
+    """CUDA when available, else CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def to_device(batch: dict, device) -> dict:
+    """Move every tensor of a batch to `device`."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

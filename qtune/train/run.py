@@ -5,6 +5,7 @@
       metrics.jsonl        one JSON object per logged step (`step`, `loss`, `lr`, ...)
       checkpoints/step-N/  adapter (PEFT) + trainable tensors + optimizer + scheduler + RNG + data position
       adapter/             the final adapter, PEFT format
+      held_out_before.json the held-out evaluation before training
       loss_curve.png, summary.json
 """
 
@@ -16,10 +17,13 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from safetensors import SafetensorError
 
 from qtune.data.batching import DataPosition
 from qtune.lora import save_adapter
 from qtune.train import common
+
+BEFORE_FILE = "held_out_before.json"
 
 
 def load_base_model(model_section, device):
@@ -39,6 +43,12 @@ def _trainable(model) -> dict:
 
 
 class Run:
+    """The output directory of one run: refuses to overwrite another run, restores, logs, checkpoints, sums up.
+
+    Nothing in an existing run directory changes before `restore` succeeds, so a resumed run that fails
+    on bad input (a missing model, broken data) leaves its checkpoints and metrics as they were.
+    """
+
     def __init__(self, out_dir: Path, console: Console | None, resume: bool):
         self.dir = Path(out_dir)
         self.console = console or Console(stderr=True)
@@ -47,8 +57,12 @@ class Run:
             raise common.TrainingError(
                 f"{self.dir} already holds a run (checkpoints/ or adapter/); pass --resume to continue it, "
                 "or set output.dir=NEW_DIR to start a new one (nothing there is overwritten)")
+        if resume and self.checkpointer.latest() is None:
+            raise common.TrainingError(f"--resume: no complete checkpoint under {self.checkpointer.dir}; "
+                                       "run without --resume to start")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = common.MetricsLog(self.dir / "metrics.jsonl")
+        # A resumed run opens its metrics in `restore`, keeping the records up to the checkpoint's step.
+        self.metrics = None if resume else common.MetricsLog(self.dir / "metrics.jsonl")
         self.progress: Progress | None = None
         self.task = None
         self.started = time.perf_counter()
@@ -56,6 +70,7 @@ class Run:
 
     # ---- setup -------------------------------------------------------------------------------------
     def write_recipe(self, text: str) -> None:
+        """Write the resolved recipe as `recipe.toml` (atomically)."""
         tmp = self.dir / ".recipe.toml.tmp"
         tmp.write_text(text)
         tmp.replace(self.dir / "recipe.toml")
@@ -64,34 +79,49 @@ class Run:
         line = (f"data: {stats['train_examples']} train / {stats['val_examples']} held-out examples, "
                 f"{stats['trained_tokens']} trained tokens")
         if stats.get("truncated"):
-            line += f", {stats['truncated']} truncated to max_seq_len"
+            line += f", {stats['truncated']} cut to data.max_seq_len"
         if stats.get("dropped"):
-            line += f", {stats['dropped']} dropped (no response token left after truncation)"
+            line += f", {stats['dropped']} dropped (no response token left within data.max_seq_len)"
         self.console.print(line)
 
     def restore(self, model, name: str, optimizer, scheduler) -> tuple[int, DataPosition]:
-        """Load the newest complete checkpoint; returns (step, data position)."""
+        """Load the newest complete checkpoint into the model's trainable tensors, the optimizer, the
+        scheduler and the RNGs; returns (step, data position)."""
         ckpt = self.checkpointer.latest()
         if ckpt is None:
             raise common.TrainingError(f"--resume: no complete checkpoint under {self.checkpointer.dir}")
-        saved = common.load_state(ckpt, "trainable")
+        try:
+            saved = common.load_state(ckpt, "trainable")
+            optimizer_state = common.load_state(ckpt, "optimizer")
+            rng = common.load_state(ckpt, "rng")
+            scheduler_state = json.loads((ckpt / "scheduler.json").read_text())
+            trainer = json.loads((ckpt / "trainer.json").read_text())
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            raise common.TrainingError(f"{ckpt}: cannot read the checkpoint ({e}); delete that directory to "
+                                       "resume from the one before it") from None
         params = _trainable(model)
-        if set(saved) != set(params):
+        if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items() if n in saved):
             raise common.TrainingError(f"{ckpt}: its trainable tensors do not match this recipe's adapter "
                                        "(was lora.* changed since the checkpoint?)")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n])
-        optimizer.load_state_dict(common.load_state(ckpt, "optimizer"))
-        scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
-        trainer = json.loads((ckpt / "trainer.json").read_text())
-        common.set_rng_state(common.load_state(ckpt, "rng"))
+        recipe_lrs = list(scheduler.base_lrs)
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        # The recipe's learning rate wins over the saved one (e.g. lowered after a non-finite loss): the
+        # schedule continues from the saved step with the recipe's peak, lr = peak * factor(step).
+        scheduler.base_lrs = recipe_lrs
+        for group, peak, factor in zip(optimizer.param_groups, recipe_lrs, scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = peak, peak * factor(scheduler.last_epoch)
+        common.set_rng_state(rng)
         self.metrics = common.MetricsLog(self.dir / "metrics.jsonl", resume_step=trainer["step"])
         self.console.print(f"resumed from {ckpt} (step {trainer['step']})")
         return trainer["step"], DataPosition.from_dict(trainer["position"])
 
     # ---- during training ---------------------------------------------------------------------------
     def start_progress(self, total: int, done: int) -> None:
+        """A progress bar: step, loss, learning rate, tokens/s, peak memory, elapsed time and ETA."""
         self.progress = Progress(
             TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s  "
@@ -101,14 +131,28 @@ class Run:
         self.progress.start()
 
     def step_done(self, record: dict, log: bool) -> None:
+        """Advance the progress bar with a step's record; append it to metrics.jsonl when `log`."""
         if self.progress is not None:
             self.progress.update(self.task, advance=1, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  tps=f"{record['tokens_per_s']:.0f}",
                                  mem=f"{record['peak_memory_bytes'] / 2**30:.2f} GB")
         if log:
             self.metrics.write(record)
+            if not self.console.is_terminal:  # a log file or CI: no live bar, so one line per logged step
+                self.console.print(f"step {record['step']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                                   f"{record['tokens_per_s']:.0f} tok/s" +
+                                   (f", held-out loss {record['val_loss']:.4f}" if "val_loss" in record else ""))
+
+    def save_before(self, result: dict) -> None:
+        """Keep the held-out evaluation made before training (`held_out_before.json`), for the summary and resume."""
+        (self.dir / BEFORE_FILE).write_text(json.dumps(result, indent=2))
+
+    def load_before(self) -> dict:
+        path = self.dir / BEFORE_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def log(self, record: dict) -> None:
+        """Append a record (e.g. an evaluation) to metrics.jsonl."""
         self.metrics.write(record)
 
     def stop_progress(self) -> None:
@@ -117,6 +161,7 @@ class Run:
             self.progress = None
 
     def save_checkpoint(self, step, model, name, optimizer, scheduler, position, rng=None) -> Path:
+        """Write checkpoints/step-N atomically; `rng` defaults to the RNG states of this moment."""
         def write(tmp: Path):
             save_adapter(model, tmp / "adapter", name=name, base_model_name_or_path=self.base_model)
             common.save_state(tmp, "trainable", {n: p.detach() for n, p in _trainable(model).items()})
@@ -128,15 +173,33 @@ class Run:
         return self.checkpointer.save(step, write)
 
     # ---- the end ------------------------------------------------------------------------------------
+    def show_comparison(self, name: str, before: float, after: float, samples: list[tuple[str, ...]] = ()) -> None:
+        """A before / after table of the held-out metric, then up to a few examples (prompt, before, after, reference)."""
+        table = Table(title=f"held-out {name}")
+        for column in ("before training", "after training"):
+            table.add_column(column, justify="right")
+        table.add_row(f"{before:.4f}", f"[bold green]{after:.4f}" if after != before else f"{after:.4f}")
+        self.console.print(table)
+        if samples:
+            examples = Table(title="held-out examples", show_lines=True)
+            for column in ("instruction", "before", "after", "answer"):
+                examples.add_column(column, overflow="fold")
+            for row in samples:
+                examples.add_row(*row)
+            self.console.print(examples)
+
     def finish(self, model, name: str, base_model: str, summary: dict) -> dict:
+        """Write the final adapter, loss_curve.png and summary.json; print the summary table; return it."""
         adapter = save_adapter(model, self.dir / "adapter", name=name, base_model_name_or_path=str(base_model))
         records = self.metrics.read()
         losses = [r["loss"] for r in records if "loss" in r]
+        before = self.load_before().get("val_loss")
         summary = {"output_dir": str(self.dir), "adapter": str(adapter), **summary,
                    "final_loss": losses[-1] if losses else None,
                    "seconds": round(time.perf_counter() - self.started, 1),
                    "peak_memory_bytes": max((r.get("peak_memory_bytes", 0) for r in records), default=0)}
-        plot_loss_curve(records, self.dir / "loss_curve.png")
+        plot_loss_curve(([{"step": 0, "val_loss": before}] if before is not None else []) + records,
+                        self.dir / "loss_curve.png")
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         table = Table(title=f"run finished: {self.dir}")
         table.add_column("")
@@ -148,6 +211,7 @@ class Run:
 
 
 def plot_loss_curve(records: list[dict], path: Path) -> None:
+    """Training loss per logged step and held-out loss per evaluation, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
