@@ -212,3 +212,16 @@ def test_shipped_dpo_recipe_starts_at_ln2_on_smollm2(smollm2_dir, tmp_path, monk
             "train.max_steps=1", "train.micro_batch_size=1", "train.grad_accum_steps=1", "train.log_every=1",
             "model.gradient_checkpointing=false", f"output.dir={out}", "eval.every=0", "eval.max_batches=1")
     assert logged(out)[0]["loss"] == pytest.approx(LN2, abs=1e-7)
+
+
+def test_resumed_run_with_cached_reference_reproduces_the_uninterrupted_one(tiny_dir, pairs_file, tmp_path):
+    args = [dpo_recipe(tmp_path), f"model.path={tiny_dir}", "model.quantize=none", f"data.path={pairs_file}",
+            "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.schedule=constant", "train.warmup_ratio=0",
+            "train.lr=5e-3", "train.optimizer=adamw", "train.log_every=1", "lora.r=4", "lora.dropout=0.1",
+            "dpo.precompute_reference=true", f"data.cache_dir={tmp_path / 'cache'}"]
+    run_cli("dpo", *args, "train.max_steps=4", f"output.dir={tmp_path / 'straight'}")
+    run_cli("dpo", *args, "train.max_steps=2", f"output.dir={tmp_path / 'split'}")
+    run_cli("dpo", *args, "train.max_steps=4", f"output.dir={tmp_path / 'split'}", "--resume")
+    straight, split = ([v for r in logged(tmp_path / run) for v in (r["step"], r["loss"], r["margin"])]
+                       for run in ("straight", "split"))
+    assert len(straight) == 4 * 3 and straight == pytest.approx(split, rel=1e-5, abs=1e-7)

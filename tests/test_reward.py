@@ -235,3 +235,21 @@ def test_bad_preference_file_fails_with_its_line(tiny_dir, tmp_path):
                                                 f"data.path={data}", f"output.dir={tmp_path / 'run'}"])
     assert result.exit_code == 1
     assert f"{data} line 2: 'chosen' and 'rejected' are identical" in result.output
+
+
+def test_resumed_run_reproduces_the_uninterrupted_one(tiny_dir, learnable_pairs, tmp_path):
+    from safetensors.torch import load_file
+
+    args = [reward_recipe(tmp_path), f"model.path={tiny_dir}", "model.quantize=none", f"data.path={learnable_pairs}",
+            "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.schedule=constant", "train.warmup_ratio=0",
+            "train.lr=1e-3", "train.optimizer=adamw", "train.log_every=1", "lora.r=4", "lora.dropout=0.1",
+            "reward.lm_loss_coef=0.1"]
+    run_cli("reward", *args, "train.max_steps=4", f"output.dir={tmp_path / 'straight'}")
+    run_cli("reward", *args, "train.max_steps=2", f"output.dir={tmp_path / 'split'}")
+    run_cli("reward", *args, "train.max_steps=4", f"output.dir={tmp_path / 'split'}", "--resume")
+    straight, split = ([v for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                        for v in (r["step"], r["loss"], r["lm_loss"])] for run in ("straight", "split"))
+    assert len(straight) == 4 * 3 and straight == pytest.approx(split, rel=1e-5)
+    for name in ("adapter_model.safetensors", "extra_tensors.safetensors"):  # the head is checkpointed too
+        a, b = (load_file(tmp_path / run / "adapter" / name) for run in ("straight", "split"))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
