@@ -1,0 +1,57 @@
+"""`qtune estimate`: a recipe's peak GPU memory, part by part, before training.
+
+The last stdout line is a JSON object with `peak_bytes` and its parts (and, with --gpu-memory, what fits).
+"""
+
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+@click.command("estimate")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--gpu-memory", "gpu_memory", default=None, help="Memory budget, e.g. 8GB: propose what fits in it.")
+@click.option("--shape", default=None, help="Model shape when model.path is not a local directory (e.g. llama2-7b).")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda",
+              help="Where the recipe will run: cuda computes in bf16, cpu in fp32 (with model.dtype=auto).")
+def estimate(recipe, overrides, gpu_memory, shape, device):
+    """Predict the peak memory of training RECIPE (file or shipped name) with `key.sub=value` OVERRIDES."""
+    from qtune.memory.estimate import estimate as predict
+    from qtune.memory.estimate import fit_budget, parse_size, step_shape_from_recipe
+    from qtune.memory.tracer import fmt_bytes
+    from qtune.recipe import RecipeError, load_recipe
+
+    try:
+        r = load_recipe(recipe, overrides)
+        s = step_shape_from_recipe(r, device, shape)
+        budget = parse_size(gpu_memory) if gpu_memory else None
+    except (RecipeError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    est = predict(s)
+    table = Table(title=f"{recipe}: micro-batch {s.micro_batch_size} x {s.seq_len} tokens, {s.dtype}, r={s.r}, "
+                        f"checkpointing {'on' if s.gradient_checkpointing else 'off'}", show_edge=False)
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    for name, n in est.parts.items():
+        table.add_row(name.replace("_", " "), fmt_bytes(n))
+    table.add_row(f"[bold]peak ({est.peak_at})", f"[bold]{fmt_bytes(est.peak_bytes)}")
+    console.print(table)
+    result = est.as_dict()
+    if budget is not None:
+        fit = fit_budget(s, budget)
+        verdict = "fits" if fit["fits"] else "does NOT fit"
+        console.print(f"{verdict} in {fmt_bytes(budget)}; at seq_len {s.seq_len} the largest micro-batch is "
+                      f"{fit['max_micro_batch_size'] or 'none'}, at micro-batch {s.micro_batch_size} the longest "
+                      f"sequence is {fit['max_seq_len'] or 'none'}; gradient checkpointing is "
+                      f"{'needed' if fit['checkpointing_needed'] else 'not needed'} "
+                      f"(without it: {fmt_bytes(fit['peak_without_checkpointing'])})")
+        result["budget"] = fit
+    click.echo(json.dumps(result))
+
+
+COMMANDS = [estimate]

@@ -1,0 +1,190 @@
+"""Bytes that training keeps in memory, by the formula: parameters, NF4 storage, adapters, optimizer state.
+
+Three regimes, per base parameter (Dettmers et al. 2023, QLoRA, section 2; Rajbhandari et al. 2020, ZeRO,
+section 3.1 for the 16 bytes of mixed-precision Adam):
+
+    full    bf16 weights 2 + bf16 gradients 2 + fp32 master weights 4 + Adam m 4 + Adam v 4   = 16 B
+    lora16  bf16 weights 2                        + adapters (fp32 A, B, their gradients, Adam m, v)
+    qlora   NF4 codes 0.5 + block constants       + adapters (the same)
+
+The adapters cost 16 bytes per *trainable* parameter with 32-bit AdamW (4 weight + 4 gradient + 8 state)
+and about 10 with an 8-bit optimizer (2 bytes of state plus one fp32 scale per 256-value block per moment).
+NF4 storage (QLoRA appendix, bitsandbytes' layout): codes n/2 bytes; double quantization keeps one uint8
+absmax per 64-value block, one fp32 scale per 256 blocks, a 256-entry fp32 code and an fp32 offset (about
+0.127 bit per parameter of constants, instead of 0.5 bit with fp32 absmax).
+
+Layers kept in 16 bits under QLoRA (embeddings, lm_head, norms) are counted as weights in the compute dtype.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+from qtune.config import ModelConfig
+
+# Llama-family shapes of public checkpoints (their config.json), one line each.
+SHAPES: dict[str, dict] = {
+    "llama2-7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0, "max_position_embeddings": 4096},
+    "llama2-13b": {"vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40, "rope_theta": 10000.0, "max_position_embeddings": 4096},
+    "llama3-8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0, "max_position_embeddings": 8192},
+    "mistral-7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 10000.0, "max_position_embeddings": 32768},
+    "smollm2-135m": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True},
+    "smollm2-360m": {"vocab_size": 49152, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True},
+}
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REGIMES = ("full", "lora16", "qlora")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def shape_config(name: str) -> ModelConfig:
+    """The ModelConfig of a named shape in SHAPES (e.g. "llama2-7b")."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; known shapes: {', '.join(SHAPES)}")
+    d = {"model_type": "llama", **SHAPES[name]}
+    return ModelConfig.from_dict(d, source=f"shape {name!r}")
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each linear layer of one decoder layer, by its Hugging Face name."""
+    D, I = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"q_proj": (q, D), "k_proj": (kv, D), "v_proj": (kv, D), "o_proj": (D, q),
+            "gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters of a Llama-family model, split by how QLoRA stores them."""
+
+    linear: int  # weights of the decoder layers' linear layers: quantized under QLoRA
+    embedding: int
+    lm_head: int  # 0 when tied to the embedding
+    other: int  # norms and biases, kept in the compute dtype
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.embedding + self.lm_head + self.other
+
+
+def param_counts(cfg: ModelConfig) -> ParamCounts:
+    shapes = linear_shapes(cfg)
+    per_layer = sum(o * i for o, i in shapes.values())
+    bias = 0
+    if cfg.qkv_bias:
+        bias += sum(shapes[n][0] for n in ("q_proj", "k_proj", "v_proj"))
+    if cfg.o_bias:
+        bias += shapes["o_proj"][0]
+    L, D, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    norms = L * 2 * D + D  # two RMSNorms per layer and the final one
+    return ParamCounts(linear=L * per_layer, embedding=V * D, lm_head=0 if cfg.tie_word_embeddings else V * D,
+                       other=norms + L * bias)
+
+
+def target_names(targets) -> tuple[str, ...]:
+    """The linear kinds a LoRA `target_modules` setting adapts ("all-linear" or a list of names)."""
+    if targets == "all-linear":
+        return LINEAR_NAMES
+    unknown = [t for t in targets if t not in LINEAR_NAMES]
+    if unknown:
+        raise ValueError(f"LoRA targets {unknown} are not linear layers of a Llama block ({', '.join(LINEAR_NAMES)})")
+    return tuple(t for t in LINEAR_NAMES if t in targets)
+
+
+def lora_param_count(cfg: ModelConfig, r: int, targets="all-linear") -> int:
+    """Trainable parameters: A (r, in) and B (out, r) on every targeted linear of every layer."""
+    shapes = linear_shapes(cfg)
+    return cfg.num_hidden_layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in target_names(targets))
+
+
+def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256) -> tuple[int, int]:
+    """(packed code bytes, quantization-constant bytes) of one NF4 tensor as qtune.quant stores it."""
+    n_blocks = math.ceil(numel / blocksize)
+    packed = math.ceil(numel / 2)
+    if not double_quant:
+        return packed, 4 * n_blocks
+    # uint8 absmax codes + fp32 nested absmax + 256-entry fp32 code + fp32 offset
+    return packed, n_blocks + 4 * math.ceil(n_blocks / nested_blocksize) + 256 * 4 + 4
+
+
+def nf4_model_nbytes(cfg: ModelConfig, double_quant: bool = True) -> tuple[int, int]:
+    """(codes, constants) over all quantized linears of the model."""
+    codes = consts = 0
+    for o, i in linear_shapes(cfg).values():
+        c, k = nf4_nbytes(o * i, double_quant=double_quant)
+        codes, consts = codes + c, consts + k
+    return codes * cfg.num_hidden_layers, consts * cfg.num_hidden_layers
+
+
+def adam_state_nbytes(numel: int, optimizer: str = "adamw") -> int:
+    """Adam's two moments for one fp32 tensor: 8 B/param, or 8-bit moments with one fp32 scale per 256 values.
+
+    bitsandbytes keeps tensors under 4096 values in 32 bits even with an 8-bit optimizer; a step counter
+    is not counted.
+    """
+    if optimizer in ("adamw", "paged_adamw") or numel < 4096:
+        return 8 * numel
+    if optimizer in ("adamw8bit", "paged_adamw8bit"):
+        return 2 * (numel + 4 * math.ceil(numel / 256))
+    raise ValueError(f"optimizer {optimizer!r} is not one of adamw, adamw8bit, paged_adamw, paged_adamw8bit")
+
+
+def lora_state_nbytes(cfg: ModelConfig, r: int, targets="all-linear", optimizer: str = "adamw") -> dict[str, int]:
+    """fp32 adapter weights, their gradients and the optimizer state, in bytes."""
+    shapes = linear_shapes(cfg)
+    weights = grads = state = 0
+    for name in target_names(targets):
+        o, i = shapes[name]
+        for numel in (r * i, o * r):  # A, B
+            weights, grads = weights + 4 * numel, grads + 4 * numel
+            state += adam_state_nbytes(numel, optimizer)
+    L = cfg.num_hidden_layers
+    return {"adapter_weights": L * weights, "adapter_grads": L * grads, "optimizer_state": L * state}
+
+
+@dataclass
+class RegimeBytes:
+    """What one training regime keeps in memory besides activations, in bytes."""
+
+    regime: str
+    base_params: int
+    trainable_params: int
+    weights: int  # base weights as stored (NF4 codes + 16-bit layers under QLoRA)
+    quant_constants: int  # NF4 absmax and double-quant statistics
+    gradients: int  # gradients of base weights (full fine-tuning only)
+    optimizer: int  # master weights + Adam moments of the base weights (full fine-tuning only)
+    adapters: int  # adapter weights + their gradients + their optimizer state
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.quant_constants + self.gradients + self.optimizer + self.adapters
+
+    def per_param(self) -> dict[str, float]:
+        """Bytes per base parameter of every part, and the adapters' bytes per trainable parameter."""
+        parts = ("weights", "quant_constants", "gradients", "optimizer", "adapters", "total")
+        out = {p: getattr(self, p) / self.base_params for p in parts}
+        out["adapter_bytes_per_trainable_param"] = self.adapters / self.trainable_params if self.trainable_params else 0.0
+        return out
+
+    def as_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "total": self.total}
+
+
+def regime_bytes(cfg: ModelConfig, regime: str, r: int = 16, targets="all-linear", optimizer: str = "adamw",
+                 double_quant: bool = True) -> RegimeBytes:
+    """The accounting of `regime` ("full", "lora16", "qlora") for model `cfg`, 16-bit layers in bf16."""
+    if regime not in REGIMES:
+        raise ValueError(f"regime {regime!r} is not one of {', '.join(REGIMES)}")
+    p = param_counts(cfg)
+    if regime == "full":
+        # bf16 weights and gradients; fp32 master copy and Adam moments (ZeRO's 2 + 2 + 12)
+        return RegimeBytes(regime, p.total, p.total, weights=2 * p.total, quant_constants=0, gradients=2 * p.total,
+                           optimizer=4 * p.total + adam_state_nbytes(p.total, optimizer), adapters=0)
+    lora = lora_state_nbytes(cfg, r, targets, optimizer)
+    trainable = lora_param_count(cfg, r, targets)
+    if regime == "lora16":
+        weights, consts = 2 * p.total, 0
+    else:
+        codes, consts = nf4_model_nbytes(cfg, double_quant)
+        weights = codes + 2 * (p.total - p.linear)
+    return RegimeBytes(regime, p.total, trainable, weights=weights, quant_constants=consts, gradients=0, optimizer=0,
+                       adapters=sum(lora.values()))

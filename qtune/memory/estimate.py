@@ -1,0 +1,244 @@
+"""Peak memory of a QLoRA / LoRA training step, predicted from the shapes alone (`qtune estimate`).
+
+The prediction follows what the step keeps alive, part by part (N = micro_batch x seq_len tokens, b =
+bytes per element of the compute dtype, L layers, D hidden, I intermediate):
+
+    weights           NF4 codes (n/2 bytes per weight) and the 16-bit embedding / lm_head / norms
+    quant constants   absmax codes and double-quant statistics
+    adapters          fp32 A and B, their gradients and the optimizer moments (steady state: after step 1)
+    checkpoints       with checkpointing, each layer's input: L x N x D x b
+    layer             one layer's backward: the activations autograd saves (`saved_activation_bytes`), and
+                      the larger of the dequantization temporaries (fp32 levels and product of the largest
+                      weight; NF4Linear dequantizes again in backward instead of keeping a dense copy) and
+                      the MLP backward's gradient buffers
+    loss              hidden states, their gradient and the fused cross-entropy's logit tiles
+
+Without checkpointing every layer's activations are saved during the forward.
+Backward walks the layers from last to first while adapter gradients accumulate and checkpoints are
+freed, so the peak is taken at the first and at the last layer processed, whichever is higher. The
+numbers are for qtune's plain-torch path (what runs on a CPU and what the tracer replays); on a GPU the
+fused Triton path saves less (it recomputes the SwiGLU product and keeps K and V unrepeated).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from qtune.config import ModelConfig
+from qtune.memory.accounting import (
+    DTYPE_BYTES,
+    linear_shapes,
+    lora_state_nbytes,
+    nf4_model_nbytes,
+    param_counts,
+    target_names,
+)
+
+CE_CHUNK = 1024  # tokens per tile of the fused cross-entropy (its default chunk_size)
+
+
+@dataclass
+class StepShape:
+    """Everything the peak depends on: the model shape and the recipe's training settings."""
+
+    cfg: ModelConfig
+    micro_batch_size: int = 1
+    seq_len: int = 512
+    dtype: str = "bfloat16"
+    r: int = 16
+    targets: object = "all-linear"
+    quantize: str = "nf4"
+    double_quant: bool = True
+    gradient_checkpointing: bool = True
+    optimizer: str = "adamw"
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_len
+
+    @property
+    def b(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+
+@dataclass
+class Estimate:
+    """Predicted peak bytes and the parts that add up to it."""
+
+    peak_bytes: int
+    parts: dict[str, int] = field(default_factory=dict)
+    peak_at: str = ""
+
+    def as_dict(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "peak_at": self.peak_at, **self.parts}
+
+
+def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
+    """Bytes autograd saves for one decoder layer's backward (plain path), besides the layer's input.
+
+    first_layer: layer 0, whose input (the embedding output) needs no gradient, so its first RMSNorm
+    saves nothing. The frozen NF4 products save nothing either: their backward dequantizes again.
+    """
+    cfg, N, b = s.cfg, s.tokens, s.b
+    D, I, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    q = H * cfg.head_dim  # the CPU path repeats K and V up to H heads, so q, k, v and the output are all q wide
+    shapes = linear_shapes(cfg)
+    adapted = target_names(s.targets)
+    wide = 4 if b < 4 else 0  # RMSNorm saves an fp32 copy of a 16-bit input; an fp32 input is saved as itself
+    per_token = 0 if first_layer else wide * D + 4  # norm 1: x in fp32 and 1/rms
+    if set(adapted) & {"q_proj", "k_proj", "v_proj"}:
+        per_token += b * D  # normed input, kept for dA of q / k / v
+    per_token += 4 * b * q + 4 * H  # attention: q, k, v, output and a log-sum-exp per head
+    per_token += b * q if "o_proj" in adapted else 0  # o_proj's input (a contiguous copy of the output)
+    per_token += 4 * D + 4  # norm 2: the residual sum in fp32 and 1/rms
+    per_token += b * D if set(adapted) & {"gate_proj", "up_proj"} else 0
+    per_token += 3 * b * I  # silu saves gate(x); the product saves silu(gate(x)) and up(x)
+    per_token += b * I if "down_proj" in adapted else 0
+    per_token += b * s.r * len(adapted)  # x_d A^T of every adapter, for dB
+    # A and B cast to a 16-bit compute dtype are saved as such (fp32 adapters are used as they are)
+    casts = sum(s.r * sum(shapes[n]) for n in adapted) * b if b < 4 else 0
+    return N * per_token + casts
+
+
+def largest_weight(cfg: ModelConfig) -> int:
+    return max(o * i for o, i in linear_shapes(cfg).values())
+
+
+def layer_transient_bytes(s: StepShape) -> int:
+    """Short-lived buffers on top of what the layer saves: the larger of the two peaks inside a layer.
+
+    Dequantizing the largest weight (n values) holds its fp32 levels and the fp32 product (8n bytes), plus
+    the result in a narrower compute dtype; the MLP backward holds three (N, I) gradients at once.
+    """
+    n = largest_weight(s.cfg)
+    dequant = 8 * n + (s.b * n if s.b < 4 else 0)
+    mlp_backward = 3 * s.b * s.tokens * s.cfg.intermediate_size
+    return max(dequant, mlp_backward)
+
+
+def loss_bytes(s: StepShape) -> int:
+    """The loss: the final norm's saved input, the hidden states and their scored copy, their fp32 copy,
+    and the fused cross-entropy's fp32 logit tiles (1024 tokens x VOCAB_CHUNK columns).
+
+    Forward holds three tiles at once (logits, exp, their product); backward holds the logits and
+    probabilities of one tile, and of the previous one too when there are several (the loop's variables
+    still reference them while the next are computed), plus the fp32 gradient of the hidden states. A
+    16-bit lm_head slice is upcast to fp32 per vocabulary chunk.
+    """
+    from qtune.kernels.logprobs import VOCAB_CHUNK
+
+    N, D, b = s.tokens, s.cfg.hidden_size, s.b
+    chunk = min(VOCAB_CHUNK, s.cfg.vocab_size)
+    tile = min(N, CE_CHUNK) * chunk * 4
+    steps = math.ceil(N / CE_CHUNK) * math.ceil(s.cfg.vocab_size / chunk)
+    widened = 4 if b < 4 else 0
+    held = N * D * (b + widened + 2 * b + widened) + (4 * chunk * D if b < 4 else 0)
+    forward = held + 3 * tile
+    backward = held + N * D * 4 + (4 if steps > 1 else 2) * tile
+    return max(forward, backward)
+
+
+def resident_parts(s: StepShape) -> dict[str, int]:
+    """Memory held for the whole run: weights, quantization constants, adapters, optimizer state."""
+    p = param_counts(s.cfg)
+    lora = lora_state_nbytes(s.cfg, s.r, s.targets, s.optimizer)
+    if s.quantize == "nf4":
+        codes, consts = nf4_model_nbytes(s.cfg, s.double_quant)
+        weights = codes + s.b * (p.total - p.linear)
+    else:
+        weights, consts = s.b * p.total, 0
+    return {"weights": weights, "quant_constants": consts, "adapter_weights": lora["adapter_weights"],
+            "optimizer_state": lora["optimizer_state"]}
+
+
+def estimate(s: StepShape) -> Estimate:
+    """The predicted peak of one steady-state training step and its parts.
+
+    Three moments compete: the loss (every layer input still stored, the cross-entropy's buffers), the
+    backward of the last layer (all checkpoints, few adapter gradients yet) and that of the first layer
+    (one checkpoint left, the other layers' adapter gradients). The highest is the prediction.
+    """
+    cfg, N, b, L = s.cfg, s.tokens, s.b, s.cfg.num_hidden_layers
+    resident = resident_parts(s)
+    grads = lora_state_nbytes(cfg, s.r, s.targets, s.optimizer)["adapter_grads"]
+    boundary = N * cfg.hidden_size * b  # one layer's input
+    last, first = saved_activation_bytes(s, False), saved_activation_bytes(s, True)
+    if s.gradient_checkpointing:
+        stored, stored_first = L * boundary, boundary
+        layers_before_loss = L * boundary
+    else:
+        # every layer's activations were saved in the forward; backward frees them from the last layer down
+        stored, stored_first = (L - 1) * (last + boundary) + boundary, boundary
+        layers_before_loss = first + (L - 1) * last + L * boundary
+    flowing = N * cfg.hidden_size * 4  # the fp32 gradient of the hidden states entering a layer's backward
+    candidates = {
+        "loss": {"checkpoints": layers_before_loss, "loss": loss_bytes(s)},
+        "last layer": {"checkpoints": stored, "layer_saved": last, "layer_transient": layer_transient_bytes(s),
+                       "gradient_flow": flowing, "adapter_grads": grads // L},
+        "first layer": {"checkpoints": stored_first, "layer_saved": first,
+                        "layer_transient": layer_transient_bytes(s), "gradient_flow": flowing,
+                        "adapter_grads": grads * (L - 1) // L},
+    }
+    where = max(candidates, key=lambda k: sum(candidates[k].values()))
+    parts = {**resident, **candidates[where]}
+    return Estimate(sum(parts.values()), parts, where)
+
+
+def fit_budget(s: StepShape, budget_bytes: int, seq_lens=(256, 512, 1024, 2048, 4096, 8192),
+               batch_sizes=(1, 2, 4, 8, 16, 32)) -> dict:
+    """Under `budget_bytes`: the largest micro-batch at the recipe's sequence length, the longest sequence
+    at its micro-batch, and whether gradient checkpointing is needed for the recipe as it is."""
+    def peak(**changes) -> int:
+        return estimate(StepShape(**{**s.__dict__, **changes})).peak_bytes
+
+    fits = lambda **c: peak(**c) <= budget_bytes
+    best_batch = max((m for m in batch_sizes if fits(micro_batch_size=m)), default=0)
+    best_seq = max((t for t in seq_lens if fits(seq_len=t)), default=0)
+    without = peak(gradient_checkpointing=False)
+    return {"budget_bytes": budget_bytes, "fits": peak() <= budget_bytes,
+            "max_micro_batch_size": best_batch, "max_seq_len": best_seq,
+            "checkpointing_needed": without > budget_bytes, "peak_without_checkpointing": without}
+
+
+def parse_size(text: str) -> int:
+    """'8GB', '8 GiB', '7.5G', '24000MB' -> bytes (GB and GiB both mean 2^30, as GPU memory is quoted)."""
+    t = text.strip().upper().replace(" ", "").removesuffix("B").removesuffix("I")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    scale = units.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in units else t
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"memory size {text!r} is not a number with a unit, e.g. 8GB or 24000MB") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return int(value * scale)
+
+
+def model_config_for(path: str, shape: str | None = None) -> ModelConfig:
+    """The model shape: `shape` from SHAPES, else model.path's config.json, else a SHAPES name or alias."""
+    from pathlib import Path
+
+    from qtune.memory.accounting import SHAPES, shape_config
+
+    if shape:
+        return shape_config(shape)
+    directory = Path(path).expanduser()
+    if (directory / "config.json").exists():
+        return ModelConfig.from_json(directory)
+    name = directory.name.lower()
+    if name in SHAPES:
+        return shape_config(name)
+    raise ValueError(f"model.path {path!r} is not a model directory with a config.json; give its shape with "
+                     f"--shape (one of: {', '.join(SHAPES)})")
+
+
+def step_shape_from_recipe(recipe, device: str = "cuda", shape: str | None = None) -> StepShape:
+    """The StepShape a training recipe runs with on `device` ("cuda": bf16 compute, "cpu": fp32)."""
+    m = recipe.model
+    dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    targets = recipe.lora.target_modules
+    return StepShape(model_config_for(m.path, shape), micro_batch_size=recipe.train.micro_batch_size,
+                     seq_len=recipe.data.max_seq_len, dtype=dtype, r=recipe.lora.r,
+                     targets=targets if isinstance(targets, str) else tuple(targets), quantize=m.quantize,
+                     double_quant=m.double_quant, gradient_checkpointing=m.gradient_checkpointing,
+                     optimizer=recipe.train.optimizer)
