@@ -788,6 +788,8 @@ class BestOfNSection:
     """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p; 1 = off."""
     sample_batch_size: int = 16
     """Sequences decoded together while sampling."""
+    min_score: float = float("-inf")
+    """Keep a prompt only when its best response scores at least this (e.g. 1 with a pass/fail check); -inf keeps all."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from _check_reward_source(self)

@@ -8,9 +8,13 @@ response as
 with the prompt as the model saw it, the response's text (without the end-of-sequence token) and the data
 record the prompt came from, whose extra fields (such as "answer") carry what the check needs.
 
-Built in: `arithmetic`, scoring 1 when the first number in the response is the record's "answer", and two
-tasks to use it on, whose prompt files `python -m qtune.rewards TASK FILE` writes. Their prompts read as
-plain text (data.chat = false) as well as inside a chat turn:
+Built in:
+
+    exact_answer  1 when the response is exactly the record's "answer" (qtune's generated instruction tasks)
+    arithmetic    1 when the first number in the response is the record's "answer"
+
+and two tasks for `arithmetic`, whose prompt files `python -m qtune.rewards TASK FILE` writes. Their prompts
+read as plain text (data.chat = false) as well as inside a chat turn:
 
     addition    "Question: What is 13 + 29?\nAnswer:"                      answer 42
     comparison  "Question: Which number is larger, 17 or 23?\nAnswer:"     answer 23
@@ -64,6 +68,18 @@ def arithmetic(prompt: str, response: str, record: dict) -> float:
                          f"{sorted(record)} (write prompt files with `python -m qtune.rewards addition FILE`)")
     value = first_number(response)
     return float(value is not None and value == float(record["answer"]))
+
+
+def exact_answer(prompt: str, response: str, record: dict) -> float:
+    """1.0 when the response, stripped of surrounding space and a final period, is exactly record["answer"].
+
+    The check of qtune's generated instruction tasks (`qtune:checkable-tasks?...` data), whose answers are
+    a few words or digits and must come alone.
+    """
+    if "answer" not in record:
+        raise ValueError(f"the exact_answer reward needs an 'answer' field in each prompt record; this one has "
+                         f"{sorted(record)}")
+    return float(response.strip().removesuffix(".").strip() == str(record["answer"]).strip())
 
 
 def problems(task: str, n: int, seed: int = 0, max_operand: int = 20) -> list[dict]:

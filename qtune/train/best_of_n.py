@@ -1,10 +1,11 @@
 """Best-of-N / rejection-sampling fine-tuning: Llama 2's step before PPO (Touvron et al. 2023, section 3.2.3).
 
     prompts -> n sampled responses each (the base model, KV cache) -> scored by the reward model or a function
-            -> keep each prompt's best response -> SFT on (prompt, best response) with the SFT loop
+            -> keep each prompt's best response (if it scores at least min_score)
+            -> SFT on (prompt, best response) with the SFT loop
 
     output.dir/
-      samples.jsonl   every prompt with its n responses, their scores and which one was kept
+      samples.jsonl   every prompt with its n responses, their scores, the best one and whether it was kept
       best.jsonl      the kept responses as chat records (what the SFT stage trains on)
       selection.json  mean score of all samples, of the first sample (best-of-1) and of the kept ones (best-of-n)
       sft/            the SFT run: adapter/, checkpoints/, metrics.jsonl, summary.json
@@ -65,14 +66,21 @@ def sample_and_select(recipe: BestOfNRecipe, out_dir: Path, console) -> dict:
         all_scores.append(scores)
         for row, (p, k) in enumerate(zip(group, select_best(scores).tolist())):
             texts = [g.text for g in generations[row * b.n:(row + 1) * b.n]]
-            samples.append({"prompt": p.text, "responses": texts, "scores": scores[row].tolist(), "best": k})
-            best.append({"messages": p.messages + [{"role": "assistant", "content": texts[k]}],
-                         "score": float(scores[row, k])})
+            kept = bool(scores[row, k] >= b.min_score)
+            samples.append({"prompt": p.text, "responses": texts, "scores": scores[row].tolist(), "best": k,
+                            "kept": kept})
+            if kept:
+                best.append({"messages": p.messages + [{"role": "assistant", "content": texts[k]}],
+                             "score": float(scores[row, k])})
         console.print(f"  {min(start + chunk, len(prompts))}/{len(prompts)} prompts")
-    scores = torch.cat(all_scores)
-    selection = {"prompts": len(prompts), "n": b.n, "mean_score": float(scores.mean()),
-                 "best_of_1_score": float(scores[:, 0].mean()), "best_of_n_score": float(scores.max(1).values.mean())}
     _write_jsonl(out_dir / "samples.jsonl", samples)
+    scores = torch.cat(all_scores)
+    selection = {"prompts": len(prompts), "n": b.n, "kept": len(best), "mean_score": float(scores.mean()),
+                 "best_of_1_score": float(scores[:, 0].mean()), "best_of_n_score": float(scores.max(1).values.mean())}
+    if not best:
+        raise common.TrainingError(f"no prompt's best response reached best_of_n.min_score = {b.min_score} (the best "
+                                   f"score was {float(scores.max()):.4f}); lower min_score, raise best_of_n.n, or "
+                                   f"check the reward (samples: {out_dir / 'samples.jsonl'})")
     (out_dir / "selection.json").write_text(json.dumps(selection, indent=2))
     _write_jsonl(out_dir / "best.jsonl", best)  # written last: its presence means the sampling stage is complete
     del model, scorer
@@ -113,7 +121,8 @@ def run_best_of_n(recipe: BestOfNRecipe, resume: bool = False, console=None) -> 
     else:
         selection = sample_and_select(recipe, out_dir, console)
     console.print(f"mean score: all samples {selection['mean_score']:.4f}, best-of-1 {selection['best_of_1_score']:.4f}, "
-                  f"best-of-{selection['n']} {selection['best_of_n_score']:.4f}")
+                  f"best-of-{selection['n']} {selection['best_of_n_score']:.4f}; {selection['kept']} of "
+                  f"{selection['prompts']} prompts kept")
     sft_dir = out_dir / "sft"
     summary = run_sft(sft_recipe(recipe, best_path, out_dir),
                       resume=resume and (sft_dir / "checkpoints").exists(), console=console)
