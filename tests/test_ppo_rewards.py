@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qtune.rewards import arithmetic, first_number, load_reward_function, main, problems
+from qtune.rewards import arithmetic, exact_answer, first_number, load_reward_function, main, problems
 
 
 @pytest.mark.parametrize("response, answer, reward", [
@@ -19,6 +19,16 @@ def test_arithmetic_reward(response, answer, reward):
 def test_arithmetic_reward_needs_an_answer():
     with pytest.raises(ValueError, match="'answer' field"):
         arithmetic("q", "7", {"prompt": "q"})
+
+
+@pytest.mark.parametrize("response, answer, reward", [
+    ("APPLE RIVER", "APPLE RIVER", 1.0), ("  12 \n", "12", 1.0), ("tiger.", "tiger", 1.0), (" 7", 7, 1.0),
+    ("apple river", "APPLE RIVER", 0.0), ("The answer is 12", "12", 0.0), ("12 13", "12", 0.0),
+])
+def test_exact_answer_reward(response, answer, reward):
+    assert exact_answer("q", response, {"answer": answer}) == reward
+    with pytest.raises(ValueError, match="'answer' field"):
+        exact_answer("q", response, {})
 
 
 def test_first_number():
