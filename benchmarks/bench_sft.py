@@ -5,7 +5,7 @@ shorter sequences) through the library entry point the CLI calls. Reports the he
 and after training (it must fall), training tokens/s, wall and CPU time and peak memory; appends CSV rows and
 ends with one JSON line.
 
-    python benchmarks/bench_sft.py [--steps 20] [--max-seq-len 256] [--val-size 32] [--lr 5e-4]
+    python benchmarks/bench_sft.py [--steps 12] [--max-seq-len 192] [--val-size 32] [--lr 5e-4]
 """
 
 import argparse
@@ -35,8 +35,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ALPACA_DEMO), help="Alpaca-format JSON file")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--max-seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--max-seq-len", type=int, default=192)
     ap.add_argument("--val-size", type=int, default=32)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--accum", type=int, default=1)
@@ -47,9 +47,11 @@ def main() -> None:
         sys.exit(f"{args.data}: not found; pass --data or set QTUNE_SHARED_DATA")
 
     from qtune.recipe import load_recipe
+    from qtune.train.common import use_idle_cpu_cores
     from qtune.train.sft import run_sft
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = use_idle_cpu_cores(device)  # as `qtune sft` does
     with tempfile.TemporaryDirectory() as out:
         overrides = [f"model.path={args.model}", f"data.path={args.data}", f"data.max_seq_len={args.max_seq_len}",
                      f"data.val_size={args.val_size}", "data.cache_dir=", f"train.max_steps={args.steps}",
@@ -69,11 +71,13 @@ def main() -> None:
           f"before {before:.4f} -> after {after:.4f} ({after - before:+.4f})")
     print(f"{args.steps} steps x {args.micro_batch * args.accum} examples, median {tokens_per_s:.0f} tokens/s, "
           f"wall {wall:.0f} s, CPU {cpu:.0f} s, peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB")
-    case = f"{args.model} steps={args.steps} seq={args.max_seq_len} batch={args.micro_batch}x{args.accum}"
+    case = (f"{args.model} steps={args.steps} seq={args.max_seq_len} batch={args.micro_batch}x{args.accum} "
+            f"threads={threads or torch.get_num_threads()}")
     append_rows("sft", device, [
         {"case": case, "impl": "qtune", "metric": "val_loss_before", "value": f"{before:.5f}", "unit": "nats/token"},
         {"case": case, "impl": "qtune", "metric": "val_loss_after", "value": f"{after:.5f}", "unit": "nats/token"},
-        {"case": case, "impl": "qtune", "metric": "train_tokens_per_s", "value": f"{tokens_per_s:.1f}", "unit": "tok/s"},
+        {"case": case, "impl": "qtune", "metric": "train_tokens_per_s", "value": f"{tokens_per_s:.1f}",
+         "unit": "tok/s"},
         {"case": case, "impl": "qtune", "metric": "wall", "value": f"{wall:.1f}", "unit": "s"},
         {"case": case, "impl": "qtune", "metric": "cpu", "value": f"{cpu:.1f}", "unit": "s"},
     ])

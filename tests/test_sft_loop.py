@@ -50,6 +50,10 @@ def losses(out: Path) -> list[dict]:
     return [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+def adapter_tensors(out: Path) -> dict:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
 def cli(args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from qtune.cli import main; main()", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO, env=ENV)
@@ -115,7 +119,7 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path)
     for a, b in zip(losses(full), losses(cut), strict=True):
         assert (a["step"], a["loss"], a["lr"], a["grad_norm"], a.get("val_loss")) == \
                (b["step"], b["loss"], b["lr"], b["grad_norm"], b.get("val_loss"))
-    wa, wb = load_file(full / "adapter" / "adapter_model.safetensors"), load_file(cut / "adapter" / "adapter_model.safetensors")
+    wa, wb = adapter_tensors(full), adapter_tensors(cut)
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and wa.keys() == wb.keys()
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["after"] == summary["after"]
     check_run_outputs(full, summary, tiny_dir)
@@ -196,3 +200,52 @@ def test_existing_run_is_not_overwritten(tiny_dir, tmp_path):
     assert again.exit_code == 1 and "already holds a run" in again.output and "--resume" in again.output
     fresh = CliRunner().invoke(main, ["sft", "quickstart", *overrides(tiny_dir, tmp_path / "new"), "--resume"])
     assert fresh.exit_code == 1 and "no complete checkpoint" in fresh.output
+
+
+def test_8bit_optimizer_checkpoint_resumes_bit_exactly(tiny_dir, tmp_path):
+    """bitsandbytes' 8-bit AdamW (rank 64: the adapter matrices are big enough for 8-bit states) saves its
+    quantized states and maps without pickle, and a run resumed from step 2 ends where the whole run did."""
+    import shutil
+
+    settings = dict(train__optimizer="adamw8bit", lora__r=64, train__max_steps=4, train__save_every=2)
+    run_sft(load_recipe("quickstart", overrides(tiny_dir, tmp_path / "full", **settings)))
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "adapter")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-000004")
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "step-000002" / "optimizer.json").read_text())
+    assert "__bnb_optimizer_quant_state__" in json.dumps(state)
+    run_sft(load_recipe("quickstart", overrides(tiny_dir, tmp_path / "cut", **settings)), resume=True)
+    a, b = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seed_fixes_the_run_and_gradient_checkpointing_changes_nothing(tiny_dir, tmp_path):
+    """Same seed: the same adapter (LoRA init, data order, dropout). Another seed: another adapter.
+    Recomputing activations in backward (gradient checkpointing) gives the same training."""
+    settings = dict(train__max_steps=3, lora__dropout=0.1)
+    runs = {name: adapter_tensors(Path(run_sft(load_recipe("quickstart", overrides(
+                tiny_dir, tmp_path / name, **settings, **extra)))["output_dir"]))
+            for name, extra in [("a", {}), ("b", {}), ("seed1", {"train__seed": 1}),
+                                ("ckpt", {"model__gradient_checkpointing": True})]}
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not any(torch.equal(runs["a"][k], runs["seed1"][k]) for k in runs["a"] if "lora_A" in k)
+    for k in runs["a"]:
+        torch.testing.assert_close(runs["ckpt"][k], runs["a"][k], atol=1e-6, rtol=0)
+
+
+def test_cpu_threads_follow_idle_cores(monkeypatch):
+    from qtune.train.common import use_idle_cpu_cores
+
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+        assert use_idle_cpu_cores("cpu") == cores == torch.get_num_threads()
+        monkeypatch.setattr(os, "getloadavg", lambda: (cores + 8.0, 9.0, 9.0))
+        assert use_idle_cpu_cores("cpu") == 1 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert use_idle_cpu_cores("cpu") is None
+        assert use_idle_cpu_cores("cuda") is None
+    finally:
+        torch.set_num_threads(before)

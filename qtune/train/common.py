@@ -168,7 +168,8 @@ def peak_memory_bytes(device) -> int:
 def _flatten_state(obj, prefix: str, tensors: dict):
     """Split a nested state (dicts / lists / tensors / scalars) into a tensor dict and a JSON skeleton."""
     if torch.is_tensor(obj):
-        tensors[prefix] = obj.detach().cpu().contiguous()
+        # A copy: optimizer states may share one tensor (bitsandbytes' 8-bit maps), which safetensors refuses.
+        tensors[prefix] = obj.detach().to("cpu", copy=True).contiguous()
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
         return {"__dict__": [[_key(k), _flatten_state(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}

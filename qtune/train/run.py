@@ -174,7 +174,7 @@ class Run:
 
     # ---- the end ------------------------------------------------------------------------------------
     def show_comparison(self, name: str, before: float, after: float, samples: list[tuple[str, ...]] = ()) -> None:
-        """A before / after table of the held-out metric, then up to a few examples (prompt, before, after, reference)."""
+        """A before / after table of the held-out metric, then a few examples (prompt, before, after, answer)."""
         table = Table(title=f"held-out {name}")
         for column in ("before training", "after training"):
             table.add_column(column, justify="right")

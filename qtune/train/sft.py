@@ -12,8 +12,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
 from qtune.data.batching import DataPosition
 from qtune.data.sft import build_sft_data
 from qtune.evaluate import exact_match, response_loss
