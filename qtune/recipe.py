@@ -504,6 +504,8 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), schema: 
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
     if schema is None:
         kind = table.get("kind", "sft")
+        import qtune.datagen.config  # noqa: F401  (registers the data-generation kinds; it imports this module)
+
         if kind not in RECIPE_SCHEMAS:
             raise RecipeError(f"{path}: kind = {kind!r} is not a recipe kind; choose one of: "
                               f"{', '.join(RECIPE_SCHEMAS)}")

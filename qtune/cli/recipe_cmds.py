@@ -70,7 +70,8 @@ def _data_paths(recipe) -> list[tuple[str, str]]:
     data = getattr(recipe, "data", None)
     if data is None:
         return []
-    paths = [("data.path", data.path)] if data.path else []
+    paths = [(f"data.{key}", getattr(data, key)) for key in ("path", "seed_tasks")
+             if getattr(data, key, "") and getattr(data, key) != "builtin"]
     paths += [(f"data.sources[{i}].path", s.path) for i, s in enumerate(getattr(data, "sources", []))]
     if getattr(data, "pretrain_path", ""):
         paths.append(("data.pretrain_path", data.pretrain_path))

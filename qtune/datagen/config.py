@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 from qtune.datagen.filters import SELF_INSTRUCT_BLACKLIST
-from qtune.recipe import ModelSection, OutputSection, Recipe
+from qtune.recipe import RECIPE_SCHEMAS, ModelSection, OutputSection, Recipe
 
 
 @dataclass
@@ -228,3 +228,6 @@ class EvolInstructRecipe(Recipe):
     """Instruction-following-difficulty selection of the final examples."""
     output: EvolOutputSection = field(default_factory=EvolOutputSection)
     """Where the data goes."""
+
+
+RECIPE_SCHEMAS.update({"self-instruct": SelfInstructRecipe, "evol-instruct": EvolInstructRecipe})
