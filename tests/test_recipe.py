@@ -81,7 +81,7 @@ def test_overrides_parse_toml_literals_and_keep_strings(tmp_path):
     ('[[data.sources]]\npath = "a.json"\nweight = 0\n', ["data.sources[0].weight", "positive"]),
     ('[[data.sources]]\npath = "a.json"\nshape = 1\n', ["data.sources[0].shape", "unknown key"]),
     ("[data]\npretrain_fraction = 0.2\n", ["data.pretrain_path", "needs a pretrain_path"]),
-    ('kind = "dpo"\n', ["r.toml", "kind = 'dpo'", "sft"]),
+    ('kind = "rlhf"\n', ["r.toml", "kind = 'rlhf'", "sft", "dpo"]),
     ("[train\n", ["r.toml", "not valid TOML"]),
 ])
 def test_file_errors_name_file_key_and_allowed_values(tmp_path, text, expected):
