@@ -65,7 +65,10 @@ def hf_response_logprob(model, prompt: list[int], response: list[int]) -> float:
 
 def random_items(n: int, vocab: int, seed: int) -> list[TokenizedPreference]:
     rng = np.random.default_rng(seed)
-    seq = lambda lo, hi: rng.integers(3, vocab, int(rng.integers(lo, hi))).astype(np.int32)  # noqa: E731
+
+    def seq(lo: int, hi: int) -> np.ndarray:
+        return rng.integers(3, vocab, int(rng.integers(lo, hi))).astype(np.int32)
+
     return [TokenizedPreference(seq(1, 7), (seq(1, 7), seq(1, 7), seq(1, 7)), 0.0, None) for _ in range(n)]
 
 

@@ -242,7 +242,10 @@ def test_split_is_seeded_and_disjoint(tmp_path, tok):
     rows = [{"prompt": f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)]
     data = PrefDataSection(path=write_jsonl(tmp_path / "p.jsonl", rows), val_size=5, cache_dir="")
     a, b, c = (build_preference_data(data, tok, seed=s) for s in (0, 0, 1))
-    prompts = lambda d: [tuple(it.prompt_ids) for it in d.val]  # noqa: E731
+
+    def prompts(d):
+        return [tuple(it.prompt_ids) for it in d.val]
+
     assert prompts(a) == prompts(b) != prompts(c)
     assert len(a.val) == 5 and len(a.train) == 15
     assert not set(prompts(a)) & {tuple(it.prompt_ids) for it in a.train}

@@ -44,7 +44,10 @@ def hf_last_hidden(hf_model, ids: list[int]) -> torch.Tensor:
 def random_items(n: int, vocab: int, seed: int) -> list[TokenizedPreference]:
     """Pairs of random token sequences of random lengths (nothing to prefer)."""
     rng = np.random.default_rng(seed)
-    seq = lambda lo, hi: rng.integers(3, vocab, int(rng.integers(lo, hi))).astype(np.int32)  # noqa: E731
+
+    def seq(lo: int, hi: int) -> np.ndarray:
+        return rng.integers(3, vocab, int(rng.integers(lo, hi))).astype(np.int32)
+
     return [TokenizedPreference(seq(2, 9), (seq(1, 9), seq(1, 9)), 0.0, None) for _ in range(n)]
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from qtune.data.batching import DataPosition
 from qtune.data.prefs import build_preference_data, fixed_batches
 from qtune.data.render import IGNORE
-from qtune.lora import adapters_disabled
+from qtune.lora import adapters_disabled, lora_parameters
 from qtune.losses import dpo_loss, preference_accuracy
 from qtune.recipe import DPORecipe, recipe_to_toml
 from qtune.reward import pair_summary
@@ -192,82 +192,105 @@ def validation(model, data, recipe: DPORecipe, device, reference) -> dict:
 
 # ----------------------------------------------------------------------------- training
 
+def train_step(model, micro: list[dict], params, optimizer, scheduler, recipe: DPORecipe, device, model_dtype,
+               reference: ReferenceLogprobs | None) -> dict:
+    """One optimizer step over the micro-batches `micro`: loss, implicit rewards, accuracy, margin, lr, grad norm.
+
+    loss = Σ over micro-batches and pairs p of loss(p) / P, P = the pairs of the whole step, so accumulation
+    equals one large batch.
+    """
+    d, kernels = recipe.dpo, recipe.model.kernels
+    n_pairs = sum(len(b["better"]) for b in micro)
+    loss_total, chosen, rejected = 0.0, [], []
+    for batch in micro:
+        batch = common.to_device(batch, device)
+        with common.autocast(device, model_dtype):
+            ref = reference.lookup("train", batch) if reference is not None else reference_logprobs(model, batch, kernels)
+            policy = sequence_logprobs(model, batch, kernels)
+        losses, chosen_rewards, rejected_rewards = pair_losses(policy, ref, batch, d.beta, d.loss, d.label_smoothing)
+        (losses.sum() / n_pairs).backward()
+        loss_total += losses.sum().item()
+        chosen.append(chosen_rewards)
+        rejected.append(rejected_rewards)
+    loss = loss_total / n_pairs
+    grad_norm = common.clip_gradients(params, recipe.train.max_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    return {"loss": loss, "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean()),
+            "accuracy": float(preference_accuracy(chosen - rejected).mean()), "margin": float((chosen - rejected).mean()),
+            "lr": lr, "grad_norm": grad_norm, "real_tokens": sum(common.count_tokens(b) for b in micro)}
+
+
 def run_dpo(recipe: DPORecipe, resume: bool = False, console=None) -> dict:
-    """Train the recipe's adapter with DPO; returns the run summary (also written to `output.dir/summary.json`)."""
-    t, d, device = recipe.train, recipe.dpo, common.training_device()
+    """Train the recipe's adapter with DPO; returns the run summary (also written to `output.dir/summary.json`).
+
+    The summary holds the held-out implicit-reward accuracy after training (`val_accuracy_after`); before
+    training it is 0.5 by construction, since a fresh adapter makes every implicit reward 0.
+    """
+    t, device = recipe.train, common.training_device()
     run = Run(Path(recipe.output.dir), console, resume)
     run.base_model = recipe.model.path
     common.seed_everything(t.seed)
     model, tokenizer = load_base_model(recipe.model, device)
-    params = attach_adapter(model, recipe.lora, t.seed)
+    attach_adapter(model, recipe.lora, t.seed)
     data = build_preference_data(recipe.data, tokenizer, t.seed)
     run.console.print(data.describe())
+    params = lora_parameters(model, ADAPTER)
+    model_dtype = model.model.embed_tokens.weight.dtype
     steps = total_steps(recipe, data.batches_per_epoch(t.micro_batch_size))
     optimizer = common.build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
     scheduler = common.build_scheduler(optimizer, t.schedule, t.warmup_steps or round(t.warmup_ratio * steps), steps)
-    start_step, position = 0, DataPosition()
-    if resume:
-        start_step, position = run.restore(model, ADAPTER, optimizer, scheduler)
+    start_step, position = run.restore(model, ADAPTER, optimizer, scheduler) if resume else (0, DataPosition())
     run.write_recipe(recipe_to_toml(recipe))
-    kernels = recipe.model.kernels
-    reference = precomputed_reference(model, data, recipe, device, run.console) if d.precompute_reference else None
+    reference = precomputed_reference(model, data, recipe, device, run.console) if recipe.dpo.precompute_reference \
+        else None
     batches = data.batches(t.micro_batch_size, t.seed, start=position)
+    after = None
     model.train()
     run.start_progress(steps, start_step)
-    done_step, rng_at_done, val_after = start_step, common.rng_state(), None
     try:
-        for step in range(start_step + 1, steps + 1):
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(t.grad_accum_steps)]
-            # Normalise by the pairs of the whole step, so accumulation equals one big batch.
-            n_pairs = sum(len(b["better"]) for _, b in micro)
-            loss_total, chosen, rejected = 0.0, [], []
-            for _, batch in micro:
-                batch = common.to_device(batch, device)
-                ref = reference.lookup("train", batch) if reference is not None else reference_logprobs(model, batch, kernels)
-                policy = sequence_logprobs(model, batch, kernels)
-                losses, chosen_rewards, rejected_rewards = pair_losses(policy, ref, batch, d.beta, d.loss, d.label_smoothing)
-                (losses.sum() / n_pairs).backward()
-                loss_total += losses.sum().item()
-                chosen.append(chosen_rewards)
-                rejected.append(rejected_rewards)
-            loss = loss_total / n_pairs
-            if not math.isfinite(loss):
-                raise common.TrainingError(
-                    f"loss is {loss} at step {step}; stopping without saving. The last good checkpoint is "
-                    f"{run.checkpointer.latest() or 'none'}; lower train.lr or check the data, then run again with --resume")
-            grad_norm = common.clip_gradients(params, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            position, done_step, rng_at_done = micro[-1][0], step, common.rng_state()
-            chosen, rejected = torch.cat(chosen), torch.cat(rejected)
-            record = {"step": step, "loss": loss, "chosen_reward": float(chosen.mean()),
-                      "rejected_reward": float(rejected.mean()),
-                      "accuracy": float(preference_accuracy(chosen - rejected).mean()),
-                      "margin": float((chosen - rejected).mean()), "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm, "epoch": position.epoch,
-                      "tokens_per_s": sum(b["input_ids"].numel() for _, b in micro) / (time.perf_counter() - t0),
-                      "peak_memory_bytes": common.peak_memory_bytes(device)}
-            val_after = None
-            if recipe.eval.every and step % recipe.eval.every == 0 and data.val:
-                val_after = validation(model, data, recipe, device, reference)
-                record.update(val_after)
-            run.step_done(record, log=step % t.log_every == 0 or step == steps or "val_loss" in record)
-            if t.save_every and step % t.save_every == 0 and step < steps:
-                run.save_checkpoint(step, model, ADAPTER, optimizer, scheduler, position)
-    except KeyboardInterrupt:
-        # Save the state after the last completed step: an unfinished step is redone on --resume.
-        run.save_checkpoint(done_step, model, ADAPTER, optimizer, scheduler, position, rng_at_done)
-        run.console.print(f"[yellow]interrupted: saved step {done_step}; continue with --resume[/yellow]")
-        raise
+        with common.GracefulStop(run.console) as stop:
+            for step in range(start_step + 1, steps + 1):
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(t.grad_accum_steps)]
+                out = train_step(model, [b for _, b in micro], params, optimizer, scheduler, recipe, device,
+                                 model_dtype, reference)
+                if not (math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])):
+                    raise common.TrainingError(
+                        f"loss {out['loss']}, gradient norm {out['grad_norm']} at step {step}: the run stops and "
+                        f"this step is not applied. The last good checkpoint is "
+                        f"{run.checkpointer.latest() or 'none (no checkpoint was saved yet)'}; lower train.lr or "
+                        "check the data, then continue with --resume")
+                position = micro[-1][0]
+                real_tokens = out.pop("real_tokens")
+                record = {"step": step, **out, "tokens_per_s": real_tokens / (time.perf_counter() - t0),
+                          "epoch": position.epoch, "peak_memory_bytes": common.peak_memory_bytes(device)}
+                if step == steps and data.val:  # the last step's record carries the held-out evaluation
+                    run.step_done(record, log=False)
+                    run.stop_progress()
+                    with run.console.status("held-out evaluation after training"):
+                        after = validation(model, data, recipe, device, reference)
+                    run.log({**record, **after})
+                    break
+                if recipe.eval.every and step % recipe.eval.every == 0 and data.val:
+                    record.update(validation(model, data, recipe, device, reference))
+                run.step_done(record, log=step % t.log_every == 0 or step == steps or "val_loss" in record)
+                if stop.requested:
+                    run.save_checkpoint(step, model, ADAPTER, optimizer, scheduler, position)
+                    run.console.print(f"[yellow]stopped: saved step {step}; continue with --resume[/yellow]")
+                    raise KeyboardInterrupt
+                if t.save_every and step % t.save_every == 0:
+                    run.save_checkpoint(step, model, ADAPTER, optimizer, scheduler, position)
     finally:
         run.stop_progress()
     run.save_checkpoint(steps, model, ADAPTER, optimizer, scheduler, position)
-    if val_after is None and data.val:
-        val_after = validation(model, data, recipe, device, reference)
-        run.log({"step": steps, **val_after})
-    after = val_after or {}
+    if after is None and data.val:  # resumed from the final checkpoint: nothing left to train
+        after = validation(model, data, recipe, device, reference)
+    after = after or {}
     return run.finish(model, ADAPTER, recipe.model.path, {
         "steps": steps, "pairs": data.stats["train_pairs"], "val_pairs": data.stats["val_pairs"],
         "val_accuracy_after": after.get("val_accuracy"), "val_margin_after": after.get("val_margin")})

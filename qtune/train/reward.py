@@ -28,12 +28,11 @@ ADAPTER = "default"
 HEAD_MODULE = "reward_head"
 
 
-def attach_adapter(model, lora, seed: int) -> list:
-    """A fresh trainable adapter `ADAPTER` as the recipe's [lora] section describes; returns its parameters."""
+def attach_adapter(model, lora, seed: int) -> None:
+    """A fresh adapter `ADAPTER`, the only trainable parameters, as the recipe's [lora] section describes."""
     add_lora(model, LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
                                rslora=lora.rslora), name=ADAPTER, seed=seed)
     mark_trainable(model, ADAPTER)
-    return lora_parameters(model, ADAPTER)
 
 
 def loss_units(batch: dict, loss: str) -> tuple[int, int]:
@@ -71,87 +70,118 @@ def reward_loss_sums(model, head, batch: dict, loss: str, lm: bool, kernels: str
     return main, lm_sum, rewards
 
 
-def run_reward(recipe: RewardRecipe, resume: bool = False, console=None) -> dict:
-    """Train the recipe's reward model; returns the run summary (also written to `output.dir/summary.json`)."""
-    t, device, r = recipe.train, common.training_device(), recipe.reward
-    run = Run(Path(recipe.output.dir), console, resume)
-    run.base_model = recipe.model.path
+def train_step(model, head, micro: list[dict], params, optimizer, scheduler, recipe: RewardRecipe, device,
+               model_dtype) -> dict:
+    """One optimizer step over the micro-batches `micro`; returns loss, accuracy and margin of its pairs, lr, grad norm.
+
+    loss = Σ over micro-batches and elements e of loss(e) / N, N = the elements (pairs, rankings or responses)
+    of the whole step, so accumulation equals one large batch; the LM regulariser is normalised likewise by
+    the chosen replies' tokens of the step.
+    """
+    r, kernels, lm = recipe.reward, recipe.model.kernels, recipe.reward.lm_loss_coef > 0
+    units = [loss_units(b, r.loss) for b in micro]
+    n_main, n_lm = sum(u[0] for u in units), max(1, sum(u[1] for u in units))
+    loss_total = lm_total = 0.0
+    margins = []
+    for batch in micro:
+        batch = common.to_device(batch, device)
+        with common.autocast(device, model_dtype):
+            main, lm_sum, rewards = reward_loss_sums(model, head, batch, r.loss, lm, kernels)
+        (main / n_main + (r.lm_loss_coef * lm_sum / n_lm if lm else 0.0)).backward()
+        loss_total += main.item()
+        lm_total += lm_sum.item() if lm else 0.0
+        margins.append((rewards[batch["better"]] - rewards[batch["worse"]]).detach().float())
+    loss = loss_total / n_main
+    grad_norm = common.clip_gradients(params, recipe.train.max_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    margins = torch.cat(margins)
+    out = {"loss": loss, "accuracy": float(preference_accuracy(margins).mean()), "margin": float(margins.mean()),
+           "lr": lr, "grad_norm": grad_norm, "real_tokens": sum(common.count_tokens(b) for b in micro)}
+    if lm:
+        out["lm_loss"] = lm_total / n_lm
+    return out
+
+
+def prepare(recipe: RewardRecipe, run: Run, device):
+    """Base model + seeded adapter + reward head (riding on the model), and the preference data."""
+    t = recipe.train
     common.seed_everything(t.seed)
     model, tokenizer = load_base_model(recipe.model, device)
-    params = attach_adapter(model, recipe.lora, t.seed)
+    attach_adapter(model, recipe.lora, t.seed)
     head = ScalarHead(model.config.hidden_size, seed=t.seed, device=device)
     model.add_module(HEAD_MODULE, head)
-    params += list(head.parameters())
-    data = build_preference_data(recipe.data, tokenizer, t.seed, need_scores=r.loss == "mse")
+    data = build_preference_data(recipe.data, tokenizer, t.seed, need_scores=recipe.reward.loss == "mse")
     run.console.print(data.describe())
+    return model, head, data
+
+
+def run_reward(recipe: RewardRecipe, resume: bool = False, console=None) -> dict:
+    """Train the recipe's reward model; returns the run summary (also written to `output.dir/summary.json`).
+
+    The summary holds the held-out accuracy before and after training (`val_accuracy_before` / `_after`).
+    """
+    t, device = recipe.train, common.training_device()
+    run = Run(Path(recipe.output.dir), console, resume)
+    run.base_model = recipe.model.path
+    model, head, data = prepare(recipe, run, device)
+    params = lora_parameters(model, ADAPTER) + list(head.parameters())
+    model_dtype = model.model.embed_tokens.weight.dtype
     steps = total_steps(recipe, data.batches_per_epoch(t.micro_batch_size))
     optimizer = common.build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
     scheduler = common.build_scheduler(optimizer, t.schedule, t.warmup_steps or round(t.warmup_ratio * steps), steps)
-    start_step, position = 0, DataPosition()
-    if resume:
-        start_step, position = run.restore(model, ADAPTER, optimizer, scheduler)
+    start_step, position = run.restore(model, ADAPTER, optimizer, scheduler) if resume else (0, DataPosition())
     run.write_recipe(recipe_to_toml(recipe))
-    kernels, lm = recipe.model.kernels, r.lm_loss_coef > 0
     val_args = (RewardModel(model, ADAPTER, head), data, t.micro_batch_size, device, recipe.eval.max_batches)
-    val_before = validation(*val_args) if start_step == 0 and data.val else None
-    if val_before is not None:
-        run.log({"step": 0, **val_before})
+    if start_step == 0 and data.val:
+        with run.console.status("held-out evaluation before training"):
+            run.save_before(validation(*val_args))
     batches = data.batches(t.micro_batch_size, t.seed, start=position)
+    after = None
     model.train()
     run.start_progress(steps, start_step)
-    done_step, rng_at_done, val_after = start_step, common.rng_state(), None
     try:
-        for step in range(start_step + 1, steps + 1):
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(t.grad_accum_steps)]
-            units = [loss_units(b, r.loss) for _, b in micro]
-            n_main, n_lm = sum(u[0] for u in units), sum(u[1] for u in units)
-            loss_total = lm_total = 0.0
-            margins = []
-            for _, batch in micro:
-                batch = common.to_device(batch, device)
-                main, lm_sum, rewards = reward_loss_sums(model, head, batch, r.loss, lm, kernels)
-                step_loss = main / n_main + (r.lm_loss_coef * lm_sum / max(n_lm, 1) if lm else 0.0)
-                step_loss.backward()
-                loss_total += main.item()
-                lm_total += lm_sum.item() if lm else 0.0
-                margins.append((rewards[batch["better"]] - rewards[batch["worse"]]).detach())
-            loss = loss_total / n_main
-            if not math.isfinite(loss):
-                raise common.TrainingError(
-                    f"loss is {loss} at step {step}; stopping without saving. The last good checkpoint is "
-                    f"{run.checkpointer.latest() or 'none'}; lower train.lr or check the data, then run again with --resume")
-            grad_norm = common.clip_gradients(params, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            position, done_step, rng_at_done = micro[-1][0], step, common.rng_state()
-            margins = torch.cat(margins)
-            record = {"step": step, "loss": loss, "accuracy": float(preference_accuracy(margins).mean()),
-                      "margin": float(margins.mean()), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "tokens_per_s": sum(b["input_ids"].numel() for _, b in micro) / (time.perf_counter() - t0),
-                      "epoch": position.epoch, "peak_memory_bytes": common.peak_memory_bytes(device)}
-            if lm:
-                record["lm_loss"] = lm_total / max(n_lm, 1)
-            val_after = None
-            if recipe.eval.every and step % recipe.eval.every == 0 and data.val:
-                val_after = validation(*val_args)
-                record.update(val_after)
-            run.step_done(record, log=step % t.log_every == 0 or step == steps or "val_loss" in record)
-            if t.save_every and step % t.save_every == 0 and step < steps:
-                run.save_checkpoint(step, model, ADAPTER, optimizer, scheduler, position)
-    except KeyboardInterrupt:
-        # Save the state after the last completed step: an unfinished step is redone on --resume.
-        run.save_checkpoint(done_step, model, ADAPTER, optimizer, scheduler, position, rng_at_done)
-        run.console.print(f"[yellow]interrupted: saved step {done_step}; continue with --resume[/yellow]")
-        raise
+        with common.GracefulStop(run.console) as stop:
+            for step in range(start_step + 1, steps + 1):
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(t.grad_accum_steps)]
+                out = train_step(model, head, [b for _, b in micro], params, optimizer, scheduler, recipe, device,
+                                 model_dtype)
+                if not (math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])):
+                    raise common.TrainingError(
+                        f"loss {out['loss']}, gradient norm {out['grad_norm']} at step {step}: the run stops and "
+                        f"this step is not applied. The last good checkpoint is "
+                        f"{run.checkpointer.latest() or 'none (no checkpoint was saved yet)'}; lower train.lr or "
+                        "check the data, then continue with --resume")
+                position = micro[-1][0]
+                real_tokens = out.pop("real_tokens")
+                record = {"step": step, **out, "tokens_per_s": real_tokens / (time.perf_counter() - t0),
+                          "epoch": position.epoch, "peak_memory_bytes": common.peak_memory_bytes(device)}
+                if step == steps and data.val:  # the last step's record carries the held-out evaluation
+                    run.step_done(record, log=False)
+                    run.stop_progress()
+                    with run.console.status("held-out evaluation after training"):
+                        after = validation(*val_args)
+                    run.log({**record, **after})
+                    break
+                if recipe.eval.every and step % recipe.eval.every == 0 and data.val:
+                    record.update(validation(*val_args))
+                run.step_done(record, log=step % t.log_every == 0 or step == steps or "val_loss" in record)
+                if stop.requested:
+                    run.save_checkpoint(step, model, ADAPTER, optimizer, scheduler, position)
+                    run.console.print(f"[yellow]stopped: saved step {step}; continue with --resume[/yellow]")
+                    raise KeyboardInterrupt
+                if t.save_every and step % t.save_every == 0:
+                    run.save_checkpoint(step, model, ADAPTER, optimizer, scheduler, position)
     finally:
         run.stop_progress()
     run.save_checkpoint(steps, model, ADAPTER, optimizer, scheduler, position)
-    if val_after is None and data.val:
-        val_after = validation(*val_args)
-        run.log({"step": steps, **val_after})
-    before, after = val_before or {}, val_after or {}
+    if after is None and data.val:  # resumed from the final checkpoint: nothing left to train
+        after = validation(*val_args)
+    before, after = run.load_before(), after or {}
     summary = run.finish(model, ADAPTER, recipe.model.path, {
         "steps": steps, "pairs": data.stats["train_pairs"], "val_pairs": data.stats["val_pairs"],
         "val_accuracy_before": before.get("val_accuracy"), "val_accuracy_after": after.get("val_accuracy"),
