@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from tiny import save_tiny_with_tokenizer
 
@@ -32,6 +33,14 @@ def args(tiny_dir, out, data, *extra) -> list[str]:
 def snapshot(out: Path) -> dict[str, str]:
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def keep_thread_count():
+    """`qtune sft` sets the process's torch threads (one per idle core); give the other tests theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,15 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs on one thread as well: a tiny model gains nothing from more, and loses much to a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return save_tiny_with_tokenizer("llama", tmp_path_factory.mktemp("tiny_sft"), seed=1)
@@ -249,3 +258,15 @@ def test_cpu_threads_follow_idle_cores(monkeypatch):
         assert use_idle_cpu_cores("cuda") is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_learning_rate_schedules_by_hand():
+    """Warmup 2 of 6 steps, then cosine / linear decay or constant: factors computed by hand."""
+    from qtune.train.common import lr_factor
+
+    warm = [0.5, 1.0]
+    assert [lr_factor(s, "constant", 2, 6) for s in range(6)] == warm + [1.0] * 4
+    assert [lr_factor(s, "linear", 2, 6) for s in range(6)] == pytest.approx(warm + [1.0, 0.75, 0.5, 0.25])
+    cosine = warm + [1.0, (1 + math.sqrt(0.5)) / 2, 0.5, (1 - math.sqrt(0.5)) / 2]
+    assert [lr_factor(s, "cosine", 2, 6) for s in range(6)] == pytest.approx(cosine)
+    assert lr_factor(6, "cosine", 2, 6) == pytest.approx(0.0)
