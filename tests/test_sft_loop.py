@@ -270,3 +270,9 @@ def test_learning_rate_schedules_by_hand():
     cosine = warm + [1.0, (1 + math.sqrt(0.5)) / 2, 0.5, (1 - math.sqrt(0.5)) / 2]
     assert [lr_factor(s, "cosine", 2, 6) for s in range(6)] == pytest.approx(cosine)
     assert lr_factor(6, "cosine", 2, 6) == pytest.approx(0.0)
+
+
+def test_overrides_alone_apply_to_the_quickstart(tiny_dir, tmp_path):
+    result = CliRunner().invoke(main, ["sft", *overrides(tiny_dir, tmp_path / "run", train__max_steps=1)])
+    assert result.exit_code == 0, result.output
+    assert load_recipe(tmp_path / "run" / "recipe.toml").description == load_recipe("quickstart").description

@@ -4,6 +4,7 @@ Each prints its run summary as one JSON object on the last stdout line; progress
 """
 
 import json
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -18,6 +19,13 @@ def load_checked(recipe: str, overrides: tuple[str, ...], schema):
         return load_recipe(recipe, overrides, schema=schema)
     except RecipeError as e:
         raise click.ClickException(str(e)) from None
+
+
+def recipe_and_overrides(recipe: str, overrides: tuple[str, ...], default: str) -> tuple[str, tuple[str, ...]]:
+    """`qtune sft train.max_steps=5` means the default recipe with that override, not a recipe file of that name."""
+    if "=" in recipe and not Path(recipe).exists():
+        return default, (recipe, *overrides)
+    return recipe, overrides
 
 
 def run_or_explain(fn, *args, **kwargs) -> dict:
@@ -49,11 +57,13 @@ def run_or_explain(fn, *args, **kwargs) -> dict:
 def sft(recipe, overrides, resume):
     """Supervised fine-tuning with a RECIPE (file or shipped name; default: the CPU quickstart).
 
-    Overrides look like `train.max_steps=100 model.path=/models/llama-2-7b`.
+    Overrides look like `train.max_steps=100 model.path=/models/llama-2-7b`; with overrides alone
+    (`qtune sft train.max_steps=10`) they apply to the quickstart.
     """
     from qtune.recipe import SFTRecipe
     from qtune.train.sft import run_sft
 
+    recipe, overrides = recipe_and_overrides(recipe, overrides, default="quickstart")
     r = load_checked(recipe, overrides, SFTRecipe)
     summary = run_or_explain(run_sft, r, resume=resume, console=err)
     click.echo(json.dumps(summary))
