@@ -123,7 +123,7 @@ def training_state_bytes(cfg: ModelConfig, regime: str, r: int = 16, targets="al
     opt = build_optimizer_for_count(adapter, optimizer)
     ids = {id(p) for p in adapter}
     nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
-    codes = [m.packed for m in nf4]
+    codes = [m.packed for m in nf4] + [m.bias for m in nf4 if m.bias is not None]  # biases stay 16-bit buffers
     constants = [t for m in nf4 for t in (m.absmax, m.nested_absmax, m.nested_code, m.offset) if t is not None]
     base = [p for p in model.parameters() if id(p) not in ids]
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.is_meta]

@@ -5,7 +5,8 @@
 
 prints one JSON object. Memory is the kernel's count for this process (/proc/self/status): VmHWM, the
 peak resident set, is reset through /proc/self/clear_refs once the model is built and the optimizer
-state exists, so `step_peak` is the step's own peak. `step_peak_tensors` subtracts what the process
+state exists (made by a zero-gradient step, or by a full warm-up step with "warmup_step": true), so
+`step_peak` is the step's own peak. `step_peak_tensors` subtracts what the process
 holds besides tensors (interpreter, libraries: resident size before the step minus the bytes of the
 tensors alive then), which is what the estimator and the tracer predict.
 """
@@ -47,7 +48,10 @@ def measure_step(spec: dict) -> dict:
     setup = build_step(cfg, spec.get("micro_batch_size", 1), spec["seq_len"], dtype, "cpu", r=spec.get("r", 16),
                        targets=spec.get("targets", "all-linear"),
                        gradient_checkpointing=spec.get("gradient_checkpointing", True))
-    prime_optimizer(setup)
+    if spec.get("warmup_step"):
+        train_step(setup, kernels="torch")  # also creates the runtime's lazily built buffers and thread state
+    else:
+        prime_optimizer(setup)
     build_s = time.perf_counter() - t0
     resident = nbytes_of([*setup.model.parameters(), *setup.model.buffers(), *optimizer_tensors(setup.optimizer),
                           *setup.batch.values()])

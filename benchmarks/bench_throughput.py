@@ -1,0 +1,132 @@
+"""Training throughput: one QLoRA SFT step on SmolLM2-135M, qtune vs transformers + peft + bitsandbytes.
+
+    python benchmarks/bench_throughput.py                      # batch 4 x 256, r=16 on every linear
+    python benchmarks/bench_throughput.py --steps 5 --profile  # also print qtune's top ops
+
+Both sides get the same settings: NF4 base with double quantization, fp32 compute on the CPU, LoRA r=16
+alpha=16 on every linear of the decoder layers, gradient checkpointing (non-reentrant), AdamW, gradient
+clipping at 0.3, and the same batch of token ids (every position trained). The two models live in one
+process and their steps alternate, so both see the same machine load; each side's time is the median
+of its timed steps after one warm-up step. Rows go to benchmarks/results.csv; the last stdout line is
+JSON with tokens/s of each side and their ratio.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common import append_rows, print_json
+
+from qtune.memory.step import StepSetup, train_step
+
+
+def qtune_setup(model_dir: Path, batch: dict, r: int) -> StepSetup:
+    from qtune.checkpoint import load_model
+    from qtune.memory.build import add_trainable_lora
+    from qtune.train.common import build_optimizer
+
+    model = load_model(model_dir, quantize="nf4", dtype=torch.float32, double_quant=True)
+    params = add_trainable_lora(model, r, "all-linear", alpha=16.0)
+    model.gradient_checkpointing = True
+    model.train()
+    return StepSetup(model, params, build_optimizer(params, "adamw", lr=2e-4), batch)
+
+
+def peer_setup(model_dir: Path, r: int):
+    import peft
+    import transformers
+
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.float32,
+                                                              device_map="cpu")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                                       task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, torch.optim.AdamW(params, lr=2e-4)
+
+
+def peer_step(model, params, optimizer, ids: torch.Tensor) -> float:
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 0.3)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out.loss.item()
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="model directory or alias")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
+    p.add_argument("--profile", action="store_true", help="print the top ops of one qtune step")
+    p.add_argument("--no-csv", action="store_true")
+    return p.parse_args()
+
+
+def profile_qtune(setup: StepSetup) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(setup, kernels="torch")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+
+
+def main() -> None:
+    args = parse_args()
+    from qtune.checkpoint import resolve
+
+    model_dir = resolve(args.model)
+    vocab = __import__("json").loads((model_dir / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ours = qtune_setup(model_dir, {"input_ids": ids, "labels": ids}, args.rank)
+    peer = peer_setup(model_dir, args.rank)
+    steps = {"qtune": lambda: train_step(ours, kernels="torch"), "peer": lambda: peer_step(*peer, ids)}
+    for fn in steps.values():  # warm-up
+        fn()
+    times = {name: [] for name in steps}
+    for _ in range(args.steps):
+        for name, fn in steps.items():
+            times[name].append(timed(fn))
+    if args.profile:
+        profile_qtune(ours)
+    tokens = args.batch * args.seq
+    result = {"model": args.model, "batch": args.batch, "seq": args.seq, "rank": args.rank, "threads": torch.get_num_threads()}
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        result[name] = {"median_s": round(median, 3), "min_s": round(min(ts), 3), "max_s": round(max(ts), 3),
+                        "tokens_per_s": round(tokens / median, 1)}
+    result["speedup"] = round(result["qtune"]["tokens_per_s"] / result["peer"]["tokens_per_s"], 3)
+    print(f"{args.model} QLoRA step, {args.batch} x {args.seq} tokens, r={args.rank}, checkpointing, fp32 CPU: "
+          f"qtune {result['qtune']['tokens_per_s']} tok/s ({result['qtune']['median_s']} s), peer "
+          f"{result['peer']['tokens_per_s']} tok/s ({result['peer']['median_s']} s), ratio {result['speedup']}x")
+    if not args.no_csv:
+        case = f"{args.model},b={args.batch},T={args.seq},r={args.rank}"
+        rows = [{"case": case, "impl": impl, "metric": "tokens_per_s", "value": result[impl]["tokens_per_s"],
+                 "unit": "tok/s"} for impl in ("qtune", "peer")]
+        rows.append({"case": case, "impl": "qtune/peer", "metric": "speedup", "value": result["speedup"], "unit": "x"})
+        append_rows("throughput", "cpu", rows)
+    print_json(result)
+
+
+if __name__ == "__main__":
+    main()
