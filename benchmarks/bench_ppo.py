@@ -16,7 +16,7 @@ learn    recipes/ppo.toml through the real loop with a verifiable reward: the bu
          Defaults are sized for a shared CPU (fp32 weights: CPU NF4 decoding only costs time there).
 
     python benchmarks/bench_ppo.py memory [--quantize nf4] [--batch 16]
-    python benchmarks/bench_ppo.py learn [--iterations 24] [--rollout 32] [--threads 1]
+    python benchmarks/bench_ppo.py learn [--iterations 8] [--rollout 32] [--threads 1]
     python benchmarks/bench_ppo.py all
 
 Rows go to results.csv; the last stdout line is JSON with every number.
@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="memory: responses in the rollout batch")
     parser.add_argument("--new-tokens", type=int, default=5, help="longest response")
     parser.add_argument("--learn-quantize", default="none", choices=["nf4", "none"], help="learn: the base's weights")
-    parser.add_argument("--iterations", type=int, default=24)
+    parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--rollout", type=int, default=32)
     parser.add_argument("--minibatch", type=int, default=16)
     parser.add_argument("--ppo-epochs", type=int, default=2)
@@ -270,8 +270,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=1000)
-    parser.add_argument("--val-size", type=int, default=64)
-    parser.add_argument("--eval-every", type=int, default=8)
+    parser.add_argument("--val-size", type=int, default=48)
+    parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:

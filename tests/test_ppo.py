@@ -138,7 +138,7 @@ def test_fresh_policy_rollout_has_zero_kl_and_rewards_only_at_the_end(tiny_dir):
             self.token_ids, self.text, self.finish_reason = ids, "", "length"
 
     class FixedScores:
-        def score(self, prompts, generations, device=None):
+        def score(self, prompts, generations):
             return torch.tensor([1.0, -2.0, 0.5, 3.0])
 
     batch, stats = make_experience(model, FixedScores(), fake, [Gen(r) for r in responses], recipe, 0.3, "cpu")

@@ -117,6 +117,7 @@ def make_experience(model, scorer, prompts, generations, recipe: PPORecipe, beta
     returns (S, R) and scores (S,)) on the CPU, and its statistics.
     """
     p, kernels = recipe.ppo, recipe.model.kernels
+    # Padding is masked out of attention and of every loss, so its token id does not matter.
     batch = collate_responses([q.ids for q in prompts], [g.token_ids for g in generations], pad_id=0)
     scores = scorer.score(prompts, generations)
     if p.score_clip > 0:

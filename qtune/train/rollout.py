@@ -215,7 +215,8 @@ class FunctionScorer:
 
         self.spec, self.fn = spec, load_reward_function(spec)
 
-    def score(self, prompts: list[Prompt], generations: list[Generation], device=None) -> torch.Tensor:
+    def score(self, prompts: list[Prompt], generations: list[Generation]) -> torch.Tensor:
+        """One score per (prompt, generation), (S,) fp32."""
         scores = []
         for p, g in zip(prompts, generations):
             value = self.fn(p.text, g.text, p.record)
@@ -233,16 +234,19 @@ class ModelScorer:
         self.reward_model, self.pad_id, self.micro_batch_size, self.device = reward_model, pad_id, micro_batch_size, device
 
     @torch.no_grad()
-    def score(self, prompts: list[Prompt], generations: list[Generation], device=None) -> torch.Tensor:
+    def score(self, prompts: list[Prompt], generations: list[Generation]) -> torch.Tensor:
+        """One score per (prompt, generation), (S,) fp32, computed in eval mode."""
         base = self.reward_model.base
         was_training = base.training
         base.eval()
         batch = collate_responses([p.ids for p in prompts], [g.token_ids for g in generations], self.pad_id)
         scores = []
-        for piece in micro_batches(batch, self.micro_batch_size):
-            piece = {k: v.to(self.device) for k, v in piece.items()}
-            scores.append(self.reward_model.score(piece).float().cpu())
-        base.train(was_training)
+        try:
+            for piece in micro_batches(batch, self.micro_batch_size):
+                piece = {k: v.to(self.device) for k, v in piece.items()}
+                scores.append(self.reward_model.score(piece).float().cpu())
+        finally:
+            base.train(was_training)
         return torch.cat(scores)
 
 
