@@ -347,7 +347,10 @@ def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
             if recipe.eval.every and step % recipe.eval.every == 0 and val_prompts:
                 after = evaluate()
                 record.update(after)
-            run.step_done(record, log=step % t.log_every == 0 or step == iterations or bool(after))
+            log = step % t.log_every == 0 or step == iterations or bool(after)
+            run.step_done(record, log=log)
+            if log:
+                run.console.print(describe_iteration(record))
             if t.save_every and step % t.save_every == 0 and step < iterations:
                 save_checkpoint(run, step, model, optimizer, scheduler, position, kl_ctl)
     except KeyboardInterrupt:
@@ -361,6 +364,19 @@ def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
     if not after and val_prompts:
         after = evaluate()
         run.log({"step": iterations, **after})
+    return finish(run, model, recipe, iterations, kl_ctl, before, after)
+
+
+def describe_iteration(record: dict) -> str:
+    """One console line per logged iteration."""
+    held_out = f", held-out reward {record['val_reward']:.3f}" if "val_reward" in record else ""
+    return (f"iteration {record['step']}: reward {record['reward']:.3f}, KL {record['kl']:.3f} nats "
+            f"(β {record['beta']:.4f}), clip {record['clip_frac']:.3f}, entropy {record['entropy']:.3f}, "
+            f"length {record['response_length']:.1f}{held_out}")
+
+
+def finish(run: Run, model, recipe: PPORecipe, iterations: int, kl_ctl, before: dict, after: dict) -> dict:
+    """Save the policy adapter (output.dir/adapter) and the value adapter + head (output.dir/value), plot, summarise."""
     save_adapter(model, run.dir / "value", name=VALUE, base_model_name_or_path=recipe.model.path,
                  extra_tensors=model.get_submodule(VALUE_HEAD).tensors())
     records = run.metrics.read()
