@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# qtune is imported as installed (pip install -e .): putting the repository root on sys.path would let its
+# kernels/ folder shadow the `kernels` package that bitsandbytes looks for.
+HERE = Path(__file__).resolve().parent
 
 from common import append_rows, print_json
 
@@ -100,7 +101,7 @@ def run_peer(args) -> dict:
                                           bnb_4bit_compute_dtype=torch.float32)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=bnb,
                                                               dtype=torch.float32, device_map="cpu")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     lora = peft.LoraConfig(r=args.rank, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                            task_type="CAUSAL_LM")
@@ -154,7 +155,7 @@ def regimes(shape: str, r: int) -> dict:
 
 def run_json(cmd: list[str]) -> dict:
     """Run a measuring subprocess; its last stdout line is a JSON object."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV}, cwd=ROOT,
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV}, cwd=HERE,
                           check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}")

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
+# qtune is imported as installed (pip install -e .): putting the repository root on sys.path would let its
+# kernels/ folder shadow the `kernels` package that bitsandbytes looks for.
 from common import append_rows, print_json
 
 from qtune.memory.step import StepSetup, train_step
@@ -47,7 +46,7 @@ def peer_setup(model_dir: Path, r: int):
                                           bnb_4bit_compute_dtype=torch.float32)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.float32,
                                                               device_map="cpu")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                                                        task_type="CAUSAL_LM"))
