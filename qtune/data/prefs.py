@@ -30,7 +30,6 @@ from qtune.data.batching import DataPosition, epoch_batches
 from qtune.data.records import DataError, load_records
 from qtune.data.render import IGNORE, SHAREGPT_ROLES
 
-PREF_FORMATS = ("pairs", "ranking", "sharegpt", "chat", "hh")
 REQUIRED = {"pairs": ("prompt", "chosen", "rejected"), "ranking": ("prompt", "responses"),
             "sharegpt": ("conversations", "chosen", "rejected"), "chat": ("messages", "chosen", "rejected"),
             "hh": ("chosen", "rejected")}
@@ -43,12 +42,11 @@ _SPLIT_STREAM = 0  # the numpy stream (seed, 0) draws the validation split, as i
 class Preference:
     """One record: a prompt and K >= 2 different responses ordered best to worst."""
 
-    prompt: str | list[dict]
-    """Raw text, or chat messages rendered with the model's chat template."""
-    responses: list[str]
-    margin: float = 0.0
-    scores: list[float] | None = None
-    where: str = ""
+    prompt: str | list[dict]  # raw text, or chat messages rendered with the model's chat template
+    responses: list[str]  # best first
+    margin: float = 0.0  # subtracted from every reward difference of the record (Llama 2)
+    scores: list[float] | None = None  # one per response, for the pointwise loss
+    where: str = ""  # "file line N" / "file record i", for error messages
 
 
 class TokenizedPreference(NamedTuple):
