@@ -165,8 +165,7 @@ def measure_in_subprocess(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("batch,seq,ckpt", [(2, 512, True), (1, 512, False)])
-def test_tracer_and_estimate_match_measured_cpu_peak(batch, seq, ckpt):
+def test_tracer_and_estimate_match_measured_cpu_peak(batch=2, seq=512, ckpt=True):
     """The kernel's peak resident set of a real step, minus the process's non-tensor memory."""
     spec = {"config": MEASURED, "micro_batch_size": batch, "seq_len": seq, "gradient_checkpointing": ckpt,
             "warmup_step": True}
@@ -182,14 +181,16 @@ def test_tracer_and_estimate_match_measured_cpu_peak(batch, seq, ckpt):
 # ----------------------------------------------------------------------------- budget and CLI
 
 def test_fit_budget_proposes_the_largest_that_fits():
-    s = StepShape(shape_config("llama2-7b"), 1, 512)
+    s = StepShape(shape_config("llama2-7b"), 4, 512)
     budget = parse_size("8GB")
     fit = fit_budget(s, budget)
     assert fit["fits"] and fit["checkpointing_needed"]
+    assert fit["peak_without_checkpointing"] == estimate(StepShape(s.cfg, 4, 512, gradient_checkpointing=False)).peak_bytes
     best = fit["max_micro_batch_size"]
     assert estimate(StepShape(s.cfg, best, 512)).peak_bytes <= budget
     assert estimate(StepShape(s.cfg, best * 2, 512)).peak_bytes > budget
-    assert estimate(StepShape(s.cfg, 1, fit["max_seq_len"] * 2)).peak_bytes > budget
+    assert estimate(StepShape(s.cfg, 4, fit["max_seq_len"])).peak_bytes <= budget
+    assert estimate(StepShape(s.cfg, 4, fit["max_seq_len"] * 2)).peak_bytes > budget
     assert parse_size("512 MiB") == 512 * 2**20 and parse_size("1.5g") == 3 * 2**29
     with pytest.raises(ValueError, match="not a number"):
         parse_size("eight")
