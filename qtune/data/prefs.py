@@ -213,7 +213,8 @@ def load_preferences(path: str, fmt: str = "auto", split: str = "train", bad_rec
             prefs.append(parse_preference(row, fmt, records.where(i)))
         except DataError as e:
             if bad_records != "skip":
-                raise DataError(f"{e} (or set data.bad_records = \"skip\" to leave such records out)") from None
+                raise DataError(f"{e} (to leave such records out, set data.bad_records = \"skip\" in the recipe, "
+                                "or pass --bad-records skip to qtune eval-prefs)") from None
             skipped.append(str(e))
     if not prefs:
         raise DataError(f"{path}: none of its {len(records)} records is usable; the first problem: {skipped[0]}")
