@@ -6,7 +6,7 @@ to the storage, so views and in-place ops never count twice). The peak, and what
 a caching GPU allocator must hold at least (its reserved memory adds fragmentation on top).
 
 Run over fake tensors (`FakeTensorMode`: CPU tensors with shapes, dtypes and strides but no data), the
-7B-shaped QLoRA step takes no memory and runs in seconds, through exactly the code the CPU runs (the
+7B-shaped QLoRA step takes no memory and runs in about a minute, through exactly the code the CPU runs (the
 fused attention kernel included, which the meta device would replace by the math path), and with GPU
 semantics chosen by the dtypes: bf16 activations, NF4 weights. Fake tensors have no values, so the tracer
 answers data-dependent questions with the worst case for memory: every boolean mask is all true (all
