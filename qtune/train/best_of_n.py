@@ -56,6 +56,7 @@ def sample_and_select(recipe: BestOfNRecipe, out_dir: Path, console) -> dict:
                   f"({stats['format']} records)")
     samples, best, all_scores = [], [], []
     chunk = max(1, b.sample_batch_size // b.n)  # prompts per generate call
+    report_every = max(1, len(prompts) // chunk // 10)  # about ten progress lines
     for start in range(0, len(prompts), chunk):
         group = prompts[start:start + chunk]
         repeated = [p for p in group for _ in range(b.n)]
@@ -72,7 +73,8 @@ def sample_and_select(recipe: BestOfNRecipe, out_dir: Path, console) -> dict:
             if kept:
                 best.append({"messages": p.messages + [{"role": "assistant", "content": texts[k]}],
                              "score": float(scores[row, k])})
-        console.print(f"  {min(start + chunk, len(prompts))}/{len(prompts)} prompts")
+        if (start // chunk + 1) % report_every == 0 or start + chunk >= len(prompts):
+            console.print(f"  {min(start + chunk, len(prompts))}/{len(prompts)} prompts")
     _write_jsonl(out_dir / "samples.jsonl", samples)
     scores = torch.cat(all_scores)
     selection = {"prompts": len(prompts), "n": b.n, "kept": len(best), "mean_score": float(scores.mean()),
