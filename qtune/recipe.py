@@ -601,6 +601,8 @@ class RewardSection:
     """pairwise: −log σ(r⁺ − r⁻ − margin) averaged over pairs; listwise: averaged within each ranking first (InstructGPT); mse: (r − score)² on the records' scores."""
     lm_loss_coef: float = 0.0
     """Weight of a language-modelling loss on the chosen response, added as a regulariser; 0 turns it off."""
+    head_init: Literal["normal", "zero"] = "normal"
+    """Initial head weights: normal N(0, 1/(D+1)) as OpenAI's reward models, or zero (every reward starts at 0)."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.lm_loss_coef < 0:

@@ -20,6 +20,7 @@ from qtune.lora import adapter_names, load_adapter, load_extra_tensors, use_adap
 from qtune.losses import pairwise_loss, preference_accuracy
 
 HEAD_PREFIX = "score"
+HEAD_INITS = ("normal", "zero")
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -30,13 +31,18 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 class ScalarHead(nn.Module):
     """A Linear(D, 1) in fp32 read at one position per row: the reward (or value) of the sequence so far."""
 
-    def __init__(self, hidden_size: int, seed: int = 0, device=None):
+    def __init__(self, hidden_size: int, seed: int = 0, device=None, init: str = "normal"):
         super().__init__()
-        # OpenAI's reward head init (lm-human-preferences, Ziegler et al. 2019): N(0, 1/(D + 1)), bias 0. A head of
-        # zeros would score every response alike, so a fresh model could not even rank at chance. The draw comes
-        # from its own generator: the global RNG is neither used nor advanced.
-        generator = torch.Generator().manual_seed(seed)
-        weight = torch.randn(1, hidden_size, generator=generator) / math.sqrt(hidden_size + 1)
+        # "normal": OpenAI's reward head init (lm-human-preferences, Ziegler et al. 2019), N(0, 1/(D + 1)), which
+        # gives unit-variance rewards on unit-variance features; the draw comes from its own generator, so the
+        # global RNG is neither used nor advanced. "zero": every reward starts at 0, an indifferent model whose
+        # first pairwise loss is ln 2 (the head learns first, the adapter from the second step on).
+        if init not in HEAD_INITS:
+            raise ValueError(f"head init {init!r} is not one of {', '.join(HEAD_INITS)}")
+        weight = torch.zeros(1, hidden_size)
+        if init == "normal":
+            generator = torch.Generator().manual_seed(seed)
+            weight = torch.randn(1, hidden_size, generator=generator) / math.sqrt(hidden_size + 1)
         self.linear = nn.Linear(hidden_size, 1, device="meta")
         self.linear.weight = nn.Parameter(weight.to(device))
         self.linear.bias = nn.Parameter(torch.zeros(1, device=device))

@@ -83,8 +83,12 @@ def test_head_init_is_seeded_scaled_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(a.linear.weight, b.linear.weight) and not torch.equal(a.linear.weight, c.linear.weight)
     # N(0, 1/(D+1)) as in OpenAI's lm-human-preferences; bias 0
-    assert float(a.linear.weight.std()) == pytest.approx(1 / math.sqrt(4097), rel=0.05)
-    assert float(a.linear.bias) == 0.0
+    assert float(a.linear.weight.detach().std()) == pytest.approx(1 / math.sqrt(4097), rel=0.05)
+    assert float(a.linear.bias.detach()) == 0.0
+    zero = ScalarHead(64, init="zero")
+    assert not zero.linear.weight.any() and not zero.linear.bias.any()
+    with pytest.raises(ValueError, match="'xavier' is not one of normal, zero"):
+        ScalarHead(64, init="xavier")
 
 
 def test_fresh_reward_model_ranks_random_pairs_at_chance(tiny_dir):
@@ -150,10 +154,10 @@ def ranking_file(tmp_path_factory):
     return path
 
 
-def reference_step1_losses(hf_model, tiny_dir, path, loss: str) -> tuple[float, float]:
+def reference_step1_losses(hf_model, tiny_dir, path, loss: str, init: str) -> tuple[float, float]:
     """(reward loss, LM loss on the chosen replies) of the whole file with the untrained head, from transformers."""
     items, _ = tokenize_preferences(load_preferences(str(path))[0], load_tokenizer(tiny_dir), 512)
-    head = ScalarHead(hf_model.config.hidden_size, seed=0)  # the recipe's seed: the head the run starts from
+    head = ScalarHead(hf_model.config.hidden_size, seed=0, init=init)  # the recipe's seed: the head the run starts from
     w, b = head.linear.weight[0].detach(), float(head.linear.bias[0])
     terms, per_ranking, squares, lm_sum, lm_count = [], [], [], 0.0, 0
     for it in items:
@@ -185,15 +189,17 @@ def reward_recipe(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("loss", ["pairwise", "listwise", "mse"])
-def test_first_logged_loss_matches_transformers(tiny_dir, hf_model, ranking_file, tmp_path, loss):
+@pytest.mark.parametrize("loss,init", [("pairwise", "normal"), ("listwise", "normal"), ("mse", "normal"),
+                                       ("pairwise", "zero")])
+def test_first_logged_loss_matches_transformers(tiny_dir, hf_model, ranking_file, tmp_path, loss, init):
     out = tmp_path / "run"
     run_cli("reward", reward_recipe(tmp_path), f"model.path={tiny_dir}", "model.quantize=none", f"data.path={ranking_file}",
-            f"output.dir={out}", f"reward.loss={loss}", "reward.lm_loss_coef=0.5", "train.max_steps=1",
+            f"output.dir={out}", f"reward.loss={loss}", f"reward.head_init={init}", "reward.lm_loss_coef=0.5",
+            "train.max_steps=1",
             "train.micro_batch_size=6", "train.grad_accum_steps=1", "train.optimizer=adamw", "train.log_every=1",
             "lora.r=4", "lora.dropout=0.1")
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    expected_loss, expected_lm = reference_step1_losses(hf_model, tiny_dir, ranking_file, loss)
+    expected_loss, expected_lm = reference_step1_losses(hf_model, tiny_dir, ranking_file, loss, init)
     assert first["step"] == 1
     assert first["loss"] == pytest.approx(expected_loss, rel=1e-4)
     assert first["lm_loss"] == pytest.approx(expected_lm, rel=1e-4)

@@ -112,7 +112,7 @@ def prepare(recipe: RewardRecipe, run: Run, device):
     common.seed_everything(t.seed)
     model, tokenizer = load_base_model(recipe.model, device)
     attach_adapter(model, recipe.lora, t.seed)
-    head = ScalarHead(model.config.hidden_size, seed=t.seed, device=device)
+    head = ScalarHead(model.config.hidden_size, seed=t.seed, device=device, init=recipe.reward.head_init)
     model.add_module(HEAD_MODULE, head)
     data = build_preference_data(recipe.data, tokenizer, t.seed, need_scores=recipe.reward.loss == "mse")
     run.console.print(data.describe())
