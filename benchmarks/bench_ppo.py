@@ -14,10 +14,13 @@ learn    recipes/ppo.toml through the real loop with a verifiable reward: the bu
          prompts, short replies. Reports the rollout reward of the first and last thirds of the run with a
          two-proportion z-test, the greedy held-out reward before and after, and the KL to the reference.
          Defaults are sized for a shared CPU (fp32 weights: CPU NF4 decoding only costs time there).
+best-of-n  recipes/best_of_n.toml as shipped (larger-number questions, the first-number check, best of 8, then
+         SFT), and the untrained and the fine-tuned model's greedy and sampled answers to new questions.
 
     python benchmarks/bench_ppo.py memory [--quantize nf4] [--batch 16]
     python benchmarks/bench_ppo.py learn [--iterations 8] [--rollout 32] [--threads 1]
-    python benchmarks/bench_ppo.py all
+    python benchmarks/bench_ppo.py best-of-n [--bon-prompts 128]
+    python benchmarks/bench_ppo.py all              # memory and learn
 
 Rows go to results.csv; the last stdout line is JSON with every number.
 """
@@ -252,9 +255,66 @@ def run_learning(args, work: Path) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- best-of-N
+
+def answer_rates(model, tokenizer, prompts, seed: int) -> dict:
+    """Share of `prompts` answered right (qtune.rewards:arithmetic), greedy and sampled at temperature 1."""
+    from qtune.rewards import arithmetic
+    from qtune.train.rollout import sample
+
+    def rate(generations):
+        return sum(arithmetic(p.text, g.text, p.record) for p, g in zip(prompts, generations)) / len(prompts)
+
+    return {"greedy": rate(sample(model, prompts, tokenizer, 16, greedy=True, batch_size=64)),
+            "sampled": rate(sample(model, prompts, tokenizer, 16, 1.0, seed=seed, batch_size=64))}
+
+
+def run_best_of_n_bench(args, work: Path) -> dict:
+    from qtune.checkpoint import load_model
+    from qtune.lora import adapters_disabled, load_adapter, use_adapter
+    from qtune.recipe import PromptDataSection, load_recipe
+    from qtune.tokenizer import load_tokenizer
+    from qtune.train.best_of_n import run_best_of_n
+    from qtune.train.common import training_device
+    from qtune.train.rollout import load_prompts
+
+    recipe = load_recipe("best_of_n", [f"model.path={args.model}", f"best_of_n.num_prompts={args.bon_prompts}",
+                                       f"output.dir={work / 'best-of-n'}", "data.cache_dir="])
+    summary = run_best_of_n(recipe)
+    model = load_model(args.model, quantize=recipe.model.quantize)
+    tokenizer = load_tokenizer(args.model)
+    load_adapter(model, summary["adapter"], name="best_of_n")
+    # New questions: the recipe's generator with another seed, less any the run sampled for.
+    seen = {json.loads(line)["prompt"] for line in Path(summary["samples"]).read_text().splitlines()}
+    new = PromptDataSection(path="qtune:checkable-tasks?count=80&seed=7&families=larger_number", format="chat",
+                            cache_dir="")
+    prompts = [p for p in load_prompts(new, tokenizer, 0)[0] if p.text not in seen][:64]
+    with adapters_disabled(model):
+        before = answer_rates(model, tokenizer, prompts, args.seed)
+    with use_adapter(model, "best_of_n"):
+        after = answer_rates(model, tokenizer, prompts, args.seed)
+    result = {"prompts": summary["prompts"], "n": summary["n"], "kept": summary["kept"],
+              "best_of_1_score": summary["best_of_1_score"], "best_of_n_score": summary["best_of_n_score"],
+              "new_questions": len(prompts), "untrained": before, "fine_tuned": after,
+              "sft_seconds": summary["seconds"]}
+    print(f"best-of-1 {result['best_of_1_score']:.3f}, best-of-{result['n']} {result['best_of_n_score']:.3f}, "
+          f"{result['kept']}/{result['prompts']} kept; new questions right, greedy {before['greedy']:.3f} -> "
+          f"{after['greedy']:.3f}, sampled {before['sampled']:.3f} -> {after['sampled']:.3f}")
+    case = f"{Path(args.model).name},larger_number,prompts={result['prompts']},n={result['n']}"
+    append_rows("best_of_n", training_device(), [
+        {"case": case, "impl": impl, "metric": metric, "value": value, "unit": "fraction"}
+        for impl, metric, value in (("selection", "best_of_1", result["best_of_1_score"]),
+                                    ("selection", "best_of_n", result["best_of_n_score"]),
+                                    ("untrained", "greedy_right", before["greedy"]),
+                                    ("fine_tuned", "greedy_right", after["greedy"]),
+                                    ("untrained", "sampled_right", before["sampled"]),
+                                    ("fine_tuned", "sampled_right", after["sampled"]))])
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["memory", "learn", "all", "_child"], nargs="?", default="all")
+    parser.add_argument("what", choices=["memory", "learn", "best-of-n", "all", "_child"], nargs="?", default="all")
     parser.add_argument("child_args", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -273,6 +333,7 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=48)
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bon-prompts", type=int, default=128, help="best-of-n: prompts sampled for")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -287,6 +348,8 @@ def main() -> None:
             result["memory"] = run_memory(args, Path(work))
         if args.what in ("learn", "all"):
             result["learning"] = run_learning(args, Path(work))
+        if args.what == "best-of-n":
+            result["best_of_n"] = run_best_of_n_bench(args, Path(work))
     print_json(result)
 
 
