@@ -37,7 +37,7 @@ TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 
 def reference_dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight of `q` in `dtype` (default q.dtype): qtune.quant's plain-torch decode."""
-    return q.dequantize(dtype)
+    return q.dequantize_torch(dtype)
 
 
 def reference_nf4_matmul(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

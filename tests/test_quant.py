@@ -63,9 +63,9 @@ def assert_same_as_bnb(q: NF4Weight, packed: torch.Tensor, state) -> None:
         assert q.nested_blocksize == state.state2.blocksize
     for dtype in DTYPES:
         expected = bnb_dequantize(packed, state, dtype)
-        ours = q.dequantize(dtype)
-        assert ours.dtype == dtype and ours.shape == q.shape
-        assert torch.equal(ours, expected), f"dequantized {dtype} differs"
+        for ours in (q.dequantize(dtype), q.dequantize_torch(dtype)):  # bnb's C++ kernel where exact, torch ops
+            assert ours.dtype == dtype and ours.shape == q.shape
+            assert torch.equal(ours, expected), f"dequantized {dtype} differs"
 
 
 def test_code_tables_match_bnb():
@@ -291,3 +291,14 @@ def test_nf4_linear_backward_keeps_no_dequantized_weight():
     (F.linear(x2, layer.dequantize(torch.float32), layer.bias) * g).sum().backward()
     assert torch.allclose(x.grad, x2.grad, atol=1e-6)
     assert torch.Size([80, 96]) not in saved
+
+
+@pytest.mark.parametrize("shape,blocksize", [((64, 80), 64), ((12, 576), 128), ((8, 576), 256)])
+def test_bnb_cpu_kernel_is_only_used_where_exact(shape, blocksize):
+    """bnb 0.50's CPU kernel decodes these layouts wrongly, so `dequantize` must keep to the torch ops there."""
+    torch.manual_seed(1)
+    q = quantize_nf4(torch.randn(shape), blocksize=blocksize, double_quant=False)
+    kernel = torch.ops.bitsandbytes.dequantize_4bit(q.packed.view(-1, 1), q.absmax_fp32(), blocksize, "nf4",
+                                                    list(shape), torch.float32)
+    assert not torch.equal(kernel, q.dequantize_torch(torch.float32))  # the flaw the guard avoids
+    assert torch.equal(q.dequantize(torch.float32), q.dequantize_torch(torch.float32))
