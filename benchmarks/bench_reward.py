@@ -9,6 +9,9 @@ NF4 dequantization only costs time there); on a GPU use the recipe as it is.
     python benchmarks/bench_reward.py --data ../shared/data/llamafactory/dpo_en_demo.json --format sharegpt
     python benchmarks/bench_reward.py --steps 250 --max-seq-len 256 --val-size 200 --quantize nf4   # GPU
 
+The head starts at zero (every pair tied, accuracy 0.5 before training, no evaluation pass needed); with
+--head-init normal the random head's own preferences are about as strong as what a few hundred pairs teach.
+
 Chance is 0.5. The held-out accuracy comes with a 95% Wilson interval and the one-sided binomial p-value of
 "no better than chance". Rows go to results.csv; the last stdout line is JSON with every number.
 """
@@ -59,6 +62,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--max-seq-len", type=int, default=96)
     parser.add_argument("--val-size", type=int, default=100)
+    parser.add_argument("--head-init", default="zero", choices=["zero", "normal"],
+                        help="zero: rewards start indifferent; normal: N(0, 1/(D+1)) starts with random preferences "
+                             "that a few short steps do not undo")
     parser.add_argument("--quantize", default="none", choices=["none", "nf4"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="", help="run directory (default: a fresh temporary one)")
@@ -77,6 +83,7 @@ def main() -> None:
                  f"train.micro_batch_size={args.micro_batch_size}", f"train.grad_accum_steps={args.grad_accum}",
                  f"train.lr={args.lr}", "train.schedule=constant", "train.warmup_steps=2", f"train.seed={args.seed}",
                  "train.optimizer=adamw", "train.log_every=1", "train.save_every=0", "eval.every=0",
+                 f"reward.head_init={args.head_init}",
                  f"model.quantize={args.quantize}", "model.gradient_checkpointing=false", f"output.dir={out}",
                  *args.overrides]
     recipe = load_recipe(args.recipe, overrides)
@@ -86,11 +93,13 @@ def main() -> None:
     losses = [r["loss"] for r in records if "loss" in r]
     result = {"data": Path(args.data).name, "max_seq_len": args.max_seq_len, "train_pairs_seen":
               args.steps * args.micro_batch_size * args.grad_accum, "val_pairs": n, "steps": args.steps,
+              "train_records": summary["pairs"], "head_init": args.head_init, "lr": args.lr,
               "quantize": args.quantize, "seconds": summary["seconds"], "first_loss": losses[0], "last_loss": losses[-1],
               "val_margin_after": summary["val_margin_after"],
               **accuracy_stats("before_", summary["val_accuracy_before"], n),
               **accuracy_stats("after_", summary["val_accuracy_after"], n)}
-    case = f"{result['data']},L={args.max_seq_len},train_pairs={result['train_pairs_seen']},val_pairs={n},{args.quantize}"
+    case = (f"{result['data']},L={args.max_seq_len},train_pairs={result['train_pairs_seen']},val_pairs={n},"
+            f"{args.quantize},head={args.head_init},lr={args.lr:g}")
     rows = [{"case": case, "impl": "qtune", "metric": metric, "value": result[metric], "unit": unit}
             for metric, unit in (("before_accuracy", "fraction"), ("after_accuracy", "fraction"),
                                  ("after_p_chance", "p"), ("seconds", "s")) if metric in result]

@@ -186,13 +186,35 @@ def test_truncation_keeps_the_end_of_the_prompt_then_cuts_responses():
     assert truncate([1, 2], [[7] * 20, [8]], 10) == ([1, 2], [[7] * 8, [8]])
 
 
+def test_truncation_says_whether_responses_lost_their_end(tok):
+    # Counted from the token lists themselves: a prompt cut is a shorter prompt, a response cut a shorter reply.
+    rows = [("one two three four five six seven eight nine ten", "yes", "no"),  # only the prompt is cut
+            ("p", "a rather long reply made of many different words", "no"),  # the long reply is cut
+            ("p", "yes", "no")]  # nothing is cut
+    prefs = [parse_preference({"prompt": p, "chosen": c, "rejected": r}, "pairs", f"f line {i}")
+             for i, (p, c, r) in enumerate(rows)]
+    L = len(tok.encode("p")) + len(tok.encode("yes")) + 1 + 4
+    expected = []
+    for (p, c, r), pref in zip(rows, prefs):
+        out, cut = tokenize_preference(pref, tok, L)
+        full = [tok.encode(c) + [tok.eos_id], tok.encode(r) + [tok.eos_id]]
+        prompt_cut = len(out.prompt_ids) < len(tok.encode(p))
+        responses_cut = any(len(a) < len(b) for a, b in zip(out.response_ids, full))
+        assert (cut.prompt_cut, cut.responses_cut, bool(cut)) == (prompt_cut, responses_cut, prompt_cut or responses_cut)
+        assert all(len(out.prompt_ids) + len(a) <= L for a in out.response_ids)
+        expected.append((prompt_cut, responses_cut))
+    assert expected == [(True, False), (False, True), (False, False)]
+    _, stats = tokenize_preferences(prefs, tok, L)
+    assert (stats["truncated"], stats["responses_cut"]) == (2, 1)
+
+
 def test_records_whose_responses_become_identical_are_dropped(tok):
     prefs = [parse_preference({"prompt": "p", "chosen": "the same start then A", "rejected": "the same start then B"},
                               "pairs", "f line 1"),
              parse_preference({"prompt": "p", "chosen": "yes", "rejected": "no"}, "pairs", "f line 2")]
     items, stats = tokenize_preferences(prefs, tok, 4)
     assert len(items) == 1 and stats["dropped"] == 1 and stats["dropped_where"] == ["f line 1"]
-    assert stats["truncated"] == 1 and stats["pairs"] == 1
+    assert stats["truncated"] == 1 and stats["responses_cut"] == 1 and stats["pairs"] == 1
 
 
 # ----------------------------------------------------------------------------- batches

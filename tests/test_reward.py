@@ -5,6 +5,7 @@ its first logged losses checked against an independent transformers computation.
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +19,10 @@ from qtune.data.prefs import TokenizedPreference, collate_preferences, load_pref
 from qtune.lora import LoraConfig, add_lora, lora_layers, save_adapter
 from qtune.reward import CombinedReward, RewardModel, ScalarHead, evaluate_reward, load_reward_model
 from qtune.tokenizer import load_tokenizer
+from qtune.train.reward import indifferent_validation
 
 CLI = {c.name: c for c in COMMANDS}
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 WORDS = "the cat dog sat on mat a big small red blue green tree house river".split()
 
 
@@ -234,6 +237,29 @@ def test_reward_model_learns_and_eval_prefs_reads_it_back(tiny_dir, learnable_pa
     cancel = run_cli("eval-prefs", tiny_dir, "--adapter", out / "adapter", "--adapter", out / "adapter", "--weight", 1,
                      "--weight", -1, "--data", learnable_pairs, "--kind", "reward")
     assert (cancel["accuracy"], cancel["mean_margin"], cancel["n"]) == (0.5, 0.0, 48)
+
+
+def test_shipped_recipe_learns_within_a_few_steps(tiny_dir, learnable_pairs, tmp_path):
+    # recipes/reward.toml as shipped (its lr, schedule, batch and head init), only shortened to 8 steps: its first
+    # few hundred pairs must already teach the head. With the N(0, 1/(D+1)) head this run ends at 0.69, because the
+    # random head's initial preferences outweigh what 8 steps at lr 1e-4 can teach.
+    summary = run_cli("reward", RECIPES / "reward.toml", f"model.path={tiny_dir}", f"data.path={learnable_pairs}",
+                      "data.format=auto", "data.val_size=16", "train.max_steps=8", "train.save_every=0", "eval.every=0",
+                      f"output.dir={tmp_path / 'run'}")
+    assert summary["val_accuracy_after"] >= 0.9
+    assert summary["val_accuracy_before"] == 0.5  # the zero head ties every pair
+
+
+def test_zero_head_ties_every_pair_without_being_run(tiny_dir):
+    model = load_model(tiny_dir, quantize="none")
+    with_random_adapter(model, "rm", seed=0)
+    items = random_items(20, model.config.vocab_size, seed=5)
+    scored = evaluate_reward(RewardModel(model, "rm", ScalarHead(model.config.hidden_size, init="zero")),
+                             [collate_preferences(items, pad_id=0)], "cpu")
+    assert (scored["accuracy"], scored["mean_margin"], scored["n"]) == (0.5, 0.0, 20)
+    assert scored["loss"] == pytest.approx(math.log(2))
+    assert indifferent_validation() == {"val_accuracy": scored["accuracy"], "val_margin": scored["mean_margin"],
+                                        "val_loss": pytest.approx(scored["loss"])}
 
 
 def test_bad_preference_file_fails_with_its_line(tiny_dir, tmp_path):

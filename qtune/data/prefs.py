@@ -258,15 +258,25 @@ def truncate(prompt: list[int], responses: list[list[int]], max_seq_len: int) ->
     return prompt, [r[:max_seq_len - keep] for r in responses]
 
 
-def tokenize_preference(pref: Preference, tokenizer, max_seq_len: int) -> tuple[TokenizedPreference | None, bool]:
-    """(tokenized record, whether it was truncated); None when truncation left two responses identical."""
+class Truncation(NamedTuple):
+    """What fitting one record into max_seq_len cost it."""
+
+    prompt_cut: bool  # the prompt lost its first tokens
+    responses_cut: bool  # at least one response lost its last tokens (its reward no longer sees its end)
+
+    def __bool__(self) -> bool:
+        return self.prompt_cut or self.responses_cut
+
+
+def tokenize_preference(pref: Preference, tokenizer, max_seq_len: int) -> tuple[TokenizedPreference | None, Truncation]:
+    """(tokenized record, what truncation cut); None when truncation left two responses identical."""
     if isinstance(pref.prompt, str):
         prompt = tokenizer.encode(pref.prompt, add_bos=tokenizer.add_bos_token)
         responses = [tokenizer.encode(r) + [tokenizer.eos_id] for r in pref.responses]
     else:
         prompt, responses = _chat_ids(pref.prompt, pref.responses, tokenizer, pref.where)
     cut_prompt, cut = truncate(prompt, responses, max_seq_len)
-    truncated = len(cut_prompt) < len(prompt) or any(len(a) < len(b) for a, b in zip(cut, responses))
+    truncated = Truncation(len(cut_prompt) < len(prompt), any(len(a) < len(b) for a, b in zip(cut, responses)))
     if len({tuple(r) for r in cut}) < len(cut):
         return None, truncated
     scores = np.asarray(pref.scores, np.float32) if pref.scores is not None else None
@@ -276,11 +286,16 @@ def tokenize_preference(pref: Preference, tokenizer, max_seq_len: int) -> tuple[
 
 def tokenize_preferences(prefs: list[Preference], tokenizer, max_seq_len: int, name: str = "the data"
                          ) -> tuple[list[TokenizedPreference], dict]:
-    """Tokenize every record; counts truncated ones and drops those whose responses became identical."""
-    items, truncated, dropped = [], 0, []
+    """Tokenize every record; counts truncated ones and drops those whose responses became identical.
+
+    stats: records, truncated (any cut), responses_cut (records with a response shortened), dropped (and the
+    first few dropped_where), sequences, pairs.
+    """
+    items, truncated, responses_cut, dropped = [], 0, 0, []
     for pref in prefs:
-        item, was_cut = tokenize_preference(pref, tokenizer, max_seq_len)
-        truncated += was_cut
+        item, cut = tokenize_preference(pref, tokenizer, max_seq_len)
+        truncated += bool(cut)
+        responses_cut += cut.responses_cut
         if item is None:
             dropped.append(pref.where)
         else:
@@ -288,7 +303,8 @@ def tokenize_preferences(prefs: list[Preference], tokenizer, max_seq_len: int, n
     if not items:
         raise DataError(f"{name}: after truncation to {max_seq_len} tokens every record's "
                         "responses are identical; raise data.max_seq_len")
-    stats = {"records": len(prefs), "truncated": truncated, "dropped": len(dropped), "dropped_where": dropped[:5],
+    stats = {"records": len(prefs), "truncated": truncated, "responses_cut": responses_cut,
+             "dropped": len(dropped), "dropped_where": dropped[:5],
              "sequences": sum(len(it.response_ids) for it in items), "pairs": sum(n_pairs(it) for it in items)}
     return items, stats
 
@@ -367,6 +383,8 @@ class PreferenceData:
                 f"({s['train_pairs']} / {s['val_pairs']} pairs), {s['trained_tokens']} response tokens")
         if s["truncated"]:
             line += f", {s['truncated']} truncated to max_seq_len"
+            if s["responses_cut"]:  # those rewards are read mid-reply, before the reply's end
+                line += f" ({s['responses_cut']} with responses cut short)"
         if s["dropped"]:
             line += f", {s['dropped']} dropped (responses identical after truncation; first: {s['dropped_where'][0]})"
         if s["skipped"]:

@@ -138,7 +138,8 @@ def run_reward(recipe: RewardRecipe, resume: bool = False, console=None) -> dict
     val_args = (RewardModel(model, ADAPTER, head), data, t.micro_batch_size, device, recipe.eval.max_batches)
     if start_step == 0 and data.val:
         with run.console.status("held-out evaluation before training"):
-            run.save_before(validation(*val_args))
+            # a zero head (reward.head_init = "zero") scores every pair 0: its result is known without a pass
+            run.save_before(validation(*val_args) if head.linear.weight.any() else indifferent_validation())
     batches = data.batches(t.micro_batch_size, t.seed, start=position)
     after = None
     model.train()
@@ -190,6 +191,11 @@ def run_reward(recipe: RewardRecipe, resume: bool = False, console=None) -> dict
     save_adapter(model, run.dir / "adapter", name=ADAPTER, base_model_name_or_path=str(recipe.model.path),
                  extra_tensors=head.tensors())
     return summary
+
+
+def indifferent_validation() -> dict:
+    """The held-out metrics of a zero head, known without a forward pass: every reward is 0, every pair ties."""
+    return {"val_accuracy": 0.5, "val_margin": 0.0, "val_loss": math.log(2)}
 
 
 def validation(scorer: RewardModel, data, micro_batch_size: int, device, max_batches: int) -> dict:
