@@ -99,18 +99,26 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     return N * per_token + casts
 
 
-def largest_weight(cfg: ModelConfig) -> int:
-    return max(o * i for o, i in linear_shapes(cfg).values())
+def dequant_bytes(out_features: int, in_features: int, b: int) -> int:
+    """Bytes alive while one NF4 weight is dequantized to a b-byte dtype.
+
+    With 64-value blocks and in_features a multiple of 64 one kernel writes the result directly (n b
+    bytes: bitsandbytes' C++ kernel on a CPU, the Triton workspace on a GPU); otherwise the torch ops hold
+    the fp32 levels and the fp32 product (8n bytes) plus the result in a narrower dtype.
+    """
+    n = out_features * in_features
+    if in_features % 64 == 0:
+        return b * n
+    return 8 * n + (b * n if b < 4 else 0)
 
 
 def layer_transient_bytes(s: StepShape) -> int:
     """Short-lived buffers on top of what the layer saves: the larger of the two peaks inside a layer.
 
-    Dequantizing the largest weight (n values) holds its fp32 levels and the fp32 product (8n bytes), plus
-    the result in a narrower compute dtype; the MLP backward holds three (N, I) gradients at once.
+    Dequantizing a weight holds `dequant_bytes` (the largest over the layer's linears); the MLP backward
+    holds three (N, I) gradients at once.
     """
-    n = largest_weight(s.cfg)
-    dequant = 8 * n + (s.b * n if s.b < 4 else 0)
+    dequant = max(dequant_bytes(o, i, s.b) for o, i in linear_shapes(s.cfg).values()) if s.quantize == "nf4" else 0
     mlp_backward = 3 * s.b * s.tokens * s.cfg.intermediate_size
     return max(dequant, mlp_backward)
 
