@@ -4,6 +4,7 @@ loads as SFT data; bad seed files and mismatched resumes fail with clear message
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,17 +68,35 @@ def test_run_writes_tasks_alpaca_and_report(reference):
                                                     if k not in ("truncated_item", "malformed_item"))
 
 
+def _interrupt_in_round_2(cmd, out: Path) -> str:
+    """Start the run and press Ctrl-C once round 1 is committed; returns stderr.
+
+    The process is paused (SIGSTOP) the moment round 1 shows up, so the Ctrl-C lands inside round 2 unless
+    round 2 was already committed in the polling gap; then the attempt is repeated from scratch.
+    """
+    for _ in range(3):
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        deadline = time.time() + 600
+        while not (out / "state.json").exists() or json.loads((out / "state.json").read_text())["round"] < 1:
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first round was committed"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGSTOP)
+        if json.loads((out / "state.json").read_text())["round"] == 1:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of round 2, delivered on SIGCONT
+            proc.send_signal(signal.SIGCONT)
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 130, err
+            return err
+        proc.send_signal(signal.SIGCONT)
+        proc.communicate(timeout=300)
+    pytest.fail("round 2 was committed before Ctrl-C could land in it, three times")
+
+
 def test_interrupted_run_resumes_to_the_same_files(reference, smollm2_dir, tmp_path):
     ref_dir, _ = reference
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(_cmd(smollm2_dir, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    deadline = time.time() + 600
-    while not (out / "state.json").exists() or json.loads((out / "state.json").read_text())["round"] < 1:
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first round was committed"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of round 2
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
+    err = _interrupt_in_round_2(_cmd(smollm2_dir, out), out)
     assert "Re-run the same command to resume" in err
     assert json.loads((out / "state.json").read_text())["round"] == 1
     partial = (out / "instructions.jsonl").read_text()
