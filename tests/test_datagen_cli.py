@@ -76,7 +76,10 @@ def _interrupt_in_round_2(cmd, out: Path) -> str:
     """
     for _ in range(3):
         shutil.rmtree(out, ignore_errors=True)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        # A shell starts background jobs with SIGINT ignored, and a child inherits that; a terminal's Ctrl-C
+        # reaches a process whose SIGINT is at its default, so the child gets the default back.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 600
         while not (out / "state.json").exists() or json.loads((out / "state.json").read_text())["round"] < 1:
             assert proc.poll() is None and time.time() < deadline, "the run ended before its first round was committed"
