@@ -51,11 +51,12 @@ def main() -> None:
     args = p.parse_args()
     results, rows = [], []
     for recipe, overrides, shape in CASES:
-        s = step_shape_from_recipe(load_recipe(recipe, overrides), device="cpu", shape=shape)
+        loaded = load_recipe(recipe, overrides)
+        s = step_shape_from_recipe(loaded, device="cpu", shape=shape)
         predicted = estimate(s).peak_bytes
         m = measure(s)
         ratio = predicted / m["step_peak_tensors"]
-        model = shape or load_recipe(recipe, overrides).model.path
+        model = shape or loaded.model.path
         name = f"{recipe}{' ' + ' '.join(overrides) if overrides else ''} on {model}"
         case = (f"{recipe},{model},b={s.micro_batch_size},T={s.seq_len},r={s.r},"
                 f"ckpt={int(s.gradient_checkpointing)}")

@@ -176,7 +176,7 @@ class NF4Weight:
         w = NF4_CODE[code] * absmax[block], computed in fp32 and rounded once to `dtype`.
         """
         dtype = dtype or self.dtype
-        if _bnb_kernel_is_exact(self, dtype):
+        if _use_bnb_kernel(self, dtype):
             # bitsandbytes' C++ CPU kernel: ~10x faster than the torch ops, the same values
             return _bnb_ops().dequantize_4bit(self.packed.view(-1, 1), self.absmax_fp32(), self.blocksize, "nf4",
                                               list(self.shape), dtype).view(self.shape)
@@ -199,15 +199,19 @@ class NF4Weight:
                        offset=move(self.offset))
 
 
-# bitsandbytes' CPU dequantization kernel walks (rows, columns) and is exact only for 64-value blocks that
-# never straddle a row (the last dimension a multiple of 64): other block sizes and widths decode wrongly
-# in bitsandbytes 0.50 (tests/test_quant.py pins both facts). Every linear of the supported models fits.
-BNB_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+def bnb_cpu_kernel_is_exact(shape, blocksize: int) -> bool:
+    """Whether bitsandbytes' CPU dequantization kernel decodes this layout exactly.
+
+    The kernel walks (rows, columns) and is exact only for 64-value blocks that never straddle a row (the
+    last dimension a multiple of 64): other block sizes and widths decode wrongly in bitsandbytes 0.50
+    (tests/test_quant.py pins both facts). Every linear of the supported models fits.
+    """
+    return blocksize == 64 and shape[-1] % 64 == 0
 
 
-def _bnb_kernel_is_exact(q: "NF4Weight", dtype: torch.dtype) -> bool:
-    return (q.packed.device.type == "cpu" and q.blocksize == 64 and len(q.shape) >= 1 and q.shape[-1] % 64 == 0
-            and dtype in BNB_CPU_DTYPES and _bnb_ops() is not None)
+def _use_bnb_kernel(q: "NF4Weight", dtype: torch.dtype) -> bool:
+    return (q.packed.device.type == "cpu" and bnb_cpu_kernel_is_exact(q.shape, q.blocksize)
+            and dtype in FLOAT_DTYPES.values() and _bnb_ops() is not None)
 
 
 @functools.cache

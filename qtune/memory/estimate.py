@@ -106,8 +106,10 @@ def dequant_bytes(out_features: int, in_features: int, b: int) -> int:
     bytes: bitsandbytes' C++ kernel on a CPU, the Triton workspace on a GPU); otherwise the torch ops hold
     the fp32 levels and the fp32 product (8n bytes) plus the result in a narrower dtype.
     """
+    from qtune.quant import bnb_cpu_kernel_is_exact  # here: the estimator itself needs no torch
+
     n = out_features * in_features
-    if in_features % 64 == 0:
+    if bnb_cpu_kernel_is_exact((out_features, in_features), 64):
         return b * n
     return 8 * n + (b * n if b < 4 else 0)
 
