@@ -91,8 +91,14 @@ def memory_child(case: str, settings: dict) -> dict:
     from qtune.lora import adapters_disabled, lora_parameters, use_adapter
     from qtune.recipe import load_recipe
     from qtune.train import common
-    from qtune.train.ppo import (VALUE_HEAD, attach_roles, make_experience, ppo_epochs, response_logprobs,
-                                 response_values)
+    from qtune.train.ppo import (
+        VALUE_HEAD,
+        attach_roles,
+        make_experience,
+        ppo_epochs,
+        response_logprobs,
+        response_values,
+    )
     from qtune.train.rollout import load_prompts, sample
     from qtune.train.run import load_base_model
 
@@ -270,9 +276,10 @@ def answer_rates(model, tokenizer, prompts, seed: int) -> dict:
 
 
 def run_best_of_n_bench(args, work: Path) -> dict:
+    from qtune.align_recipes import PromptDataSection
     from qtune.checkpoint import load_model
     from qtune.lora import adapters_disabled, load_adapter, use_adapter
-    from qtune.recipe import PromptDataSection, load_recipe
+    from qtune.recipe import load_recipe
     from qtune.tokenizer import load_tokenizer
     from qtune.train.best_of_n import run_best_of_n
     from qtune.train.common import training_device

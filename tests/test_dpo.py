@@ -19,7 +19,8 @@ from qtune.checkpoint import load_model
 from qtune.cli.align_cmds import COMMANDS
 from qtune.data.prefs import TokenizedPreference, collate_preferences, load_preferences, tokenize_preferences
 from qtune.lora import LoraConfig, add_lora, lora_layers
-from qtune.recipe import DPORecipe, RewardRecipe, load_recipe
+from qtune.align_recipes import DPORecipe, RewardRecipe
+from qtune.recipe import load_recipe
 from qtune.tokenizer import load_tokenizer
 from qtune.train.dpo import reference_logprobs, sequence_logprobs
 

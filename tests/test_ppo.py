@@ -11,7 +11,8 @@ from qtune.data.batching import DataPosition
 from qtune.data.records import DataError
 from qtune.lora import LoraConfig, adapters_disabled, add_lora, lora_layers, save_adapter, use_adapter
 from qtune.quant import NF4Linear
-from qtune.recipe import PPORecipe, PPOSection, PromptDataSection, TrainSection
+from qtune.align_recipes import PPORecipe, PPOSection, PromptDataSection
+from qtune.recipe import TrainSection
 from qtune.reward import ScalarHead
 from qtune.tokenizer import load_tokenizer
 from qtune.train.ppo import (POLICY, VALUE, VALUE_HEAD, attach_roles, make_experience, ppo_minibatch,

@@ -19,7 +19,7 @@ def reward(recipe, overrides, resume):
 
     Overrides look like `train.max_steps=100 data.path=prefs.jsonl`. The adapter and head go to output.dir/adapter/.
     """
-    from qtune.recipe import RewardRecipe
+    from qtune.align_recipes import RewardRecipe
     from qtune.train.reward import run_reward
 
     r = load_checked(recipe, overrides, RewardRecipe)
@@ -35,7 +35,7 @@ def dpo(recipe, overrides, resume):
 
     The reference model is the same base with adapters disabled. Overrides look like `dpo.beta=0.2`.
     """
-    from qtune.recipe import DPORecipe
+    from qtune.align_recipes import DPORecipe
     from qtune.train.dpo import run_dpo
 
     r = load_checked(recipe, overrides, DPORecipe)

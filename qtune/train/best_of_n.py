@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from qtune.lora import adapters_disabled
-from qtune.recipe import BestOfNRecipe, OutputSection, SFTDataSection, SFTRecipe, recipe_to_toml
+from qtune.align_recipes import BestOfNRecipe
+from qtune.recipe import OutputSection, SFTDataSection, SFTRecipe, recipe_to_toml
 from qtune.train import common
 from qtune.train.rollout import build_scorer, load_prompts, sample
 from qtune.train.run import load_base_model

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from qtune.align_recipes import DPORecipe
 from qtune.data.batching import DataPosition
 from qtune.data.prefs import build_preference_data, fixed_batches
 from qtune.data.render import IGNORE
 from qtune.lora import adapters_disabled, lora_parameters
 from qtune.losses import dpo_loss, preference_accuracy
-from qtune.recipe import DPORecipe, recipe_to_toml
+from qtune.recipe import recipe_to_toml
 from qtune.reward import pair_summary
 from qtune.train import common
 from qtune.train.reward import ADAPTER, attach_adapter

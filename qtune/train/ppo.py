@@ -30,7 +30,8 @@ from qtune.lora import (LoraConfig, adapters_disabled, add_lora, load_adapter, l
                         save_adapter, set_active_adapter, use_adapter)
 from qtune.ppo_losses import (AdaptiveKLController, FixedKLController, approx_kl, clipped_policy_loss,
                               clipped_value_loss, gae, kl_penalized_rewards, masked_mean, whiten)
-from qtune.recipe import PPORecipe, recipe_to_toml
+from qtune.align_recipes import PPORecipe
+from qtune.recipe import recipe_to_toml
 from qtune.reward import ScalarHead
 from qtune.train import common
 from qtune.train.rollout import build_scorer, collate_responses, load_prompts, micro_batches, prompt_batches, sample
