@@ -23,7 +23,10 @@ Memory trade-off: backward *recomputes* the logits chunk by chunk instead of com
 forward pass ("fused linear cross-entropy"). Forward saves two fp32 numbers per token (lse, E[z]) besides
 the inputs, and the same op serves per-token outputs whose upstream gradient is unknown at forward time
 (DPO and PPO weight each token's log-probability), at the price of one extra h @ W^T matmul (4 matmuls
-instead of 3). The Triton backward writes the logit gradients of `chunk_size` tokens (chunk_size x V in the
+instead of 3). One case skips the recomputation: `cross_entropy_sum` with a frozen weight (QLoRA's
+lm_head) on the plain-torch path knows its upstream gradient up to one scalar, so it accumulates dL/dh
+during the forward walk (`cross_entropy_one_pass_torch`: 2 matmuls instead of 3, an (N, D) fp32 gradient
+kept until backward). The Triton backward writes the logit gradients of `chunk_size` tokens (chunk_size x V in the
 input dtype: 262 MB for 1024 tokens of a 128256 vocabulary in bf16) and lets cuBLAS do the two matmuls;
 the plain-torch path holds at most two chunk_size x VOCAB_CHUNK fp32 tiles (4 MB each at the defaults).
 
@@ -274,6 +277,60 @@ def logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, g
     return grad_h, grad_w
 
 
+def cross_entropy_one_pass_torch(hidden, weight, targets, valid, chunk_size):
+    """Per-token -log p(target) (N,) and d(sum of them)/dh (N, D), both fp32 and 0 where not `valid`, in one
+    walk over the vocabulary: with a frozen weight and a summed loss, dL/dh is known during the forward.
+
+    Besides the online log-sum-exp it keeps acc = sum_j exp(z_j - m) W_j per token, rescaled by
+    exp(m_old - m_new) whenever the running max m grows, so that at the end
+
+        dL/dh = softmax(z) W - W_y = acc / s - W_y
+
+    Two matmuls per logit tile (z = h W_cᵀ and acc += exp(z - m) W_c) instead of the three that
+    forward + recomputing backward take; the price is the (N, D) fp32 gradient held from forward to backward.
+    """
+    N, V = hidden.shape[0], weight.shape[0]
+    h = hidden.float()  # (N, D)
+    m = torch.full((N,), float("-inf"), device=hidden.device)
+    s, z_target = torch.zeros(2, N, device=hidden.device)
+    acc = torch.zeros_like(h)  # (N, D)
+    for v0 in range(0, V, VOCAB_CHUNK):
+        w = weight[v0:v0 + VOCAB_CHUNK].float()  # (Vc, D)
+        for n0 in range(0, N, chunk_size):
+            rows = slice(n0, n0 + chunk_size)
+            z = h[rows] @ w.T  # (C, Vc) fp32: the only logits alive
+            local = targets[rows] - v0
+            in_slice = (local >= 0) & (local < w.shape[0])
+            picked = z.gather(1, local.clamp(0, w.shape[0] - 1)[:, None]).squeeze(1)
+            z_target[rows] += torch.where(in_slice, picked, 0.0)
+            m_new = torch.maximum(m[rows], z.max(dim=1).values)  # (C,)
+            rescale = (m[rows] - m_new).exp_()  # 0 on the first tile, where m = -inf
+            e = z.sub_(m_new[:, None]).exp_()  # (C, Vc), in z's storage
+            s[rows] = s[rows] * rescale + e.sum(1)
+            acc[rows].mul_(rescale[:, None]).addmm_(e, w)  # in place on a row slice: no (C, D) temporary
+            m[rows] = m_new
+    lse = m + s.log()
+    safe_targets = torch.where(valid, targets, 0)
+    grad_h = acc.div_(s[:, None]).sub_(weight[safe_targets].float()).mul_(valid[:, None])  # (N, D)
+    return torch.where(valid, lse - z_target, 0.0), grad_h
+
+
+class CrossEntropySumFn(torch.autograd.Function):
+    """Sum over unmasked tokens of -log p(target) for a frozen weight; dL/dh is computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
+        nll, grad_h = cross_entropy_one_pass_torch(hidden, weight, targets, targets != ignore_index, chunk_size)
+        ctx.save_for_backward(grad_h)
+        ctx.hidden_dtype = hidden.dtype
+        return nll.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_loss).to(ctx.hidden_dtype), None, None, None, None
+
+
 class LogprobsEntropyFn(torch.autograd.Function):
     """(logp, entropy) per token, each (N,) fp32 and 0 where targets == ignore_index."""
 
@@ -366,8 +423,17 @@ def cross_entropy_sum(hidden, weight, targets, ignore_index=-100, chunk_size=102
     Returning the sum and the count lets a training step normalise by the target tokens of all its
     micro-batches instead of averaging per micro-batch.
     """
+    _check_inputs(hidden, weight, targets, ignore_index, chunk_size)
+    count = (targets != ignore_index).sum()
+    one_pass = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+                and not _use_triton_kernels(kernels, hidden))
+    if one_pass:  # QLoRA's frozen lm_head on the plain-torch path: dL/dh during the forward
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (N, D)
+        loss = CrossEntropySumFn.apply(flat_hidden, weight.contiguous(), targets.reshape(-1).long().contiguous(),
+                                       ignore_index, chunk_size)
+        return loss, count
     logp = token_logprobs(hidden, weight, targets, ignore_index, chunk_size, kernels)
-    return -logp.sum(), (targets != ignore_index).sum()
+    return -logp.sum(), count
 
 
 def compile_specs() -> list[KernelSpec]:

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qtune.backend import use_triton
+from qtune.merged_lora import merged_lora_linear, merged_path_applies
 from qtune.quant import NF4Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -139,6 +140,9 @@ class LoRALinear(nn.Module):
 
             p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
             return lora_linear(x, self.base_weight(), self.base_layer.bias, a, b, scale, p, self.training, self.kernels)
+        dropout_active = self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
+        if merged_path_applies(x, a, b, dropout_active):
+            return merged_lora_linear(x, self.base_weight(), self.base_layer.bias, a, b, scale)
         # y = base(x) + s · dropout(x) Aᵀ Bᵀ, the rank-r product first
         xa = F.linear(dropout(x), a.to(x.dtype))  # (..., r)
         return self.base_layer(x) + scale * F.linear(xa, b.to(x.dtype))

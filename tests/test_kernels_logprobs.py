@@ -149,6 +149,52 @@ def test_torch_path_never_holds_full_logits():
     assert mode.largest == max(chunk * VOCAB_CHUNK, V * D) < N * V // 4
 
 
+class CountMatmuls(TorchDispatchMode):
+    """Counts matrix products (mm, addmm and their in-place forms) run while active."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-D{}-V{}-chunk{}".format(*s))
+def test_cross_entropy_frozen_weight_gradient_in_one_pass(shape):
+    """A frozen weight on the torch path: dL/dh comes from the forward walk (two matmuls per logit tile,
+    none in backward) and equals the fp64 full-logits reference, masked rows included."""
+    N, D, V, chunk = shape
+    hidden, weight, targets = make_inputs(N, D, V)
+    h = hidden.clone().requires_grad_()
+    with CountMatmuls() as forward:
+        loss, count = cross_entropy_sum(h, weight, targets, chunk_size=chunk, kernels="torch")
+    with CountMatmuls() as backward:
+        (0.37 * loss).backward()
+    tiles = -(-V // VOCAB_CHUNK) * -(-N // chunk)
+    assert forward.count == 2 * tiles and backward.count == 0
+    h64 = hidden.double().requires_grad_()
+    reference = F.cross_entropy(h64 @ weight.double().T, targets, ignore_index=-100, reduction="sum")
+    (0.37 * reference).backward()
+    assert count.item() == (targets != -100).sum().item()
+    assert_rel_close(loss, reference, what="loss")
+    assert_rel_close(h.grad, h64.grad, what="dL/dhidden")
+    assert not h.grad[targets == -100].any()
+
+
+def test_cross_entropy_one_pass_holds_no_full_logits_and_matches_the_two_pass_path():
+    N, D, V, chunk = 512, 8, 3 * VOCAB_CHUNK, 64
+    hidden, weight, targets = make_inputs(N, D, V)
+    h = hidden.clone().requires_grad_()
+    with LargestTensor() as mode:
+        loss, _ = cross_entropy_sum(h, weight, targets, chunk_size=chunk, kernels="torch")
+        loss.backward()
+    assert mode.largest == chunk * VOCAB_CHUNK < N * V // 4  # one logit tile, never (N, V)
+    h2 = hidden.clone().requires_grad_()
+    (-token_logprobs(h2, weight, targets, chunk_size=chunk, kernels="torch").sum()).backward()  # recomputing path
+    assert_rel_close(h.grad, h2.grad, what="one pass vs recomputing backward")
+
+
 def test_bad_inputs_are_explained():
     hidden, weight, targets = make_inputs(4, 8, 10)
     with pytest.raises(ValueError, match="target 10 at position"):

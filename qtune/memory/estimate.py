@@ -93,7 +93,9 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     per_token += b * D if set(adapted) & {"gate_proj", "up_proj"} else 0
     per_token += 3 * b * I  # silu saves gate(x); the product saves silu(gate(x)) and up(x)
     per_token += b * I if "down_proj" in adapted else 0
-    per_token += b * s.r * len(adapted)  # x_d A^T of every adapter, for dB
+    # x_d A^T of every adapter, for dB; fp32 adapters without dropout take the merged-weight path
+    # (qtune/merged_lora.py), which recomputes it in backward instead
+    per_token += b * s.r * len(adapted) if s.dtype != "float32" else 0
     # A and B cast to a 16-bit compute dtype are saved as such (fp32 adapters are used as they are)
     casts = sum(s.r * sum(shapes[n]) for n in adapted) * b if b < 4 else 0
     return N * per_token + casts
@@ -117,33 +119,37 @@ def dequant_bytes(out_features: int, in_features: int, b: int) -> int:
 def layer_transient_bytes(s: StepShape) -> int:
     """Short-lived buffers on top of what the layer saves: the larger of the two peaks inside a layer.
 
-    Dequantizing a weight holds `dequant_bytes` (the largest over the layer's linears); the MLP backward
-    holds three (N, I) gradients at once.
+    Dequantizing a weight holds `dequant_bytes` (the largest over the layer's linears). The MLP backward
+    peaks at six (N, I) tensors, saved or gradients: with an adapted down projection its saved input
+    lives until the first gradient is formed, and two gradients join the four saved tensors; without it,
+    three gradients join the three saved by SiLU and the product.
     """
     dequant = max(dequant_bytes(o, i, s.b) for o, i in linear_shapes(s.cfg).values()) if s.quantize == "nf4" else 0
-    mlp_backward = 3 * s.b * s.tokens * s.cfg.intermediate_size
+    gradients = 2 if "down_proj" in target_names(s.targets) else 3
+    mlp_backward = gradients * s.b * s.tokens * s.cfg.intermediate_size
     return max(dequant, mlp_backward)
 
 
 def loss_bytes(s: StepShape) -> int:
     """The loss: the final norm's saved input, the hidden states and their scored copy, their fp32 copy,
-    and the fused cross-entropy's fp32 logit tiles (1024 tokens x VOCAB_CHUNK columns).
+    and the one-pass cross-entropy of a frozen lm_head (`cross_entropy_one_pass_torch`).
 
-    Forward holds three tiles at once (logits, exp, their product); backward holds the logits and
-    probabilities of one tile, and of the previous one too when there are several (the loop's variables
-    still reference them while the next are computed), plus the fp32 gradient of the hidden states. A
-    16-bit lm_head slice is upcast to fp32 per vocabulary chunk.
+    Its forward holds one fp32 logit tile (1024 tokens x VOCAB_CHUNK columns, exponentiated in place) and
+    the fp32 gradient being accumulated (N x D); at the end the target rows of the lm_head are gathered
+    (in its dtype and in fp32) while the last tile is still referenced. Backward holds the saved
+    gradient and its scaled copy (cast to a 16-bit compute dtype). A 16-bit lm_head slice is upcast to
+    fp32 per vocabulary chunk.
     """
     from qtune.kernels.logprobs import VOCAB_CHUNK
 
     N, D, b = s.tokens, s.cfg.hidden_size, s.b
     chunk = min(VOCAB_CHUNK, s.cfg.vocab_size)
     tile = min(N, CE_CHUNK) * chunk * 4
-    steps = math.ceil(N / CE_CHUNK) * math.ceil(s.cfg.vocab_size / chunk)
     widened = 4 if b < 4 else 0
     held = N * D * (b + widened + 2 * b + widened) + (4 * chunk * D if b < 4 else 0)
-    forward = held + 3 * tile
-    backward = held + N * D * 4 + (4 if steps > 1 else 2) * tile
+    grad = N * D * 4
+    forward = held + grad + tile + N * D * (b + widened)
+    backward = held + 2 * grad + N * D * (b if b < 4 else 0)
     return max(forward, backward)
 
 
