@@ -2,6 +2,7 @@
 
     python benchmarks/bench_throughput.py                      # batch 4 x 256, r=16 on every linear
     python benchmarks/bench_throughput.py --steps 5 --profile  # also print qtune's top ops
+    python benchmarks/bench_throughput.py --dropout 0.1        # LoRA dropout on both sides, as recipes/alpaca.toml
 
 Both sides get the same settings: NF4 base with double quantization, fp32 compute on the CPU, LoRA r=16
 alpha=16 on every linear of the decoder layers, gradient checkpointing (non-reentrant), AdamW, gradient
@@ -10,6 +11,13 @@ process and their steps alternate, so both see the same machine load. Each side'
 from its fastest timed step after one warm-up step (the step least slowed by other processes on a shared
 machine; the median and slowest are reported too). Rows go to benchmarks/results.csv; the last stdout
 line is JSON with tokens/s of each side and their ratio.
+
+Where qtune's CPU step saves time against the peer's (same FLOPs otherwise, matmuls at the machine's
+fp32 peak on both sides): checkpoint recomputation skips the MLP's down product (its output is read by
+nothing in backward; qtune/merged_lora.py), without dropout each projection is one product with the
+merged weight W + s·B A instead of the base product plus two rank-r products and two elementwise passes,
+and the frozen lm_head's cross-entropy takes two vocabulary matmuls instead of three (the peer
+materializes the logits once and keeps them for backward, two matmuls, and 200 MB).
 """
 
 import argparse
@@ -27,19 +35,19 @@ from common import append_rows, print_json
 from qtune.memory.step import StepSetup, train_step
 
 
-def qtune_setup(model_dir: Path, batch: dict, r: int) -> StepSetup:
+def qtune_setup(model_dir: Path, batch: dict, r: int, dropout: float = 0.0) -> StepSetup:
     from qtune.checkpoint import load_model
     from qtune.memory.build import add_trainable_lora
     from qtune.train.common import build_optimizer
 
     model = load_model(model_dir, quantize="nf4", dtype=torch.float32, double_quant=True)
-    params = add_trainable_lora(model, r, "all-linear", alpha=16.0)
+    params = add_trainable_lora(model, r, "all-linear", alpha=16.0, dropout=dropout)
     model.gradient_checkpointing = True
     model.train()
     return StepSetup(model, params, build_optimizer(params, "adamw", lr=2e-4), batch)
 
 
-def peer_setup(model_dir: Path, r: int):
+def peer_setup(model_dir: Path, r: int, dropout: float = 0.0):
     import peft
     import transformers
 
@@ -49,7 +57,7 @@ def peer_setup(model_dir: Path, r: int):
                                                               device_map="cpu")
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
                                                        task_type="CAUSAL_LM"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -77,6 +85,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (the recipes use 0.05-0.1)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (after one warm-up step)")
     p.add_argument("--profile", action="store_true", help="print the top ops of one qtune step")
     p.add_argument("--no-csv", action="store_true")
@@ -98,8 +107,8 @@ def main() -> None:
     model_dir = resolve(args.model)
     vocab = __import__("json").loads((model_dir / "config.json").read_text())["vocab_size"]
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    ours = qtune_setup(model_dir, {"input_ids": ids, "labels": ids}, args.rank)
-    peer = peer_setup(model_dir, args.rank)
+    ours = qtune_setup(model_dir, {"input_ids": ids, "labels": ids}, args.rank, args.dropout)
+    peer = peer_setup(model_dir, args.rank, args.dropout)
     steps = {"qtune": lambda: train_step(ours, kernels="torch"), "peer": lambda: peer_step(*peer, ids)}
     for fn in steps.values():  # warm-up
         fn()
@@ -110,19 +119,21 @@ def main() -> None:
     if args.profile:
         profile_qtune(ours)
     tokens = args.batch * args.seq
-    result = {"model": args.model, "batch": args.batch, "seq": args.seq, "rank": args.rank, "threads": torch.get_num_threads()}
+    result = {"model": args.model, "batch": args.batch, "seq": args.seq, "rank": args.rank, "dropout": args.dropout,
+              "threads": torch.get_num_threads()}
     for name, ts in times.items():
         result[name] = {"min_s": round(min(ts), 3), "median_s": round(statistics.median(ts), 3),
                         "max_s": round(max(ts), 3), "tokens_per_s": round(tokens / min(ts), 1),
                         "median_tokens_per_s": round(tokens / statistics.median(ts), 1)}
     result["speedup"] = round(result["qtune"]["tokens_per_s"] / result["peer"]["tokens_per_s"], 3)
     result["median_speedup"] = round(result["qtune"]["median_tokens_per_s"] / result["peer"]["median_tokens_per_s"], 3)
+    dropout = f"dropout {args.dropout}, " if args.dropout else ""
     print(f"{args.model} QLoRA step, {args.batch} x {args.seq} tokens, r={args.rank}, checkpointing, fp32 CPU: "
-          f"qtune {result['qtune']['tokens_per_s']} tok/s ({result['qtune']['min_s']} s), peer "
+          f"{dropout}qtune {result['qtune']['tokens_per_s']} tok/s ({result['qtune']['min_s']} s), peer "
           f"{result['peer']['tokens_per_s']} tok/s ({result['peer']['min_s']} s), ratio {result['speedup']}x "
           f"(medians: {result['median_speedup']}x)")
     if not args.no_csv:
-        case = f"{args.model},b={args.batch},T={args.seq},r={args.rank}"
+        case = f"{args.model},b={args.batch},T={args.seq},r={args.rank}" + (f",p={args.dropout}" if args.dropout else "")
         rows = [{"case": case, "impl": impl, "metric": "tokens_per_s", "value": result[impl]["tokens_per_s"],
                  "unit": "tok/s"} for impl in ("qtune", "peer")]
         rows.append({"case": case, "impl": "qtune/peer", "metric": "speedup", "value": result["speedup"], "unit": "x"})

@@ -143,9 +143,11 @@ class LoRALinear(nn.Module):
         dropout_active = self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
         if merged_path_applies(x, a, b, dropout_active):
             return merged_lora_linear(x, self.base_weight(), self.base_layer.bias, a, b, scale)
-        # y = base(x) + s · dropout(x) Aᵀ Bᵀ, the rank-r product first
-        xa = F.linear(dropout(x), a.to(x.dtype))  # (..., r)
-        return self.base_layer(x) + scale * F.linear(xa, b.to(x.dtype))
+        # y = base(x) + s · dropout(x) Aᵀ Bᵀ, the rank-r product first. The adapter branch runs before the
+        # frozen product, which saves nothing for backward on an NF4 base: a checkpoint's recomputation
+        # stops after the last saved tensor, so it skips the product where nothing reads its output.
+        lora = F.linear(F.linear(dropout(x), a.to(x.dtype)), b.to(x.dtype))  # (..., out)
+        return self.base_layer(x).add_(lora, alpha=scale)  # the base output is a fresh tensor
 
     def extra_repr(self) -> str:
         ranks = {n: self.lora_A[n].out_features for n in self.lora_A}
