@@ -20,6 +20,35 @@ from torch.utils.checkpoint import checkpoint
 from qtune.config import ModelConfig
 
 
+class RMSNormFn(torch.autograd.Function):
+    """y = w · (x r) with r = 1 / sqrt(mean(x²) + eps), normalised in fp32 and rounded to x's dtype before
+    the weight like the reference implementation. Saves x itself and r (one fp32 number per row).
+
+    Backward in closed form, with x̂ = x r and g = dy · w:
+        dx = r (g − x̂ · mean(g x̂)),     dw = Σ_rows dy · x̂
+    (autograd through the forward's six ops took 3.1 ms per (1024, 576) fp32 backward on a CPU, this 1.6 ms).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1) fp32
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, r = ctx.saved_tensors
+        x_hat = x.float() * r  # (..., D) fp32
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            g = grad_y.float() * weight.float()
+            grad_x = g.sub_(x_hat * (g * x_hat).mean(-1, keepdim=True)).mul_(r).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_y * x_hat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -27,11 +56,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # y = x / sqrt(mean(x^2) + eps) * w, normalised in fp32 like the reference implementation
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # y = x / sqrt(mean(x^2) + eps) * w
+        return RMSNormFn.apply(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -167,13 +193,16 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, d)
         groups = self.n_head // self.n_kv
-        if not q.is_cuda:
-            # CPU SDPA with a mask is ~10-100x slower with enable_gqa or a strided query (torch 2.13)
+        repeat_kv = not q.is_cuda and mask is not None
+        if repeat_kv:
+            # CPU SDPA with a mask is ~10-100x slower with enable_gqa or a strided query (torch 2.13); without
+            # a mask (plain causal) enable_gqa is the faster one: 15 vs 19 ms forward + backward at SmolLM2's
+            # 4 x 256 tokens
             q = q.contiguous()
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, d)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=groups > 1 and q.is_cuda)  # (B, H, T, d)
+                                           enable_gqa=groups > 1 and not repeat_kv)  # (B, H, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 

@@ -7,7 +7,7 @@ import torch
 
 from qtune.checkpoint import CheckpointError, load_model
 from qtune.config import ConfigError, ModelConfig
-from qtune.model import KVCache
+from qtune.model import KVCache, RMSNorm
 from tiny import TINY_CONFIGS, save_tiny
 
 transformers = pytest.importorskip("transformers")
@@ -132,3 +132,23 @@ def test_sharded_checkpoint_loads(tmp_path):
     ids = torch.randint(3, 160, (1, 6))
     with torch.no_grad():
         assert torch.equal(single(ids), sharded(ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_closed_form_backward_equals_autograd(dtype):
+    """RMSNorm's hand-written backward against autograd through the plain formula, evaluated in fp64."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 40, generator=gen).to(dtype)
+    weight = (torch.randn(40, generator=gen) * 0.2 + 1).to(dtype)
+    grad_y = torch.randn(3, 5, 40, generator=gen).to(dtype)
+    norm = RMSNorm(40, 1e-5).to(dtype)
+    norm.weight.data.copy_(weight)
+    x_ours = x.clone().requires_grad_()
+    (norm(x_ours) * grad_y).sum().backward()
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    y64 = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    (y64 * grad_y.double()).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the result is rounded to 8 bits
+    for ours, ref in ((x_ours.grad, x64.grad), (norm.weight.grad, w64.grad)):
+        assert ours.dtype == dtype
+        assert (ours.double() - ref).abs().max() <= tol * ref.abs().max()

@@ -80,16 +80,18 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     """
     cfg, N, b = s.cfg, s.tokens, s.b
     D, I, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    q = H * cfg.head_dim  # the CPU path repeats K and V up to H heads, so q, k, v and the output are all q wide
+    q, kv = H * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    # Without a mask (the step's unpadded batch) SDPA takes K and V unrepeated (enable_gqa); a padded or packed
+    # batch on a CPU repeats them up to H heads, which adds 2 b (q - kv) per token to this estimate.
     shapes = linear_shapes(cfg)
     adapted = target_names(s.targets)
     wide = 4 if b < 4 else 0  # RMSNorm saves an fp32 copy of a 16-bit input; an fp32 input is saved as itself
-    per_token = 0 if first_layer else wide * D + 4  # norm 1: x in fp32 and 1/rms
+    per_token = 0 if first_layer else 4  # norm 1: 1/rms (x itself is the layer's input)
     if set(adapted) & {"q_proj", "k_proj", "v_proj"}:
         per_token += b * D  # normed input, kept for dA of q / k / v
-    per_token += 4 * b * q + 4 * H  # attention: q, k, v, output and a log-sum-exp per head
+    per_token += 2 * b * q + 2 * b * kv + 4 * H  # attention: q, k, v, output and a log-sum-exp per head
     per_token += b * q if "o_proj" in adapted else 0  # o_proj's input (a contiguous copy of the output)
-    per_token += 4 * D + 4  # norm 2: the residual sum in fp32 and 1/rms
+    per_token += b * D + 4  # norm 2: the residual sum and 1/rms
     per_token += b * D if set(adapted) & {"gate_proj", "up_proj"} else 0
     per_token += 3 * b * I  # silu saves gate(x); the product saves silu(gate(x)) and up(x)
     per_token += b * I if "down_proj" in adapted else 0
