@@ -423,11 +423,11 @@ def cross_entropy_sum(hidden, weight, targets, ignore_index=-100, chunk_size=102
     Returning the sum and the count lets a training step normalise by the target tokens of all its
     micro-batches instead of averaging per micro-batch.
     """
-    _check_inputs(hidden, weight, targets, ignore_index, chunk_size)
     count = (targets != ignore_index).sum()
     one_pass = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
                 and not _use_triton_kernels(kernels, hidden))
     if one_pass:  # QLoRA's frozen lm_head on the plain-torch path: dL/dh during the forward
+        _check_inputs(hidden, weight, targets, ignore_index, chunk_size)  # token_logprobs checks the other path
         flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (N, D)
         loss = CrossEntropySumFn.apply(flat_hidden, weight.contiguous(), targets.reshape(-1).long().contiguous(),
                                        ignore_index, chunk_size)
