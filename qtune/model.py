@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qtune.block_attention import block_attention_applies, block_causal_attention
 from qtune.config import ModelConfig
 
 
@@ -174,6 +175,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, D, bias=cfg.o_bias)
+        self.intermediate_size = cfg.intermediate_size  # bounds the scores block attention may save
         self.kernels = "auto"  # "triton" routes q/k/v through the fused QLoRA op (see qtune/backend.py)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
@@ -192,6 +194,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, d)
+        if block_attention_applies(q, cache, self.intermediate_size):
+            # CPU fp32 without a cache: batched products over causal query blocks (qtune/block_attention.py)
+            y = block_causal_attention(q, k, v, mask)  # (B, T, H, d)
+            return self.o_proj(y.view(B, T, self.n_head * self.head_dim))
         groups = self.n_head // self.n_kv
         repeat_kv = not q.is_cuda and mask is not None
         if repeat_kv:

@@ -78,6 +78,8 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     first_layer: layer 0, whose input (the embedding output) needs no gradient, so its first RMSNorm
     saves nothing. The frozen NF4 products save nothing either: their backward dequantizes again.
     """
+    from qtune.block_attention import saved_scores_per_token  # here: the estimator itself needs no torch
+
     cfg, N, b = s.cfg, s.tokens, s.b
     D, I, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     q, kv = H * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -89,8 +91,14 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     per_token = 0 if first_layer else 4  # norm 1: 1/rms (x itself is the layer's input)
     if set(adapted) & {"q_proj", "k_proj", "v_proj"}:
         per_token += b * D  # normed input, kept for dA of q / k / v
-    per_token += 2 * b * q + 2 * b * kv + 4 * H  # attention: q, k, v, output and a log-sum-exp per head
-    per_token += b * q if "o_proj" in adapted else 0  # o_proj's input (a contiguous copy of the output)
+    if s.dtype == "float32" and saved_scores_per_token(H, s.seq_len) <= I:
+        # CPU fp32 block attention (qtune/block_attention.py): scaled q, k, v and the probabilities of
+        # each causal query block; its output is already in o_proj's layout, so o_proj saves it as it is
+        per_token += b * q + 2 * b * kv + 4 * saved_scores_per_token(H, s.seq_len)
+        per_token += b * q if "o_proj" in adapted else 0
+    else:
+        per_token += 2 * b * q + 2 * b * kv + 4 * H  # SDPA: q, k, v, output and a log-sum-exp per head
+        per_token += b * q if "o_proj" in adapted else 0  # o_proj's input (a contiguous copy of the output)
     per_token += b * D + 4  # norm 2: the residual sum and 1/rms
     per_token += b * D if set(adapted) & {"gate_proj", "up_proj"} else 0
     per_token += 3 * b * I  # silu saves gate(x); the product saves silu(gate(x)) and up(x)
