@@ -344,37 +344,71 @@ class LoraProjectionsFn(torch.autograd.Function):
         return dx, None, None, *grads
 
 
-class LoraMLPFn(torch.autograd.Function):
-    """SwiGLU block out = down(silu(gate(x)) · up(x)) over x (N, H) with three LoRA projections.
+class SwiGLUDownTapFn(torch.autograd.Function):
+    """The SwiGLU block's middle: h = silu(g) · u, and the down adapter's "tap".
 
-    Saves x, g = gate(x), u = up(x) and the three (N, r) xa; recomputes h = silu(g) · u, the
-    dropout masks and the dequantized weights in backward.
+    Saves g, u and down's (N, r) xa = dropout(h) A_downᵀ (not h: backward recomputes it from g and u).
+    Returns h and, when down has an adapter, the adapter's output s · xa B_downᵀ, which `BaseProductFn`
+    adds to the base product; dY of the block thus reaches this node's backward, which forms down's dA
+    and dB, adds the adapter's share s · dropout'(dY B A) to dh (the base share dY W comes from
+    `BaseProductFn`) and returns dg and du.
+
+    The down product is a separate node that saves nothing: once this node's tensors are saved, a
+    non-reentrant checkpoint has regenerated every tensor the block saved and stops recomputing, so the
+    recomputation skips the down product (a third of the block's products).
     """
 
     @staticmethod
-    def forward(ctx, x, frozen, run, *adapters):
-        gate, up, down = _with_adapters(frozen, adapters)
-        g, xa_gate = _projection_forward(x, gate, run, 0)  # (N, I), (N, r)
-        u, xa_up = _projection_forward(x, up, run, 1)  # (N, I), (N, r)
-        out, xa_down = _projection_forward(swiglu(g, u, run.triton_path), down, run, 2)  # (N, H), (N, r)
-        ctx.save_for_backward(x, g, u, xa_gate, xa_up, xa_down, *adapters)
-        ctx.frozen, ctx.run = frozen, run
-        return out
+    def forward(ctx, g, u, frozen_down, run, *adapter):
+        down = _with_adapters((frozen_down,), adapter)[0] if adapter else frozen_down
+        h = swiglu(g, u, run.triton_path)  # (N, I)
+        xa = None if down.lora_a is None else _dropped(h, run, 2) @ down.lora_a.to(h.dtype).t()  # (N, r)
+        ctx.save_for_backward(g, u, *([] if xa is None else [xa]), *adapter)
+        ctx.frozen, ctx.run = frozen_down, run
+        tap = None if xa is None else (xa @ down.lora_b.to(h.dtype).t()).mul_(down.scale)  # s · xa Bᵀ (N, out)
+        return h, tap
 
     @staticmethod
-    def backward(ctx, dout):
-        x, g, u, xa_gate, xa_up, xa_down, *adapters = ctx.saved_tensors
-        gate, up, down = _with_adapters(ctx.frozen, adapters)
+    def backward(ctx, dh, dout):
+        g, u, *rest = ctx.saved_tensors
         run = ctx.run
-        # h is needed only for down's dA; recomputing it costs one elementwise pass over g and u.
-        h = None if down.lora_a is None else swiglu(g, u, run.triton_path)  # (N, I)
-        dh, d_a_down, d_b_down = _projection_backward(dout, h, xa_down, down, run, 2, None, True)
-        del h
-        dg, du = swiglu_backward_inplace(dh, g, u, run.triton_path)  # (N, I) each
-        need_dx = ctx.needs_input_grad[0]
-        dx, d_a_gate, d_b_gate = _projection_backward(dg, x, xa_gate, gate, run, 0, None, need_dx)
-        dx, d_a_up, d_b_up = _projection_backward(du, x, xa_up, up, run, 1, dx, need_dx)
-        return dx, None, None, d_a_gate, d_b_gate, d_a_up, d_b_up, d_a_down, d_b_down
+        grads = []
+        if rest:
+            xa, lora_a, lora_b = rest
+            down = ctx.frozen._replace(lora_a=lora_a, lora_b=lora_b)
+            dout = dout.contiguous()
+            a, b = lora_a.to(dout.dtype), lora_b.to(dout.dtype)
+            dyb = dout @ b  # (N, r)
+            d_b = (dout.t() @ xa).mul_(down.scale).to(lora_b.dtype)
+            h = _dropped(swiglu(g, u, run.triton_path), run, 2)  # recomputed for dA only
+            d_a = (dyb.t() @ h).mul_(down.scale).to(lora_a.dtype)
+            del h
+            if run.dropout == 0.0:
+                dh.addmm_(dyb, a, alpha=down.scale)  # dh is BaseProductFn's fresh dY W, read by nothing else
+            else:
+                lora_dropout_accumulate_inplace(dh, (dyb @ a).mul_(down.scale), run.seed + 2, run.dropout,
+                                                run.triton_path)
+            grads = [d_a, d_b]
+        dg, du = swiglu_backward_inplace(dh.contiguous(), g, u, run.triton_path)  # (N, I) each
+        return dg, du, None, None, *grads
+
+
+class BaseProductFn(torch.autograd.Function):
+    """y = h Wᵀ + bias + adapter_out of a frozen projection; saves no tensor (W is dequantized again in
+    backward) and passes dY on to the adapter's output when there is one."""
+
+    @staticmethod
+    def forward(ctx, h, adapter_out, frozen, run):
+        ctx.frozen, ctx.run = frozen, run
+        y = _base_forward(h, frozen, run.triton_path)  # a fresh (N, out)
+        return y if adapter_out is None else y.add_(adapter_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dh = None
+        if ctx.needs_input_grad[0]:
+            dh = dy @ _base_weight(ctx.frozen.weight, dy.dtype, ctx.run.triton_path)  # (N, I)
+        return dh, dy if ctx.needs_input_grad[1] else None, None, None
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -453,7 +487,11 @@ def lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: flo
         raise ValueError(f"lora_mlp: gate.weight is {_shape(gate.weight)} but up.weight is {_shape(up.weight)}")
     _check_projection("lora_mlp", "down", down, intermediate)
     frozen, run, adapters = _prepare("lora_mlp", (gate, up, down), dropout, training, kernels, x)
-    out = LoraMLPFn.apply(x.reshape(-1, hidden), frozen, run, *adapters)
+    # three nodes so that a checkpoint's recomputation stops before the down product (SwiGLUDownTapFn)
+    g, u = LoraProjectionsFn.apply(x.reshape(-1, hidden), frozen[:2], run, *adapters[:4])  # saves x and xa
+    down_adapter = [] if down.lora_a is None else adapters[4:]
+    h, tap = SwiGLUDownTapFn.apply(g, u, frozen[2], run, *down_adapter)  # saves g, u and down's xa
+    out = BaseProductFn.apply(h, tap, frozen[2], run)  # saves nothing
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -117,3 +117,38 @@ def test_in_place_update_before_backward_is_an_error():
         layer.lora_A["default"].weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_fused_gpu_ops_also_recompute_everything_but_the_down_product(dropout, monkeypatch):
+    """The GPU path's fused QLoRA ops, run here by the Triton interpreter: the MLP block is three autograd
+    nodes (gate/up, SwiGLU with down's adapter, down's frozen product), so a checkpoint's recomputation
+    stops before the down product there too, and the gradients equal those without checkpointing."""
+    import qtune.kernels.lora as kl
+
+    calls, original = [], kl._base_forward
+
+    def counting(x, p, triton_path):  # counts the frozen products, then runs the real one
+        assert triton_path
+        calls.append(tuple(p.weight.shape))
+        return original(x, p, triton_path)
+
+    monkeypatch.setattr(kl, "_base_forward", counting)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    layers, recomputed, grads = 2, {}, {}
+    for checkpointing in (False, True):
+        model = tiny_lora_model(dropout)
+        model.set_kernels("triton")
+        model.gradient_checkpointing = checkpointing
+        torch.manual_seed(3)
+        loss = model(ids).float().logsumexp(-1).sum()
+        forward_calls = len(calls)
+        calls.clear()
+        loss.backward()
+        recomputed[checkpointing] = list(calls)
+        grads[checkpointing] = [p.grad.clone() for p in lora_parameters(model)]
+        assert forward_calls == 7 * layers
+    assert recomputed[False] == []
+    assert len(recomputed[True]) == 6 * layers and (64, 128) not in recomputed[True]  # down is (64, 128)
+    for with_ckpt, without in zip(grads[True], grads[False]):
+        torch.testing.assert_close(with_ckpt, without, rtol=1e-5, atol=1e-7)
