@@ -7,7 +7,8 @@
 Both sides get the same settings: NF4 base with double quantization, fp32 compute on the CPU, LoRA r=16
 alpha=16 on every linear of the decoder layers, gradient checkpointing (non-reentrant), AdamW, gradient
 clipping at 0.3, and the same batch of token ids (every position trained). The two models live in one
-process and their steps alternate, so both see the same machine load. Each side's tokens/s is taken
+process and their steps alternate (each side first every other round), so both see the same machine
+load. Each side's tokens/s is taken
 from its fastest timed step after one warm-up step (the step least slowed by other processes on a shared
 machine; the median and slowest are reported too). Rows go to benchmarks/results.csv; the last stdout
 line is JSON with tokens/s of each side and their ratio.
@@ -16,8 +17,9 @@ Where qtune's CPU step saves time against the peer's (same FLOPs otherwise, matm
 fp32 peak on both sides): checkpoint recomputation skips the MLP's down product (its output is read by
 nothing in backward; qtune/merged_lora.py), without dropout each projection is one product with the
 merged weight W + s·B A instead of the base product plus two rank-r products and two elementwise passes,
-and the frozen lm_head's cross-entropy takes two vocabulary matmuls instead of three (the peer
-materializes the logits once and keeps them for backward, two matmuls, and 200 MB).
+the frozen lm_head's cross-entropy takes two vocabulary matmuls instead of three (the peer
+materializes the logits once and keeps them for backward, two matmuls, and 200 MB), and attention runs
+as batched products over causal query blocks (qtune/block_attention.py) instead of the CPU flash kernel.
 """
 
 import argparse
@@ -86,7 +88,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (the recipes use 0.05-0.1)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per side (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per side (after one warm-up step)")
     p.add_argument("--profile", action="store_true", help="print the top ops of one qtune step")
     p.add_argument("--no-csv", action="store_true")
     return p.parse_args()
@@ -113,9 +115,11 @@ def main() -> None:
     for fn in steps.values():  # warm-up
         fn()
     times = {name: [] for name in steps}
+    order = list(steps)
     for _ in range(args.steps):
-        for name, fn in steps.items():
-            times[name].append(timed(fn))
+        for name in order:
+            times[name].append(timed(steps[name]))
+        order.reverse()  # each side goes first every other round
     if args.profile:
         profile_qtune(ours)
     tokens = args.batch * args.seq

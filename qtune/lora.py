@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qtune.backend import use_triton
+from qtune.cpu_dropout import cpu_dropout
 from qtune.merged_lora import merged_lora_linear, merged_path_applies
 from qtune.quant import NF4Linear
 
@@ -146,7 +147,8 @@ class LoRALinear(nn.Module):
         # y = base(x) + s · dropout(x) Aᵀ Bᵀ, the rank-r product first. The adapter branch runs before the
         # frozen product, which saves nothing for backward on an NF4 base: a checkpoint's recomputation
         # stops after the last saved tensor, so it skips the product where nothing reads its output.
-        lora = F.linear(F.linear(dropout(x), a.to(x.dtype)), b.to(x.dtype))  # (..., out)
+        x_d = cpu_dropout(x, dropout.p) if dropout_active and not x.is_cuda else dropout(x)
+        lora = F.linear(F.linear(x_d, a.to(x.dtype)), b.to(x.dtype))  # (..., out)
         return self.base_layer(x).add_(lora, alpha=scale)  # the base output is a fresh tensor
 
     def extra_repr(self) -> str:
