@@ -20,6 +20,8 @@ merged weight W + s·B A instead of the base product plus two rank-r products an
 the frozen lm_head's cross-entropy takes two vocabulary matmuls instead of three (the peer
 materializes the logits once and keeps them for backward, two matmuls, and 200 MB), and attention runs
 as batched products over causal query blocks (qtune/block_attention.py) instead of the CPU flash kernel.
+With --dropout, qtune draws its masks as 16-bit uniforms, four per 64-bit random number
+(qtune/cpu_dropout.py), where F.dropout draws one Bernoulli sample per element.
 """
 
 import argparse
