@@ -280,6 +280,24 @@ def _projection_forward(x: torch.Tensor, p: LoraParams, run: _Run, i: int):
     return y, xa
 
 
+def _adapter_backward(dy, x, xa, p: LoraParams, run: _Run, i: int):
+    """An adapter's gradients in rank-r order: dB = s · dYᵀ xa, dA = s · (dY B)ᵀ x_d; also returns dY B."""
+    dyb = dy @ p.lora_b.to(dy.dtype)  # (N, r)
+    d_b = (dy.t() @ xa).mul_(p.scale).to(p.lora_b.dtype)
+    d_a = (dyb.t() @ _dropped(x, run, i)).mul_(p.scale).to(p.lora_a.dtype)
+    return dyb, d_a, d_b
+
+
+def _add_adapter_dx(dx, dyb, p: LoraParams, run: _Run, i: int):
+    """dX += s · dropout'((dY B) A): the adapter's share of the input gradient, added in place."""
+    if run.dropout == 0.0:
+        return dx.addmm_(dyb, p.lora_a.to(dx.dtype), alpha=p.scale)
+    # dropout' applies the same mask again: dX += keep · (s · dyb A) / (1 - p)
+    lora_dropout_accumulate_inplace(dx, (dyb @ p.lora_a.to(dx.dtype)).mul_(p.scale), run.seed + i, run.dropout,
+                                    run.triton_path)
+    return dx
+
+
 def _projection_backward(dy, x, xa, p: LoraParams, run: _Run, i: int, dx, need_dx: bool):
     """Gradients of one projection in rank-r order; adds its input gradient into `dx`.
 
@@ -288,25 +306,16 @@ def _projection_backward(dy, x, xa, p: LoraParams, run: _Run, i: int, dx, need_d
         dX += dY W + s · dropout'((dY B) A)
     Returns (dx, dA, dB); dx is allocated by the first projection and None when not needed.
     """
-    dtype = dy.dtype
     d_a = d_b = None
     if p.lora_a is not None:
         # Adapter gradients first: the recomputed x_d is freed before dX is allocated.
-        a, b = p.lora_a.to(dtype), p.lora_b.to(dtype)
-        dyb = dy @ b  # (N, r)
-        d_b = (dy.t() @ xa).mul_(p.scale).to(p.lora_b.dtype)
-        d_a = (dyb.t() @ _dropped(x, run, i)).mul_(p.scale).to(p.lora_a.dtype)
+        dyb, d_a, d_b = _adapter_backward(dy, x, xa, p, run, i)
     if not need_dx:
         return dx, d_a, d_b
-    w = _base_weight(p.weight, dtype, run.triton_path)  # dequantized again rather than saved
+    w = _base_weight(p.weight, dy.dtype, run.triton_path)  # dequantized again rather than saved
     dx = dy @ w if dx is None else dx.addmm_(dy, w)  # (N, in)
-    if p.lora_a is None:
-        return dx, d_a, d_b
-    if run.dropout == 0.0:
-        dx.addmm_(dyb, a, alpha=p.scale)
-    else:
-        # dropout' applies the same mask again: dX += keep · (s · dyb A) / (1 - p)
-        lora_dropout_accumulate_inplace(dx, (dyb @ a).mul_(p.scale), run.seed + i, run.dropout, run.triton_path)
+    if p.lora_a is not None:
+        _add_adapter_dx(dx, dyb, p, run, i)
     return dx, d_a, d_b
 
 
@@ -376,18 +385,10 @@ class SwiGLUDownTapFn(torch.autograd.Function):
         if rest:
             xa, lora_a, lora_b = rest
             down = ctx.frozen._replace(lora_a=lora_a, lora_b=lora_b)
-            dout = dout.contiguous()
-            a, b = lora_a.to(dout.dtype), lora_b.to(dout.dtype)
-            dyb = dout @ b  # (N, r)
-            d_b = (dout.t() @ xa).mul_(down.scale).to(lora_b.dtype)
-            h = _dropped(swiglu(g, u, run.triton_path), run, 2)  # recomputed for dA only
-            d_a = (dyb.t() @ h).mul_(down.scale).to(lora_a.dtype)
+            h = swiglu(g, u, run.triton_path)  # recomputed for dA only
+            dyb, d_a, d_b = _adapter_backward(dout.contiguous(), h, xa, down, run, 2)
             del h
-            if run.dropout == 0.0:
-                dh.addmm_(dyb, a, alpha=down.scale)  # dh is BaseProductFn's fresh dY W, read by nothing else
-            else:
-                lora_dropout_accumulate_inplace(dh, (dyb @ a).mul_(down.scale), run.seed + 2, run.dropout,
-                                                run.triton_path)
+            _add_adapter_dx(dh, dyb, down, run, 2)  # dh is BaseProductFn's fresh dY W, read by nothing else
             grads = [d_a, d_b]
         dg, du = swiglu_backward_inplace(dh.contiguous(), g, u, run.triton_path)  # (N, I) each
         return dg, du, None, None, *grads

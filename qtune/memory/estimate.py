@@ -91,14 +91,14 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     per_token = 0 if first_layer else 4  # norm 1: 1/rms (x itself is the layer's input)
     if set(adapted) & {"q_proj", "k_proj", "v_proj"}:
         per_token += b * D  # normed input, kept for dA of q / k / v
-    if s.dtype == "float32" and saved_scores_per_token(H, s.seq_len) <= I:
+    scores = saved_scores_per_token(H, s.seq_len)
+    if s.dtype == "float32" and scores <= I:
         # CPU fp32 block attention (qtune/block_attention.py): scaled q, k, v and the probabilities of
-        # each causal query block; its output is already in o_proj's layout, so o_proj saves it as it is
-        per_token += b * q + 2 * b * kv + 4 * saved_scores_per_token(H, s.seq_len)
-        per_token += b * q if "o_proj" in adapted else 0
+        # each causal query block; its output is already in o_proj's layout
+        per_token += b * q + 2 * b * kv + 4 * scores
     else:
         per_token += 2 * b * q + 2 * b * kv + 4 * H  # SDPA: q, k, v, output and a log-sum-exp per head
-        per_token += b * q if "o_proj" in adapted else 0  # o_proj's input (a contiguous copy of the output)
+    per_token += b * q if "o_proj" in adapted else 0  # o_proj's input (for SDPA, a contiguous copy)
     per_token += b * D + 4  # norm 2: the residual sum and 1/rms
     per_token += b * D if set(adapted) & {"gate_proj", "up_proj"} else 0
     per_token += 3 * b * I  # silu saves gate(x); the product saves silu(gate(x)) and up(x)
