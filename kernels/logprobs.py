@@ -28,7 +28,8 @@ lm_head) on the plain-torch path knows its upstream gradient up to one scalar, s
 during the forward walk (`cross_entropy_one_pass_torch`: 2 matmuls instead of 3, an (N, D) fp32 gradient
 kept until backward). The Triton backward writes the logit gradients of `chunk_size` tokens (chunk_size x V in the
 input dtype: 262 MB for 1024 tokens of a 128256 vocabulary in bf16) and lets cuBLAS do the two matmuls;
-the plain-torch path holds at most two chunk_size x VOCAB_CHUNK fp32 tiles (4 MB each at the defaults).
+the plain-torch path holds at most two chunk_size x VOCAB_CHUNK fp32 tiles (4 MB each at the defaults)
+and one chunk_size x D product. On a CPU its products run through oneDNN (qtune/cpu_linear.py).
 
 Masked tokens (ignore_index) cost the Triton path nothing: its kernels read the scored rows through an
 index. The torch path computes them and zeroes them, since gathering rows would copy them.
@@ -41,6 +42,7 @@ import triton
 import triton.language as tl
 
 from qtune.backend import use_triton
+from qtune.cpu_linear import linear, matmul
 from qtune.kernels import KernelSpec
 
 VOCAB_CHUNK = 1024  # vocabulary columns per step of the plain-torch path (4 MB fp32 tiles at 1024 tokens)
@@ -238,7 +240,7 @@ def logsumexp_stats_torch(hidden, weight, targets, chunk_size):
         w = weight[v0:v0 + VOCAB_CHUNK].float()  # (Vc, D)
         for n0 in range(0, N, chunk_size):
             rows = slice(n0, n0 + chunk_size)
-            z = h[rows] @ w.T  # (C, Vc) fp32: the only logits alive
+            z = linear(h[rows], w)  # (C, Vc) fp32: the only logits alive
             m[k, rows] = z.max(dim=1).values
             e = (z - m[k, rows, None]).exp_()  # (C, Vc)
             s[k, rows] = e.sum(1)
@@ -262,14 +264,14 @@ def logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, g
         grad_w_chunk = torch.zeros_like(w) if need_weight else None  # fp32 sum over all tokens, rounded once
         for n0 in range(0, N, chunk_size):
             rows = slice(n0, n0 + chunk_size)
-            z = h[rows] @ w.T  # (C, Vc)
+            z = linear(h[rows], w)  # (C, Vc)
             p = (z - lse[rows, None]).exp_()
             # dz = p (g_H (E[z] - z) - g) + g onehot(y), computed in z's storage (a local temporary)
             grad_z = z.sub_(mean_logit[rows, None]).mul_(-grad_entropy[rows, None]).sub_(grad_logp[rows, None]).mul_(p)
             local = targets[rows] - v0
             hit = ((local >= 0) & (local < w.shape[0])).nonzero().squeeze(1)
             grad_z.index_put_((hit, local[hit]), grad_logp[rows][hit], accumulate=True)
-            grad_h[rows].addmm_(grad_z, w)  # in place: no (C, D) temporary
+            grad_h[rows] += matmul(grad_z, w)  # (C, D)
             if need_weight:
                 grad_w_chunk.addmm_(grad_z.T, h[rows])
         if need_weight:
@@ -298,7 +300,7 @@ def cross_entropy_one_pass_torch(hidden, weight, targets, valid, chunk_size):
         w = weight[v0:v0 + VOCAB_CHUNK].float()  # (Vc, D)
         for n0 in range(0, N, chunk_size):
             rows = slice(n0, n0 + chunk_size)
-            z = h[rows] @ w.T  # (C, Vc) fp32: the only logits alive
+            z = linear(h[rows], w)  # (C, Vc) fp32: the only logits alive
             local = targets[rows] - v0
             in_slice = (local >= 0) & (local < w.shape[0])
             picked = z.gather(1, local.clamp(0, w.shape[0] - 1)[:, None]).squeeze(1)
@@ -307,7 +309,7 @@ def cross_entropy_one_pass_torch(hidden, weight, targets, valid, chunk_size):
             rescale = (m[rows] - m_new).exp_()  # 0 on the first tile, where m = -inf
             e = z.sub_(m_new[:, None]).exp_()  # (C, Vc), in z's storage
             s[rows] = s[rows] * rescale + e.sum(1)
-            acc[rows].mul_(rescale[:, None]).addmm_(e, w)  # in place on a row slice: no (C, D) temporary
+            acc[rows].mul_(rescale[:, None]).add_(matmul(e, w))  # a row slice of acc, in place
             m[rows] = m_new
     lse = m + s.log()
     safe_targets = torch.where(valid, targets, 0)

@@ -32,6 +32,7 @@ from torch import nn
 
 from qtune.backend import use_triton
 from qtune.cpu_dropout import cpu_dropout
+from qtune.cpu_linear import frozen_linear
 from qtune.merged_lora import merged_lora_linear, merged_path_applies
 from qtune.quant import NF4Linear
 
@@ -132,7 +133,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         name = self.active
         if name is None or name not in self.lora_A:
-            return self.base_layer(x)
+            return self.base_forward(x)
         a, b, scale = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         dropout = self.lora_dropout[name]
         if use_triton(self.kernels, x):
@@ -149,7 +150,14 @@ class LoRALinear(nn.Module):
         # stops after the last saved tensor, so it skips the product where nothing reads its output.
         x_d = cpu_dropout(x, dropout.p) if dropout_active and not x.is_cuda else dropout(x)
         lora = F.linear(F.linear(x_d, a.to(x.dtype)), b.to(x.dtype))  # (..., out)
-        return self.base_layer(x).add_(lora, alpha=scale)  # the base output is a fresh tensor
+        return self.base_forward(x).add_(lora, alpha=scale)  # the base output is a fresh tensor
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer alone. A dense one goes through `frozen_linear`, the product the merged path
+        uses, so that switching the adapter off (a DPO reference) computes what B = 0 computes."""
+        if isinstance(self.base_layer, nn.Linear):
+            return frozen_linear(x, self.base_layer.weight, self.base_layer.bias)
+        return self.base_layer(x)
 
     def extra_repr(self) -> str:
         ranks = {n: self.lora_A[n].out_features for n in self.lora_A}

@@ -23,7 +23,8 @@ one of the MLP's three big products is skipped in every checkpointed layer.
 """
 
 import torch
-import torch.nn.functional as F
+
+from qtune.cpu_linear import linear, matmul
 
 
 def merged_weight(weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -67,7 +68,7 @@ class MergedProductFn(torch.autograd.Function):
         ctx.weight, ctx.scale = weight, scale
         ctx.lora_a, ctx.lora_b = lora_a.detach(), lora_b.detach()
         ctx.versions = (lora_a._version, lora_b._version)
-        return F.linear(x, merged_weight(weight, ctx.lora_a, ctx.lora_b, scale), bias)
+        return linear(x, merged_weight(weight, ctx.lora_a, ctx.lora_b, scale), bias)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -76,7 +77,7 @@ class MergedProductFn(torch.autograd.Function):
                                "(e.g. an optimizer step before backward of an earlier forward)")
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ merged_weight(ctx.weight, ctx.lora_a, ctx.lora_b, ctx.scale)  # (N, in)
+            grad_x = matmul(grad_y, merged_weight(ctx.weight, ctx.lora_a, ctx.lora_b, ctx.scale))  # (N, in)
         return grad_x, grad_y, None, None, None, None, None
 
 

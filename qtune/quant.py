@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtune.backend import check_mode, use_triton
+from qtune.cpu_linear import linear, matmul
 
 # The 16 NF4 levels as bitsandbytes lists them: quantiles of N(0, 1) normalized to [-1, 1], with an
 # exact zero (QLoRA appendix E).
@@ -273,11 +274,11 @@ class DequantLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q: "NF4Weight", bias):
         ctx.q = q
-        return F.linear(x, q.dequantize(x.dtype), bias)
+        return linear(x, q.dequantize(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_y):
-        return grad_y @ ctx.q.dequantize(grad_y.dtype), None, None
+        return matmul(grad_y, ctx.q.dequantize(grad_y.dtype)), None, None
 
 
 class NF4Linear(nn.Module):
@@ -328,7 +329,7 @@ class NF4Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             return DequantLinearFn.apply(x, self.nf4_weight(), bias)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        return linear(x, self.dequantize(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -150,12 +150,13 @@ def test_torch_path_never_holds_full_logits():
 
 
 class CountMatmuls(TorchDispatchMode):
-    """Counts matrix products (mm, addmm and their in-place forms) run while active."""
+    """Counts matrix products (mm, addmm and their in-place forms, oneDNN's linear) run while active."""
 
     count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_,
+                                   torch.ops.mkldnn._linear_pointwise):
             self.count += 1
         return func(*args, **(kwargs or {}))
 

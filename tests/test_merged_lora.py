@@ -74,6 +74,9 @@ class CountProducts(TorchDispatchMode):
         if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
             mat1, mat2 = args[-2], args[-1]
             self.shapes.append((mat1.shape[0], mat1.shape[1], mat2.shape[1]))
+        elif func.overloadpacket == torch.ops.mkldnn._linear_pointwise:  # x (..., in), w (out, in)
+            x, weight = args[0], args[1]
+            self.shapes.append((x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]))
         return func(*args, **(kwargs or {}))
 
 
