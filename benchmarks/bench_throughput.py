@@ -13,15 +13,20 @@ from its fastest timed step after one warm-up step (the step least slowed by oth
 machine; the median and slowest are reported too). Rows go to benchmarks/results.csv; the last stdout
 line is JSON with tokens/s of each side and their ratio.
 
-Where qtune's CPU step saves time against the peer's (same FLOPs otherwise, matmuls at the machine's
-fp32 peak on both sides): checkpoint recomputation skips the MLP's down product (its output is read by
-nothing in backward; qtune/merged_lora.py), without dropout each projection is one product with the
-merged weight W + s·B A instead of the base product plus two rank-r products and two elementwise passes,
-the frozen lm_head's cross-entropy takes two vocabulary matmuls instead of three (the peer
-materializes the logits once and keeps them for backward, two matmuls, and 200 MB), and attention runs
-as batched products over causal query blocks (qtune/block_attention.py) instead of the CPU flash kernel.
-With --dropout, qtune draws its masks as 16-bit uniforms, four per 64-bit random number
-(qtune/cpu_dropout.py), where F.dropout draws one Bernoulli sample per element.
+Where qtune's CPU step saves time against the peer's:
+- the frozen-weight products, nearly all of the step's FLOPs, run through oneDNN's inner product, which
+  reaches 185-210 GFLOP/s on two cores here where MKL's sgemm (torch's `mm` and `F.linear`) reaches
+  160-190 (qtune/cpu_linear.py);
+- checkpoint recomputation skips the MLP's down product, whose output nothing in backward reads
+  (qtune/merged_lora.py);
+- without dropout each projection is one product with the merged weight W + s·B A instead of the base
+  product plus two rank-r products and two elementwise passes;
+- the frozen lm_head's cross-entropy takes two vocabulary matmuls instead of three (the peer materializes
+  the logits once and keeps them for backward, two matmuls, and 200 MB);
+- attention runs as batched products over causal query blocks (qtune/block_attention.py) instead of the
+  CPU flash kernel;
+- with --dropout, qtune draws its masks as 16-bit uniforms, four per 64-bit random number
+  (qtune/cpu_dropout.py), where F.dropout draws one Bernoulli sample per element.
 """
 
 import argparse
