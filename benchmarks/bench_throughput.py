@@ -8,9 +8,8 @@ Both sides get the same settings: NF4 base with double quantization, fp32 comput
 alpha=16 on every linear of the decoder layers, gradient checkpointing (non-reentrant), AdamW, gradient
 clipping at 0.3, and the same batch of token ids (every position trained). The two models live in one
 process and their steps alternate (each side first every other round), so both see the same machine
-load. Each side's tokens/s is taken
-from its fastest timed step after one warm-up step (the step least slowed by other processes on a shared
-machine; the median and slowest are reported too). Rows go to benchmarks/results.csv; the last stdout
+load. Each side's tokens/s is taken from its fastest timed step after one warm-up step (the step least
+slowed by other processes on a shared machine; the median and slowest are reported too). Rows go to benchmarks/results.csv; the last stdout
 line is JSON with tokens/s of each side and their ratio.
 
 Where qtune's CPU step saves time against the peer's:

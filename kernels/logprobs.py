@@ -271,7 +271,7 @@ def logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, g
             local = targets[rows] - v0
             hit = ((local >= 0) & (local < w.shape[0])).nonzero().squeeze(1)
             grad_z.index_put_((hit, local[hit]), grad_logp[rows][hit], accumulate=True)
-            grad_h[rows] += matmul(grad_z, w)  # (C, D)
+            grad_h[rows].add_(matmul(grad_z, w))  # a row slice of grad_h, in place
             if need_weight:
                 grad_w_chunk.addmm_(grad_z.T, h[rows])
         if need_weight:

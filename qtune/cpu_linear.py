@@ -54,27 +54,36 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return linear(a, b.t())
 
 
-class FrozenLinearFn(torch.autograd.Function):
-    """y = x wᵀ + b for a frozen dense w and b; backward returns dX = dY w only.
+def dense(weight, dtype: torch.dtype) -> torch.Tensor:
+    """A dense weight as it is; an NF4Weight (anything with `dequantize`) dequantized into a fresh copy."""
+    return weight if isinstance(weight, torch.Tensor) else weight.dequantize(dtype)
 
-    w is kept as a plain reference, not a saved tensor: a checkpoint's recomputation then has nothing to
-    regenerate for this product (as for the NF4 and merged products), and w is a frozen model weight.
+
+class FrozenLinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b for a frozen W (dense, or an NF4Weight dequantized for each product) and b; backward
+    returns dX = dY W only, dequantizing W again.
+
+    W is kept as a plain reference, not a saved tensor. Plain autograd would keep the dequantized W of every
+    layer alive until backward, i.e. a 16/32-bit copy of the whole model; recomputing it costs one more
+    dequantization per layer. And a checkpoint's recomputation then has nothing to regenerate for this
+    product (as for the merged LoRA product).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.weight = weight
-        return linear(x, weight, bias)
+        return linear(x, dense(weight, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_y):
-        return matmul(grad_y, ctx.weight), None, None
+        return matmul(grad_y, dense(ctx.weight, grad_y.dtype)), None, None
 
 
-def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a weight (and bias) that take no gradient, through oneDNN on CPU fp32, x trainable or not."""
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+def frozen_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a weight (dense or NF4Weight) and bias that take no gradient, x trainable or not;
+    through oneDNN on CPU fp32."""
+    if isinstance(weight, torch.Tensor) and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and x.requires_grad:
         return FrozenLinearFn.apply(x, weight, bias)
-    return linear(x, weight, bias)
+    return linear(x, dense(weight, x.dtype), bias)

@@ -370,16 +370,8 @@ def merge_lora_into_dir(model_dir, adapter_dir, out_dir, from_original: bool = F
     `double_quant` as in training). `from_original`: W + s · B A from the 16-bit weights. `dtype` of
     the output defaults to the base checkpoint's torch_dtype (bfloat16 when it has none).
     """
-    from qtune.checkpoint import (
-        DTYPES,
-        atomic_dir,
-        commit_dir,
-        copy_tokenizer_files,
-        load_model,
-        parse_dtype,
-        resolve,
-        save_state_dict_sharded,
-    )
+    from qtune.checkpoint import (DTYPES, atomic_dir, commit_dir, copy_tokenizer_files, load_model, parse_dtype,
+                                  resolve, save_state_dict_sharded)
     from qtune.config import ModelConfig
 
     model_dir = resolve(model_dir)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtune.backend import check_mode, use_triton
-from qtune.cpu_linear import linear, matmul
+from qtune.cpu_linear import frozen_linear
 
 # The 16 NF4 levels as bitsandbytes lists them: quantiles of N(0, 1) normalized to [-1, 1], with an
 # exact zero (QLoRA appendix E).
@@ -264,23 +264,6 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     return q.dequantize(dtype)
 
 
-class DequantLinearFn(torch.autograd.Function):
-    """y = x W^T + b with W dequantized for the product only; backward dequantizes W again.
-
-    Plain autograd would keep the dequantized W of every layer alive until backward, i.e. a 16/32-bit
-    copy of the whole model; recomputing it costs one more dequantization per layer. W and b are frozen.
-    """
-
-    @staticmethod
-    def forward(ctx, x, q: "NF4Weight", bias):
-        ctx.q = q
-        return linear(x, q.dequantize(x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return matmul(grad_y, ctx.q.dequantize(grad_y.dtype)), None, None
-
-
 class NF4Linear(nn.Module):
     """A frozen 4-bit linear layer: y = x @ W^T (+ bias), W stored as NF4.
 
@@ -326,10 +309,7 @@ class NF4Linear(nn.Module):
             from qtune.kernels.nf4 import nf4_matmul
 
             return nf4_matmul(x, self.nf4_weight(), self.bias)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return DequantLinearFn.apply(x, self.nf4_weight(), bias)
-        return linear(x, self.dequantize(x.dtype), bias)
+        return frozen_linear(x, self.nf4_weight(), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
