@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="further recipe overrides, key.sub=value")
     args = parser.parse_args()
 
-    from qtune.recipe import load_recipe
+    from qtune.recipe.load import load_recipe
     from qtune.train.common import training_device, use_idle_cpu_cores
     from qtune.train.dpo import run_dpo
 

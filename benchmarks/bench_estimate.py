@@ -20,7 +20,7 @@ from common import append_rows, print_json
 
 from qtune.memory.estimate import estimate, step_shape_from_recipe
 from qtune.memory.tracer import fmt_bytes
-from qtune.recipe import load_recipe
+from qtune.recipe.load import load_recipe
 
 # (recipe, overrides, model shape when model.path is not a local directory)
 CASES = [

@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args()
-    from qtune.checkpoint import load_model, resolve
+    from qtune.weights.checkpoint import load_model, resolve
     from qtune.tokenizer import load_tokenizer
 
     model_dir = resolve(args.model)

@@ -68,8 +68,8 @@ def write_checkpoint(out: Path, layers: int, hidden: int, inter: int, vocab: int
 CHILD = r"""
 import json, sys, threading, time
 import torch
-from qtune.checkpoint import load_model
-from qtune.quant import NF4Linear
+from qtune.weights.checkpoint import load_model
+from qtune.weights.nf4 import NF4Linear
 
 def rss_anon():
     for line in open("/proc/self/status"):

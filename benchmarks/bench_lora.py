@@ -60,7 +60,7 @@ def make_blocks(args, dtype):
     import torch
 
     from qtune.kernels.lora import LoraParams
-    from qtune.quant import quantize_nf4
+    from qtune.weights.nf4 import quantize_nf4
 
     h, i, r = args.hidden, args.intermediate, args.rank
     blocks = []

@@ -138,7 +138,7 @@ def main() -> None:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, so before importing them
     nf4 = importlib.import_module("qtune.kernels.nf4")
-    from qtune.quant import quantize_nf4
+    from qtune.weights.nf4 import quantize_nf4
     import bitsandbytes as bnb
     import bitsandbytes.functional as BF
 

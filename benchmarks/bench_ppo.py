@@ -89,7 +89,7 @@ def memory_child(case: str, settings: dict) -> dict:
     import torch
 
     from qtune.lora import adapters_disabled, lora_parameters, use_adapter
-    from qtune.recipe import load_recipe
+    from qtune.recipe.load import load_recipe
     from qtune.train import common
     from qtune.train.ppo import (
         VALUE_HEAD,
@@ -150,9 +150,9 @@ def _batch(prompts, generations) -> dict:
 
 def make_reward_model(model_path: str, quantize: str, out: Path) -> Path:
     """A reward model directory as `qtune reward` writes it (random adapter and head: only its size matters here)."""
-    from qtune.checkpoint import load_model
+    from qtune.weights.checkpoint import load_model
     from qtune.lora import LoraConfig, add_lora, save_adapter
-    from qtune.reward import ScalarHead
+    from qtune.align.reward_model import ScalarHead
 
     model = load_model(model_path, quantize=quantize)
     add_lora(model, LoraConfig(r=16, alpha=32, target_modules="all-linear"), name="rm")
@@ -160,7 +160,7 @@ def make_reward_model(model_path: str, quantize: str, out: Path) -> Path:
 
 
 def run_memory(args, work: Path) -> dict:
-    from qtune.rewards import write_problems
+    from qtune.align.reward_functions import write_problems
     from qtune.train.common import training_device
 
     prompts = write_problems(work / "addition.jsonl", "addition", args.batch)
@@ -214,8 +214,8 @@ def two_proportion_p(successes_a: int, n_a: int, successes_b: int, n_b: int) -> 
 
 
 def run_learning(args, work: Path) -> dict:
-    from qtune.recipe import load_recipe
-    from qtune.rewards import write_problems
+    from qtune.recipe.load import load_recipe
+    from qtune.align.reward_functions import write_problems
     from qtune.train.common import training_device
     from qtune.train.ppo import run_ppo
 
@@ -223,7 +223,7 @@ def run_learning(args, work: Path) -> dict:
     out = work / "run"
     overrides = [f"model.path={args.model}", f"model.quantize={args.learn_quantize}", f"data.path={prompts}",
                  "data.format=prompt", "data.chat=false", f"data.val_size={args.val_size}", "data.cache_dir=",
-                 "ppo.reward_model=", "ppo.reward_fn=qtune.rewards:arithmetic", f"ppo.rollout_batch_size={args.rollout}",
+                 "ppo.reward_model=", "ppo.reward_fn=qtune.align.reward_functions:arithmetic", f"ppo.rollout_batch_size={args.rollout}",
                  f"ppo.max_new_tokens={args.new_tokens}", f"ppo.temperature={args.temperature}",
                  f"ppo.ppo_epochs={args.ppo_epochs}", f"train.micro_batch_size={args.minibatch}",
                  "train.grad_accum_steps=1", f"train.max_steps={args.iterations}", f"train.lr={args.lr}",
@@ -264,8 +264,8 @@ def run_learning(args, work: Path) -> dict:
 # ----------------------------------------------------------------------------- best-of-N
 
 def answer_rates(model, tokenizer, prompts, seed: int) -> dict:
-    """Share of `prompts` answered right (qtune.rewards:arithmetic), greedy and sampled at temperature 1."""
-    from qtune.rewards import arithmetic
+    """Share of `prompts` answered right (qtune.align.reward_functions:arithmetic), greedy and sampled at temperature 1."""
+    from qtune.align.reward_functions import arithmetic
     from qtune.train.rollout import sample
 
     def rate(generations):
@@ -276,10 +276,10 @@ def answer_rates(model, tokenizer, prompts, seed: int) -> dict:
 
 
 def run_best_of_n_bench(args, work: Path) -> dict:
-    from qtune.align_recipes import PromptDataSection
-    from qtune.checkpoint import load_model
+    from qtune.recipe.align import PromptDataSection
+    from qtune.weights.checkpoint import load_model
     from qtune.lora import adapters_disabled, load_adapter, use_adapter
-    from qtune.recipe import load_recipe
+    from qtune.recipe.load import load_recipe
     from qtune.tokenizer import load_tokenizer
     from qtune.train.best_of_n import run_best_of_n
     from qtune.train.common import training_device

@@ -46,7 +46,7 @@ def main() -> None:
     if not Path(args.data).is_file():
         sys.exit(f"{args.data}: not found; pass --data or set QTUNE_SHARED_DATA")
 
-    from qtune.recipe import load_recipe
+    from qtune.recipe.load import load_recipe
     from qtune.train.common import use_idle_cpu_cores
     from qtune.train.sft import run_sft
 

@@ -15,17 +15,17 @@ line is JSON with tokens/s of each side and their ratio.
 Where qtune's CPU step saves time against the peer's:
 - the frozen-weight products, nearly all of the step's FLOPs, run through oneDNN's inner product, which
   reaches 185-210 GFLOP/s on two cores here where MKL's sgemm (torch's `mm` and `F.linear`) reaches
-  160-190 (qtune/cpu_linear.py);
+  160-190 (kernels/cpu/linear.py);
 - checkpoint recomputation skips the MLP's down product, whose output nothing in backward reads
-  (qtune/merged_lora.py);
+  (kernels/cpu/merged_lora.py);
 - without dropout each projection is one product with the merged weight W + s·B A instead of the base
   product plus two rank-r products and two elementwise passes;
 - the frozen lm_head's cross-entropy takes two vocabulary matmuls instead of three (the peer materializes
   the logits once and keeps them for backward, two matmuls, and 200 MB);
-- attention runs as batched products over causal query blocks (qtune/block_attention.py) instead of the
+- attention runs as batched products over causal query blocks (kernels/cpu/attention.py) instead of the
   CPU flash kernel;
 - with --dropout, qtune draws its masks as 16-bit uniforms, four per 64-bit random number
-  (qtune/cpu_dropout.py), where F.dropout draws one Bernoulli sample per element.
+  (kernels/cpu/dropout.py), where F.dropout draws one Bernoulli sample per element.
 """
 
 import argparse
@@ -44,7 +44,7 @@ from qtune.memory.step import StepSetup, train_step
 
 
 def qtune_setup(model_dir: Path, batch: dict, r: int, dropout: float = 0.0) -> StepSetup:
-    from qtune.checkpoint import load_model
+    from qtune.weights.checkpoint import load_model
     from qtune.memory.build import add_trainable_lora
     from qtune.train.common import build_optimizer
 
@@ -110,7 +110,7 @@ def profile_qtune(setup: StepSetup) -> None:
 
 def main() -> None:
     args = parse_args()
-    from qtune.checkpoint import resolve
+    from qtune.weights.checkpoint import resolve
 
     model_dir = resolve(args.model)
     vocab = __import__("json").loads((model_dir / "config.json").read_text())["vocab_size"]

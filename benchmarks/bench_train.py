@@ -56,7 +56,7 @@ def tiny_model_dir() -> Path:
 def step_fn(model_dir, kernels, device, batch, seq, rank, compiled=False):
     import torch
 
-    from qtune.checkpoint import load_model
+    from qtune.weights.checkpoint import load_model
     from qtune.lora import LoraConfig, add_lora, lora_parameters, mark_trainable
     from qtune.train.common import lm_loss_sum
 

@@ -29,7 +29,7 @@ during the forward walk (`cross_entropy_one_pass_torch`: 2 matmuls instead of 3,
 kept until backward). The Triton backward writes the logit gradients of `chunk_size` tokens (chunk_size x V in the
 input dtype: 262 MB for 1024 tokens of a 128256 vocabulary in bf16) and lets cuBLAS do the two matmuls;
 the plain-torch path holds at most two chunk_size x VOCAB_CHUNK fp32 tiles (4 MB each at the defaults)
-and one chunk_size x D product. On a CPU its products run through oneDNN (qtune/cpu_linear.py).
+and one chunk_size x D product. On a CPU its products run through oneDNN (kernels/cpu/linear.py).
 
 Masked tokens (ignore_index) cost the Triton path nothing: its kernels read the scored rows through an
 index. The torch path computes them and zeroes them, since gathering rows would copy them.
@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qtune.backend import use_triton
-from qtune.cpu_linear import linear, matmul
+from qtune.kernels.dispatch import use_triton
+from qtune.kernels.cpu.linear import linear, matmul
 from qtune.kernels import KernelSpec
 
 VOCAB_CHUNK = 1024  # vocabulary columns per step of the plain-torch path (4 MB fp32 tiles at 1024 tokens)
@@ -402,7 +402,7 @@ def token_logprobs_and_entropy(hidden, weight, targets, ignore_index=-100, chunk
     whose outputs are 0 and get no gradient. Returns (logp, entropy), each shaped like targets. The full
     logits are never materialised: `chunk_size` tokens are handled per step (the torch path holds
     chunk_size x VOCAB_CHUNK fp32 logits, the Triton backward chunk_size x V logit gradients in the input
-    dtype). kernels="auto" | "triton" | "torch" picks the implementation (see qtune.backend).
+    dtype). kernels="auto" | "triton" | "torch" picks the implementation (see qtune.kernels.dispatch).
     """
     _check_inputs(hidden, weight, targets, ignore_index, chunk_size)
     triton_kernels = _use_triton_kernels(kernels, hidden)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qtune.backend import use_triton
+from qtune.kernels.dispatch import use_triton
 from qtune.kernels import KernelSpec
 from qtune.kernels.nf4 import dequantize_into_workspace, nf4_matmul
 
@@ -41,7 +41,7 @@ NUM_WARPS = 4
 class LoraParams(NamedTuple):
     """One projection: frozen base weight (+ bias) and an optional trainable adapter."""
 
-    weight: object  # (out, in) torch.Tensor or qtune.quant.NF4Weight; frozen
+    weight: object  # (out, in) torch.Tensor or qtune.weights.nf4.NF4Weight; frozen
     bias: torch.Tensor | None = None  # (out,) frozen (Qwen2 q/k/v carry one)
     lora_a: torch.Tensor | None = None  # (r, in) trainable, None for a projection without adapter
     lora_b: torch.Tensor | None = None  # (out, r) trainable
@@ -455,7 +455,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout: float = 
     """y = x Wᵀ + bias + scale · dropout(x) Aᵀ Bᵀ over x (..., in) -> (..., out).
 
     weight (out, in) is a frozen tensor or NF4Weight (dequantized on the fly, never saved);
-    lora_a (r, in) / lora_b (out, r) are trainable or both None. `kernels`: see qtune.backend.
+    lora_a (r, in) / lora_b (out, r) are trainable or both None. `kernels`: see qtune.kernels.dispatch.
     """
     p = LoraParams(weight, bias, lora_a, lora_b, scale)
     _check_projection("lora_linear", "", p, x.shape[-1])

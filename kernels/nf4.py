@@ -3,7 +3,7 @@
 - `dequantize_nf4(q, dtype)`: one pass decodes the double-quantized absmax *and* the 4-bit codes,
       absmax[b] = nested_code[c[b]] · nested_absmax[b // 256] + offset
       w[i]      = NF4_CODE[nibble(i)] · absmax[i // blocksize]
-  with the same fp32 rounding steps as `qtune.quant` (and so bitsandbytes): the result is bit-equal.
+  with the same fp32 rounding steps as `qtune.weights.nf4` (and so bitsandbytes): the result is bit-equal.
 - `nf4_matmul(x, q, bias)`: for up to SMALL_M rows (decoding, rollouts) a fused kernel reads the
   4-bit weight directly and never writes a dequantized W; for more rows W is dequantized into a
   reusable workspace and multiplied with `torch.matmul` on tensor cores. Backward gives
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qtune.backend import interpreting
+from qtune.kernels.dispatch import interpreting
 from qtune.kernels import KernelSpec
-from qtune.quant import NF4_CODE, NF4Weight
+from qtune.weights.nf4 import NF4_CODE, NF4Weight
 
 DEQUANT_BLOCK = 1024  # packed bytes (2048 weights) per program of the dequantize kernel
 SMALL_M = 64  # inputs with at most this many rows take the fused kernel
@@ -36,7 +36,7 @@ TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 # ----------------------------------------------------------------------------- references (the spec)
 
 def reference_dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight of `q` in `dtype` (default q.dtype): qtune.quant's plain-torch decode."""
+    """The weight of `q` in `dtype` (default q.dtype): qtune.weights.nf4's plain-torch decode."""
     return q.dequantize_torch(dtype)
 
 

@@ -169,7 +169,7 @@ def dense_weights_for_decoding(model: CausalLM):
     quarter of the free memory; the NF4 modules are put back afterwards, even on error. On CUDA the fused
     NF4 kernel reads the 4-bit weights directly, so nothing is copied there.
     """
-    from qtune.quant import NF4Linear
+    from qtune.weights.nf4_linear import NF4Linear
 
     quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, NF4Linear)]
     dtype = model.model.embed_tokens.weight.dtype

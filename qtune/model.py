@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qtune.block_attention import block_attention_applies, block_causal_attention
+from qtune.kernels.cpu.attention import block_attention_applies, block_causal_attention
 from qtune.config import ModelConfig
 
 
@@ -141,7 +141,7 @@ def attention_mask_4d(segments_q, segments_k, offset: int, window: int | None):
 
 def fused_path(mode: str, x, *projections) -> bool:
     """Use a fused QLoRA block when the Triton kernels run for x and some projection is quantized or adapted."""
-    from qtune.backend import use_triton
+    from qtune.kernels.dispatch import use_triton
 
     return use_triton(mode, x) and any(not isinstance(p, nn.Linear) for p in projections)
 
@@ -150,7 +150,7 @@ def projection_params(*projections):
     """Each projection as the fused ops take it (frozen weight, bias, active adapter A/B, scale) and the dropout p."""
     from qtune.kernels.lora import LoraParams
     from qtune.lora import LoRALinear
-    from qtune.quant import NF4Linear
+    from qtune.weights.nf4_linear import NF4Linear
 
     params, dropout = [], 0.0
     for m in projections:
@@ -176,7 +176,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, D, bias=cfg.o_bias)
         self.intermediate_size = cfg.intermediate_size  # bounds the scores block attention may save
-        self.kernels = "auto"  # "triton" routes q/k/v through the fused QLoRA op (see qtune/backend.py)
+        self.kernels = "auto"  # "triton" routes q/k/v through the fused QLoRA op (see kernels/dispatch.py)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -195,7 +195,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, d)
         if block_attention_applies(q, cache, self.intermediate_size):
-            # CPU fp32 without a cache: batched products over causal query blocks (qtune/block_attention.py)
+            # CPU fp32 without a cache: batched products over causal query blocks (kernels/cpu/attention.py)
             y = block_causal_attention(q, k, v, mask)  # (B, T, H, d)
             return self.o_proj(y.view(B, T, self.n_head * self.head_dim))
         groups = self.n_head // self.n_kv
@@ -314,7 +314,7 @@ class CausalLM(nn.Module):
 
     def set_kernels(self, mode: str) -> None:
         """Choose "auto" | "triton" | "torch" for every quantized / LoRA layer that has a kernel switch."""
-        from qtune.backend import check_mode
+        from qtune.kernels.dispatch import check_mode
 
         check_mode(mode)
         for m in self.modules():

@@ -300,7 +300,7 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     """The tokenizer of a Hugging Face model directory or alias (tokenizer.json preferred over tokenizer.model)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        from qtune.hub import ALIASES, resolve_model_path
+        from qtune.weights.hub import ALIASES, resolve_model_path
 
         if str(model_dir) not in ALIASES:
             raise FileNotFoundError(f"{model_dir}: not a directory; pass a model directory or an alias "

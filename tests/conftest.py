@@ -16,7 +16,7 @@ def smollm2_dir(tmp_path_factory) -> Path:
     It lands in a session-private $QTUNE_HOME layout (`<home>/models/smollm2-135m`), so the tests never
     touch the user's own cache; `qtune pull` pointed at that home finds it ready.
     """
-    from qtune import hub
+    from qtune.weights import hub
 
     dest = tmp_path_factory.mktemp("qtune_home") / "models" / "smollm2-135m"
     return hub.convert_into(hub.locate_gguf("smollm2-135m"), dest)

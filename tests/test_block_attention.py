@@ -4,13 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qtune.block_attention import (
-    BlockCausalAttentionFn,
-    block_attention_applies,
-    block_causal_attention,
-    block_size,
-    saved_scores_per_token,
-)
+from qtune.kernels.cpu.attention import (BlockCausalAttentionFn, block_attention_applies, block_causal_attention,
+                                         block_size, saved_scores_per_token)
 from qtune.config import ModelConfig
 from qtune.memory.build import add_trainable_lora, random_model
 from qtune.model import attention_mask_4d

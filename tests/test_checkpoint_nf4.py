@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from qtune.checkpoint import load_model, quantize_checkpoint
-from qtune.quant import NF4Linear
+from qtune.weights.checkpoint import load_model, quantize_checkpoint
+from qtune.weights.nf4_linear import NF4Linear
 from tiny import save_tiny
 
 transformers = pytest.importorskip("transformers")

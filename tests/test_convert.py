@@ -16,16 +16,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from qtune import hub
+from qtune.weights import hub
 from qtune.cli.hub_cmds import COMMANDS
-from qtune.convert import (
-    GGUFFile,
-    convert_gguf,
-    gguf_tokenizer_files,
-    llama_config,
-    sentencepiece_merges,
-    unpermute_qk,
-)
+from qtune.weights.gguf import (GGUFFile, convert_gguf, gguf_tokenizer_files, llama_config, sentencepiece_merges,
+                                unpermute_qk)
 from qtune.tokenizer import load_tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qtune.cpu_dropout import LEVELS, cpu_dropout, keep_threshold
+from qtune.kernels.cpu.dropout import LEVELS, cpu_dropout, keep_threshold
 from qtune.lora import LoraConfig, LoRALinear
 
 
@@ -51,7 +51,7 @@ def test_lora_layer_uses_it_in_training_on_cpu(monkeypatch):
     layer.active = "default"
     x = torch.randn(8, 64)
     calls = []
-    monkeypatch.setattr("qtune.lora_linear.cpu_dropout", lambda t, p: calls.append(p) or cpu_dropout(t, p))
+    monkeypatch.setattr("qtune.lora.layer.cpu_dropout", lambda t, p: calls.append(p) or cpu_dropout(t, p))
     layer.train()
     torch.manual_seed(1)
     y = layer(x)

@@ -1,4 +1,4 @@
-"""Frozen-weight products through oneDNN (qtune/cpu_linear.py) vs fp64 products, and where they must agree.
+"""Frozen-weight products through oneDNN (kernels/cpu/linear.py) vs fp64 products, and where they must agree.
 
 References: the same product in fp64; torch's own F.linear autograd for gradients; the invariant that a
 LoRA layer whose B is zero computes bit for bit what the layer computes with its adapter switched off.
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtune.cpu_linear import frozen_linear, linear, matmul, onednn_applies
+from qtune.kernels.cpu.linear import frozen_linear, linear, matmul, onednn_applies
 from qtune.lora import LoraConfig, LoRALinear
-from qtune.quant import NF4Linear
+from qtune.weights.nf4_linear import NF4Linear
 
 
 def rel_err(actual, expected) -> float:

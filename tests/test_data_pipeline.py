@@ -12,7 +12,7 @@ from test_data_tokenizer import ALPACA_DEMO, C4_DEMO, DPO_DEMO, SHARED_DATA, loa
 from qtune.cli.recipe_cmds import COMMANDS
 from qtune.data import (DataPosition, Example, build_sft_data, collate, epoch_batches, mixture_counts,
                         pack_rows)
-from qtune.recipe import DataSource, SFTDataSection
+from qtune.recipe.sections import DataSource, SFTDataSection
 
 IGNORE = -100
 

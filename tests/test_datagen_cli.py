@@ -112,7 +112,7 @@ def test_interrupted_run_resumes_to_the_same_files(reference, smollm2_dir, tmp_p
 
 def test_output_loads_as_alpaca_sft_data(reference, smollm2_dir):
     from qtune.data.sft import build_sft_data
-    from qtune.recipe import SFTDataSection
+    from qtune.recipe.sections import SFTDataSection
     from qtune.tokenizer import load_tokenizer
 
     out, report = reference

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qtune.checkpoint import load_model
+from qtune.weights.checkpoint import load_model
 from qtune.data.render import alpaca_prompt
 from qtune.datagen.difficulty import (ABOVE_MAX, ALONE_PREFIX, EASIEST, HARDEST, UNSCORED, answer_losses,
                                       difficulty_drops, ifd_scores)

@@ -15,12 +15,12 @@ from click.testing import CliRunner
 from shared_data import SHARED_DATA
 from tiny import save_tiny_with_tokenizer
 
-from qtune.checkpoint import load_model
+from qtune.weights.checkpoint import load_model
 from qtune.cli.align_cmds import COMMANDS
 from qtune.data.prefs import TokenizedPreference, collate_preferences, load_preferences, tokenize_preferences
 from qtune.lora import LoraConfig, add_lora, lora_layers
-from qtune.align_recipes import DPORecipe, RewardRecipe
-from qtune.recipe import load_recipe
+from qtune.recipe.align import DPORecipe, RewardRecipe
+from qtune.recipe.load import load_recipe
 from qtune.tokenizer import load_tokenizer
 from qtune.train.dpo import reference_logprobs, sequence_logprobs
 

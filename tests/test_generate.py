@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qtune.checkpoint import load_model
+from qtune.weights.checkpoint import load_model
 from qtune.generate import Sampling, generate, next_token
 from tiny import save_tiny
 

@@ -12,7 +12,7 @@ import torch.utils.checkpoint
 
 from qtune.kernels import lora
 from qtune.kernels.lora import LoraParams, lora_linear, lora_mlp, lora_qkv
-from qtune.quant import quantize_nf4
+from qtune.weights.nf4 import quantize_nf4
 
 KERNELS = ("triton", "torch")
 SEED = 1234  # torch.manual_seed before each op call, so the op's dropout seed can be drawn again

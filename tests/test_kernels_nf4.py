@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
-from qtune.backend import interpreting
+from qtune.kernels.dispatch import interpreting
 from qtune.kernels import nf4
 from qtune.kernels.nf4 import dequantize_nf4, nf4_matmul, reference_dequantize_nf4, reference_nf4_matmul
-from qtune.quant import NF4Linear, quantize_nf4
+from qtune.weights.nf4 import quantize_nf4
+from qtune.weights.nf4_linear import NF4Linear
 from test_quant import DTYPES, bnb_dequantize, bnb_quantize, eager_bitsandbytes  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qtune.checkpoint import load_model
+from qtune.weights.checkpoint import load_model
 from qtune.lora import LoraConfig, add_lora, lora_parameters, mark_trainable
 from qtune.train.common import lm_loss_sum
 from tiny import save_tiny

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qtune.checkpoint import load_model
-from qtune.lora import (AdapterError, LoraConfig, LoRALinear, adapter_names, adapters_disabled, add_lora, load_adapter,
-                        load_extra_tensors, lora_layers, lora_parameters, mark_trainable, merge_lora_into_dir,
-                        save_adapter, set_active_adapter, use_adapter)
+from qtune.weights.checkpoint import load_model
+from qtune.lora import (AdapterError, LoraConfig, LoRALinear, adapter_names, adapters_disabled, add_lora,
+                        load_adapter, load_extra_tensors, lora_layers, lora_parameters, mark_trainable,
+                        merge_lora_into_dir, save_adapter, set_active_adapter, use_adapter)
 from tiny import save_tiny
 
 transformers = pytest.importorskip("transformers")

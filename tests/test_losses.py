@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qtune.losses import dpo_loss, listwise_loss, pairwise_loss, pointwise_mse, preference_accuracy
+from qtune.align.preference_losses import dpo_loss, listwise_loss, pairwise_loss, pointwise_mse, preference_accuracy
 
 LN2 = math.log(2.0)
 

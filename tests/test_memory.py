@@ -70,7 +70,7 @@ def test_llama2_7b_regimes_hand_computed():
 
 @pytest.mark.parametrize("numel,double_quant", [(64 * 300 + 10, True), (4096, True), (1000, False), (33, True)])
 def test_nf4_nbytes_equal_quantized_tensors_and_bitsandbytes(numel, double_quant):
-    from qtune.quant import quantize_nf4
+    from qtune.weights.nf4 import quantize_nf4
 
     w = torch.randn(numel)
     q = quantize_nf4(w, double_quant=double_quant)

@@ -12,8 +12,8 @@ from qtune.config import ModelConfig
 from qtune.kernels.lora import reference_lora_linear
 from qtune.lora import LoraConfig, add_lora, lora_layers, lora_parameters, mark_trainable
 from qtune.memory.build import random_model
-from qtune.merged_lora import merged_lora_linear
-from qtune.quant import quantize_nf4
+from qtune.kernels.cpu.merged_lora import merged_lora_linear
+from qtune.weights.nf4 import quantize_nf4
 
 
 def assert_close(actual, expected, what, rtol=2e-6):

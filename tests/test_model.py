@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from qtune.checkpoint import CheckpointError, load_model
+from qtune.weights.checkpoint import CheckpointError, load_model
 from qtune.config import ConfigError, ModelConfig
 from qtune.model import KVCache, RMSNorm
 from tiny import TINY_CONFIGS, save_tiny

@@ -6,14 +6,14 @@ import pytest
 import torch
 from tiny import save_tiny_with_tokenizer
 
-from qtune.checkpoint import load_model
+from qtune.weights.checkpoint import load_model
 from qtune.data.batching import DataPosition
 from qtune.data.records import DataError
 from qtune.lora import LoraConfig, adapters_disabled, add_lora, lora_layers, save_adapter, use_adapter
-from qtune.quant import NF4Linear
-from qtune.align_recipes import PPORecipe, PPOSection, PromptDataSection
-from qtune.recipe import TrainSection
-from qtune.reward import ScalarHead
+from qtune.weights.nf4_linear import NF4Linear
+from qtune.recipe.align import PPORecipe, PPOSection, PromptDataSection
+from qtune.recipe.sections import TrainSection
+from qtune.align.reward_model import ScalarHead
 from qtune.tokenizer import load_tokenizer
 from qtune.train.ppo import (POLICY, VALUE, VALUE_HEAD, attach_roles, make_experience, ppo_minibatch,
                              response_logprobs, response_values)
@@ -86,7 +86,7 @@ def full_logit_reference(model, prompts, responses, temperature: float):
 
 def test_response_logprobs_match_full_logits_for_each_role(tiny_dir):
     model = load_model(tiny_dir, quantize="nf4")
-    scorer, _ = attach_roles(model, recipe_for(tiny_dir, reward_fn="qtune.rewards:arithmetic"), 0, "cpu")
+    scorer, _ = attach_roles(model, recipe_for(tiny_dir, reward_fn="qtune.align.reward_functions:arithmetic"), 0, "cpu")
     randomise_adapter(model, POLICY, seed=1)
     model.eval()
     prompts, responses = random_sequences(model.config.vocab_size)
@@ -129,7 +129,7 @@ def test_four_roles_share_one_base_and_value_starts_as_the_reward_model(tiny_dir
 
 def test_fresh_policy_rollout_has_zero_kl_and_rewards_only_at_the_end(tiny_dir):
     model = load_model(tiny_dir, quantize="nf4")
-    recipe = recipe_for(tiny_dir, reward_fn="qtune.rewards:arithmetic", gamma=1.0, lam=1.0, whiten_advantages=False)
+    recipe = recipe_for(tiny_dir, reward_fn="qtune.align.reward_functions:arithmetic", gamma=1.0, lam=1.0, whiten_advantages=False)
     _, _ = attach_roles(model, recipe, 0, "cpu")
     prompts, responses = random_sequences(model.config.vocab_size, seed=4)
     fake = [Prompt(p, "", {}) for p in prompts]
@@ -166,7 +166,7 @@ def policy_and_value_grads(model, batch, recipe, checkpointing: bool):
 def test_gradients_are_the_same_with_gradient_checkpointing(tiny_dir):
     """Each role's backward runs under its own adapter, so recomputed forwards use the right one."""
     model = load_model(tiny_dir, quantize="nf4")
-    recipe = recipe_for(tiny_dir, reward_fn="qtune.rewards:arithmetic")
+    recipe = recipe_for(tiny_dir, reward_fn="qtune.align.reward_functions:arithmetic")
     attach_roles(model, recipe, 0, "cpu")
     randomise_adapter(model, POLICY, seed=7)
     randomise_adapter(model, VALUE, seed=8)

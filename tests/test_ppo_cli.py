@@ -12,9 +12,9 @@ from shared_data import C4_DEMO, HH_HARMLESS, SHARED_DATA
 from test_ppo import one_thread, reward_dir, tiny_dir  # noqa: F401  (fixtures)
 
 from qtune.cli.ppo_cmds import COMMANDS
-from qtune.checkpoint import load_model
-from qtune.reward import load_reward_model
-from qtune.rewards import write_problems
+from qtune.weights.checkpoint import load_model
+from qtune.align.reward_model import load_reward_model
+from qtune.align.reward_functions import write_problems
 
 LOGGED = ("reward", "kl", "beta", "clip_frac", "value_loss", "value_clip_frac", "entropy", "response_length",
           "policy_loss", "approx_kl", "grad_norm", "lr")
@@ -59,7 +59,7 @@ def test_verifiable_reward_and_exact_resume(tiny_dir, tmp_path):  # noqa: F811
     prompts = write_problems(tmp_path / "add.jsonl", "addition", 12)
     (tmp_path / "r.toml").write_text('kind = "ppo"\n')
     args = ["ppo", tmp_path / "r.toml", f"model.path={tiny_dir}", f"data.path={prompts}", "data.chat=false",
-            "ppo.reward_fn=qtune.rewards:arithmetic", "train.max_steps=2", "train.save_every=1", *SMALL]
+            "ppo.reward_fn=qtune.align.reward_functions:arithmetic", "train.max_steps=2", "train.save_every=1", *SMALL]
     out = tmp_path / "full"
     result, summary = qtune(*args, f"output.dir={out}")
     assert result.exit_code == 0, result.output
@@ -79,14 +79,14 @@ def test_verifiable_reward_and_exact_resume(tiny_dir, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["ppo.reward_fn=qtune.rewards:arithmetic", "ppo.reward_model=somewhere"], "exactly one of reward_model"),
+    (["ppo.reward_fn=qtune.align.reward_functions:arithmetic", "ppo.reward_model=somewhere"], "exactly one of reward_model"),
     ([], "exactly one of reward_model"),
-    (["ppo.reward_fn=qtune.rewards:arithmetic", "ppo.rollout_batch_size=6", "train.micro_batch_size=4",
+    (["ppo.reward_fn=qtune.align.reward_functions:arithmetic", "ppo.rollout_batch_size=6", "train.micro_batch_size=4",
       "train.grad_accum_steps=1"], "not a multiple of the minibatch"),
-    (["ppo.reward_fn=qtune.rewards:arithmetic", "ppo.ptx_coef=1"], "needs plain text in data.pretrain_path"),
+    (["ppo.reward_fn=qtune.align.reward_functions:arithmetic", "ppo.ptx_coef=1"], "needs plain text in data.pretrain_path"),
     (["ppo.reward_fn=arithmetic"], "module:function"),
     (["ppo.reward_model=/no/such/dir"], "no such directory"),
-    (["ppo.reward_fn=qtune.rewards:nothing_here"], "not defined there"),
+    (["ppo.reward_fn=qtune.align.reward_functions:nothing_here"], "not defined there"),
 ])
 def test_recipe_errors_name_the_key(tiny_dir, tmp_path, overrides, message):  # noqa: F811
     prompts = write_problems(tmp_path / "add.jsonl", "addition", 8)

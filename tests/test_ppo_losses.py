@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from qtune.ppo_losses import (AdaptiveKLController, FixedKLController, approx_kl, clipped_policy_loss,
-                              clipped_value_loss, gae, kl_penalized_rewards, masked_mean, whiten)
+from qtune.align.ppo_losses import (AdaptiveKLController, FixedKLController, approx_kl, clipped_policy_loss,
+                                    clipped_value_loss, gae, kl_penalized_rewards, masked_mean, whiten)
 
 
 def gae_by_definition(rewards, values, lengths, gamma, lam):

@@ -20,7 +20,7 @@ import torch
 REFERENCE = Path(__file__).with_suffix(".json")
 TINY_KIND, TINY_SEED = "llama", 0
 OVERRIDES = ["data.format=prompt", "data.chat=false", "data.val_size=4", "data.cache_dir=", "ppo.reward_model=",
-             "ppo.reward_fn=qtune.rewards:arithmetic", "ppo.rollout_batch_size=4", "ppo.max_new_tokens=4",
+             "ppo.reward_fn=qtune.align.reward_functions:arithmetic", "ppo.rollout_batch_size=4", "ppo.max_new_tokens=4",
              "ppo.ppo_epochs=2", "train.micro_batch_size=2", "train.grad_accum_steps=1", "train.max_steps=3",
              "train.optimizer=adamw", "train.save_every=0", "lora.r=4", "eval.every=0"]
 PINNED = ("reward", "kl", "beta", "response_length", "policy_loss", "value_loss", "clip_frac", "value_clip_frac",
@@ -36,7 +36,7 @@ def run_case(work_dir: Path) -> dict:
     from tiny import save_tiny_with_tokenizer
 
     from qtune.cli.ppo_cmds import COMMANDS
-    from qtune.rewards import write_problems
+    from qtune.align.reward_functions import write_problems
 
     tiny_dir = save_tiny_with_tokenizer(TINY_KIND, work_dir / "tiny", seed=TINY_SEED)
     prompts = write_problems(work_dir / "addition.jsonl", "addition", 16)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qtune.rewards import arithmetic, exact_answer, first_number, load_reward_function, main, problems
+from qtune.align.reward_functions import arithmetic, exact_answer, first_number, load_reward_function, main, problems
 
 
 @pytest.mark.parametrize("response, answer, reward", [
@@ -54,8 +54,8 @@ def test_command_line_writes_a_prompt_file(tmp_path, capsys):
 
 
 def test_load_reward_function():
-    assert load_reward_function("qtune.rewards:arithmetic") is arithmetic
-    for spec, message in [("qtune.rewards", "module:function"), ("no_such_module_xyz:f", "cannot import module"),
-                          ("qtune.rewards:nope", "not defined there"), ("qtune.rewards:TASKS", "not callable")]:
+    assert load_reward_function("qtune.align.reward_functions:arithmetic") is arithmetic
+    for spec, message in [("qtune.align.reward_functions", "module:function"), ("no_such_module_xyz:f", "cannot import module"),
+                          ("qtune.align.reward_functions:nope", "not defined there"), ("qtune.align.reward_functions:TASKS", "not callable")]:
         with pytest.raises(ValueError, match=message):
             load_reward_function(spec)

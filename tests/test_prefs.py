@@ -14,7 +14,7 @@ from qtune.data.batching import DataPosition
 from qtune.data.prefs import (PreferenceData, TokenizedPreference, build_preference_data, collate_preferences,
                               load_preferences, parse_preference, tokenize_preference, tokenize_preferences, truncate)
 from qtune.data.records import DataError
-from qtune.align_recipes import PrefDataSection
+from qtune.recipe.align import PrefDataSection
 
 IGNORE = -100
 CHATML_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"

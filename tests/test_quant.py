@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from safetensors.torch import load_file, save_file
 
-from qtune.quant import (NF4_CODE, NF4Linear, NF4Weight, dequantize_nf4, nf4_from_hf_state, nf4_to_hf_state,
-                         quantize_blockwise_dynamic, quantize_nf4, signed_dynamic_map)
+from qtune.weights.checkpoint import nf4_from_hf_state, nf4_to_hf_state
+from qtune.weights.nf4 import (NF4_CODE, NF4Weight, dequantize_nf4, quantize_blockwise_dynamic, quantize_nf4,
+                               signed_dynamic_map)
+from qtune.weights.nf4_linear import NF4Linear
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # odd numel, numel not a multiple of 64 or 256, a ragged nested block, 1-d and 3-d, last dims on
@@ -268,7 +270,7 @@ def test_nf4_linear_buffers_and_dtype():
 
 def test_chunked_quantization_equals_bitsandbytes_across_chunk_edges(monkeypatch):
     """Quantizing in chunks (to bound memory) must not change a byte, also when the chunk edge is mid-tensor."""
-    import qtune.quant as quant
+    import qtune.weights.nf4 as quant
 
     monkeypatch.setattr(quant, "QUANT_CHUNK", 4096)
     w = torch.randn(37, 301)  # 11137 elements: two full chunks and a ragged tail

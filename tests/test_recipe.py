@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from qtune.cli.recipe_cmds import COMMANDS
-from qtune.recipe import (DataSource, RecipeError, SFTDataSection, SFTRecipe, field_docs, iter_fields,
-                          load_recipe, recipe_to_toml)
+from qtune.recipe.load import load_recipe
+from qtune.recipe.schema import RecipeError, field_docs, iter_fields, recipe_to_toml
+from qtune.recipe.sections import DataSource, SFTDataSection, SFTRecipe
 from qtune.recipes import shipped_recipes
 
 MINIMAL = 'description = "tiny"\n[data]\npath = "train.json"\n'

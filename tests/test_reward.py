@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner
 from tiny import save_tiny_with_tokenizer
 
-from qtune.checkpoint import load_model
+from qtune.weights.checkpoint import load_model
 from qtune.cli.align_cmds import COMMANDS
 from qtune.data.prefs import TokenizedPreference, collate_preferences, load_preferences, tokenize_preferences
 from qtune.lora import LoraConfig, add_lora, lora_layers, save_adapter
-from qtune.reward import CombinedReward, RewardModel, ScalarHead, evaluate_reward, load_reward_model
+from qtune.align.reward_model import CombinedReward, RewardModel, ScalarHead, evaluate_reward, load_reward_model
 from qtune.tokenizer import load_tokenizer
 from qtune.train.reward import indifferent_validation
 

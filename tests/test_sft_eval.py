@@ -14,11 +14,11 @@ from click.testing import CliRunner
 from shared_data import ALPACA_DEMO, SHARED_DATA
 from tiny import save_tiny_with_tokenizer
 
-from qtune.checkpoint import load_model
+from qtune.weights.checkpoint import load_model
 from qtune.data.records import DataError, load_records
 from qtune.data.tasks import FAMILIES, generate_tasks
 from qtune.data.tokenized import tokenize_records
-from qtune.evaluate import alpaca_response_loss, exact_match, prompt_and_reference
+from qtune.train.evaluate import alpaca_response_loss, exact_match, prompt_and_reference
 from qtune.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")

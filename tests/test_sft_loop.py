@@ -22,7 +22,7 @@ from tiny import save_tiny_with_tokenizer
 from qtune.cli import main
 from qtune.data.sft import build_sft_data
 from qtune.lora import load_adapter
-from qtune.recipe import load_recipe
+from qtune.recipe.load import load_recipe
 from qtune.tokenizer import load_tokenizer
 from qtune.train.common import Checkpointer
 from qtune.train.sft import run_sft
@@ -136,7 +136,7 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path)
 
 def check_run_outputs(out: Path, summary: dict, tiny_dir: Path) -> None:
     """What a finished run leaves: adapter/ (PEFT), metrics.jsonl, the resolved recipe, checkpoints/, plot."""
-    from qtune.checkpoint import load_model
+    from qtune.weights.checkpoint import load_model
 
     assert summary["metric"] == "val_loss" and summary["before"] > summary["after"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -19,7 +19,7 @@ def reward(recipe, overrides, resume):
 
     Overrides look like `train.max_steps=100 data.path=prefs.jsonl`. The adapter and head go to output.dir/adapter/.
     """
-    from qtune.align_recipes import RewardRecipe
+    from qtune.recipe.align import RewardRecipe
     from qtune.train.reward import run_reward
 
     r = load_checked(recipe, overrides, RewardRecipe)
@@ -35,7 +35,7 @@ def dpo(recipe, overrides, resume):
 
     The reference model is the same base with adapters disabled. Overrides look like `dpo.beta=0.2`.
     """
-    from qtune.align_recipes import DPORecipe
+    from qtune.recipe.align import DPORecipe
     from qtune.train.dpo import run_dpo
 
     r = load_checked(recipe, overrides, DPORecipe)
@@ -47,10 +47,10 @@ def evaluate_preferences(model_path: str, adapters: list[str], weights: list[flo
                          bad_records: str = "error", limit: int = 0, quantize: str = "nf4", dtype: str = "auto",
                          kernels: str = "auto") -> dict:
     """Score every preference pair of `data` with a reward model (or a weighted sum of several) or a DPO adapter."""
-    from qtune.checkpoint import load_model, resolve
+    from qtune.weights.checkpoint import load_model, resolve
     from qtune.data.prefs import fixed_batches, load_preferences, tokenize_preferences
     from qtune.lora import load_adapter
-    from qtune.reward import CombinedReward, evaluate_reward, load_reward_model
+    from qtune.align.reward_model import CombinedReward, evaluate_reward, load_reward_model
     from qtune.tokenizer import load_tokenizer
     from qtune.train.common import training_device
     from qtune.train.dpo import evaluate_dpo

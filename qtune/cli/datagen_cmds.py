@@ -10,7 +10,8 @@ import click
 
 
 def _load(recipe: str, overrides: tuple[str, ...], schema):
-    from qtune.recipe import RecipeError, load_recipe
+    from qtune.recipe.load import load_recipe
+    from qtune.recipe.schema import RecipeError
 
     try:
         return load_recipe(recipe, overrides, schema=schema)
@@ -20,7 +21,7 @@ def _load(recipe: str, overrides: tuple[str, ...], schema):
 
 def _run(fn, recipe, progress: bool) -> None:
     """Run a pipeline; user errors become one clear line, Ctrl-C leaves a resumable run behind."""
-    from qtune.checkpoint import CheckpointError
+    from qtune.weights.checkpoint import CheckpointError
     from qtune.config import ConfigError
     from qtune.datagen.seeds import SeedError
     from qtune.datagen.store import ResumeError

@@ -5,8 +5,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from qtune import hub
-from qtune.convert import DTYPES, convert_gguf
+from qtune.weights import hub
+from qtune.weights.gguf import DTYPES, convert_gguf
 
 _console = Console(stderr=True)
 

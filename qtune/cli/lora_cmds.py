@@ -25,7 +25,7 @@ err = Console(stderr=True)
 def merge(model, adapter, out_dir, from_original, dtype, no_double_quant):
     """Fold ADAPTER (a PEFT LoRA directory) into MODEL (a directory or alias); write a plain Hugging Face
     directory to OUT_DIR that transformers, vLLM or llama.cpp's converter load without PEFT."""
-    from qtune.checkpoint import CheckpointError
+    from qtune.weights.checkpoint import CheckpointError
     from qtune.config import ConfigError
     from qtune.lora import AdapterError, merge_lora_into_dir
 

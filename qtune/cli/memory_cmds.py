@@ -24,7 +24,8 @@ def estimate(recipe, overrides, gpu_memory, shape, device):
     from qtune.memory.estimate import estimate as predict
     from qtune.memory.estimate import fit_budget, parse_size, step_shape_from_recipe
     from qtune.memory.tracer import fmt_bytes
-    from qtune.recipe import RecipeError, load_recipe
+    from qtune.recipe.load import load_recipe
+    from qtune.recipe.schema import RecipeError
 
     try:
         r = load_recipe(recipe, overrides)

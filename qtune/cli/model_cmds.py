@@ -36,7 +36,7 @@ def device_name() -> str:
 
 def load_for_inference(model_path: str, adapter: str | None, quantize: str, dtype: str | None):
     """Model (with adapter applied if given) and tokenizer, ready for inference."""
-    from qtune.checkpoint import load_model, resolve
+    from qtune.weights.checkpoint import load_model, resolve
     from qtune.tokenizer import load_tokenizer
 
     model_dir = resolve(model_path)
@@ -91,7 +91,7 @@ def eval_cmd(model, adapter, quantize, dtype, data_path, max_seq_len, batch_size
 
     The last stdout line is a JSON object with `loss` (natural log), `ppl` and `tokens`.
     """
-    from qtune.evaluate import alpaca_response_loss
+    from qtune.train.evaluate import alpaca_response_loss
 
     m, tok = load_for_inference(model, adapter, quantize, dtype)
     result = alpaca_response_loss(m, tok, data_path, max_seq_len=max_seq_len, batch_size=batch_size, limit=limit)
@@ -108,7 +108,7 @@ def eval_cmd(model, adapter, quantize, dtype, data_path, max_seq_len, batch_size
 @click.option("--no-double-quant", is_flag=True, help="Keep absmax in fp32 instead of double-quantizing it.")
 def quantize(model_dir, out_dir, dtype, no_double_quant):
     """Write an NF4 copy of MODEL_DIR to OUT_DIR in the bitsandbytes 4-bit format (loads 4x smaller afterwards)."""
-    from qtune.checkpoint import quantize_checkpoint
+    from qtune.weights.checkpoint import quantize_checkpoint
 
     t0 = time.perf_counter()
     out = quantize_checkpoint(model_dir, out_dir, dtype=dtype, double_quant=not no_double_quant)

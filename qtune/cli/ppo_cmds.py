@@ -18,9 +18,9 @@ def ppo(recipe, overrides, resume):
     """PPO on a LoRA policy with a RECIPE (file or shipped name, e.g. `ppo`).
 
     Policy, value and reward adapters share one 4-bit base; the reference is the base with adapters off.
-    Overrides look like `train.max_steps=50 ppo.reward_fn=qtune.rewards:arithmetic`.
+    Overrides look like `train.max_steps=50 ppo.reward_fn=qtune.align.reward_functions:arithmetic`.
     """
-    from qtune.align_recipes import PPORecipe
+    from qtune.recipe.align import PPORecipe
     from qtune.train.ppo import run_ppo
 
     r = load_checked(recipe, overrides, PPORecipe)
@@ -36,7 +36,7 @@ def best_of_n(recipe, overrides, resume):
 
     Samples best_of_n.n responses per prompt, keeps the best-scoring one, and fine-tunes on those with the SFT loop.
     """
-    from qtune.align_recipes import BestOfNRecipe
+    from qtune.recipe.align import BestOfNRecipe
     from qtune.train.best_of_n import run_best_of_n
 
     r = load_checked(recipe, overrides, BestOfNRecipe)

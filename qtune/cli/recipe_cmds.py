@@ -11,7 +11,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from qtune.recipe import RecipeError, find_recipe, iter_fields, load_recipe
+from qtune.recipe.load import find_recipe, load_recipe
+from qtune.recipe.schema import RecipeError, iter_fields
 
 console = Console()
 
@@ -27,7 +28,7 @@ def _model_dir(path: str) -> Path:
     """The model directory a recipe's model.path names (an alias is pulled into the local cache)."""
     if Path(path).expanduser().is_dir():
         return Path(path).expanduser()
-    from qtune.hub import resolve_model_path
+    from qtune.weights.hub import resolve_model_path
 
     return Path(resolve_model_path(path))
 

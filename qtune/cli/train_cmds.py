@@ -13,7 +13,8 @@ err = Console(stderr=True)
 
 
 def load_checked(recipe: str, overrides: tuple[str, ...], schema):
-    from qtune.recipe import RecipeError, load_recipe
+    from qtune.recipe.load import load_recipe
+    from qtune.recipe.schema import RecipeError
 
     try:
         return load_recipe(recipe, overrides, schema=schema)
@@ -33,7 +34,7 @@ def run_or_explain(fn, *args, **kwargs) -> dict:
 
     On CPU the process uses one torch thread per idle core (see `use_idle_cpu_cores`); Ctrl-C exits with 130.
     """
-    from qtune.checkpoint import CheckpointError
+    from qtune.weights.checkpoint import CheckpointError
     from qtune.config import ConfigError
     from qtune.data.records import DataError
     from qtune.lora import AdapterError
@@ -60,7 +61,7 @@ def sft(recipe, overrides, resume):
     Overrides look like `train.max_steps=100 model.path=/models/llama-2-7b`; with overrides alone
     (`qtune sft train.max_steps=10`) they apply to the quickstart.
     """
-    from qtune.recipe import SFTRecipe
+    from qtune.recipe.sections import SFTRecipe
     from qtune.train.sft import run_sft
 
     recipe, overrides = recipe_and_overrides(recipe, overrides, default="quickstart")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 from qtune.datagen.filters import SELF_INSTRUCT_BLACKLIST
-from qtune.recipe import RECIPE_SCHEMAS, ModelSection, OutputSection, Recipe
+from qtune.recipe.sections import ModelSection, OutputSection, Recipe
 
 
 @dataclass
@@ -230,4 +230,3 @@ class EvolInstructRecipe(Recipe):
     """Where the data goes."""
 
 
-RECIPE_SCHEMAS.update({"self-instruct": SelfInstructRecipe, "evol-instruct": EvolInstructRecipe})

@@ -51,8 +51,8 @@ class Generator:
 
 def load_generator(model_section, batch_size: int) -> Generator:
     """Load the recipe's model (an alias such as "smollm2-135m" is resolved to its converted directory)."""
-    from qtune.checkpoint import load_model
-    from qtune.hub import resolve_model_path
+    from qtune.weights.checkpoint import load_model
+    from qtune.weights.hub import resolve_model_path
     from qtune.tokenizer import load_tokenizer
 
     path = resolve_model_path(model_section.path)

@@ -97,7 +97,7 @@ def lora_param_count(cfg: ModelConfig, r: int, targets="all-linear") -> int:
 
 
 def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256) -> tuple[int, int]:
-    """(packed code bytes, quantization-constant bytes) of one NF4 tensor as qtune.quant stores it."""
+    """(packed code bytes, quantization-constant bytes) of one NF4 tensor as qtune.weights.nf4 stores it."""
     n_blocks = math.ceil(numel / blocksize)
     packed = math.ceil(numel / 2)
     if not double_quant:

@@ -16,7 +16,8 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from qtune.config import ModelConfig
 from qtune.lora import LoraConfig, add_lora, lora_parameters, mark_trainable
 from qtune.model import CausalLM, rope_inv_freq
-from qtune.quant import NF4Linear, NF4Weight, quantize_nf4
+from qtune.weights.nf4 import NF4Weight, quantize_nf4
+from qtune.weights.nf4_linear import NF4Linear
 
 INIT_STD = 0.02  # the Llama initializer_range
 
@@ -104,7 +105,7 @@ def training_state_bytes(cfg: ModelConfig, regime: str, r: int = 16, targets="al
     adapter on NF4 (double-quantized) decoder linears with the other layers in bf16.
     """
     from qtune.memory.tracer import nbytes_of
-    from qtune.quant import NF4Linear
+    from qtune.weights.nf4_linear import NF4Linear
 
     model = random_model(cfg, torch.bfloat16, "meta", quantize="nf4" if regime == "qlora" else "none")
     counts = dict.fromkeys(("weights", "quant_constants", "gradients", "optimizer", "adapters"), 0)

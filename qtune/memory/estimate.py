@@ -78,7 +78,7 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     first_layer: layer 0, whose input (the embedding output) needs no gradient, so its first RMSNorm
     saves nothing. The frozen NF4 products save nothing either: their backward dequantizes again.
     """
-    from qtune.block_attention import saved_scores_per_token  # here: the estimator itself needs no torch
+    from qtune.kernels.cpu.attention import saved_scores_per_token  # here: the estimator itself needs no torch
 
     cfg, N, b = s.cfg, s.tokens, s.b
     D, I, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
@@ -93,7 +93,7 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
         per_token += b * D  # normed input, kept for dA of q / k / v
     scores = saved_scores_per_token(H, s.seq_len)
     if s.dtype == "float32" and scores <= I:
-        # CPU fp32 block attention (qtune/block_attention.py): scaled q, k, v and the probabilities of
+        # CPU fp32 block attention (kernels/cpu/attention.py): scaled q, k, v and the probabilities of
         # each causal query block; its output is already in o_proj's layout
         per_token += b * q + 2 * b * kv + 4 * scores
     else:
@@ -104,7 +104,7 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     per_token += 3 * b * I  # silu saves gate(x); the product saves silu(gate(x)) and up(x)
     per_token += b * I if "down_proj" in adapted else 0
     # x_d A^T of every adapter, for dB; fp32 adapters without dropout take the merged-weight path
-    # (qtune/merged_lora.py), which recomputes it in backward instead
+    # (kernels/cpu/merged_lora.py), which recomputes it in backward instead
     per_token += b * s.r * len(adapted) if s.dtype != "float32" else 0
     # A and B cast to a 16-bit compute dtype are saved as such (fp32 adapters are used as they are)
     casts = sum(s.r * sum(shapes[n]) for n in adapted) * b if b < 4 else 0
@@ -118,7 +118,7 @@ def dequant_bytes(out_features: int, in_features: int, b: int) -> int:
     bytes: bitsandbytes' C++ kernel on a CPU, the Triton workspace on a GPU); otherwise the torch ops hold
     the fp32 levels and the fp32 product (8n bytes) plus the result in a narrower dtype.
     """
-    from qtune.quant import bnb_cpu_kernel_is_exact  # here: the estimator itself needs no torch
+    from qtune.weights.nf4 import bnb_cpu_kernel_is_exact  # here: the estimator itself needs no torch
 
     n = out_features * in_features
     if bnb_cpu_kernel_is_exact((out_features, in_features), 64):

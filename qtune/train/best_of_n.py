@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from qtune.lora import adapters_disabled
-from qtune.align_recipes import BestOfNRecipe
-from qtune.recipe import OutputSection, SFTDataSection, SFTRecipe, recipe_to_toml
+from qtune.recipe.align import BestOfNRecipe
+from qtune.recipe.schema import recipe_to_toml
+from qtune.recipe.sections import OutputSection, SFTDataSection, SFTRecipe
 from qtune.train import common
 from qtune.train.rollout import build_scorer, load_prompts, sample
 from qtune.train.run import load_base_model

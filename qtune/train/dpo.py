@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qtune.align_recipes import DPORecipe
+from qtune.recipe.align import DPORecipe
 from qtune.data.batching import DataPosition
 from qtune.data.prefs import build_preference_data, fixed_batches
 from qtune.data.render import IGNORE
 from qtune.lora import adapters_disabled, lora_parameters
-from qtune.losses import dpo_loss, preference_accuracy
-from qtune.recipe import recipe_to_toml
-from qtune.reward import pair_summary
+from qtune.align.preference_losses import dpo_loss, preference_accuracy
+from qtune.recipe.schema import recipe_to_toml
+from qtune.align.reward_model import pair_summary
 from qtune.train import common
 from qtune.train.reward import ADAPTER, attach_adapter
 from qtune.train.run import Run, load_base_model
@@ -118,7 +118,7 @@ def model_fingerprint(model_section) -> dict:
     A copied or rewritten weight file gets a new mtime and so misses the cache: a miss costs one pass over
     the data, a stale hit would silently train against the wrong reference.
     """
-    from qtune.checkpoint import resolve
+    from qtune.weights.checkpoint import resolve
 
     model_dir = resolve(model_section.path)
     files = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors")

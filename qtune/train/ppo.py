@@ -14,7 +14,7 @@
                  (+ ptx_coef · LM loss on plain text: PPO-ptx) -> AdamW
               -> move β towards the KL target (Ziegler et al. 2019)
 
-Losses and advantages live in `qtune.ppo_losses`; prompts, sampling and scoring in `qtune.train.rollout`.
+Losses and advantages live in `qtune.align.ppo_losses`; prompts, sampling and scoring in `qtune.train.rollout`.
 """
 
 import json
@@ -28,11 +28,11 @@ import torch
 from qtune.data.batching import DataPosition, collate
 from qtune.lora import (LoraConfig, adapters_disabled, add_lora, load_adapter, load_extra_tensors, lora_parameters,
                         save_adapter, set_active_adapter, use_adapter)
-from qtune.ppo_losses import (AdaptiveKLController, FixedKLController, approx_kl, clipped_policy_loss,
-                              clipped_value_loss, gae, kl_penalized_rewards, masked_mean, whiten)
-from qtune.align_recipes import PPORecipe
-from qtune.recipe import recipe_to_toml
-from qtune.reward import ScalarHead
+from qtune.align.ppo_losses import (AdaptiveKLController, FixedKLController, approx_kl, clipped_policy_loss,
+                                    clipped_value_loss, gae, kl_penalized_rewards, masked_mean, whiten)
+from qtune.recipe.align import PPORecipe
+from qtune.recipe.schema import recipe_to_toml
+from qtune.align.reward_model import ScalarHead
 from qtune.train import common
 from qtune.train.rollout import build_scorer, collate_responses, load_prompts, micro_batches, prompt_batches, sample
 from qtune.train.run import Run, load_base_model

@@ -15,10 +15,10 @@ from qtune.data.batching import DataPosition
 from qtune.data.prefs import build_preference_data
 from qtune.data.render import IGNORE
 from qtune.lora import LoraConfig, add_lora, lora_parameters, mark_trainable, save_adapter
-from qtune.losses import listwise_loss, pairwise_loss, pointwise_mse, preference_accuracy
-from qtune.align_recipes import RewardRecipe
-from qtune.recipe import recipe_to_toml
-from qtune.reward import RewardModel, ScalarHead, evaluate_reward
+from qtune.align.preference_losses import listwise_loss, pairwise_loss, pointwise_mse, preference_accuracy
+from qtune.recipe.align import RewardRecipe
+from qtune.recipe.schema import recipe_to_toml
+from qtune.align.reward_model import RewardModel, ScalarHead, evaluate_reward
 from qtune.train import common
 from qtune.train.run import Run, load_base_model
 from qtune.train.sft import total_steps

@@ -211,7 +211,7 @@ class FunctionScorer:
     """A verifiable reward: a Python function f(prompt, response, record) -> float per response."""
 
     def __init__(self, spec: str):
-        from qtune.rewards import load_reward_function
+        from qtune.align.reward_functions import load_reward_function
 
         self.spec, self.fn = spec, load_reward_function(spec)
 
@@ -254,7 +254,7 @@ def build_scorer(section, model, pad_id: int, micro_batch_size: int, device):
     """The recipe's reward: its reward model joins `model` as adapter "reward", or its reward function is imported."""
     if section.reward_fn:
         return FunctionScorer(section.reward_fn)
-    from qtune.reward import load_reward_model
+    from qtune.align.reward_model import load_reward_model
 
     if not Path(section.reward_model).is_dir():
         raise FileNotFoundError(f"reward model {section.reward_model}: no such directory; train one with "

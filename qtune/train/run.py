@@ -28,7 +28,7 @@ BEFORE_FILE = "held_out_before.json"
 
 def load_base_model(model_section, device):
     """The frozen (4-bit by default) base model and its tokenizer, as a recipe's [model] section says."""
-    from qtune.checkpoint import load_model, resolve
+    from qtune.weights.checkpoint import load_model, resolve
     from qtune.tokenizer import load_tokenizer
 
     model_dir = resolve(model_section.path)

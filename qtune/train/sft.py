@@ -14,9 +14,10 @@ from pathlib import Path
 
 from qtune.data.batching import DataPosition
 from qtune.data.sft import build_sft_data
-from qtune.evaluate import exact_match, response_loss
+from qtune.train.evaluate import exact_match, response_loss
 from qtune.lora import LoraConfig, add_lora, lora_parameters, mark_trainable
-from qtune.recipe import SFTRecipe, recipe_to_toml
+from qtune.recipe.schema import recipe_to_toml
+from qtune.recipe.sections import SFTRecipe
 from qtune.train import common
 from qtune.train.run import Run, load_base_model
 

@@ -15,18 +15,14 @@ quant_type="nf4", compress_statistics=...)` bit for bit; tests/test_quant.py che
 """
 
 import functools
-import json
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from qtune.backend import check_mode, use_triton
-from qtune.cpu_linear import frozen_linear
+
 
 # The 16 NF4 levels as bitsandbytes lists them: quantiles of N(0, 1) normalized to [-1, 1], with an
 # exact zero (QLoRA appendix E).
@@ -262,166 +258,3 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dequantized weight of `q` in `dtype` (default: the original dtype)."""
     return q.dequantize(dtype)
-
-
-class NF4Linear(nn.Module):
-    """A frozen 4-bit linear layer: y = x @ W^T (+ bias), W stored as NF4.
-
-    The quantized tensors are buffers, so `.to(device)` and `state_dict()` carry them. `kernels`
-    chooses the implementation per call ("auto" | "triton" | "torch", see qtune/backend.py).
-    """
-
-    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None):
-        super().__init__()
-        if len(weight.shape) != 2:
-            raise ValueError(f"NF4Linear needs a 2-d (out_features, in_features) weight, got shape {tuple(weight.shape)}")
-        self.out_features, self.in_features = weight.shape
-        if bias is not None and bias.shape != (self.out_features,):
-            raise ValueError(f"NF4Linear bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
-        self.weight_dtype = weight.dtype
-        self.blocksize = weight.blocksize
-        self.nested_blocksize = weight.nested_blocksize
-        self.kernels = "auto"
-        self.register_buffer("packed", weight.packed)
-        self.register_buffer("absmax", weight.absmax)
-        self.register_buffer("nested_absmax", weight.nested_absmax)
-        self.register_buffer("nested_code", weight.nested_code)
-        self.register_buffer("offset", weight.offset)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, double_quant: bool = True) -> "NF4Linear":
-        """Quantize an `nn.Linear` (its weight dtype becomes the default compute dtype)."""
-        return cls(quantize_nf4(linear.weight.detach(), double_quant=double_quant), linear.bias)
-
-    def nf4_weight(self) -> NF4Weight:
-        """The buffers viewed as an `NF4Weight` (no copy)."""
-        return NF4Weight(packed=self.packed, absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-                         dtype=self.weight_dtype, blocksize=self.blocksize, nested_absmax=self.nested_absmax,
-                         nested_code=self.nested_code, offset=self.offset, nested_blocksize=self.nested_blocksize)
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.nf4_weight().dequantize(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
-        if use_triton(check_mode(self.kernels), x):
-            # Imported here because the kernel module imports this one (and needs triton).
-            from qtune.kernels.nf4 import nf4_matmul
-
-            return nf4_matmul(x, self.nf4_weight(), self.bias)
-        return frozen_linear(x, self.nf4_weight(), None if self.bias is None else self.bias.to(x.dtype))
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"double_quant={self.nested_absmax is not None}, kernels={self.kernels!r}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Hugging Face / bitsandbytes serialization: the keys transformers writes for a bnb-4bit model.
-
-QUANT_STATE_SUFFIX = "weight.quant_state.bitsandbytes__nf4"
-
-
-def _json_tensor(meta: dict) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
-
-
-def nf4_to_hf_state(prefix: str, q: NF4Weight) -> dict[str, torch.Tensor]:
-    """The tensors bitsandbytes' `Linear4bit` saves for this weight, keyed under `prefix`.
-
-    The small fields travel as a JSON string in a uint8 tensor, exactly as
-    `QuantState.as_dict(packed=True)` writes them. Each map is a fresh copy because safetensors
-    refuses two keys that share storage.
-    """
-    meta = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": str(q.dtype).removeprefix("torch."),
-            "shape": list(q.shape)}
-    state = {f"{prefix}.weight": q.packed.reshape(-1, 1), f"{prefix}.weight.absmax": q.absmax,
-             f"{prefix}.weight.quant_map": NF4_CODE.to(q.device, copy=True)}
-    if q.double_quant:
-        state[f"{prefix}.weight.nested_absmax"] = q.nested_absmax
-        state[f"{prefix}.weight.nested_quant_map"] = q.nested_code.clone()
-        meta.update(nested_blocksize=q.nested_blocksize, nested_dtype="float32", nested_offset=q.offset.item())
-    state[f"{prefix}.{QUANT_STATE_SUFFIX}"] = _json_tensor(meta)
-    return state
-
-
-class _HFStateReader:
-    """Looks up `prefix.<suffix>` keys and raises errors that name the file and the key."""
-
-    def __init__(self, prefix: str, tensors: Mapping[str, torch.Tensor], source: str):
-        self.prefix, self.tensors, self.where = prefix, tensors, source or "the given tensors"
-
-    def key(self, suffix: str) -> str:
-        return f"{self.prefix}.{suffix}"
-
-    def fail(self, suffix: str, problem: str) -> ValueError:
-        return ValueError(f"{self.where}: key '{self.key(suffix)}' {problem}")
-
-    def get(self, suffix: str) -> torch.Tensor:
-        if self.key(suffix) not in self.tensors:
-            raise self.fail(suffix, "is missing; a bitsandbytes NF4 weight needs weight, weight.absmax and "
-                                    f"{QUANT_STATE_SUFFIX} (re-export the model with load_in_4bit / bnb_4bit_quant_type='nf4')")
-        return self.tensors[self.key(suffix)]
-
-    def meta(self) -> dict:
-        fp4_key = self.key("weight.quant_state.bitsandbytes__fp4")
-        if fp4_key in self.tensors:
-            raise self.fail("weight.quant_state.bitsandbytes__fp4", "holds an FP4 weight; only NF4 is supported "
-                            "(quantize with bnb_4bit_quant_type='nf4')")
-        raw = self.get(QUANT_STATE_SUFFIX)
-        try:
-            meta = json.loads(bytes(raw.to(torch.uint8).cpu().tolist()).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise self.fail(QUANT_STATE_SUFFIX, f"is not a JSON quant state: {err}") from err
-        missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in meta]
-        if missing:
-            raise self.fail(QUANT_STATE_SUFFIX, f"lacks the fields {missing}")
-        if meta["quant_type"] != "nf4":
-            raise self.fail(QUANT_STATE_SUFFIX, f"has quant_type={meta['quant_type']!r}; only 'nf4' is supported")
-        if meta["dtype"] not in FLOAT_DTYPES:
-            raise self.fail(QUANT_STATE_SUFFIX, f"has dtype={meta['dtype']!r}, not one of {list(FLOAT_DTYPES)}")
-        if meta["blocksize"] not in VALID_BLOCKSIZES:
-            raise self.fail(QUANT_STATE_SUFFIX, f"has blocksize={meta['blocksize']}, not one of {VALID_BLOCKSIZES}")
-        return meta
-
-    def sized(self, suffix: str, expected: int, dtype: torch.dtype) -> torch.Tensor:
-        t = self.get(suffix)
-        if t.numel() != expected:
-            raise self.fail(suffix, f"has {t.numel()} values where the quant state implies {expected}")
-        if t.dtype != dtype:
-            raise self.fail(suffix, f"has dtype {t.dtype}, expected {dtype}")
-        return t.reshape(-1)
-
-
-def nf4_from_hf_state(prefix: str, tensors: Mapping[str, torch.Tensor], source: str = "") -> NF4Weight:
-    """Read the NF4 weight that bitsandbytes / transformers saved under `prefix` (see `nf4_to_hf_state`).
-
-    `source` (usually the safetensors file name) is named in every error, with the offending key.
-    """
-    r = _HFStateReader(prefix, tensors, source)
-    meta = r.meta()
-    shape = torch.Size(meta["shape"])
-    numel = math.prod(shape)
-    packed = r.get("weight")
-    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may hold the same bytes as another dtype
-        packed = packed.contiguous().view(torch.uint8)
-    if packed.numel() != math.ceil(numel / 2):
-        raise r.fail("weight", f"holds {packed.numel()} bytes but shape {list(shape)} needs {math.ceil(numel / 2)}")
-    quant_map = r.tensors.get(r.key("weight.quant_map"))
-    if quant_map is not None and not torch.equal(quant_map.float().cpu().reshape(-1), NF4_CODE):
-        raise r.fail("weight.quant_map", "is not the standard NF4 code; this weight was quantized with another map")
-    n_blocks = math.ceil(numel / meta["blocksize"])
-    q = NF4Weight(packed=packed.reshape(-1), absmax=None, shape=shape, dtype=FLOAT_DTYPES[meta["dtype"]],
-                  blocksize=meta["blocksize"])
-    if r.key("weight.nested_absmax") not in tensors:
-        q.absmax = r.sized("weight.absmax", n_blocks, r.get("weight.absmax").dtype).float()
-        return q
-    missing = [k for k in ("nested_blocksize", "nested_offset") if k not in meta]
-    if missing:
-        raise r.fail(QUANT_STATE_SUFFIX, f"lacks the double-quant fields {missing}")
-    q.nested_blocksize = meta["nested_blocksize"]
-    q.absmax = r.sized("weight.absmax", n_blocks, torch.uint8)
-    q.nested_absmax = r.sized("weight.nested_absmax", math.ceil(n_blocks / q.nested_blocksize), torch.float32)
-    q.nested_code = r.sized("weight.nested_quant_map", 256, torch.float32)
-    q.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
-    return q

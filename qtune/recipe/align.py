@@ -1,20 +1,14 @@
 """Recipe schemas of the alignment loops: reward model, DPO, PPO and best-of-N.
 
-Their sections build on qtune.recipe's shared ones; importing this module registers the kinds "reward",
-"dpo", "ppo" and "best_of_n" in `RECIPE_SCHEMAS` (`load_recipe` does so before it resolves a kind).
+Their sections build on the shared ones in qtune/recipe/sections.py; qtune/recipe/load.py lists their
+kinds ("reward", "dpo", "ppo", "best_of_n") in the one table of recipe kinds.
 """
 
 import typing
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
-from qtune.recipe import (
-    RECIPE_SCHEMAS,
-    DataSection,
-    LoRASection,
-    OutputSection,
-    TrainRecipe,
-)
+from qtune.recipe.sections import DataSection, LoRASection, OutputSection, TrainRecipe
 
 
 @dataclass
@@ -102,7 +96,6 @@ class DPORecipe(TrainRecipe):
     """Where results go."""
 
 
-RECIPE_SCHEMAS.update({"reward": RewardRecipe, "dpo": DPORecipe})
 
 
 # ----------------------------------------------------------------------------- PPO and best-of-N recipes
@@ -129,9 +122,9 @@ class PromptDataSection(DataSection):
 def _check_reward_source(section) -> Iterator[tuple[str, str]]:
     if bool(section.reward_model) == bool(section.reward_fn):
         yield "reward_model", ("set exactly one of reward_model (an adapter directory written by `qtune reward`) "
-                               "and reward_fn (\"module:function\", e.g. \"qtune.rewards:arithmetic\")")
+                               "and reward_fn (\"module:function\", e.g. \"qtune.align.reward_functions:arithmetic\")")
     if section.reward_fn and section.reward_fn.count(":") != 1:
-        yield "reward_fn", f"{section.reward_fn!r} must look like \"module:function\" (e.g. \"qtune.rewards:arithmetic\")"
+        yield "reward_fn", f"{section.reward_fn!r} must look like \"module:function\" (e.g. \"qtune.align.reward_functions:arithmetic\")"
 
 
 @dataclass
@@ -139,7 +132,7 @@ class PPOSection:
     reward_model: str = ""
     """A reward model's adapter directory (what `qtune reward` writes to output.dir/adapter): it joins the base as the frozen "reward" role."""
     reward_fn: str = ""
-    """Instead of a reward model, a Python function "module:function" called as f(prompt, response, record) -> float (e.g. "qtune.rewards:arithmetic")."""
+    """Instead of a reward model, a Python function "module:function" called as f(prompt, response, record) -> float (e.g. "qtune.align.reward_functions:arithmetic")."""
     init_value_from_reward: bool = True
     """Start the value adapter and head as copies of the reward model's (InstructGPT); false, or a reward function, starts them fresh."""
     rollout_batch_size: int = 16
@@ -274,4 +267,3 @@ class BestOfNRecipe(TrainRecipe):
             yield "data.format", "hh transcripts are raw text; best-of-n needs chat prompts (prompt, alpaca, chat, sharegpt)"
 
 
-RECIPE_SCHEMAS.update({"ppo": PPORecipe, "best_of_n": BestOfNRecipe})

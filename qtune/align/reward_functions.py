@@ -13,7 +13,7 @@ Built in:
     exact_answer  1 when the response is exactly the record's "answer" (qtune's generated instruction tasks)
     arithmetic    1 when the first number in the response is the record's "answer"
 
-and two tasks for `arithmetic`, whose prompt files `python -m qtune.rewards TASK FILE` writes. Their prompts
+and two tasks for `arithmetic`, whose prompt files `python -m qtune.align.reward_functions TASK FILE` writes. Their prompts
 read as plain text (data.chat = false) as well as inside a chat turn:
 
     addition    "Question: What is 13 + 29?\nAnswer:"                      answer 42
@@ -38,7 +38,7 @@ def load_reward_function(spec: str) -> RewardFn:
     """The function a "module:function" string names (the module is imported as Python imports it)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {spec!r} must look like \"module:function\" (e.g. \"qtune.rewards:arithmetic\")")
+        raise ValueError(f"reward function {spec!r} must look like \"module:function\" (e.g. \"qtune.align.reward_functions:arithmetic\")")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -65,7 +65,7 @@ def arithmetic(prompt: str, response: str, record: dict) -> float:
     """
     if "answer" not in record:
         raise ValueError(f"the arithmetic reward needs an 'answer' field in each prompt record; this one has "
-                         f"{sorted(record)} (write prompt files with `python -m qtune.rewards addition FILE`)")
+                         f"{sorted(record)} (write prompt files with `python -m qtune.align.reward_functions addition FILE`)")
     value = first_number(response)
     return float(value is not None and value == float(record["answer"]))
 
@@ -108,8 +108,8 @@ def write_problems(path, task: str, n: int, seed: int = 0, max_operand: int = 20
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qtune.rewards",
-                                     description="Write a prompt file of a built-in task for qtune.rewards:arithmetic.")
+    parser = argparse.ArgumentParser(prog="python -m qtune.align.reward_functions",
+                                     description="Write a prompt file of a built-in task for qtune.align.reward_functions:arithmetic.")
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("path", help="output .jsonl file")
     parser.add_argument("--n", type=int, default=512, help="number of problems (default 512)")

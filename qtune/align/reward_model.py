@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qtune.lora import adapter_names, load_adapter, load_extra_tensors, use_adapter
-from qtune.losses import pairwise_loss, preference_accuracy
+from qtune.align.preference_losses import pairwise_loss, preference_accuracy
 
 HEAD_PREFIX = "score"
 HEAD_INITS = ("normal", "zero")

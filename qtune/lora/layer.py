@@ -3,9 +3,9 @@
     y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ          A (r, in), B (out, r)
 
 `LoRALinear.forward` picks the implementation per call: the fused Triton op on CUDA
-(qtune/kernels/lora.py), one product with the merged weight W + s · B A on the CPU in fp32 without
-dropout (qtune/merged_lora.py), and otherwise the base product plus the rank-r branch in plain torch.
-Attaching adapters to a model, switching them and their files are in qtune/lora.py.
+(kernels/lora.py), one product with the merged weight W + s · B A on the CPU in fp32 without
+dropout (kernels/cpu/merged_lora.py), and otherwise the base product plus the rank-r branch in plain torch.
+Attaching adapters to a model, switching them and their files are in qtune/lora/.
 """
 
 import math
@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtune.backend import use_triton
-from qtune.cpu_dropout import cpu_dropout
-from qtune.cpu_linear import frozen_linear
-from qtune.merged_lora import merged_lora_linear, merged_path_applies
-from qtune.quant import NF4Linear
+from qtune.kernels.dispatch import use_triton
+from qtune.kernels.cpu.dropout import cpu_dropout
+from qtune.kernels.cpu.linear import frozen_linear
+from qtune.kernels.cpu.merged_lora import merged_lora_linear, merged_path_applies
+from qtune.weights.nf4_linear import NF4Linear
 
 
 @dataclass

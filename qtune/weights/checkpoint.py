@@ -7,8 +7,10 @@ directly. Only safetensors are read: nothing is ever unpickled.
 """
 
 import json
+import math
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -17,7 +19,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qtune.config import ModelConfig
-from qtune.model import CausalLM
+from qtune.model import CausalLM, rope_inv_freq
+from qtune.weights.hub import resolve_model_path
+from qtune.weights.nf4 import FLOAT_DTYPES, NF4_CODE, VALID_BLOCKSIZES, NF4Weight, quantize_nf4
+from qtune.weights.nf4_linear import NF4Linear
 
 QUANTIZE_CHOICES = ("nf4", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,8 +84,6 @@ def resolve(path: str | Path) -> Path:
     """A model directory, or an alias such as `smollm2-135m` pulled into the local cache."""
     if Path(path).is_dir():
         return Path(path)
-    from qtune.hub import resolve_model_path
-
     return Path(resolve_model_path(str(path)))
 
 
@@ -109,8 +112,6 @@ def load_model(path, quantize: str = "nf4", dtype=None, kernels: str = "auto", d
                               f"e.g. {missing[:3]} (does config.json match these weights?)")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    from qtune.model import rope_inv_freq
-
     model.register_buffer("rope_inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
     model.requires_grad_(False)
     model.set_kernels(kernels)
@@ -118,8 +119,6 @@ def load_model(path, quantize: str = "nf4", dtype=None, kernels: str = "auto", d
 
 
 def _load_file(model, file, expected, loaded, quantize, dtype, double_quant, device):
-    from qtune import quant
-
     with safe_open(str(file), framework="pt", device="cpu") as f:
         keys = list(f.keys())
         prequantized = {k[: -len(NF4_STATE_SUFFIX)] for k in keys if k.endswith(NF4_STATE_SUFFIX)}
@@ -134,12 +133,12 @@ def _load_file(model, file, expected, loaded, quantize, dtype, double_quant, dev
             prefix = key[: -len(".weight")]
             if prefix in prequantized:
                 state = {k: f.get_tensor(k) for k in keys if k == key or k.startswith(key + ".")}
-                q = quant.nf4_from_hf_state(prefix, state, source=str(file)).to(device)
+                q = nf4_from_hf_state(prefix, state, source=str(file)).to(device)
                 _swap_in(model, prefix, q)
             elif is_quantizable(key) and quantize == "nf4":
                 w = f.get_tensor(key)
                 _check_shape(file, key, tuple(w.shape), tuple(expected[key].shape))
-                q = quant.quantize_nf4(w.to(device=device, dtype=dtype), double_quant=double_quant)
+                q = quantize_nf4(w.to(device=device, dtype=dtype), double_quant=double_quant)
                 del w
                 release_freed_memory()
                 _swap_in(model, prefix, q)
@@ -179,8 +178,6 @@ def _check_shape(file, key, found, wanted):
 
 def _swap_in(model: nn.Module, prefix: str, weight) -> None:
     """Replace the nn.Linear at `prefix` by an NF4Linear, keeping a bias that was loaded before it."""
-    from qtune.quant import NF4Linear
-
     old = model.get_submodule(prefix)
     bias = old.bias.detach() if old.bias is not None and not old.bias.is_meta else None
     new = NF4Linear(weight, bias=bias)
@@ -258,16 +255,14 @@ def quantize_checkpoint(model_dir, out_dir, dtype=None, double_quant: bool = Tru
     Non-quantized tensors keep the checkpoint's dtype (config `torch_dtype`) unless `dtype` is given.
     The directory is written beside `out_dir` and renamed into place only when complete.
     """
-    from qtune import quant
-
     model_dir = resolve(model_dir)
     cfg = ModelConfig.from_json(model_dir)
     dtype = parse_dtype(dtype or cfg.torch_dtype or "float32")
     model = load_model(model_dir, quantize="nf4", dtype=dtype, double_quant=double_quant)
     tensors: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
-        if isinstance(module, quant.NF4Linear):
-            tensors.update(quant.nf4_to_hf_state(name, module.nf4_weight()))
+        if isinstance(module, NF4Linear):
+            tensors.update(nf4_to_hf_state(name, module.nf4_weight()))
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.detach()
     for name, p in model.named_parameters():
@@ -287,3 +282,114 @@ def quantize_checkpoint(model_dir, out_dir, dtype=None, double_quant: bool = Tru
     copy_tokenizer_files(model_dir, tmp)
     commit_dir(tmp, Path(out_dir))
     return Path(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face / bitsandbytes serialization: the keys transformers writes for a bnb-4bit model.
+
+QUANT_STATE_SUFFIX = "weight.quant_state.bitsandbytes__nf4"
+
+
+def _json_tensor(meta: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+
+
+def nf4_to_hf_state(prefix: str, q: NF4Weight) -> dict[str, torch.Tensor]:
+    """The tensors bitsandbytes' `Linear4bit` saves for this weight, keyed under `prefix`.
+
+    The small fields travel as a JSON string in a uint8 tensor, exactly as
+    `QuantState.as_dict(packed=True)` writes them. Each map is a fresh copy because safetensors
+    refuses two keys that share storage.
+    """
+    meta = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": str(q.dtype).removeprefix("torch."),
+            "shape": list(q.shape)}
+    state = {f"{prefix}.weight": q.packed.reshape(-1, 1), f"{prefix}.weight.absmax": q.absmax,
+             f"{prefix}.weight.quant_map": NF4_CODE.to(q.device, copy=True)}
+    if q.double_quant:
+        state[f"{prefix}.weight.nested_absmax"] = q.nested_absmax
+        state[f"{prefix}.weight.nested_quant_map"] = q.nested_code.clone()
+        meta.update(nested_blocksize=q.nested_blocksize, nested_dtype="float32", nested_offset=q.offset.item())
+    state[f"{prefix}.{QUANT_STATE_SUFFIX}"] = _json_tensor(meta)
+    return state
+
+
+class _HFStateReader:
+    """Looks up `prefix.<suffix>` keys and raises errors that name the file and the key."""
+
+    def __init__(self, prefix: str, tensors: Mapping[str, torch.Tensor], source: str):
+        self.prefix, self.tensors, self.where = prefix, tensors, source or "the given tensors"
+
+    def key(self, suffix: str) -> str:
+        return f"{self.prefix}.{suffix}"
+
+    def fail(self, suffix: str, problem: str) -> ValueError:
+        return ValueError(f"{self.where}: key '{self.key(suffix)}' {problem}")
+
+    def get(self, suffix: str) -> torch.Tensor:
+        if self.key(suffix) not in self.tensors:
+            raise self.fail(suffix, "is missing; a bitsandbytes NF4 weight needs weight, weight.absmax and "
+                                    f"{QUANT_STATE_SUFFIX} (re-export the model with load_in_4bit / bnb_4bit_quant_type='nf4')")
+        return self.tensors[self.key(suffix)]
+
+    def meta(self) -> dict:
+        fp4_key = self.key("weight.quant_state.bitsandbytes__fp4")
+        if fp4_key in self.tensors:
+            raise self.fail("weight.quant_state.bitsandbytes__fp4", "holds an FP4 weight; only NF4 is supported "
+                            "(quantize with bnb_4bit_quant_type='nf4')")
+        raw = self.get(QUANT_STATE_SUFFIX)
+        try:
+            meta = json.loads(bytes(raw.to(torch.uint8).cpu().tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self.fail(QUANT_STATE_SUFFIX, f"is not a JSON quant state: {err}") from err
+        missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in meta]
+        if missing:
+            raise self.fail(QUANT_STATE_SUFFIX, f"lacks the fields {missing}")
+        if meta["quant_type"] != "nf4":
+            raise self.fail(QUANT_STATE_SUFFIX, f"has quant_type={meta['quant_type']!r}; only 'nf4' is supported")
+        if meta["dtype"] not in FLOAT_DTYPES:
+            raise self.fail(QUANT_STATE_SUFFIX, f"has dtype={meta['dtype']!r}, not one of {list(FLOAT_DTYPES)}")
+        if meta["blocksize"] not in VALID_BLOCKSIZES:
+            raise self.fail(QUANT_STATE_SUFFIX, f"has blocksize={meta['blocksize']}, not one of {VALID_BLOCKSIZES}")
+        return meta
+
+    def sized(self, suffix: str, expected: int, dtype: torch.dtype) -> torch.Tensor:
+        t = self.get(suffix)
+        if t.numel() != expected:
+            raise self.fail(suffix, f"has {t.numel()} values where the quant state implies {expected}")
+        if t.dtype != dtype:
+            raise self.fail(suffix, f"has dtype {t.dtype}, expected {dtype}")
+        return t.reshape(-1)
+
+
+def nf4_from_hf_state(prefix: str, tensors: Mapping[str, torch.Tensor], source: str = "") -> NF4Weight:
+    """Read the NF4 weight that bitsandbytes / transformers saved under `prefix` (see `nf4_to_hf_state`).
+
+    `source` (usually the safetensors file name) is named in every error, with the offending key.
+    """
+    r = _HFStateReader(prefix, tensors, source)
+    meta = r.meta()
+    shape = torch.Size(meta["shape"])
+    numel = math.prod(shape)
+    packed = r.get("weight")
+    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may hold the same bytes as another dtype
+        packed = packed.contiguous().view(torch.uint8)
+    if packed.numel() != math.ceil(numel / 2):
+        raise r.fail("weight", f"holds {packed.numel()} bytes but shape {list(shape)} needs {math.ceil(numel / 2)}")
+    quant_map = r.tensors.get(r.key("weight.quant_map"))
+    if quant_map is not None and not torch.equal(quant_map.float().cpu().reshape(-1), NF4_CODE):
+        raise r.fail("weight.quant_map", "is not the standard NF4 code; this weight was quantized with another map")
+    n_blocks = math.ceil(numel / meta["blocksize"])
+    q = NF4Weight(packed=packed.reshape(-1), absmax=None, shape=shape, dtype=FLOAT_DTYPES[meta["dtype"]],
+                  blocksize=meta["blocksize"])
+    if r.key("weight.nested_absmax") not in tensors:
+        q.absmax = r.sized("weight.absmax", n_blocks, r.get("weight.absmax").dtype).float()
+        return q
+    missing = [k for k in ("nested_blocksize", "nested_offset") if k not in meta]
+    if missing:
+        raise r.fail(QUANT_STATE_SUFFIX, f"lacks the double-quant fields {missing}")
+    q.nested_blocksize = meta["nested_blocksize"]
+    q.absmax = r.sized("weight.absmax", n_blocks, torch.uint8)
+    q.nested_absmax = r.sized("weight.nested_absmax", math.ceil(n_blocks / q.nested_blocksize), torch.float32)
+    q.nested_code = r.sized("weight.nested_quant_map", 256, torch.float32)
+    q.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
+    return q

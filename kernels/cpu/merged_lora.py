@@ -24,7 +24,7 @@ one of the MLP's three big products is skipped in every checkpointed layer.
 
 import torch
 
-from qtune.cpu_linear import linear, matmul
+from qtune.kernels.cpu.linear import linear, matmul
 
 
 def merged_weight(weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:

@@ -7,7 +7,7 @@ rollout batch, `mask` 1 on real response tokens, which form a prefix of each row
     ref_logp_t  log π_ref(y_t | x, y_<t)  under the reference (the base with adapters switched off)
     V_t         the value model's estimate of the return from state (x, y_<t)
 
-Following `qtune.losses`, the losses return one value per token and leave the reduction to the caller,
+Following `qtune.align.preference_losses`, the losses return one value per token and leave the reduction to the caller,
 which divides the sum over its micro-batches by the response tokens of the whole minibatch.
 """
 

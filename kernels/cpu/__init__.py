@@ -1,0 +1,1 @@
+"""The CPU fp32 fast paths, each beside its plain reference."""

@@ -1,0 +1,1 @@
+"""Alignment: preference and PPO losses, reward models, reward functions."""

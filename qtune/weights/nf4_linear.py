@@ -1,0 +1,60 @@
+"""NF4Linear: a frozen 4-bit linear layer, y = x Wᵀ (+ bias) with W stored as NF4 (qtune/weights/nf4.py)."""
+
+import torch
+from torch import nn
+
+from qtune.kernels.cpu.linear import frozen_linear
+from qtune.kernels.dispatch import check_mode, use_triton
+from qtune.weights.nf4 import NF4Weight, quantize_nf4
+
+
+class NF4Linear(nn.Module):
+    """A frozen 4-bit linear layer: y = x @ W^T (+ bias), W stored as NF4.
+
+    The quantized tensors are buffers, so `.to(device)` and `state_dict()` carry them. `kernels`
+    chooses the implementation per call ("auto" | "triton" | "torch", see kernels/dispatch.py).
+    """
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-d (out_features, in_features) weight, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(f"NF4Linear bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+        self.weight_dtype = weight.dtype
+        self.blocksize = weight.blocksize
+        self.nested_blocksize = weight.nested_blocksize
+        self.kernels = "auto"
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("absmax", weight.absmax)
+        self.register_buffer("nested_absmax", weight.nested_absmax)
+        self.register_buffer("nested_code", weight.nested_code)
+        self.register_buffer("offset", weight.offset)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, double_quant: bool = True) -> "NF4Linear":
+        """Quantize an `nn.Linear` (its weight dtype becomes the default compute dtype)."""
+        return cls(quantize_nf4(linear.weight.detach(), double_quant=double_quant), linear.bias)
+
+    def nf4_weight(self) -> NF4Weight:
+        """The buffers viewed as an `NF4Weight` (no copy)."""
+        return NF4Weight(packed=self.packed, absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                         dtype=self.weight_dtype, blocksize=self.blocksize, nested_absmax=self.nested_absmax,
+                         nested_code=self.nested_code, offset=self.offset, nested_blocksize=self.nested_blocksize)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.nf4_weight().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
+        if use_triton(check_mode(self.kernels), x):
+            # Imported here because the kernel module imports this one (and needs triton).
+            from qtune.kernels.nf4 import nf4_matmul
+
+            return nf4_matmul(x, self.nf4_weight(), self.bias)
+        return frozen_linear(x, self.nf4_weight(), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"double_quant={self.nested_absmax is not None}, kernels={self.kernels!r}")
