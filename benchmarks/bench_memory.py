@@ -35,13 +35,8 @@ HERE = Path(__file__).resolve().parent
 
 from common import append_rows, print_json
 
-from qtune.memory.accounting import (
-    REGIMES,
-    nf4_nbytes,
-    param_counts,
-    regime_bytes,
-    shape_config,
-)
+from qtune.config import shape_config
+from qtune.memory.accounting import REGIMES, nf4_nbytes, param_counts, regime_bytes
 from qtune.memory.estimate import StepShape, estimate
 from qtune.memory.measure import proc_status, reset_peak_rss
 from qtune.memory.tracer import fmt_bytes
@@ -54,7 +49,6 @@ def write_checkpoint(args) -> dict:
     """A random bf16 Hugging Face checkpoint of the shape, written one shard at a time."""
     from safetensors.torch import save_file
 
-    from qtune.memory.accounting import shape_config
     from qtune.memory.build import INIT_STD
 
     cfg = shape_config(args.shape)

@@ -99,7 +99,8 @@ def memory_child(case: str, settings: dict) -> dict:
         response_logprobs,
         response_values,
     )
-    from qtune.train.rollout import load_prompts, sample
+    from qtune.data.prompts import load_prompts
+    from qtune.train.rollout import sample
     from qtune.train.run import load_base_model
 
     device = common.training_device()
@@ -112,7 +113,7 @@ def memory_child(case: str, settings: dict) -> dict:
     if case == "base":
         gens = sample(model, prompts, tokenizer, recipe.ppo.max_new_tokens, seed=0)
         with torch.no_grad():
-            response_logprobs(model, _batch(prompts, gens), 1.0, recipe.model.kernels)
+            response_logprobs(model, _batch(prompts, gens), 1.0)
         return {**result, "peak_bytes": meter.read()}
     scorer, params = attach_roles(model, recipe, tokenizer.pad_id, device)
     result["roles_bytes"] = {name: tensor_bytes(lora_parameters(model, name)) for name in ("reward", "policy", "value")}
@@ -124,11 +125,11 @@ def memory_child(case: str, settings: dict) -> dict:
     if case == "four-roles":
         with torch.no_grad():
             with use_adapter(model, "policy"):
-                response_logprobs(model, batch, 1.0, recipe.model.kernels)
+                response_logprobs(model, batch, 1.0)
             with use_adapter(model, "value"):
                 response_values(model, batch)
             with adapters_disabled(model):
-                response_logprobs(model, batch, 1.0, recipe.model.kernels)
+                response_logprobs(model, batch, 1.0)
             scorer.score(prompts, gens)
         return {**result, "peak_bytes": meter.read()}
     optimizer = common.build_optimizer(params, "adamw", 1e-5)
@@ -283,7 +284,7 @@ def run_best_of_n_bench(args, work: Path) -> dict:
     from qtune.tokenizer import load_tokenizer
     from qtune.train.best_of_n import run_best_of_n
     from qtune.train.common import training_device
-    from qtune.train.rollout import load_prompts
+    from qtune.data.prompts import load_prompts
 
     recipe = load_recipe("best_of_n", [f"model.path={args.model}", f"best_of_n.num_prompts={args.bon_prompts}",
                                        f"output.dir={work / 'best-of-n'}", "data.cache_dir="])

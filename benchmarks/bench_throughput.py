@@ -104,7 +104,7 @@ def profile_qtune(setup: StepSetup) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train_step(setup, kernels="torch")
+        train_step(setup)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
 
 
@@ -116,8 +116,9 @@ def main() -> None:
     vocab = __import__("json").loads((model_dir / "config.json").read_text())["vocab_size"]
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ours = qtune_setup(model_dir, {"input_ids": ids, "labels": ids}, args.rank, args.dropout)
+    ours.model.set_kernels("torch")
     peer = peer_setup(model_dir, args.rank, args.dropout)
-    steps = {"qtune": lambda: train_step(ours, kernels="torch"), "peer": lambda: peer_step(*peer, ids)}
+    steps = {"qtune": lambda: train_step(ours), "peer": lambda: peer_step(*peer, ids)}
     for fn in steps.values():  # warm-up
         fn()
     times = {name: [] for name in steps}

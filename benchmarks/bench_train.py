@@ -71,7 +71,7 @@ def step_fn(model_dir, kernels, device, batch, seq, rank, compiled=False):
     loss_fn = torch.compile(lm_loss_sum) if compiled else lm_loss_sum
 
     def step():
-        loss_sum, n = loss_fn(model, b, kernels)
+        loss_sum, n = loss_fn(model, b)
         (loss_sum / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,4 +1,16 @@
-"""Triton kernels, each beside the plain-torch reference it must equal. Installed as `qtune.kernels`.
+"""The ops qtune's model and losses run: Triton kernels and CPU fast paths, each beside its plain-torch reference.
+
+This folder sits at the repository's top level (`kernels/`) but installs as the package `qtune.kernels`:
+pyproject.toml remaps it (`[tool.setuptools.package-dir]`), so import it as `qtune.kernels.<op>`. Tools
+that map module names to paths (grep for `qtune/kernels`, IDE jumps, import linters) cannot follow the
+remap; look here.
+
+- `<op>.py` (nf4, lora, logprobs): the plain-torch reference, the torch path, the autograd functions,
+  the public op and `compile_specs()`; they import without triton.
+- `triton/<op>.py`: that op's `@triton.jit` kernels and launchers, imported only on the Triton path
+  (triton is optional: it is absent on macOS and Windows).
+- `cpu/`: the CPU fp32 fast paths, each beside its plain reference; `dispatch.py`: which path runs.
+Nothing here imports from qtune outside `qtune.kernels`.
 
 Every kernel module lists the configurations it ships in `compile_specs()`, so that
 `benchmarks/kernel_report.py` can compile each of them ahead of time for real GPU targets.

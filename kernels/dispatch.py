@@ -2,9 +2,12 @@
 
 `kernels = "auto" | "triton" | "torch"` is a recipe switch. "auto" uses Triton on CUDA tensors and
 plain torch elsewhere; "triton" forces the kernels (on a CPU that needs `TRITON_INTERPRET=1` set before
-the kernels are imported, which is how the tests run them); "torch" forces the reference path.
+the kernels are defined, i.e. before the first Triton call imports `qtune.kernels.triton`; that is how the
+tests run them); "torch" forces the reference path. triton itself is optional: without it every op takes
+the plain-torch path and "triton" is refused with a message.
 """
 
+import functools
 import importlib.util
 import os
 
@@ -13,8 +16,20 @@ import torch
 KERNEL_MODES = ("auto", "triton", "torch")
 
 
+@functools.cache
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """True when `import triton` works (asked once per process, then cached).
+
+    find_spec alone is not enough: a triton that is installed but broken (or a stand-in that raises on
+    import, as tests/test_no_triton.py puts one) is found but cannot be imported.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return False  # the cheap common answer off Linux: no import attempted
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install fails in many ways (ImportError, OSError, ...): each means no Triton
+        return False
+    return True
 
 
 def interpreting() -> bool:

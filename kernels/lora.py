@@ -19,23 +19,22 @@ What backward keeps and what it recomputes (the point of fusing):
   Philox via `tl.rand(seed, element_index)` on the Triton path, Bernoulli draws from a
   `torch.Generator` seeded with it on the plain-torch path (so the two paths draw different masks;
   `dropout_keep_mask` reproduces either). Projection i of a fused block uses seed + i, giving every
-  adapter its own mask as separate dropout modules would.
+  adapter its own mask as separate dropout modules would, and its own p (`LoraParams.dropout`, unless
+  the call passes one p for all).
 - The MLP recomputes h = silu(g) * u in backward instead of saving it.
+
+The `@triton.jit` kernels and their launchers live in kernels/triton/lora.py, imported only when one
+runs: triton is optional, and this file imports without it.
 """
 
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from qtune.kernels.dispatch import use_triton
 from qtune.kernels import KernelSpec
+from qtune.kernels.dispatch import use_triton
 from qtune.kernels.nf4 import dequantize_into_workspace, nf4_matmul
-
-BLOCK = 1024  # elements per program of the elementwise kernels
-NUM_WARPS = 4
 
 
 class LoraParams(NamedTuple):
@@ -46,6 +45,7 @@ class LoraParams(NamedTuple):
     lora_a: torch.Tensor | None = None  # (r, in) trainable, None for a projection without adapter
     lora_b: torch.Tensor | None = None  # (out, r) trainable
     scale: float = 1.0  # s = lora_alpha / r
+    dropout: float = 0.0  # LoRA dropout p of this projection (what lora_qkv / lora_mlp use with dropout=None)
 
 
 # ----------------------------------------------------------------------------- references (the spec)
@@ -90,86 +90,34 @@ def reference_swiglu_backward(dh, g, u) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _reference_projection(x, p: LoraParams, dropout, training, keep_mask):
-    return reference_lora_linear(x, p.weight, p.bias, p.lora_a, p.lora_b, p.scale, dropout, training, keep_mask)
+    """One projection with p = `dropout`, or its own p.dropout when `dropout` is None."""
+    p_drop = p.dropout if dropout is None else dropout
+    return reference_lora_linear(x, p.weight, p.bias, p.lora_a, p.lora_b, p.scale, p_drop, training, keep_mask)
 
 
-def reference_lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: float = 0.0,
+def reference_lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: float | None = None,
                        training: bool = True, keep_masks=(None, None, None)) -> torch.Tensor:
-    """out = down(silu(gate(x)) · up(x)); keep_masks fixes the (gate, up, down) dropout masks."""
+    """out = down(silu(gate(x)) · up(x)); keep_masks fixes the (gate, up, down) dropout masks.
+
+    `dropout` None: each projection's own p.dropout; a float: that p for all three."""
     g = _reference_projection(x, gate, dropout, training, keep_masks[0])
     u = _reference_projection(x, up, dropout, training, keep_masks[1])
     return _reference_projection(reference_swiglu(g, u), down, dropout, training, keep_masks[2])
 
 
-def reference_lora_qkv(x, q: LoraParams, k: LoraParams, v: LoraParams, dropout: float = 0.0,
+def reference_lora_qkv(x, q: LoraParams, k: LoraParams, v: LoraParams, dropout: float | None = None,
                        training: bool = True, keep_masks=(None, None, None)):
-    """(q(x), k(x), v(x)), each a LoRA linear; keep_masks fixes the three dropout masks."""
+    """(q(x), k(x), v(x)), each a LoRA linear; keep_masks fixes the three dropout masks; `dropout` as in
+    `reference_lora_mlp`."""
     return tuple(_reference_projection(x, p, dropout, training, m) for p, m in zip((q, k, v), keep_masks))
 
 
-# ----------------------------------------------------------------------------- Triton kernels
+# ----------------------------------------------------------------------------- the torch path and the Triton launches
 
-@triton.jit
-def _keep(seed, offs, p):
-    # Philox counter = element index: the same (seed, index) gives the same uniform in forward and backward.
-    return tl.rand(seed, offs) >= p
-
-
-@triton.jit
-def lora_dropout_kernel(x_ptr, out_ptr, n_elements, seed, p, BLOCK: tl.constexpr):
-    """out = x · keep / (1 - p), keep regenerated from (seed, index)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = offs < n_elements
-    x = tl.load(x_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    out = tl.where(_keep(seed, offs, p), x / (1.0 - p), 0.0)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
-
-
-@triton.jit
-def lora_dropout_accumulate_inplace_kernel(acc_ptr, x_ptr, n_elements, seed, p, BLOCK: tl.constexpr):
-    """acc += x · keep / (1 - p): adds the adapter's input gradient into the shared dX buffer."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = offs < n_elements
-    acc = tl.load(acc_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    acc += tl.where(_keep(seed, offs, p), x / (1.0 - p), 0.0)
-    tl.store(acc_ptr + offs, acc.to(acc_ptr.dtype.element_ty), mask=in_bounds)
-
-
-@triton.jit
-def swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_elements, BLOCK: tl.constexpr):
-    """h = silu(g) · u = g · σ(g) · u."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = offs < n_elements
-    g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    h = g * tl.sigmoid(g) * u
-    tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=in_bounds)
-
-
-@triton.jit
-def swiglu_backward_inplace_kernel(dh_ptr, g_ptr, u_ptr, du_ptr, n_elements, BLOCK: tl.constexpr):
-    """dg = dh · u · σ(g) · (1 + g · (1 - σ(g))) written over dh; du = dh · silu(g).
-
-    dh is a temporary of the MLP backward that nothing reads afterwards, so overwriting it with dg
-    saves one (N, I) buffer at the backward's memory peak.
-    """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = offs < n_elements
-    dh = tl.load(dh_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    dg = dh * u * sig * (1.0 + g * (1.0 - sig))
-    du = dh * g * sig
-    tl.store(dh_ptr + offs, dg.to(dh_ptr.dtype.element_ty), mask=in_bounds)
-    tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=in_bounds)
-
-
-# ----------------------------------------------------------------------------- launchers
-
-def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, BLOCK),)
+def _kernels():
+    """kernels/triton/lora.py, imported on the first launch."""
+    from qtune.kernels.triton import lora  # here, not at the top: triton is optional (absent on macOS/Windows)
+    return lora
 
 
 def _torch_keep(seed: int, like: torch.Tensor, p: float) -> torch.Tensor:
@@ -181,22 +129,17 @@ def _torch_keep(seed: int, like: torch.Tensor, p: float) -> torch.Tensor:
 
 def lora_dropout(x: torch.Tensor, seed: int, p: float, triton_path: bool) -> torch.Tensor:
     """x · keep / (1 - p) with the mask regenerated from `seed` (nothing stored)."""
-    if not triton_path:
-        return _torch_keep(seed, x, p).mul_(x).div_(1.0 - p)  # the mask's buffer becomes the output
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    lora_dropout_kernel[_grid(x.numel())](x, out, x.numel(), seed, p, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return out
+    if triton_path:
+        return _kernels().launch_lora_dropout(x, seed, p)
+    return _torch_keep(seed, x, p).mul_(x).div_(1.0 - p)  # the mask's buffer becomes the output
 
 
 def lora_dropout_accumulate_inplace(acc: torch.Tensor, x: torch.Tensor, seed: int, p: float, triton_path: bool):
     """acc += x · keep / (1 - p), in place on `acc` (the dX buffer being accumulated)."""
-    if not triton_path:
+    if triton_path:
+        _kernels().launch_lora_dropout_accumulate_inplace(acc, x, seed, p)
+    else:
         acc += _torch_keep(seed, x, p).mul_(x).div_(1.0 - p)
-        return
-    assert acc.is_contiguous() and x.is_contiguous() and acc.shape == x.shape
-    lora_dropout_accumulate_inplace_kernel[_grid(x.numel())](acc, x, x.numel(), seed, p, BLOCK=BLOCK,
-                                                             num_warps=NUM_WARPS)
 
 
 def dropout_keep_mask(seed: int, shape, p: float, device, kernels: str = "auto",
@@ -232,42 +175,37 @@ def new_dropout_seed() -> int:
 
 def swiglu(g: torch.Tensor, u: torch.Tensor, triton_path: bool) -> torch.Tensor:
     """h = silu(g) · u."""
-    if not triton_path:
-        return F.silu(g).mul_(u)  # one (N, I) buffer instead of reference_swiglu's two
-    g, u = g.contiguous(), u.contiguous()
-    h = torch.empty_like(g)
-    swiglu_forward_kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return h
+    if triton_path:
+        return _kernels().launch_swiglu(g, u)
+    return F.silu(g).mul_(u)  # one (N, I) buffer instead of reference_swiglu's two
 
 
 def swiglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, triton_path: bool):
     """Returns (dg, du), dg being `dh` overwritten in place (a backward temporary nothing else reads)."""
-    if not triton_path:
-        # The reference's formula with in-place steps: one (N, I) temporary besides du.
-        du = F.silu(g).mul_(dh)  # dh · silu(g)
-        sig = torch.sigmoid(g)
-        return dh.mul_(u).mul_(sig).mul_(sig.neg_().add_(1).mul_(g).add_(1)), du  # dh · u · σ · (1 + g(1 - σ))
-    assert dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()
-    du = torch.empty_like(u)
-    swiglu_backward_inplace_kernel[_grid(g.numel())](dh, g, u, du, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return dh, du
+    if triton_path:
+        return _kernels().launch_swiglu_backward_inplace(dh, g, u)
+    # The reference's formula with in-place steps: one (N, I) temporary besides du.
+    du = F.silu(g).mul_(dh)  # dh · silu(g)
+    sig = torch.sigmoid(g)
+    return dh.mul_(u).mul_(sig).mul_(sig.neg_().add_(1).mul_(g).add_(1)), du  # dh · u · σ · (1 + g(1 - σ))
 
 
 # ----------------------------------------------------------------------------- one projection, forward and backward
 
 class _Run(NamedTuple):
-    """How one call runs: effective dropout (0 when off), the seed of projection 0, Triton or torch."""
+    """How one call runs: each projection's effective dropout (0 when off), the seed of projection 0,
+    Triton or torch."""
 
-    dropout: float
+    dropouts: tuple[float, ...]
     seed: int
     triton_path: bool
 
 
 def _dropped(x: torch.Tensor, run: _Run, i: int) -> torch.Tensor:
     """x_d = dropout(x) for projection i (seed + i), regenerated identically in forward and backward."""
-    if run.dropout == 0.0:
+    if run.dropouts[i] == 0.0:
         return x
-    return lora_dropout(x, run.seed + i, run.dropout, run.triton_path)
+    return lora_dropout(x, run.seed + i, run.dropouts[i], run.triton_path)
 
 
 def _projection_forward(x: torch.Tensor, p: LoraParams, run: _Run, i: int):
@@ -290,10 +228,10 @@ def _adapter_backward(dy, x, xa, p: LoraParams, run: _Run, i: int):
 
 def _add_adapter_dx(dx, dyb, p: LoraParams, run: _Run, i: int):
     """dX += s · dropout'((dY B) A): the adapter's share of the input gradient, added in place."""
-    if run.dropout == 0.0:
+    if run.dropouts[i] == 0.0:
         return dx.addmm_(dyb, p.lora_a.to(dx.dtype), alpha=p.scale)
     # dropout' applies the same mask again: dX += keep · (s · dyb A) / (1 - p)
-    lora_dropout_accumulate_inplace(dx, (dyb @ p.lora_a.to(dx.dtype)).mul_(p.scale), run.seed + i, run.dropout,
+    lora_dropout_accumulate_inplace(dx, (dyb @ p.lora_a.to(dx.dtype)).mul_(p.scale), run.seed + i, run.dropouts[i],
                                     run.triton_path)
     return dx
 
@@ -439,12 +377,16 @@ def _check_projection(op: str, name: str, p: LoraParams, in_features: int) -> No
                          f"call .requires_grad_(False) on them")
 
 
-def _prepare(op: str, params, dropout: float, training: bool, kernels: str, x: torch.Tensor):
-    """Validate the call and split it into frozen projections, the run settings and the adapter tensors."""
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{op}: dropout={dropout} must be in [0, 1)")
-    p_eff = dropout if training else 0.0
-    run = _Run(p_eff, new_dropout_seed() if p_eff > 0.0 else 0, use_triton(kernels, x))
+def _prepare(op: str, params, dropout: float | None, training: bool, kernels: str, x: torch.Tensor):
+    """Validate the call and split it into frozen projections, the run settings and the adapter tensors.
+
+    `dropout` None: each projection's own p.dropout; a float: that p for every projection."""
+    dropouts = tuple(p.dropout for p in params) if dropout is None else (dropout,) * len(params)
+    for p_drop in dropouts:
+        if not 0.0 <= p_drop < 1.0:
+            raise ValueError(f"{op}: dropout={p_drop} must be in [0, 1)")
+    p_eff = dropouts if training else (0.0,) * len(params)
+    run = _Run(p_eff, new_dropout_seed() if any(p_drop > 0.0 for p_drop in p_eff) else 0, use_triton(kernels, x))
     frozen = tuple(p._replace(lora_a=None, lora_b=None) for p in params)
     adapters = [t for p in params for t in (p.lora_a, p.lora_b)]
     return frozen, run, adapters
@@ -457,18 +399,19 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout: float = 
     weight (out, in) is a frozen tensor or NF4Weight (dequantized on the fly, never saved);
     lora_a (r, in) / lora_b (out, r) are trainable or both None. `kernels`: see qtune.kernels.dispatch.
     """
-    p = LoraParams(weight, bias, lora_a, lora_b, scale)
+    p = LoraParams(weight, bias, lora_a, lora_b, scale, dropout)
     _check_projection("lora_linear", "", p, x.shape[-1])
     frozen, run, adapters = _prepare("lora_linear", (p,), dropout, training, kernels, x)
     (y,) = LoraProjectionsFn.apply(x.reshape(-1, x.shape[-1]), frozen, run, *adapters)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def lora_qkv(x, q: LoraParams, k: LoraParams, v: LoraParams, dropout: float = 0.0, training: bool = True,
+def lora_qkv(x, q: LoraParams, k: LoraParams, v: LoraParams, dropout: float | None = None, training: bool = True,
              kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q(x), k(x), v(x)) for x (..., D): three LoRA linears over one input, which is saved once.
 
-    A projection without an adapter has lora_a = lora_b = None (e.g. adapting only q and v).
+    A projection without an adapter has lora_a = lora_b = None (e.g. adapting only q and v). `dropout`
+    None gives each projection its own p.dropout; a float applies that p to all three.
     """
     for name, p in zip("qkv", (q, k, v)):
         _check_projection("lora_qkv", name, p, x.shape[-1])
@@ -477,9 +420,11 @@ def lora_qkv(x, q: LoraParams, k: LoraParams, v: LoraParams, dropout: float = 0.
     return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys)
 
 
-def lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: float = 0.0, training: bool = True,
-             kernels: str = "auto") -> torch.Tensor:
-    """Llama SwiGLU MLP down(silu(gate(x)) · up(x)) over x (..., H) with LoRA on each projection."""
+def lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: float | None = None,
+             training: bool = True, kernels: str = "auto") -> torch.Tensor:
+    """Llama SwiGLU MLP down(silu(gate(x)) · up(x)) over x (..., H) with LoRA on each projection.
+
+    `dropout` None gives each projection its own p.dropout; a float applies that p to all three."""
     hidden = x.shape[-1]
     _check_projection("lora_mlp", "gate", gate, hidden)
     _check_projection("lora_mlp", "up", up, hidden)
@@ -500,20 +445,22 @@ def lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: flo
 
 def compile_specs() -> list[KernelSpec]:
     """Every kernel in every dtype the ops launch it with (fp32 / fp16 / bf16 activations)."""
+    k = _kernels()
+    n, warps = k.BLOCK, k.NUM_WARPS
     specs = []
     for ty in ("fp32", "fp16", "bf16"):
         ptr, scalars = f"*{ty}", {"n_elements": "i32"}
-        block = {"BLOCK": BLOCK}
+        block = {"BLOCK": n}
         dropout_args = {"n_elements": "i32", "seed": "i32", "p": "fp32", "BLOCK": "constexpr"}
         specs += [
-            KernelSpec(f"lora_dropout[{ty},BLOCK={BLOCK}]", lora_dropout_kernel,
-                       {"x_ptr": ptr, "out_ptr": ptr, **dropout_args}, block, NUM_WARPS),
-            KernelSpec(f"lora_dropout_accumulate_inplace[{ty},BLOCK={BLOCK}]", lora_dropout_accumulate_inplace_kernel,
-                       {"acc_ptr": ptr, "x_ptr": ptr, **dropout_args}, block, NUM_WARPS),
-            KernelSpec(f"swiglu_forward[{ty},BLOCK={BLOCK}]", swiglu_forward_kernel,
-                       {"g_ptr": ptr, "u_ptr": ptr, "h_ptr": ptr, **scalars, "BLOCK": "constexpr"}, block, NUM_WARPS),
-            KernelSpec(f"swiglu_backward_inplace[{ty},BLOCK={BLOCK}]", swiglu_backward_inplace_kernel,
+            KernelSpec(f"lora_dropout[{ty},BLOCK={n}]", k.lora_dropout_kernel,
+                       {"x_ptr": ptr, "out_ptr": ptr, **dropout_args}, block, warps),
+            KernelSpec(f"lora_dropout_accumulate_inplace[{ty},BLOCK={n}]", k.lora_dropout_accumulate_inplace_kernel,
+                       {"acc_ptr": ptr, "x_ptr": ptr, **dropout_args}, block, warps),
+            KernelSpec(f"swiglu_forward[{ty},BLOCK={n}]", k.swiglu_forward_kernel,
+                       {"g_ptr": ptr, "u_ptr": ptr, "h_ptr": ptr, **scalars, "BLOCK": "constexpr"}, block, warps),
+            KernelSpec(f"swiglu_backward_inplace[{ty},BLOCK={n}]", k.swiglu_backward_inplace_kernel,
                        {"dh_ptr": ptr, "g_ptr": ptr, "u_ptr": ptr, "du_ptr": ptr, **scalars, "BLOCK": "constexpr"},
-                       block, NUM_WARPS),
+                       block, warps),
         ]
     return specs

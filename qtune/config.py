@@ -1,7 +1,8 @@
 """Model configuration, read from a Hugging Face `config.json`.
 
 One dataclass covers the Llama family: Llama-2, Llama-3/3.1, Mistral, SmolLM2 and Qwen2. Fields keep
-Hugging Face's names so a `config.json` maps onto them one to one.
+Hugging Face's names so a `config.json` maps onto them one to one. `SHAPES` names the shapes of public
+checkpoints (one line each) so the memory planner can size a model without its files.
 """
 
 import json
@@ -10,6 +11,16 @@ from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+# Llama-family shapes of public checkpoints (their config.json), one line each.
+SHAPES: dict[str, dict] = {
+    "llama2-7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0, "max_position_embeddings": 4096},
+    "llama2-13b": {"vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40, "rope_theta": 10000.0, "max_position_embeddings": 4096},
+    "llama3-8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0, "max_position_embeddings": 8192},
+    "mistral-7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 10000.0, "max_position_embeddings": 32768},
+    "smollm2-135m": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True},
+    "smollm2-360m": {"vocab_size": 49152, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True},
+}
 
 
 class ConfigError(ValueError):
@@ -88,12 +99,7 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.exists():
-            raise ConfigError(f"{path}: no config.json here; a model directory needs config.json and *.safetensors")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        d = read_json(path, ConfigError, "no config.json here; a model directory needs config.json and *.safetensors")
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict:
@@ -138,3 +144,22 @@ def _rope_fields(d: dict, source: str) -> tuple[float, dict | None]:
         if rope_type == "default":
             scaling = None
     return theta, scaling or None
+
+
+def shape_config(name: str) -> ModelConfig:
+    """The ModelConfig of a named shape in SHAPES (e.g. "llama2-7b")."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; known shapes: {', '.join(SHAPES)}")
+    d = {"model_type": "llama", **SHAPES[name]}
+    return ModelConfig.from_dict(d, source=f"shape {name!r}")
+
+
+def read_json(path: Path, error: type[Exception], missing: str):
+    """The parsed JSON file `path`; `error` naming the file when it is absent (`missing` says what belongs
+    there) or is not valid JSON."""
+    if not path.exists():
+        raise error(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from e

@@ -169,9 +169,9 @@ def dense_weights_for_decoding(model: CausalLM):
     quarter of the free memory; the NF4 modules are put back afterwards, even on error. On CUDA the fused
     NF4 kernel reads the 4-bit weights directly, so nothing is copied there.
     """
-    from qtune.weights.nf4_linear import NF4Linear
-
-    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, NF4Linear)]
+    # A quantized projection is one that can give back its dense weight (NF4Linear.dequantize): asking for
+    # that, rather than testing for a class, keeps the model family free of quantization code.
+    quantized = [(name, m) for name, m in model.named_modules() if callable(getattr(m, "dequantize", None))]
     dtype = model.model.embed_tokens.weight.dtype
     dense_bytes = sum(m.in_features * m.out_features for _, m in quantized) * torch.finfo(dtype).bits // 8
     if not quantized or model.model.embed_tokens.weight.is_cuda or dense_bytes > _free_memory_bytes() // 4:

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qtune.kernels.cpu.attention import block_attention_applies, block_causal_attention
 from qtune.config import ModelConfig
+from qtune.kernels.cpu.attention import cpu_attention
+from qtune.kernels.dispatch import check_mode, use_triton
+from qtune.kernels.lora import LoraParams, lora_mlp, lora_qkv
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -140,29 +142,17 @@ def attention_mask_4d(segments_q, segments_k, offset: int, window: int | None):
 
 
 def fused_path(mode: str, x, *projections) -> bool:
-    """Use a fused QLoRA block when the Triton kernels run for x and some projection is quantized or adapted."""
-    from qtune.kernels.dispatch import use_triton
+    """Use a fused QLoRA block when the Triton kernels run for x and some projection is quantized or adapted
+    (offers `fused_params`)."""
+    return use_triton(mode, x) and any(hasattr(p, "fused_params") for p in projections)
 
-    return use_triton(mode, x) and any(not isinstance(p, nn.Linear) for p in projections)
 
-
-def projection_params(*projections):
-    """Each projection as the fused ops take it (frozen weight, bias, active adapter A/B, scale) and the dropout p."""
-    from qtune.kernels.lora import LoraParams
-    from qtune.lora import LoRALinear
-    from qtune.weights.nf4_linear import NF4Linear
-
-    params, dropout = [], 0.0
-    for m in projections:
-        base = m.base_layer if isinstance(m, LoRALinear) else m
-        weight = base.nf4_weight() if isinstance(base, NF4Linear) else base.weight
-        name = m.active if isinstance(m, LoRALinear) else None
-        if name is not None and name in m.lora_A:
-            params.append(LoraParams(weight, base.bias, m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name]))
-            dropout = max(dropout, getattr(m.lora_dropout[name], "p", 0.0))
-        else:
-            params.append(LoraParams(weight, base.bias))
-    return params, dropout
+def fused_params(projection: nn.Module) -> LoraParams:
+    """A projection as the fused ops take it: an adapted or quantized layer describes itself (frozen weight,
+    bias, active adapter A / B, scale, dropout p); a plain `nn.Linear` is its weight and bias."""
+    if hasattr(projection, "fused_params"):
+        return projection.fused_params()
+    return LoraParams(projection.weight, projection.bias)
 
 
 class Attention(nn.Module):
@@ -180,12 +170,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
-        if fused_path(self.kernels, x, self.q_proj, self.k_proj, self.v_proj):
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if fused_path(self.kernels, x, *projections):
             # one fused QLoRA op for the three projections: x is saved once, NF4 weights are recomputed
-            from qtune.kernels.lora import lora_qkv
-
-            params, p = projection_params(self.q_proj, self.k_proj, self.v_proj)
-            q, k, v = lora_qkv(x, *params, dropout=p, training=self.training, kernels=self.kernels)
+            q, k, v = lora_qkv(x, *map(fused_params, projections), training=self.training, kernels=self.kernels)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
@@ -194,22 +182,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, d)
-        if block_attention_applies(q, cache, self.intermediate_size):
-            # CPU fp32 without a cache: batched products over causal query blocks (kernels/cpu/attention.py)
-            y = block_causal_attention(q, k, v, mask)  # (B, T, H, d)
-            return self.o_proj(y.view(B, T, self.n_head * self.head_dim))
-        groups = self.n_head // self.n_kv
-        repeat_kv = not q.is_cuda and mask is not None
-        if repeat_kv:
-            # CPU SDPA with a mask is ~10-100x slower with enable_gqa or a strided query (torch 2.13); without
-            # a mask (plain causal) enable_gqa is the faster one: 15 vs 19 ms forward + backward at SmolLM2's
-            # 4 x 256 tokens
-            q = q.contiguous()
-            if groups > 1:
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=groups > 1 and not repeat_kv)  # (B, H, T, d)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        if q.is_cuda:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_head > self.n_kv).transpose(1, 2)  # (B, T, H, d)
+        else:
+            y = cpu_attention(q, k, v, mask, cache, self.intermediate_size)  # (B, T, H, d)
+        return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -222,12 +200,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         # SwiGLU: down(silu(gate x) * up x)
-        if fused_path(self.kernels, x, self.gate_proj, self.up_proj, self.down_proj):
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        if fused_path(self.kernels, x, *projections):
             # the fused block saves x, gate x and up x only and recomputes the rest in backward
-            from qtune.kernels.lora import lora_mlp
-
-            params, p = projection_params(self.gate_proj, self.up_proj, self.down_proj)
-            return lora_mlp(x, *params, dropout=p, training=self.training, kernels=self.kernels)
+            return lora_mlp(x, *map(fused_params, projections), training=self.training, kernels=self.kernels)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -264,6 +240,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
+        self.kernels = "auto"  # the kernel choice every layer and loss of this model uses; see set_kernels
 
     def output_weight(self) -> torch.Tensor:
         """The (V, D) output projection (the embedding matrix when tied), for fused log-prob losses."""
@@ -313,9 +290,8 @@ class CausalLM(nn.Module):
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
 
     def set_kernels(self, mode: str) -> None:
-        """Choose "auto" | "triton" | "torch" for every quantized / LoRA layer that has a kernel switch."""
-        from qtune.kernels.dispatch import check_mode
-
+        """Choose "auto" | "triton" | "torch" for the model (`self.kernels`, which training losses read) and
+        every layer with a kernel switch (attention, MLP, quantized and LoRA layers)."""
         check_mode(mode)
         for m in self.modules():
             if hasattr(m, "kernels"):

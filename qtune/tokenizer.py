@@ -22,6 +22,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from qtune.weights.hub import ALIASES, resolve_model_path
+
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 # A protobuf suffix that sets ModelProto.normalizer_spec (field 3) .add_dummy_prefix (field 3) = false.
@@ -300,8 +302,6 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     """The tokenizer of a Hugging Face model directory or alias (tokenizer.json preferred over tokenizer.model)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        from qtune.weights.hub import ALIASES, resolve_model_path
-
         if str(model_dir) not in ALIASES:
             raise FileNotFoundError(f"{model_dir}: not a directory; pass a model directory or an alias "
                                     f"({', '.join(ALIASES)}; see `qtune pull`)")

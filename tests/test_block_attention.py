@@ -114,7 +114,7 @@ def test_training_model_takes_block_path_with_sdpa_gradients(padded, monkeypatch
 
     y_block, g_block, nodes = run()
     assert nodes.count("BlockCausalAttentionFnBackward") == cfg.num_hidden_layers
-    monkeypatch.setattr("qtune.model.block_attention_applies", lambda *a: False)
+    monkeypatch.setattr("qtune.kernels.cpu.attention.block_attention_applies", lambda *a: False)
     y_ref, g_ref, nodes_ref = run()
     assert "BlockCausalAttentionFnBackward" not in nodes_ref
     torch.testing.assert_close(y_block, y_ref, rtol=1e-5, atol=1e-5)

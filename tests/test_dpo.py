@@ -97,7 +97,7 @@ def test_sequence_logprobs_match_transformers(tiny_dir, hf_model, kernels):
     items = random_items(3, model.config.vocab_size, seed=0)
     batch = collate_preferences(items, pad_id=0)
     with torch.no_grad():
-        got = sequence_logprobs(model, batch, kernels)
+        got = sequence_logprobs(model, batch)
     expected = [hf_response_logprob(hf_model, it.prompt_ids.tolist(), r.tolist()) for it in items for r in it.response_ids]
     assert got.tolist() == pytest.approx(expected, abs=1e-4)
 

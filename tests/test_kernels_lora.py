@@ -72,9 +72,9 @@ def test_lora_linear_matches_reference(kernels, dropout, bias, nf4):
     x = torch.randn(2, 7, 19, requires_grad=True)  # (B, T, in)
     p = make_params(23, 19, bias=bias, nf4=nf4)
     torch.manual_seed(SEED)
-    y = lora_linear(x, *p, dropout=dropout, kernels=kernels)
+    y = lora_linear(x, *p._replace(dropout=dropout), kernels=kernels)
     (mask,) = drawn_masks(kernels, [x.shape], dropout)
-    y_ref = lora.reference_lora_linear(x, *p, dropout=dropout, keep_mask=mask)
+    y_ref = lora.reference_lora_linear(x, *p._replace(dropout=dropout), keep_mask=mask)
     assert y.shape == (2, 7, 23)
     check_same([y], [y_ref], [x, p.lora_a, p.lora_b])
 
@@ -84,8 +84,8 @@ def test_lora_linear_eval_has_no_dropout(kernels):
     torch.manual_seed(0)
     x = torch.randn(9, 19, requires_grad=True)
     p = make_params(11, 19)
-    y = lora_linear(x, *p, dropout=0.5, training=False, kernels=kernels)
-    y_ref = lora.reference_lora_linear(x, *p, dropout=0.5, training=False)
+    y = lora_linear(x, *p._replace(dropout=0.5), training=False, kernels=kernels)
+    y_ref = lora.reference_lora_linear(x, *p._replace(dropout=0.5), training=False)
     check_same([y], [y_ref], [x, p.lora_a, p.lora_b])
 
 
@@ -100,9 +100,9 @@ def test_lora_linear_without_adapter_or_input_grad(kernels):
     p = make_params(11, 19)
     x = x.detach()
     torch.manual_seed(SEED)
-    y = lora_linear(x, *p, dropout=0.2, kernels=kernels)
+    y = lora_linear(x, *p._replace(dropout=0.2), kernels=kernels)
     (mask,) = drawn_masks(kernels, [x.shape], 0.2)
-    check_same([y], [lora.reference_lora_linear(x, *p, dropout=0.2, keep_mask=mask)], [p.lora_a, p.lora_b])
+    check_same([y], [lora.reference_lora_linear(x, *p._replace(dropout=0.2), keep_mask=mask)], [p.lora_a, p.lora_b])
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
@@ -135,6 +135,36 @@ def test_lora_mlp_matches_reference(kernels, dropout, nf4):
     masks = drawn_masks(kernels, [x.shape, x.shape, (14, 37)], dropout)
     masks[2] = None if masks[2] is None else masks[2].view(2, 7, 37)
     ref = lora.reference_lora_mlp(x, gate, up, down, dropout=dropout, keep_masks=masks)
+    check_same([out], [ref], [x, *adapters(gate, up, down)])
+
+
+def per_projection_masks(kernels, shapes, ps):
+    """The keep masks drawn after torch.manual_seed(SEED) when projection i drops with its own ps[i]."""
+    torch.manual_seed(SEED)
+    seed = lora.new_dropout_seed()
+    return [None if p == 0.0 else lora.dropout_keep_mask(seed + i, shape, p, "cpu", kernels)
+            for i, (shape, p) in enumerate(zip(shapes, ps))]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_each_projection_drops_with_its_own_p(kernels):
+    """dropout=None: projection i uses its LoraParams.dropout (0, 0.1, 0.3 here) with mask seed + i."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 19, requires_grad=True)  # (B, T, D)
+    ps = (0.0, 0.1, 0.3)
+    q, k, v = (make_params(out, 19)._replace(dropout=p) for out, p in zip((24, 10, 10), ps))
+    torch.manual_seed(SEED)
+    out = lora_qkv(x, q, k, v, kernels=kernels)
+    ref = lora.reference_lora_qkv(x, q, k, v, keep_masks=per_projection_masks(kernels, [x.shape] * 3, ps))
+    check_same(out, ref, [x, *adapters(q, k, v)])
+
+    ps = (0.3, 0.0, 0.1)  # gate, up, down
+    gate, up, down = (make_params(o, i)._replace(dropout=p) for (o, i), p in zip(((37, 19), (37, 19), (19, 37)), ps))
+    torch.manual_seed(SEED)
+    out = lora_mlp(x, gate, up, down, kernels=kernels)
+    masks = per_projection_masks(kernels, [x.shape, x.shape, (14, 37)], ps)
+    masks[2] = masks[2].view(2, 7, 37)
+    ref = lora.reference_lora_mlp(x, gate, up, down, keep_masks=masks)
     check_same([out], [ref], [x, *adapters(gate, up, down)])
 
 
@@ -243,7 +273,7 @@ def test_bad_arguments_are_named():
     x = torch.randn(4, 19)
     p = make_params(11, 19)
     with pytest.raises(ValueError, match="dropout=1.5"):
-        lora_linear(x, *p, dropout=1.5)
+        lora_linear(x, *p._replace(dropout=1.5))
     with pytest.raises(ValueError, match="input has 18 features"):
         lora_linear(x[:, :18], *p)
     with pytest.raises(ValueError, match="only one of lora_a / lora_b"):

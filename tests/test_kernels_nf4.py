@@ -13,6 +13,7 @@ import torch
 from qtune.kernels.dispatch import interpreting
 from qtune.kernels import nf4
 from qtune.kernels.nf4 import dequantize_nf4, nf4_matmul, reference_dequantize_nf4, reference_nf4_matmul
+from qtune.kernels.triton import nf4 as triton_nf4
 from qtune.weights.nf4 import quantize_nf4
 from qtune.weights.nf4_linear import NF4Linear
 from test_quant import DTYPES, bnb_dequantize, bnb_quantize, eager_bitsandbytes  # noqa: F401 (fixture)
@@ -133,14 +134,14 @@ def test_shipped_bf16_configs_compile_for_sm89():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     out = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("\n") == 1 + len(nf4.MATMUL_BLOCK_MS[torch.bfloat16])
+    assert out.stdout.count("\n") == 1 + len(triton_nf4.MATMUL_BLOCK_MS[torch.bfloat16])
 
 
 def test_compile_specs_cover_every_launch_configuration():
     names = [s.name for s in nf4.compile_specs()]
     assert len(names) == len(set(names))
     for dtype, tt in nf4.TRITON_DTYPES.items():
-        for block_m in nf4.MATMUL_BLOCK_MS[dtype]:
+        for block_m in triton_nf4.MATMUL_BLOCK_MS[dtype]:
             assert any(tt in n and f"BLOCK_M={block_m}," in n for n in names)
         assert sum(n.startswith(f"nf4_dequantize[{tt},") for n in names) == 2
 

@@ -39,7 +39,7 @@ def two_steps(model_dir, kernels: str):
     model.train()
     losses, grads = [], []
     for _ in range(2):
-        loss_sum, n = lm_loss_sum(model, batch, kernels)
+        loss_sum, n = lm_loss_sum(model, batch)  # the kernel choice is model.kernels, set by load_model
         (loss_sum / n).backward()
         losses.append(loss_sum.item() / n)
         grads.append([p.grad.clone() for p in params])

@@ -14,13 +14,12 @@ import sys
 import pytest
 import torch
 
-from qtune.config import ModelConfig
-from qtune.memory.accounting import (lora_param_count, nf4_nbytes, param_counts, regime_bytes, shape_config,
-                                     target_names)
+from qtune.config import ModelConfig, shape_config
+from qtune.memory.accounting import lora_param_count, nf4_nbytes, param_counts, regime_bytes, target_names
 from qtune.memory.build import add_trainable_lora, random_model, training_state_bytes
 from qtune.memory.estimate import StepShape, estimate, fit_budget, parse_size
 from qtune.memory.step import trace_step
-from qtune.memory.tracer import LiveBytes, nbytes_of
+from qtune.memory.tracer import LiveBytes
 
 SMALL = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 704,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}

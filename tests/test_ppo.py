@@ -17,7 +17,8 @@ from qtune.align.reward_model import ScalarHead
 from qtune.tokenizer import load_tokenizer
 from qtune.train.ppo import (POLICY, VALUE, VALUE_HEAD, attach_roles, make_experience, ppo_minibatch,
                              response_logprobs, response_values)
-from qtune.train.rollout import Prompt, collate_responses, load_prompts, micro_batches, prompt_batches, prompt_of
+from qtune.data.prompts import Prompt, load_prompts, prompt_batches, prompt_of
+from qtune.train.rollout import collate_responses, micro_batches
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -93,10 +94,10 @@ def test_response_logprobs_match_full_logits_for_each_role(tiny_dir):
     batch = collate_responses(prompts, responses, pad_id=0)
     for temperature in (1.0, 0.7):
         with torch.no_grad(), use_adapter(model, POLICY):
-            logp, entropy = response_logprobs(model, batch, temperature, "torch")
+            logp, entropy = response_logprobs(model, batch, temperature)
             want_logp, want_entropy = full_logit_reference(model, prompts, responses, temperature)
         with torch.no_grad(), adapters_disabled(model):
-            ref_logp, _ = response_logprobs(model, batch, temperature, "torch")
+            ref_logp, _ = response_logprobs(model, batch, temperature)
             want_ref, _ = full_logit_reference(model, prompts, responses, temperature)
         for s, r in enumerate(responses):
             torch.testing.assert_close(logp[s, :len(r)].double(), want_logp[s], atol=1e-5, rtol=1e-5)

@@ -7,7 +7,7 @@ import json
 
 import click
 
-from qtune.cli.train_cmds import err, load_checked, run_or_explain
+from qtune.cli.common import err, load_checked, run_or_explain
 
 
 @click.command()
@@ -72,7 +72,7 @@ def evaluate_preferences(model_path: str, adapters: list[str], weights: list[flo
         result = evaluate_reward(scorer, batches, device)
     else:
         load_adapter(model, adapters[0], name="policy")
-        result = evaluate_dpo(model, batches, device, beta, kernels)
+        result = evaluate_dpo(model, batches, device, beta)
     return {**result, "kind": kind, "records": len(items), "truncated": stats["truncated"],
             "dropped": stats["dropped"], "skipped": len(skipped)}
 

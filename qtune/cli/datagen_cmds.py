@@ -8,15 +8,17 @@ import json
 
 import click
 
+from qtune.cli.common import load_checked
 
-def _load(recipe: str, overrides: tuple[str, ...], schema):
-    from qtune.recipe.load import load_recipe
-    from qtune.recipe.schema import RecipeError
 
-    try:
-        return load_recipe(recipe, overrides, schema=schema)
-    except RecipeError as e:
-        raise click.ClickException(str(e)) from None
+def pipeline_command(name: str, default_recipe: str):
+    """A generation verb: RECIPE (default: the shipped `default_recipe`), OVERRIDES and --no-progress."""
+    def decorate(fn):
+        fn = click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")(fn)
+        fn = click.argument("overrides", nargs=-1)(fn)
+        fn = click.argument("recipe", required=False, default=default_recipe)(fn)
+        return click.command(name)(fn)
+    return decorate
 
 
 def _run(fn, recipe, progress: bool) -> None:
@@ -38,10 +40,7 @@ def _run(fn, recipe, progress: bool) -> None:
     click.echo(json.dumps(report))
 
 
-@click.command("self-instruct")
-@click.argument("recipe", required=False, default="self_instruct")
-@click.argument("overrides", nargs=-1)
-@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+@pipeline_command("self-instruct", default_recipe="self_instruct")
 def self_instruct_cmd(recipe, overrides, no_progress):
     """Generate instruction data with Self-Instruct (or Alpaca-style with generate.method=alpaca).
 
@@ -51,13 +50,10 @@ def self_instruct_cmd(recipe, overrides, no_progress):
     from qtune.datagen.config import SelfInstructRecipe
     from qtune.datagen.self_instruct import run_self_instruct
 
-    _run(run_self_instruct, _load(recipe, overrides, SelfInstructRecipe), not no_progress)
+    _run(run_self_instruct, load_checked(recipe, overrides, SelfInstructRecipe), not no_progress)
 
 
-@click.command("evol-instruct")
-@click.argument("recipe", required=False, default="evol_instruct")
-@click.argument("overrides", nargs=-1)
-@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+@pipeline_command("evol-instruct", default_recipe="evol_instruct")
 def evol_instruct_cmd(recipe, overrides, no_progress):
     """Evolve instructions into harder and rarer ones with Evol-Instruct, and answer them.
 
@@ -66,7 +62,7 @@ def evol_instruct_cmd(recipe, overrides, no_progress):
     from qtune.datagen.config import EvolInstructRecipe
     from qtune.datagen.evol_instruct import run_evol_instruct
 
-    _run(run_evol_instruct, _load(recipe, overrides, EvolInstructRecipe), not no_progress)
+    _run(run_evol_instruct, load_checked(recipe, overrides, EvolInstructRecipe), not no_progress)
 
 
 COMMANDS = [self_instruct_cmd, evol_instruct_cmd]

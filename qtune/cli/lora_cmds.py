@@ -6,9 +6,8 @@ The result (the output directory) goes to stdout; progress and notes go to stder
 import time
 
 import click
-from rich.console import Console
 
-err = Console(stderr=True)
+from qtune.cli.common import err
 
 
 @click.command()

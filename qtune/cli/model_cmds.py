@@ -8,9 +8,8 @@ import sys
 import time
 
 import click
-from rich.console import Console
 
-err = Console(stderr=True)
+from qtune.cli.common import err
 
 model_options = [
     click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,

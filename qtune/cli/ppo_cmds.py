@@ -7,7 +7,7 @@ import json
 
 import click
 
-from qtune.cli.train_cmds import err, load_checked, run_or_explain
+from qtune.cli.common import err, load_checked, run_or_explain
 
 
 @click.command()

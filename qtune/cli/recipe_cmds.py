@@ -11,17 +11,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from qtune.recipe.load import find_recipe, load_recipe
-from qtune.recipe.schema import RecipeError, iter_fields
+from qtune.cli.common import load_checked
+from qtune.recipe.load import find_recipe
+from qtune.recipe.schema import iter_fields
 
 console = Console()
-
-
-def _load(recipe: str, overrides: tuple[str, ...]):
-    try:
-        return load_recipe(recipe, overrides)
-    except RecipeError as e:
-        raise click.ClickException(str(e)) from None
 
 
 def _model_dir(path: str) -> Path:
@@ -106,7 +100,7 @@ def _checks(recipe) -> list[tuple[bool, str]]:
 @click.argument("overrides", nargs=-1)
 def validate_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
     """Check RECIPE (schema, files, model) without training, and show every setting with its meaning."""
-    resolved = _load(recipe, overrides)
+    resolved = load_checked(recipe, overrides)
     table = Table(title=str(find_recipe(recipe)), show_edge=False)
     for column in ("key", "value", "meaning"):
         table.add_column(column)
@@ -136,7 +130,7 @@ def preview_cmd(recipe: str, overrides: tuple[str, ...], count: int) -> None:
     from qtune.data.preview import show_preview
     from qtune.tokenizer import load_tokenizer
 
-    resolved = _load(recipe, overrides)
+    resolved = load_checked(recipe, overrides)
     try:
         tokenizer = load_tokenizer(_model_dir(resolved.model.path))
         data = build_sft_data(resolved.data, tokenizer, seed=resolved.train.seed)

@@ -1,4 +1,4 @@
-"""Training verbs: `qtune sft` (and, as they land, the alignment loops).
+"""The supervised fine-tuning verb: `qtune sft` (the alignment verbs are in align_cmds and ppo_cmds).
 
 Each prints its run summary as one JSON object on the last stdout line; progress goes to stderr.
 """
@@ -7,19 +7,8 @@ import json
 from pathlib import Path
 
 import click
-from rich.console import Console
 
-err = Console(stderr=True)
-
-
-def load_checked(recipe: str, overrides: tuple[str, ...], schema):
-    from qtune.recipe.load import load_recipe
-    from qtune.recipe.schema import RecipeError
-
-    try:
-        return load_recipe(recipe, overrides, schema=schema)
-    except RecipeError as e:
-        raise click.ClickException(str(e)) from None
+from qtune.cli.common import err, load_checked, run_or_explain
 
 
 def recipe_and_overrides(recipe: str, overrides: tuple[str, ...], default: str) -> tuple[str, tuple[str, ...]]:
@@ -27,28 +16,6 @@ def recipe_and_overrides(recipe: str, overrides: tuple[str, ...], default: str) 
     if "=" in recipe and not Path(recipe).exists():
         return default, (recipe, *overrides)
     return recipe, overrides
-
-
-def run_or_explain(fn, *args, **kwargs) -> dict:
-    """Run a training entry point; known user errors become a one-line message and exit code 1.
-
-    On CPU the process uses one torch thread per idle core (see `use_idle_cpu_cores`); Ctrl-C exits with 130.
-    """
-    from qtune.weights.checkpoint import CheckpointError
-    from qtune.config import ConfigError
-    from qtune.data.records import DataError
-    from qtune.lora import AdapterError
-    from qtune.train.common import TrainingError, training_device, use_idle_cpu_cores
-
-    threads = use_idle_cpu_cores(training_device())
-    if threads is not None:
-        err.print(f"cpu: {threads} torch thread(s), one per idle core (set OMP_NUM_THREADS to choose)")
-    try:
-        return fn(*args, **kwargs)
-    except (CheckpointError, ConfigError, DataError, AdapterError, TrainingError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
 
 
 @click.command(context_settings={"ignore_unknown_options": False})

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from qtune.data.batching import DataPosition, epoch_batches
+from qtune.data.prompts import HH_ASSISTANT, chat_turns
 from qtune.data.records import DataError, load_records
-from qtune.data.render import IGNORE, SHAREGPT_ROLES
+from qtune.data.render import IGNORE
 
 REQUIRED = {"pairs": ("prompt", "chosen", "rejected"), "ranking": ("prompt", "responses"),
             "sharegpt": ("conversations", "chosen", "rejected"), "chat": ("messages", "chosen", "rejected"),
             "hh": ("chosen", "rejected")}
-HH_ASSISTANT = "\n\nAssistant:"
 ASSISTANT_ROLES = ("assistant", "gpt")
 _SPLIT_STREAM = 0  # the numpy stream (seed, 0) draws the validation split, as in the SFT pipeline
 
@@ -102,33 +102,22 @@ def _reply_text(value, where: str, key: str) -> str:
 
 
 def _messages(turns, where: str, key: str, sharegpt: bool) -> list[dict]:
-    """Chat messages from `messages` (role/content) or ShareGPT `conversations` (from/value); ends with the user."""
-    role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: {key} must be a non-empty list of {{{role_key}, {text_key}}} objects")
-    messages = []
-    for k, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or not isinstance(turn.get(text_key), str):
-            raise DataError(f"{where}: {key}[{k}] must be an object with {role_key!r} and a string {text_key!r}")
-        role = SHAREGPT_ROLES.get(turn[role_key]) if sharegpt else turn[role_key]
-        if role not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: {key}[{k}] has {role_key}={turn[role_key]!r}; expected one of "
-                            f"{', '.join(SHAREGPT_ROLES if sharegpt else ('system', 'user', 'assistant'))}")
-        messages.append({"role": role, "content": turn[text_key]})
+    """The prompt's chat messages (role/content, or ShareGPT from/value); the compared replies answer its last turn."""
+    messages = chat_turns(turns, where, key, sharegpt)
     if messages[-1]["role"] != "user":
-        raise DataError(f"{where}: {key} ends with a {messages[-1]['role']} turn; the compared replies answer it, "
+        raise DataError(f"{where}: {key!r} ends with a {messages[-1]['role']} turn; the compared replies answer it, "
                         "so it must end with the user's turn")
     return messages
 
 
 def _prompt(row: dict, fmt: str, where: str) -> str | list[dict]:
     if fmt == "sharegpt":
-        return _messages(row["conversations"], where, "'conversations'", sharegpt=True)
+        return _messages(row["conversations"], where, "conversations", sharegpt=True)
     if fmt == "chat":
-        return _messages(row["messages"], where, "'messages'", sharegpt=False)
+        return _messages(row["messages"], where, "messages", sharegpt=False)
     prompt = row["prompt"]
     if isinstance(prompt, list):
-        return _messages(prompt, where, "'prompt'", sharegpt=False)
+        return _messages(prompt, where, "prompt", sharegpt=False)
     if not isinstance(prompt, str) or not prompt.strip():
         raise DataError(f"{where}: 'prompt' must be non-empty text or a list of chat messages, got {prompt!r:.60}")
     return prompt

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from qtune.data.tasks import GENERATED_PREFIX, generate_tasks, parse_generated_path
+
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")
 
 
@@ -111,8 +113,6 @@ def _load_with_datasets(name: str, split: str) -> Records:
 
 def _generated(path: str) -> Records:
     """Records qtune makes itself (`qtune:checkable-tasks?...`, see qtune/data/tasks.py)."""
-    from qtune.data.tasks import generate_tasks, parse_generated_path
-
     try:
         rows = generate_tasks(**parse_generated_path(path))
     except ValueError as e:
@@ -124,8 +124,6 @@ def _generated(path: str) -> Records:
 def load_records(path: str, split: str = "train") -> Records:
     """Read every record of `path`: a local file (by suffix), a local directory, a `datasets` name, or
     data qtune generates (`qtune:checkable-tasks?count=N&seed=S`)."""
-    from qtune.data.tasks import GENERATED_PREFIX
-
     local = Path(path).expanduser()
     if path.startswith(GENERATED_PREFIX):
         records = _generated(path)

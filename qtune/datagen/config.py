@@ -8,7 +8,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
+from qtune.datagen.evol import OPERATIONS
 from qtune.datagen.filters import SELF_INSTRUCT_BLACKLIST
+from qtune.recipe.schema import nonnegative, positive, positive_ints
 from qtune.recipe.sections import ModelSection, OutputSection, Recipe
 
 
@@ -68,17 +70,12 @@ class GenerateSection:
     """Stop after this many rounds even if num_instructions is not reached; 0 = no limit."""
 
     def check(self) -> Iterator[tuple[str, str]]:
-        for name in ("num_instructions", "seed", "max_rounds"):
-            if getattr(self, name) < 0:
-                yield name, f"must be >= 0, got {getattr(self, name)}"
-        for name in ("prompts_per_round", "batch_size", "num_demonstrations", "alpaca_demonstrations",
-                     "alpaca_tasks_per_prompt", "max_new_tokens", "instance_max_new_tokens", "max_instances"):
-            if getattr(self, name) < 1:
-                yield name, f"must be a positive integer, got {getattr(self, name)}"
+        yield from nonnegative(self, "num_instructions", "seed", "max_rounds")
+        yield from positive_ints(self, "prompts_per_round", "batch_size", "num_demonstrations", "alpaca_demonstrations",
+                                 "alpaca_tasks_per_prompt", "max_new_tokens", "instance_max_new_tokens", "max_instances")
         if not 0 <= self.machine_demonstrations <= self.num_demonstrations:
             yield "machine_demonstrations", f"must be in [0, num_demonstrations], got {self.machine_demonstrations}"
-        if self.temperature <= 0:
-            yield "temperature", f"must be positive, got {self.temperature}"
+        yield from positive(self, "temperature")
         if not 0 < self.top_p <= 1:
             yield "top_p", f"must be in (0, 1], got {self.top_p}"
 
@@ -184,10 +181,7 @@ class EvolveSection:
     """Also ask the model whether the two instructions are equal (WizardLM's elimination judge)."""
 
     def check(self) -> Iterator[tuple[str, str]]:
-        from qtune.datagen.evol import OPERATIONS
-
-        if self.rounds < 1:
-            yield "rounds", f"must be a positive integer, got {self.rounds}"
+        yield from positive_ints(self, "rounds")
         if not self.operations:
             yield "operations", f"name at least one of: {', '.join(OPERATIONS)}"
         for op in self.operations:

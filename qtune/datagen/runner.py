@@ -13,6 +13,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from qtune.datagen.difficulty import difficulty_drops, ifd_scores
 from qtune.datagen.seeds import Task
 from qtune.datagen.store import write_json_atomic
+from qtune.generate import generate_text
+from qtune.tokenizer import load_tokenizer
+from qtune.weights.checkpoint import load_model
+from qtune.weights.hub import resolve_model_path
 
 INSTRUCTIONS_FILE = "instructions.jsonl"
 REJECTED_FILE = "rejected.jsonl"
@@ -33,8 +37,6 @@ class Generator:
     def __call__(self, prompts: list[str], *, chat: bool, max_new_tokens: int, greedy: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop_strings: tuple = (), seed: int | None = None):
         """Completions of `prompts` (see `qtune.generate.generate_text`)."""
-        from qtune.generate import generate_text
-
         if not prompts:
             return []
         start = time.perf_counter()
@@ -51,10 +53,6 @@ class Generator:
 
 def load_generator(model_section, batch_size: int) -> Generator:
     """Load the recipe's model (an alias such as "smollm2-135m" is resolved to its converted directory)."""
-    from qtune.weights.checkpoint import load_model
-    from qtune.weights.hub import resolve_model_path
-    from qtune.tokenizer import load_tokenizer
-
     path = resolve_model_path(model_section.path)
     dtype = None if model_section.dtype == "auto" else model_section.dtype
     model = load_model(path, quantize=model_section.quantize, dtype=dtype, kernels=model_section.kernels,

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtune.kernels.dispatch import use_triton
 from qtune.kernels.cpu.dropout import cpu_dropout
 from qtune.kernels.cpu.linear import frozen_linear
 from qtune.kernels.cpu.merged_lora import merged_lora_linear, merged_path_applies
+from qtune.kernels.dispatch import use_triton
+from qtune.kernels.lora import LoraParams, lora_linear
 from qtune.weights.nf4_linear import NF4Linear
 
 
@@ -89,6 +90,20 @@ class LoRALinear(nn.Module):
             return self.base_layer.nf4_weight()
         return self.base_layer.weight
 
+    def dropout_p(self, name: str) -> float:
+        """Adapter `name`'s dropout probability (0 without dropout)."""
+        return getattr(self.lora_dropout[name], "p", 0.0)
+
+    def fused_params(self) -> LoraParams:
+        """This layer as the fused QLoRA ops take it: the frozen weight and bias, and the active adapter's
+        A, B, scale and dropout p (none of them when no adapter is active)."""
+        frozen = LoraParams(self.base_weight(), self.base_layer.bias)
+        name = self.active
+        if name is None or name not in self.lora_A:
+            return frozen
+        return frozen._replace(lora_a=self.lora_A[name].weight, lora_b=self.lora_B[name].weight,
+                               scale=self.scaling[name], dropout=self.dropout_p(name))
+
     def merged_weight(self, name: str | None) -> torch.Tensor:
         """W + s · B A in fp32 (out, in); W is the dequantized weight for an NF4 base. No adapter: W."""
         if isinstance(self.base_layer, NF4Linear):
@@ -108,11 +123,9 @@ class LoRALinear(nn.Module):
         dropout = self.lora_dropout[name]
         if use_triton(self.kernels, x):
             # The fused op dequantizes the NF4 weight again in backward instead of keeping it.
-            from qtune.kernels.lora import lora_linear
-
-            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-            return lora_linear(x, self.base_weight(), self.base_layer.bias, a, b, scale, p, self.training, self.kernels)
-        dropout_active = self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
+            return lora_linear(x, self.base_weight(), self.base_layer.bias, a, b, scale, self.dropout_p(name),
+                               self.training, self.kernels)
+        dropout_active = self.training and self.dropout_p(name) > 0
         if merged_path_applies(x, a, b, dropout_active):
             return merged_lora_linear(x, self.base_weight(), self.base_layer.bias, a, b, scale)
         # y = base(x) + s · dropout(x) Aᵀ Bᵀ, the rank-r product first. The adapter branch runs before the

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qtune.config import read_json
 from qtune.lora.adapters import (_check_new_name, _wrap, adapter_names, decoder_linears, lora_layers, lora_parameters,
                                  set_active_adapter, target_matches)
 from qtune.lora.layer import LoraConfig
@@ -99,12 +100,7 @@ def save_adapter(model: nn.Module, out_dir, name: str = "default", base_model_na
 def read_adapter_config(adapter_dir) -> LoraConfig:
     """Parse `adapter_config.json`, refusing PEFT features qtune does not implement."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.exists():
-        raise AdapterError(f"{path}: missing; a LoRA adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from e
+    d = read_json(path, AdapterError, f"missing; a LoRA adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     if not isinstance(d, dict) or d.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type is {d.get('peft_type') if isinstance(d, dict) else d!r}; "
                            "only LoRA adapters (peft_type 'LORA') are supported")

@@ -21,27 +21,9 @@ from dataclasses import dataclass, fields
 
 from qtune.config import ModelConfig
 
-# Llama-family shapes of public checkpoints (their config.json), one line each.
-SHAPES: dict[str, dict] = {
-    "llama2-7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0, "max_position_embeddings": 4096},
-    "llama2-13b": {"vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40, "rope_theta": 10000.0, "max_position_embeddings": 4096},
-    "llama3-8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0, "max_position_embeddings": 8192},
-    "mistral-7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 10000.0, "max_position_embeddings": 32768},
-    "smollm2-135m": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True},
-    "smollm2-360m": {"vocab_size": 49152, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True},
-}
-
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REGIMES = ("full", "lora16", "qlora")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def shape_config(name: str) -> ModelConfig:
-    """The ModelConfig of a named shape in SHAPES (e.g. "llama2-7b")."""
-    if name not in SHAPES:
-        raise ValueError(f"unknown model shape {name!r}; known shapes: {', '.join(SHAPES)}")
-    d = {"model_type": "llama", **SHAPES[name]}
-    return ModelConfig.from_dict(d, source=f"shape {name!r}")
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:

@@ -14,8 +14,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from qtune.config import ModelConfig
-from qtune.lora import LoraConfig, add_lora, lora_parameters, mark_trainable
+from qtune.lora import lora_parameters
+from qtune.memory.tracer import nbytes_of
 from qtune.model import CausalLM, rope_inv_freq
+from qtune.recipe.sections import LoRASection
+from qtune.train.common import ADAPTER, attach_adapter
 from qtune.weights.nf4 import NF4Weight, quantize_nf4
 from qtune.weights.nf4_linear import NF4Linear
 
@@ -83,10 +86,9 @@ def add_trainable_lora(model: CausalLM, r: int, targets="all-linear", alpha: flo
                        seed: int = 0) -> list[nn.Parameter]:
     """Attach one fp32 LoRA adapter (B = 0) to `targets`, make only it trainable, return its parameters."""
     if isinstance(targets, list):
-        targets = tuple(targets)
-    add_lora(model, LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=targets), name="default", seed=seed)
-    mark_trainable(model, "default")
-    return lora_parameters(model, "default")
+        targets = tuple(targets)  # in the order given (a list would be sorted)
+    attach_adapter(model, LoRASection(r=r, alpha=alpha, dropout=dropout, target_modules=targets), seed)
+    return lora_parameters(model, ADAPTER)
 
 
 def random_batch(cfg: ModelConfig, batch_size: int, seq_len: int, device="cpu", seed: int = 0) -> dict:
@@ -104,9 +106,6 @@ def training_state_bytes(cfg: ModelConfig, regime: str, r: int = 16, targets="al
     AdamW once); "lora16": bf16 base + fp32 adapter, its gradients and optimizer state; "qlora": the same
     adapter on NF4 (double-quantized) decoder linears with the other layers in bf16.
     """
-    from qtune.memory.tracer import nbytes_of
-    from qtune.weights.nf4_linear import NF4Linear
-
     model = random_model(cfg, torch.bfloat16, "meta", quantize="nf4" if regime == "qlora" else "none")
     counts = dict.fromkeys(("weights", "quant_constants", "gradients", "optimizer", "adapters"), 0)
     if regime == "full":

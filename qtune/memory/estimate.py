@@ -22,8 +22,9 @@ fused Triton path saves less (it recomputes the SwiGLU product and keeps K and V
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from qtune.config import ModelConfig
+from qtune.config import SHAPES, ModelConfig, shape_config
 from qtune.memory.accounting import (
     DTYPE_BYTES,
     linear_shapes,
@@ -87,7 +88,6 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     # batch on a CPU repeats them up to H heads, which adds 2 b (q - kv) per token to this estimate.
     shapes = linear_shapes(cfg)
     adapted = target_names(s.targets)
-    wide = 4 if b < 4 else 0  # RMSNorm saves an fp32 copy of a 16-bit input; an fp32 input is saved as itself
     per_token = 0 if first_layer else 4  # norm 1: 1/rms (x itself is the layer's input)
     if set(adapted) & {"q_proj", "k_proj", "v_proj"}:
         per_token += b * D  # normed input, kept for dA of q / k / v
@@ -150,7 +150,7 @@ def loss_bytes(s: StepShape) -> int:
     gradient and its scaled copy (cast to a 16-bit compute dtype). A 16-bit lm_head slice is upcast to
     fp32 per vocabulary chunk.
     """
-    from qtune.kernels.logprobs import VOCAB_CHUNK
+    from qtune.kernels.logprobs import VOCAB_CHUNK  # here: the estimator itself needs no torch
 
     N, D, b = s.tokens, s.cfg.hidden_size, s.b
     chunk = min(VOCAB_CHUNK, s.cfg.vocab_size)
@@ -242,10 +242,6 @@ def parse_size(text: str) -> int:
 
 def model_config_for(path: str, shape: str | None = None) -> ModelConfig:
     """The model shape: `shape` from SHAPES, else model.path's config.json, else a SHAPES name or alias."""
-    from pathlib import Path
-
-    from qtune.memory.accounting import SHAPES, shape_config
-
     if shape:
         return shape_config(shape)
     directory = Path(path).expanduser()

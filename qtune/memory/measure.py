@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qtune.config import ModelConfig
-from qtune.memory.accounting import shape_config
+from qtune.config import ModelConfig, shape_config
 from qtune.memory.step import build_step, optimizer_tensors, prime_optimizer, train_step
 from qtune.memory.tracer import nbytes_of
 
@@ -48,8 +47,9 @@ def measure_step(spec: dict) -> dict:
     setup = build_step(cfg, spec.get("micro_batch_size", 1), spec["seq_len"], dtype, "cpu", r=spec.get("r", 16),
                        targets=spec.get("targets", "all-linear"),
                        gradient_checkpointing=spec.get("gradient_checkpointing", True))
+    setup.model.set_kernels("torch")
     if spec.get("warmup_step"):
-        train_step(setup, kernels="torch")  # also creates the runtime's lazily built buffers and thread state
+        train_step(setup)  # also creates the runtime's lazily built buffers and thread state
     else:
         prime_optimizer(setup)
     build_s = time.perf_counter() - t0
@@ -58,7 +58,7 @@ def measure_step(spec: dict) -> dict:
     loaded = proc_status()
     reset_peak_rss()
     t0 = time.perf_counter()
-    loss = train_step(setup, kernels="torch")
+    loss = train_step(setup)
     step_s = time.perf_counter() - t0
     after = proc_status()
     return {"runtime_rss": runtime["VmRSS"], "build_peak": loaded["VmHWM"], "loaded_rss": loaded["VmRSS"],

@@ -49,12 +49,11 @@ def prime_optimizer(setup: StepSetup) -> None:
     setup.optimizer.zero_grad(set_to_none=True)
 
 
-def train_step(setup: StepSetup, max_grad_norm: float = 0.3, kernels: str = "auto",
-               tracer: LiveBytes | None = None) -> torch.Tensor:
+def train_step(setup: StepSetup, max_grad_norm: float = 0.3, tracer: LiveBytes | None = None) -> torch.Tensor:
     """Forward (fused cross-entropy), backward, gradient clipping, optimizer step; returns the loss sum."""
     phase = tracer.phase if tracer is not None else (lambda name: nullcontext())
     with phase("forward"):
-        loss_sum, count = lm_loss_sum(setup.model, setup.batch, kernels)
+        loss_sum, count = lm_loss_sum(setup.model, setup.batch)
     with phase("backward"):
         (loss_sum / max(count, 1)).backward()
     with phase("optimizer"):
@@ -79,7 +78,8 @@ def trace_step(cfg: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dty
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
         setup = build_step(cfg, batch_size, seq_len, dtype, "cpu", r, targets, gradient_checkpointing, quantize,
                            double_quant, optimizer)
+        setup.model.set_kernels("torch")
         prime_optimizer(setup)
         resident = [*setup.model.parameters(), *setup.model.buffers(), *optimizer_tensors(setup.optimizer),
                     *setup.batch.values()]
-        return trace(lambda tracer: train_step(setup, kernels="torch", tracer=tracer), *resident)
+        return trace(lambda tracer: train_step(setup, tracer=tracer), *resident)

@@ -8,6 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
+from qtune.recipe.schema import nonnegative, positive, positive_ints
 from qtune.recipe.sections import DataSection, LoRASection, OutputSection, TrainRecipe
 
 
@@ -42,8 +43,7 @@ class RewardSection:
     """Initial head weights: normal N(0, 1/(D+1)) as OpenAI's reward models, or zero (every reward starts at 0)."""
 
     def check(self) -> Iterator[tuple[str, str]]:
-        if self.lm_loss_coef < 0:
-            yield "lm_loss_coef", f"must be >= 0, got {self.lm_loss_coef}"
+        yield from nonnegative(self, "lm_loss_coef")
 
 
 @dataclass
@@ -58,8 +58,7 @@ class DPOSection:
     """Compute the reference log-probabilities once before training and cache them (in data.cache_dir, keyed by data and model) instead of running the adapter-free model every step."""
 
     def check(self) -> Iterator[tuple[str, str]]:
-        if self.beta <= 0:
-            yield "beta", f"must be positive, got {self.beta}"
+        yield from positive(self, "beta")
         if not 0 <= self.label_smoothing < 0.5:
             yield "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}"
         if self.loss == "ipo" and self.label_smoothing > 0:
@@ -96,13 +95,11 @@ class DPORecipe(TrainRecipe):
     """Where results go."""
 
 
-
-
 # ----------------------------------------------------------------------------- PPO and best-of-N recipes
 
 @dataclass
 class PromptDataSection(DataSection):
-    """Prompts that responses are sampled for (PPO rollouts, best-of-N); layouts: see `qtune.train.rollout`."""
+    """Prompts that responses are sampled for (PPO rollouts, best-of-N); layouts: see `qtune.data.prompts`."""
 
     format: Literal["auto", "prompt", "alpaca", "chat", "sharegpt", "hh"] = "auto"
     """Record layout: prompt {"prompt": text or chat messages}, alpaca (instruction, input), chat / sharegpt (the conversation up to its last user turn), hh (a transcript up to its last "\\n\\nAssistant:"); a record's other fields (e.g. "answer") reach reward functions."""
@@ -170,15 +167,9 @@ class PPOSection:
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from _check_reward_source(self)
-        for name in ("rollout_batch_size", "max_new_tokens", "ppo_epochs", "kl_horizon"):
-            if getattr(self, name) < 1:
-                yield name, f"must be a positive integer, got {getattr(self, name)}"
-        for name in ("temperature", "clip_range", "clip_range_value", "kl_coef", "kl_target"):
-            if getattr(self, name) <= 0:
-                yield name, f"must be positive, got {getattr(self, name)}"
-        for name in ("vf_coef", "score_clip", "ptx_coef"):
-            if getattr(self, name) < 0:
-                yield name, f"must be >= 0, got {getattr(self, name)}"
+        yield from positive_ints(self, "rollout_batch_size", "max_new_tokens", "ppo_epochs", "kl_horizon")
+        yield from positive(self, "temperature", "clip_range", "clip_range_value", "kl_coef", "kl_target")
+        yield from nonnegative(self, "vf_coef", "score_clip", "ptx_coef")
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 yield name, f"must be in [0, 1], got {getattr(self, name)}"
@@ -233,13 +224,10 @@ class BestOfNSection:
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from _check_reward_source(self)
-        for name in ("n", "max_new_tokens", "sample_batch_size"):
-            if getattr(self, name) < 1:
-                yield name, f"must be a positive integer, got {getattr(self, name)}"
+        yield from positive_ints(self, "n", "max_new_tokens", "sample_batch_size")
         if self.num_prompts < 0:
             yield "num_prompts", f"must be >= 0 (0 = all), got {self.num_prompts}"
-        if self.temperature <= 0:
-            yield "temperature", f"must be positive, got {self.temperature}"
+        yield from positive(self, "temperature")
         if not 0 < self.top_p <= 1:
             yield "top_p", f"must be in (0, 1], got {self.top_p}"
 

@@ -8,6 +8,7 @@ from qtune.recipe.schema import RecipeError, _build, _check_values, _Invalid, _s
 from qtune.datagen.config import EvolInstructRecipe, SelfInstructRecipe
 from qtune.recipe.align import BestOfNRecipe, DPORecipe, PPORecipe, RewardRecipe
 from qtune.recipe.sections import Recipe, SFTRecipe
+from qtune.recipes import shipped_recipes
 
 # Every recipe kind: the value of a recipe file's top-level `kind` -> its schema.
 RECIPE_KINDS: dict[str, type[Recipe]] = {
@@ -21,8 +22,6 @@ def find_recipe(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    from qtune.recipes import shipped_recipes
-
     shipped = shipped_recipes()
     if str(name_or_path) in shipped:
         return shipped[str(name_or_path)]

@@ -36,6 +36,26 @@ class _Invalid(Exception):
         self.key, self.message = key, message
 
 
+# ----------------------------------------------------------------------------- value checks
+# What sections' `check()` methods yield for the common ranges, one (field, problem) pair per bad field.
+
+def nonnegative(section, *names: str) -> Iterator[tuple[str, str]]:
+    for name in names:
+        if getattr(section, name) < 0:
+            yield name, f"must be >= 0, got {getattr(section, name)}"
+
+
+def positive_ints(section, *names: str) -> Iterator[tuple[str, str]]:
+    for name in names:
+        if getattr(section, name) < 1:
+            yield name, f"must be a positive integer, got {getattr(section, name)}"
+
+
+def positive(section, *names: str) -> Iterator[tuple[str, str]]:
+    for name in names:
+        if getattr(section, name) <= 0:
+            yield name, f"must be positive, got {getattr(section, name)}"
+
 
 # ----------------------------------------------------------------------------- docs
 
@@ -188,7 +208,6 @@ def _set_dotted(table: dict, key: str, value) -> None:
     for part in parents:
         table = table.setdefault(part, {})
     table[last] = value
-
 
 
 # ----------------------------------------------------------------------------- writing

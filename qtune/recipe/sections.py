@@ -4,6 +4,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
+from qtune.recipe.schema import nonnegative, positive, positive_ints
+
 # The linear layers of a Llama-family decoder block, by their Hugging Face names.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -44,10 +46,8 @@ class LoRASection:
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r."""
 
     def check(self) -> Iterator[tuple[str, str]]:
-        if self.r < 1:
-            yield "r", f"must be a positive integer, got {self.r}"
-        if self.alpha <= 0:
-            yield "alpha", f"must be positive, got {self.alpha}"
+        yield from positive_ints(self, "r")
+        yield from positive(self, "alpha")
         if not 0 <= self.dropout < 1:
             yield "dropout", f"must be in [0, 1), got {self.dropout}"
         if isinstance(self.target_modules, str):
@@ -86,8 +86,7 @@ class DataSection:
             yield "max_seq_len", f"must be at least 2 tokens, got {self.max_seq_len}"
         if not 0 <= self.val_fraction < 1:
             yield "val_fraction", f"must be in [0, 1), got {self.val_fraction}"
-        if self.val_size < 0:
-            yield "val_size", f"must be >= 0, got {self.val_size}"
+        yield from nonnegative(self, "val_size")
         if self.val_size > 0 and self.val_fraction > 0:
             yield "val_size", "set either val_size or val_fraction, not both"
 
@@ -113,8 +112,7 @@ class DataSource:
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.path:
             yield "path", "every source needs a path"
-        if self.weight <= 0:
-            yield "weight", f"must be positive, got {self.weight}"
+        yield from positive(self, "weight")
         if self.max_examples < 0:
             yield "max_examples", f"must be >= 0 (0 = no cap), got {self.max_examples}"
 
@@ -188,18 +186,12 @@ class TrainSection:
     """Save a resumable checkpoint every this many steps; 0 saves only at the end."""
 
     def check(self) -> Iterator[tuple[str, str]]:
-        for name in ("max_steps", "warmup_steps", "save_every", "seed"):
-            if getattr(self, name) < 0:
-                yield name, f"must be >= 0, got {getattr(self, name)}"
-        for name in ("epochs", "micro_batch_size", "grad_accum_steps", "log_every"):
-            if getattr(self, name) < 1:
-                yield name, f"must be a positive integer, got {getattr(self, name)}"
-        if self.lr <= 0:
-            yield "lr", f"must be positive, got {self.lr}"
+        yield from nonnegative(self, "max_steps", "warmup_steps", "save_every", "seed")
+        yield from positive_ints(self, "epochs", "micro_batch_size", "grad_accum_steps", "log_every")
+        yield from positive(self, "lr")
         if not 0 <= self.warmup_ratio < 1:
             yield "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"
-        if self.weight_decay < 0:
-            yield "weight_decay", f"must be >= 0, got {self.weight_decay}"
+        yield from nonnegative(self, "weight_decay")
         if self.max_grad_norm < 0:
             yield "max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
 
@@ -212,9 +204,7 @@ class EvalSection:
     """Validation micro-batches per evaluation; 0 uses the whole validation set."""
 
     def check(self) -> Iterator[tuple[str, str]]:
-        for name in ("every", "max_batches"):
-            if getattr(self, name) < 0:
-                yield name, f"must be >= 0, got {getattr(self, name)}"
+        yield from nonnegative(self, "every", "max_batches")
 
 
 @dataclass
@@ -228,8 +218,7 @@ class SFTEvalSection(EvalSection):
         yield from super().check()
         if self.exact_match < 0:
             yield "exact_match", f"must be >= 0 (0 = off), got {self.exact_match}"
-        if self.max_new_tokens < 1:
-            yield "max_new_tokens", f"must be a positive integer, got {self.max_new_tokens}"
+        yield from positive_ints(self, "max_new_tokens")
 
 
 @dataclass

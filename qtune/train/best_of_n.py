@@ -21,13 +21,15 @@ import os
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
+from qtune.data.prompts import load_prompts
 from qtune.lora import adapters_disabled
 from qtune.recipe.align import BestOfNRecipe
 from qtune.recipe.schema import recipe_to_toml
 from qtune.recipe.sections import OutputSection, SFTDataSection, SFTRecipe
 from qtune.train import common
-from qtune.train.rollout import build_scorer, load_prompts, sample
+from qtune.train.rollout import build_scorer, sample
 from qtune.train.run import load_base_model
 from qtune.train.sft import run_sft
 
@@ -109,8 +111,6 @@ def run_best_of_n(recipe: BestOfNRecipe, resume: bool = False, console=None) -> 
 
     With `resume`, kept samples from an earlier run are reused and its SFT stage continues from its checkpoint.
     """
-    from rich.console import Console
-
     console = console or Console(stderr=True)
     out_dir = Path(recipe.output.dir)
     best_path = out_dir / "best.jsonl"

@@ -1,6 +1,7 @@
 """What every training loop shares: seeding, optimizer, schedule, losses, checkpoints, metrics.
 
-SFT, reward, DPO and PPO each keep their own loop (`qtune/train/<algo>.py`) and call into this module.
+SFT, reward, DPO and PPO each keep their own loop (`qtune/train/<algo>.py`); what runs around those loops
+(setup, restore, the stop and checkpoint protocol) is `qtune/train/run.py`, built on this module.
 Checkpoints hold no pickles: tensors go to safetensors, everything else to JSON, and a checkpoint
 directory is written under a temporary name and renamed into place only once complete, so killing the
 process mid-write leaves the previous checkpoint intact.
@@ -20,9 +21,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from qtune.kernels.logprobs import cross_entropy_sum
+from qtune.lora import LoraConfig, add_lora, mark_trainable
+
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SCHEDULES = ("cosine", "linear", "constant")
 COMPLETE_MARKER = "COMPLETE"
+ADAPTER = "default"  # the adapter SFT, reward and DPO train (PPO names its two roles)
 
 
 class TrainingError(RuntimeError):
@@ -84,19 +89,29 @@ def shifted_targets(labels: torch.Tensor, segments: torch.Tensor | None = None) 
     return targets
 
 
-def lm_loss_sum(model, batch: dict, kernels: str = "auto") -> tuple[torch.Tensor, int]:
+def lora_config(lora) -> LoraConfig:
+    """The `LoraConfig` a recipe's [lora] section (or anything with its fields) describes."""
+    return LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                      rslora=lora.rslora)
+
+
+def attach_adapter(model, lora, seed: int) -> None:
+    """A fresh adapter `ADAPTER` (B = 0), the only trainable parameters, as `lora` (a [lora] section) says."""
+    add_lora(model, lora_config(lora), name=ADAPTER, seed=seed)
+    mark_trainable(model, ADAPTER)
+
+
+def lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over the batch's trained tokens, and their count.
 
-    Goes through the fused log-prob op: the [tokens, vocab] fp32 logits are never materialised. Dividing
-    the sum by the token count of the whole accumulated step (not of each micro-batch) makes accumulation
-    over micro-batches equal to one large batch.
+    Goes through the fused log-prob op (with the model's kernel choice, `model.kernels`): the [tokens, vocab]
+    fp32 logits are never materialised. Dividing the sum by the token count of the whole accumulated step
+    (not of each micro-batch) makes accumulation over micro-batches equal to one large batch.
     """
-    from qtune.kernels.logprobs import cross_entropy_sum
-
     hidden = model.hidden_states(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     targets = shifted_targets(batch["labels"], batch.get("attention_mask"))
     keep = targets != -100  # only positions that carry a loss enter the vocabulary projection
-    loss_sum, count = cross_entropy_sum(hidden[keep], model.output_weight(), targets[keep], kernels=kernels)
+    loss_sum, count = cross_entropy_sum(hidden[keep], model.output_weight(), targets[keep], kernels=model.kernels)
     return loss_sum, int(count)
 
 
@@ -366,3 +381,15 @@ def clip_gradients(params, max_norm: float) -> float:
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def optimizer_step(params, optimizer, scheduler, max_grad_norm: float, loss: float) -> tuple[float, float]:
+    """Clip the accumulated gradients, step the optimizer and schedule unless the loss or the norm is not
+    finite (the run then stops without applying it), and clear the gradients; returns (grad norm, lr)."""
+    grad_norm = clip_gradients(params, max_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr

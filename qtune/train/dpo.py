@@ -10,7 +10,6 @@ serves both. A fresh adapter (B = 0) leaves the policy equal to the reference, s
 
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -18,43 +17,40 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qtune.recipe.align import DPORecipe
-from qtune.data.batching import DataPosition
+from qtune.align.preference_losses import dpo_loss, preference_accuracy
+from qtune.align.reward_model import pair_summary
 from qtune.data.prefs import build_preference_data, fixed_batches
 from qtune.data.render import IGNORE
+from qtune.kernels.logprobs import token_logprobs
 from qtune.lora import adapters_disabled, lora_parameters
-from qtune.align.preference_losses import dpo_loss, preference_accuracy
-from qtune.recipe.schema import recipe_to_toml
-from qtune.align.reward_model import pair_summary
+from qtune.recipe.align import DPORecipe
 from qtune.train import common
-from qtune.train.reward import ADAPTER, attach_adapter
-from qtune.train.run import Run, load_base_model
-from qtune.train.sft import total_steps
+from qtune.train.common import ADAPTER, attach_adapter
+from qtune.train.run import start_run, step_record, total_steps
+from qtune.weights.checkpoint import resolve
 
 REFERENCE_CACHE_VERSION = 1
 
 
-def sequence_logprobs(model, batch: dict, kernels: str = "auto") -> torch.Tensor:
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """log π(y|x) = Σ_t log π(y_t | x, y_<t) over each sequence's response tokens (labels != -100). (S,) fp32.
 
-    Goes through the fused log-prob op: only response positions reach the vocabulary projection, and the
-    (tokens, vocab) logits are never materialised.
+    Goes through the fused log-prob op (with `model.kernels`): only response positions reach the vocabulary
+    projection, and the (tokens, vocab) logits are never materialised.
     """
-    from qtune.kernels.logprobs import token_logprobs
-
     hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # (S, T, D)
     targets = common.shifted_targets(batch["labels"])  # (S, T): position t predicts token t + 1
     keep = targets != IGNORE
-    logp = token_logprobs(hidden[keep], model.output_weight(), targets[keep], kernels=kernels)  # (n_response,)
+    logp = token_logprobs(hidden[keep], model.output_weight(), targets[keep], kernels=model.kernels)  # (n_response,)
     rows = keep.nonzero()[:, 0]  # the sequence of each kept token, in the same row-major order
     return torch.zeros(len(targets), device=logp.device, dtype=torch.float32).index_add(0, rows, logp)
 
 
 @torch.no_grad()
-def reference_logprobs(model, batch: dict, kernels: str = "auto") -> torch.Tensor:
+def reference_logprobs(model, batch: dict) -> torch.Tensor:
     """log π_ref(y|x): the same base with every adapter switched off. (S,)"""
     with adapters_disabled(model):
-        return sequence_logprobs(model, batch, kernels)
+        return sequence_logprobs(model, batch)
 
 
 def pair_losses(policy: torch.Tensor, reference: torch.Tensor, batch: dict, beta: float, loss_type: str,
@@ -83,8 +79,7 @@ class ReferenceLogprobs:
         return logps[first[batch["ranking"].cpu()] + batch["rank"].cpu()].to(batch["input_ids"].device)
 
     @classmethod
-    def compute(cls, model, splits: dict, pad_id: int, micro_batch_size: int, device, kernels: str, console
-                ) -> "ReferenceLogprobs":
+    def compute(cls, model, splits: dict, pad_id: int, micro_batch_size: int, device, console) -> "ReferenceLogprobs":
         """Run the adapter-free model once over `splits` ({name: tokenized records}) in eval mode."""
         was_training = model.training
         model.eval()
@@ -92,7 +87,7 @@ class ReferenceLogprobs:
         sizes = " + ".join(f"{len(items)} {name}" for name, items in splits.items())
         console.print(f"reference log-probs: one pass with adapters disabled over {sizes} records")
         for name, items in splits.items():
-            values = [reference_logprobs(model, common.to_device(batch, device), kernels).cpu()
+            values = [reference_logprobs(model, common.to_device(batch, device)).cpu()
                       for batch in fixed_batches(items, micro_batch_size, pad_id)]
             counts = torch.tensor([0] + [len(it.response_ids) for it in items])
             tensors[f"{name}.logps"] = torch.cat(values) if values else torch.zeros(0)
@@ -118,8 +113,6 @@ def model_fingerprint(model_section) -> dict:
     A copied or rewritten weight file gets a new mtime and so misses the cache: a miss costs one pass over
     the data, a stale hit would silently train against the wrong reference.
     """
-    from qtune.weights.checkpoint import resolve
-
     model_dir = resolve(model_section.path)
     files = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors")
     return {"config": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
@@ -150,8 +143,7 @@ def precomputed_reference(model, data, recipe: DPORecipe, device, console) -> Re
     if path is not None and path.is_file():
         console.print(f"reference log-probs: cached at {path}")
         return ReferenceLogprobs.load(path)
-    reference = ReferenceLogprobs.compute(model, splits, data.pad_id, recipe.train.micro_batch_size, device,
-                                          recipe.model.kernels, console)
+    reference = ReferenceLogprobs.compute(model, splits, data.pad_id, recipe.train.micro_batch_size, device, console)
     if path is not None:
         reference.save(path)
     return reference
@@ -160,7 +152,7 @@ def precomputed_reference(model, data, recipe: DPORecipe, device, console) -> Re
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate_dpo(model, batches, device, beta: float, kernels: str = "auto", reference: ReferenceLogprobs | None = None,
+def evaluate_dpo(model, batches, device, beta: float, reference: ReferenceLogprobs | None = None,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, max_batches: int = 0) -> dict:
     """Implicit-reward accuracy on held-out pairs, in eval mode: r = β (log π − log π_ref) of each response.
 
@@ -174,8 +166,8 @@ def evaluate_dpo(model, batches, device, beta: float, kernels: str = "auto", ref
             if max_batches and k >= max_batches:
                 break
             batch = common.to_device(batch, device)
-            policy = sequence_logprobs(model, batch, kernels)
-            ref = reference.lookup("val", batch) if reference is not None else reference_logprobs(model, batch, kernels)
+            policy = sequence_logprobs(model, batch)
+            ref = reference.lookup("val", batch) if reference is not None else reference_logprobs(model, batch)
             pair_loss, chosen, rejected = pair_losses(policy, ref, batch, beta, loss_type, label_smoothing)
             margins.append(chosen - rejected)
             losses.append(pair_loss)
@@ -186,8 +178,8 @@ def evaluate_dpo(model, batches, device, beta: float, kernels: str = "auto", ref
 
 def validation(model, data, recipe: DPORecipe, device, reference) -> dict:
     d = recipe.dpo
-    result = evaluate_dpo(model, data.val_batches(recipe.train.micro_batch_size), device, d.beta, recipe.model.kernels,
-                          reference, d.loss, d.label_smoothing, recipe.eval.max_batches)
+    result = evaluate_dpo(model, data.val_batches(recipe.train.micro_batch_size), device, d.beta, reference, d.loss,
+                          d.label_smoothing, recipe.eval.max_batches)
     return {"val_accuracy": result["accuracy"], "val_margin": result["mean_margin"], "val_loss": result["loss"]}
 
 
@@ -200,26 +192,21 @@ def train_step(model, micro: list[dict], params, optimizer, scheduler, recipe: D
     loss = Σ over micro-batches and pairs p of loss(p) / P, P = the pairs of the whole step, so accumulation
     equals one large batch.
     """
-    d, kernels = recipe.dpo, recipe.model.kernels
+    d = recipe.dpo
     n_pairs = sum(len(b["better"]) for b in micro)
     loss_total, chosen, rejected = 0.0, [], []
     for batch in micro:
         batch = common.to_device(batch, device)
         with common.autocast(device, model_dtype):
-            ref = reference.lookup("train", batch) if reference is not None else reference_logprobs(model, batch, kernels)
-            policy = sequence_logprobs(model, batch, kernels)
+            ref = reference.lookup("train", batch) if reference is not None else reference_logprobs(model, batch)
+            policy = sequence_logprobs(model, batch)
         losses, chosen_rewards, rejected_rewards = pair_losses(policy, ref, batch, d.beta, d.loss, d.label_smoothing)
         (losses.sum() / n_pairs).backward()
         loss_total += losses.sum().item()
         chosen.append(chosen_rewards)
         rejected.append(rejected_rewards)
     loss = loss_total / n_pairs
-    grad_norm = common.clip_gradients(params, recipe.train.max_grad_norm)
-    lr = optimizer.param_groups[0]["lr"]
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm, lr = common.optimizer_step(params, optimizer, scheduler, recipe.train.max_grad_norm, loss)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
     return {"loss": loss, "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean()),
             "accuracy": float(preference_accuracy(chosen - rejected).mean()), "margin": float((chosen - rejected).mean()),
@@ -232,66 +219,38 @@ def run_dpo(recipe: DPORecipe, resume: bool = False, console=None) -> dict:
     The summary holds the held-out implicit-reward accuracy after training (`val_accuracy_after`); before
     training it is 0.5 by construction, since a fresh adapter makes every implicit reward 0.
     """
-    t, device = recipe.train, common.training_device()
-    run = Run(Path(recipe.output.dir), console, resume)
-    run.base_model = recipe.model.path
-    common.seed_everything(t.seed)
-    model, tokenizer = load_base_model(recipe.model, device)
+    t, e = recipe.train, recipe.eval
+    run, model, tokenizer, device = start_run(recipe, resume, console)
     attach_adapter(model, recipe.lora, t.seed)
     data = build_preference_data(recipe.data, tokenizer, t.seed)
     run.console.print(data.describe())
-    params = lora_parameters(model, ADAPTER)
-    model_dtype = model.model.embed_tokens.weight.dtype
+    params, model_dtype = lora_parameters(model, ADAPTER), model.model.embed_tokens.weight.dtype
     steps = total_steps(recipe, data.batches_per_epoch(t.micro_batch_size))
-    optimizer = common.build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
-    scheduler = common.build_scheduler(optimizer, t.schedule, t.warmup_steps or round(t.warmup_ratio * steps), steps)
-    start_step, position = run.restore(model, ADAPTER, optimizer, scheduler) if resume else (0, DataPosition())
-    run.write_recipe(recipe_to_toml(recipe))
+    optimizer, scheduler, start_step, position = run.begin(recipe, model, ADAPTER, params, steps)
     reference = precomputed_reference(model, data, recipe, device, run.console) if recipe.dpo.precompute_reference \
         else None
     batches = data.batches(t.micro_batch_size, t.seed, start=position)
     after = None
-    model.train()
-    run.start_progress(steps, start_step)
-    try:
-        with common.GracefulStop(run.console) as stop:
-            for step in range(start_step + 1, steps + 1):
-                t0 = time.perf_counter()
-                micro = [next(batches) for _ in range(t.grad_accum_steps)]
-                out = train_step(model, [b for _, b in micro], params, optimizer, scheduler, recipe, device,
-                                 model_dtype, reference)
-                if not (math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])):
-                    raise common.TrainingError(
-                        f"loss {out['loss']}, gradient norm {out['grad_norm']} at step {step}: the run stops and "
-                        f"this step is not applied. The last good checkpoint is "
-                        f"{run.checkpointer.latest() or 'none (no checkpoint was saved yet)'}; lower train.lr or "
-                        "check the data, then continue with --resume")
-                position = micro[-1][0]
-                real_tokens = out.pop("real_tokens")
-                record = {"step": step, **out, "tokens_per_s": real_tokens / (time.perf_counter() - t0),
-                          "epoch": position.epoch, "peak_memory_bytes": common.peak_memory_bytes(device)}
-                if step == steps and data.val:  # the last step's record carries the held-out evaluation
-                    run.step_done(record, log=False)
-                    run.stop_progress()
-                    with run.console.status("held-out evaluation after training"):
-                        after = validation(model, data, recipe, device, reference)
-                    run.log({**record, **after})
-                    break
-                if recipe.eval.every and step % recipe.eval.every == 0 and data.val:
-                    record.update(validation(model, data, recipe, device, reference))
-                run.step_done(record, log=step % t.log_every == 0 or step == steps or "val_loss" in record)
-                if stop.requested:
-                    run.save_checkpoint(step, model, ADAPTER, optimizer, scheduler, position)
-                    run.console.print(f"[yellow]stopped: saved step {step}; continue with --resume[/yellow]")
-                    raise KeyboardInterrupt
-                if t.save_every and step % t.save_every == 0:
-                    run.save_checkpoint(step, model, ADAPTER, optimizer, scheduler, position)
-    finally:
-        run.stop_progress()
-    run.save_checkpoint(steps, model, ADAPTER, optimizer, scheduler, position)
+    with run.training(steps, start_step) as stop:
+        for step in range(start_step + 1, steps + 1):
+            t0, micro = time.perf_counter(), [next(batches) for _ in range(t.grad_accum_steps)]
+            out = train_step(model, [b for _, b in micro], params, optimizer, scheduler, recipe, device,
+                             model_dtype, reference)
+            run.check_finite(step, loss=out["loss"], grad_norm=out["grad_norm"])
+            position = micro[-1][0]
+            record = step_record(step, out, t0, position, device)
+            if step == steps and data.val:  # the last step's record carries the held-out evaluation
+                with run.last_step(record):
+                    after = validation(model, data, recipe, device, reference)
+                run.log({**record, **after})
+                break
+            if e.every and step % e.every == 0 and data.val:
+                record.update(validation(model, data, recipe, device, reference))
+            run.step_done(record, log=step % t.log_every == 0 or step == steps or "val_loss" in record)
+            run.step_end(step, position, stop)
+    run.save_checkpoint(steps, position)
     if after is None and data.val:  # resumed from the final checkpoint: nothing left to train
         after = validation(model, data, recipe, device, reference)
     after = after or {}
-    return run.finish(model, ADAPTER, recipe.model.path, {
-        "steps": steps, "pairs": data.stats["train_pairs"], "val_pairs": data.stats["val_pairs"],
-        "val_accuracy_after": after.get("val_accuracy"), "val_margin_after": after.get("val_margin")})
+    return run.finish({"steps": steps, "pairs": data.stats["train_pairs"], "val_pairs": data.stats["val_pairs"],
+                       "val_accuracy_after": after.get("val_accuracy"), "val_margin_after": after.get("val_margin")})

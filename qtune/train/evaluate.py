@@ -17,23 +17,23 @@ from qtune.data.batching import collate
 from qtune.data.records import Records, load_records
 from qtune.data.render import IGNORE
 from qtune.data.tokenized import Example, tokenize_records
+from qtune.generate import generate
+from qtune.train.common import lm_loss_sum, to_device
 
 
 @torch.no_grad()
-def response_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, kernels: str = "auto") -> dict:
+def response_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8) -> dict:
     """Mean next-token loss (natural log) over the trained tokens of `examples`, in eval mode.
 
     loss = sum over examples and trained positions of -log p(token) / number of trained tokens.
     """
-    from qtune.train.common import lm_loss_sum, to_device
-
     device = model.model.embed_tokens.weight.device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = to_device(collate([[ex] for ex in examples[i:i + batch_size]], pad_id), device)
-        loss_sum, n = lm_loss_sum(model, batch, kernels)
+        loss_sum, n = lm_loss_sum(model, batch)
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
     loss = total / max(count, 1)
@@ -86,8 +86,6 @@ def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int =
     Both sides are decoded without special tokens and compared after `normalise_answer`. Returns
     exact_match (0..1), correct, examples and `samples`: (prompt, completion, reference) texts of each.
     """
-    from qtune.generate import generate
-
     pairs = [p for p in (prompt_and_reference(ex) for ex in examples) if p is not None]
     if not pairs:
         raise ValueError("no example has a prompt before its response to complete (is data.train_on_input set?)")

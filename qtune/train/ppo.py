@@ -14,28 +14,30 @@
                  (+ ptx_coef · LM loss on plain text: PPO-ptx) -> AdamW
               -> move β towards the KL target (Ziegler et al. 2019)
 
-Losses and advantages live in `qtune.align.ppo_losses`; prompts, sampling and scoring in `qtune.train.rollout`.
+Losses and advantages live in `qtune.align.ppo_losses`; prompt records in `qtune.data.prompts`; sampling
+and scoring in `qtune.train.rollout`.
 """
 
-import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qtune.data.batching import DataPosition, collate
-from qtune.lora import (LoraConfig, adapters_disabled, add_lora, load_adapter, load_extra_tensors, lora_parameters,
-                        save_adapter, set_active_adapter, use_adapter)
+from qtune.data.batching import collate
+from qtune.data.prompts import load_prompts, prompt_batches
+from qtune.data.records import load_records
+from qtune.data.tokenized import tokenize_cached
+from qtune.kernels.logprobs import token_logprobs_and_entropy
+from qtune.lora import (adapters_disabled, add_lora, load_adapter, load_extra_tensors, lora_parameters, save_adapter,
+                        set_active_adapter, use_adapter)
 from qtune.align.ppo_losses import (AdaptiveKLController, FixedKLController, approx_kl, clipped_policy_loss,
                                     clipped_value_loss, gae, kl_penalized_rewards, masked_mean, whiten)
 from qtune.recipe.align import PPORecipe
-from qtune.recipe.schema import recipe_to_toml
 from qtune.align.reward_model import ScalarHead
 from qtune.train import common
-from qtune.train.rollout import build_scorer, collate_responses, load_prompts, micro_batches, prompt_batches, sample
-from qtune.train.run import Run, load_base_model
+from qtune.train.rollout import build_scorer, collate_responses, micro_batches, sample
+from qtune.train.run import Run, start_run
 
 POLICY, VALUE = "policy", "value"
 VALUE_HEAD = "value_head"  # the value head rides on the base as a submodule, so checkpoints hold it
@@ -53,8 +55,7 @@ def attach_roles(model, recipe: PPORecipe, pad_id: int, device):
     scorer = build_scorer(p, model, pad_id, recipe.train.micro_batch_size, device)
     if p.reward_model:
         scorer.reward_model.head.requires_grad_(False)
-    cfg = LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
-                     rslora=lora.rslora)
+    cfg = common.lora_config(lora)
     add_lora(model, cfg, name=POLICY, seed=seed)
     if p.reward_model and p.init_value_from_reward:
         load_adapter(model, p.reward_model, name=VALUE)
@@ -78,18 +79,16 @@ def response_hidden(model, batch: dict) -> torch.Tensor:
     return hidden[rows, batch["response_cols"]]
 
 
-def response_logprobs(model, batch: dict, temperature: float, kernels: str):
+def response_logprobs(model, batch: dict, temperature: float):
     """log π(y_t | x, y_<t) and the entropy of π(· | x, y_<t) of the active adapter, (S, R) each, 0 off the mask.
 
     Sampling divided the logits by the temperature, and z / τ = (h / τ) Wᵀ, so dividing the hidden states
     gives the sampled distribution without materialising any logits.
     """
-    from qtune.kernels.logprobs import token_logprobs_and_entropy
-
     hidden = response_hidden(model, batch)
     if temperature != 1.0:
         hidden = hidden / temperature
-    return token_logprobs_and_entropy(hidden, model.output_weight(), batch["targets"], kernels=kernels)
+    return token_logprobs_and_entropy(hidden, model.output_weight(), batch["targets"], kernels=model.kernels)
 
 
 def response_values(model, batch: dict) -> torch.Tensor:
@@ -117,7 +116,7 @@ def make_experience(model, scorer, prompts, generations, recipe: PPORecipe, beta
     Returns the rollout batch (the `collate_responses` tensors plus old_logp, ref_logp, values, advantages,
     returns (S, R) and scores (S,)) on the CPU, and its statistics.
     """
-    p, kernels = recipe.ppo, recipe.model.kernels
+    p = recipe.ppo
     # Padding is masked out of attention and of every loss, so its token id does not matter.
     batch = collate_responses([q.ids for q in prompts], [g.token_ids for g in generations], pad_id=0)
     scores = scorer.score(prompts, generations)
@@ -129,9 +128,9 @@ def make_experience(model, scorer, prompts, generations, recipe: PPORecipe, beta
     for piece in micro_batches(batch, recipe.train.micro_batch_size):
         piece = common.to_device(piece, device)
         with use_adapter(model, POLICY):
-            old.append(response_logprobs(model, piece, p.temperature, kernels)[0])
+            old.append(response_logprobs(model, piece, p.temperature)[0])
         with adapters_disabled(model):
-            ref.append(response_logprobs(model, piece, p.temperature, kernels)[0])
+            ref.append(response_logprobs(model, piece, p.temperature)[0])
         with use_adapter(model, VALUE):
             values.append(response_values(model, piece))
     model.train(was_training)
@@ -160,9 +159,6 @@ class PretrainText:
     """Plain text for PPO-ptx: random micro-batches of data.max_seq_len-token rows, fixed by (seed, step)."""
 
     def __init__(self, data, tokenizer, seed: int):
-        from qtune.data.records import load_records
-        from qtune.data.tokenized import tokenize_cached
-
         records = load_records(data.pretrain_path, data.split)
         self.store = tokenize_cached(records, "text", tokenizer, data.max_seq_len, True, data.cache_dir, chunk=True)
         self.pad_id, self.seed = tokenizer.pad_id, seed
@@ -181,7 +177,7 @@ def ppo_minibatch(model, batch: dict, rows: torch.Tensor, recipe: PPORecipe, ptx
     forward during the backward pass, and would otherwise re-run it with whichever adapter is active then.
     Losses are divided by the minibatch's response tokens, so accumulation equals one large batch.
     """
-    p, t, kernels = recipe.ppo, recipe.train, recipe.model.kernels
+    p, t = recipe.ppo, recipe.train
     n_tokens = float(batch["response_mask"][rows].sum())
     sums = dict.fromkeys(("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "entropy", "approx_kl",
                           "ptx_loss"), 0.0)
@@ -189,13 +185,13 @@ def ppo_minibatch(model, batch: dict, rows: torch.Tensor, recipe: PPORecipe, ptx
         piece = common.to_device(piece, device)
         mask = piece["response_mask"].float()
         with use_adapter(model, POLICY):
-            logp, entropy = response_logprobs(model, piece, p.temperature, kernels)
+            logp, entropy = response_logprobs(model, piece, p.temperature)
             pg, clipped = clipped_policy_loss(logp, piece["old_logp"], piece["advantages"], p.clip_range)
             ((pg * mask).sum() / n_tokens).backward()
             if ptx is not None:
                 # PPO-ptx (InstructGPT eq. 2): + γ E_pretrain[log π(x)], i.e. γ times the mean token cross-entropy
                 loss_sum, count = common.lm_loss_sum(model, common.to_device(ptx.batch(t.micro_batch_size, *key, k),
-                                                                             device), kernels)
+                                                                             device))
                 (p.ptx_coef * loss_sum / max(count, 1) / t.grad_accum_steps).backward()
                 sums["ptx_loss"] += loss_sum.item() / max(count, 1) / t.grad_accum_steps
         with use_adapter(model, VALUE):
@@ -232,7 +228,9 @@ def ppo_epochs(model, batch: dict, recipe: PPORecipe, ptx, params, optimizer, sc
 
 @torch.no_grad()
 def evaluate_policy(model, scorer, prompts, tokenizer, max_new_tokens: int, batch_size: int) -> dict:
-    """Mean score and length of the policy's greedy responses to held-out prompts."""
+    """Mean score and length of the policy's greedy responses to held-out prompts ({} without any)."""
+    if not prompts:
+        return {}
     with use_adapter(model, POLICY):
         generations = sample(model, prompts, tokenizer, max_new_tokens, greedy=True, batch_size=batch_size)
     scores = scorer.score(prompts, generations)
@@ -240,26 +238,23 @@ def evaluate_policy(model, scorer, prompts, tokenizer, max_new_tokens: int, batc
             "val_response_length": float(np.mean([len(g.token_ids) for g in generations]))}
 
 
-def save_checkpoint(run: Run, step: int, model, optimizer, scheduler, position: DataPosition, kl_controller,
-                    rng=None) -> Path:
-    """What `Run.save_checkpoint` writes (policy adapter, every trainable tensor, optimizer, schedule, RNG,
-    data position), plus the KL controller's β in trainer.json."""
-    def write(tmp: Path):
-        save_adapter(model, tmp / "adapter", name=POLICY, base_model_name_or_path=run.base_model)
-        common.save_state(tmp, "trainable", {n: q.detach() for n, q in model.named_parameters() if q.requires_grad})
-        common.save_state(tmp, "optimizer", optimizer.state_dict())
-        common.save_state(tmp, "rng", rng if rng is not None else common.rng_state())
-        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "position": position.to_dict(),
-                                                      "kl_controller": kl_controller.state_dict()}))
-
-    return run.checkpointer.save(step, write)
+def kl_controller(p, state: dict | None = None):
+    """The KL coefficient's controller (adaptive or fixed), continuing from a checkpoint's `state`."""
+    controller = AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl \
+        else FixedKLController(p.kl_coef)
+    if state is not None:
+        controller.load_state_dict(state)
+    return controller
 
 
-def kl_controller(p):
-    if p.adaptive_kl:
-        return AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
-    return FixedKLController(p.kl_coef)
+def iteration_record(step: int, rollout: dict, update: dict, beta: float, kl_ctl, recipe: PPORecipe, scheduler,
+                     started: float, device) -> dict:
+    """An iteration's metrics.jsonl record: rollout and update statistics, β before and after, loss, lr, speed."""
+    return {"step": step, **rollout, **update, "beta": beta, "next_beta": kl_ctl.beta,
+            "loss": update["policy_loss"] + recipe.ppo.vf_coef * update["value_loss"],
+            "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
+            "tokens_per_s": rollout["tokens"] / (time.perf_counter() - started),
+            "peak_memory_bytes": common.peak_memory_bytes(device)}
 
 
 def plot_reward_curve(records: list[dict], path: Path) -> None:
@@ -293,11 +288,8 @@ def plot_reward_curve(records: list[dict], path: Path) -> None:
 
 def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
     """Train the recipe's policy adapter with PPO; returns the run summary (also in output.dir/summary.json)."""
-    t, p, device = recipe.train, recipe.ppo, common.training_device()
-    run = Run(Path(recipe.output.dir), console, resume)
-    run.base_model = recipe.model.path
-    common.seed_everything(t.seed)
-    model, tokenizer = load_base_model(recipe.model, device)
+    t, p = recipe.train, recipe.ppo
+    run, model, tokenizer, device = start_run(recipe, resume, console)
     scorer, params = attach_roles(model, recipe, tokenizer.pad_id, device)
     train_prompts, val_prompts, stats = load_prompts(recipe.data, tokenizer, t.seed)
     run.console.print(f"prompts: {stats['train']} train / {stats['val']} held-out ({stats['format']} records), "
@@ -305,67 +297,39 @@ def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
     ptx = PretrainText(recipe.data, tokenizer, t.seed) if p.ptx_coef > 0 else None
     iterations = t.max_steps or max(1, t.epochs * (len(train_prompts) // p.rollout_batch_size))
     updates = iterations * p.ppo_epochs * (p.rollout_batch_size // (t.micro_batch_size * t.grad_accum_steps))
-    optimizer = common.build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
-    scheduler = common.build_scheduler(optimizer, t.schedule, t.warmup_steps or round(t.warmup_ratio * updates),
-                                       updates)
-    kl_ctl, start_step, position = kl_controller(p), 0, DataPosition()
-    if resume:
-        start_step, position = run.restore(model, POLICY, optimizer, scheduler)
-        kl_ctl.load_state_dict(json.loads((run.checkpointer.latest() / "trainer.json").read_text())["kl_controller"])
-    run.write_recipe(recipe_to_toml(recipe))
-    evaluate = (lambda: evaluate_policy(model, scorer, val_prompts, tokenizer, p.max_new_tokens,
-                                        p.rollout_batch_size)) if val_prompts else (lambda: {})
-    before = evaluate() if start_step == 0 else {}
+    optimizer, scheduler, start_step, position = run.begin(recipe, model, POLICY, params, updates)
+    kl_ctl = kl_controller(p, run.restored.get("kl_controller"))
+    held_out = (model, scorer, val_prompts, tokenizer, p.max_new_tokens, p.rollout_batch_size)
+    before = evaluate_policy(*held_out) if start_step == 0 else {}
     if before:
         run.log({"step": 0, **before})
     batches = prompt_batches(len(train_prompts), p.rollout_batch_size, t.seed, recipe.data.shuffle, position)
-    model.train()
-    run.start_progress(iterations, start_step)
-    done_step, rng_at_done, after = start_step, common.rng_state(), {}
-    try:
+    after = {}
+    with run.training(iterations, start_step) as stop:
         for step in range(start_step + 1, iterations + 1):
             t0 = time.perf_counter()
             position, indices = next(batches)
-            prompts = [train_prompts[i] for i in indices]
+            prompts, beta = [train_prompts[i] for i in indices], kl_ctl.beta
             with use_adapter(model, POLICY):
                 generations = sample(model, prompts, tokenizer, p.max_new_tokens, p.temperature,
                                      seed=t.seed * 1_000_003 + step, batch_size=p.rollout_batch_size)
-            beta = kl_ctl.beta
             batch, rollout = make_experience(model, scorer, prompts, generations, recipe, beta, device)
             update = ppo_epochs(model, batch, recipe, ptx, params, optimizer, scheduler, step, device)
-            if not all(math.isfinite(v) for v in update.values()):
-                raise common.TrainingError(
-                    f"non-finite PPO statistics at iteration {step} ({update}); stopping without saving. The last "
-                    f"good checkpoint is {run.checkpointer.latest() or 'none'}; lower train.lr, then --resume")
+            run.check_finite(step, **update)
             kl_ctl.update(rollout["kl"], len(prompts))
-            done_step, rng_at_done = step, common.rng_state()
-            record = {"step": step, **rollout, **update, "beta": beta, "next_beta": kl_ctl.beta,
-                      "loss": update["policy_loss"] + p.vf_coef * update["value_loss"],
-                      "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0,
-                      "tokens_per_s": rollout["tokens"] / (time.perf_counter() - t0),
-                      "peak_memory_bytes": common.peak_memory_bytes(device)}
-            after = {}
-            if recipe.eval.every and step % recipe.eval.every == 0 and val_prompts:
-                after = evaluate()
-                record.update(after)
+            record = iteration_record(step, rollout, update, beta, kl_ctl, recipe, scheduler, t0, device)
+            after = evaluate_policy(*held_out) if recipe.eval.every and step % recipe.eval.every == 0 else {}
+            record.update(after)
             log = step % t.log_every == 0 or step == iterations or bool(after)
             run.step_done(record, log=log)
             if log:
                 run.console.print(describe_iteration(record))
-            if t.save_every and step % t.save_every == 0 and step < iterations:
-                save_checkpoint(run, step, model, optimizer, scheduler, position, kl_ctl)
-    except KeyboardInterrupt:
-        # The state after the last completed iteration: an unfinished one is redone on --resume.
-        save_checkpoint(run, done_step, model, optimizer, scheduler, position, kl_ctl, rng_at_done)
-        run.console.print(f"[yellow]interrupted: saved iteration {done_step}; continue with --resume[/yellow]")
-        raise
-    finally:
-        run.stop_progress()
-    save_checkpoint(run, iterations, model, optimizer, scheduler, position, kl_ctl)
+            run.step_end(step, position, stop, kl_controller=kl_ctl.state_dict())
+    run.save_checkpoint(iterations, position, kl_controller=kl_ctl.state_dict())
     if not after and val_prompts:
-        after = evaluate()
+        after = evaluate_policy(*held_out)
         run.log({"step": iterations, **after})
-    return finish(run, model, recipe, iterations, kl_ctl, before, after)
+    return finish(run, recipe, iterations, kl_ctl, before, after)
 
 
 def describe_iteration(record: dict) -> str:
@@ -376,14 +340,14 @@ def describe_iteration(record: dict) -> str:
             f"length {record['response_length']:.1f}{held_out}")
 
 
-def finish(run: Run, model, recipe: PPORecipe, iterations: int, kl_ctl, before: dict, after: dict) -> dict:
+def finish(run: Run, recipe: PPORecipe, iterations: int, kl_ctl, before: dict, after: dict) -> dict:
     """Save the policy adapter (output.dir/adapter) and the value adapter + head (output.dir/value), plot, summarise."""
-    save_adapter(model, run.dir / "value", name=VALUE, base_model_name_or_path=recipe.model.path,
-                 extra_tensors=model.get_submodule(VALUE_HEAD).tensors())
+    save_adapter(run.model, run.dir / "value", name=VALUE, base_model_name_or_path=recipe.model.path,
+                 extra_tensors=run.model.get_submodule(VALUE_HEAD).tensors())
     records = run.metrics.read()
     plot_reward_curve(records, run.dir / "reward_curve.png")
     rewards = [r["reward"] for r in records if "reward" in r]
-    return run.finish(model, POLICY, recipe.model.path, {
+    return run.finish({
         "iterations": iterations, "value_adapter": str(run.dir / "value"),
         "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
         "kl_last": next((r["kl"] for r in reversed(records) if "kl" in r), None), "beta_last": kl_ctl.beta,

@@ -1,4 +1,5 @@
-"""A training run's output directory and what the user sees: progress, metrics, checkpoints, summary.
+"""The one driver of every training loop: a run's output directory, setup, restore, the stop and checkpoint
+protocol, the non-finite check, progress, metrics and the summary.
 
     output.dir/
       recipe.toml          the resolved recipe (overrides applied)
@@ -7,9 +8,26 @@
       adapter/             the final adapter, PEFT format
       held_out_before.json the held-out evaluation before training
       loss_curve.png, summary.json
+
+Each loop (`sft.py`, `reward.py`, `dpo.py`, `ppo.py`) reads like nanoGPT's, around these calls:
+
+    run, model, tokenizer, device = start_run(recipe, resume, console)
+    ... adapters, data, params ...
+    optimizer, scheduler, start_step, position = run.begin(recipe, model, ADAPTER, params, steps)
+    with run.training(steps, start_step) as stop:
+        for step in range(start_step + 1, steps + 1):
+            out = train_step(...)
+            run.check_finite(step, loss=out["loss"], grad_norm=out["grad_norm"])
+            ... record, held-out evaluation ...
+            run.step_done(record, log=...)
+            run.step_end(step, position, stop)   # Ctrl-C: save this step and stop; else save every save_every
+    run.save_checkpoint(steps, position)
+    return run.finish(summary)
 """
 
+import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -21,16 +39,17 @@ from safetensors import SafetensorError
 
 from qtune.data.batching import DataPosition
 from qtune.lora import save_adapter
+from qtune.recipe.schema import recipe_to_toml
+from qtune.tokenizer import load_tokenizer
 from qtune.train import common
+from qtune.weights.checkpoint import load_model, resolve
 
 BEFORE_FILE = "held_out_before.json"
+SHOWN_NAMES = {"grad_norm": "gradient norm"}  # how the non-finite message names a statistic
 
 
 def load_base_model(model_section, device):
     """The frozen (4-bit by default) base model and its tokenizer, as a recipe's [model] section says."""
-    from qtune.weights.checkpoint import load_model, resolve
-    from qtune.tokenizer import load_tokenizer
-
     model_dir = resolve(model_section.path)
     model = load_model(model_dir, quantize=model_section.quantize, dtype=model_section.dtype,
                        kernels=model_section.kernels, double_quant=model_section.double_quant, device=device)
@@ -38,15 +57,41 @@ def load_base_model(model_section, device):
     return model, load_tokenizer(model_dir)
 
 
+def start_run(recipe, resume: bool, console: Console | None):
+    """Open the run's output directory, seed everything, load the base model: (run, model, tokenizer, device)."""
+    device = common.training_device()
+    run = Run(Path(recipe.output.dir), console, resume)
+    run.base_model = recipe.model.path
+    common.seed_everything(recipe.train.seed)
+    model, tokenizer = load_base_model(recipe.model, device)
+    return run, model, tokenizer, device
+
+
+def total_steps(recipe, batches_per_epoch: int) -> int:
+    """train.max_steps, or the optimizer steps of train.epochs passes over the data when it is 0."""
+    t = recipe.train
+    return t.max_steps if t.max_steps > 0 else max(1, t.epochs * math.ceil(batches_per_epoch / t.grad_accum_steps))
+
+
+def step_record(step: int, out: dict, started: float, position: DataPosition, device) -> dict:
+    """A step's metrics.jsonl record: its statistics (`out`, whose real_tokens become tokens/s), epoch, peak memory."""
+    real_tokens = out.pop("real_tokens")
+    return {"step": step, **out, "tokens_per_s": real_tokens / (time.perf_counter() - started),
+            "epoch": position.epoch, "peak_memory_bytes": common.peak_memory_bytes(device)}
+
+
 def _trainable(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 class Run:
-    """The output directory of one run: refuses to overwrite another run, restores, logs, checkpoints, sums up.
+    """One run: its output directory (refuses to overwrite another run), restore, the stop and checkpoint
+    protocol, progress, metrics and the summary.
 
     Nothing in an existing run directory changes before `restore` succeeds, so a resumed run that fails
-    on bad input (a missing model, broken data) leaves its checkpoints and metrics as they were.
+    on bad input (a missing model, broken data) leaves its checkpoints and metrics as they were. From
+    `begin` on, the run knows what its checkpoints hold: the model's trainable tensors under the adapter
+    `name`, the optimizer and the scheduler.
     """
 
     def __init__(self, out_dir: Path, console: Console | None, resume: bool):
@@ -61,12 +106,16 @@ class Run:
             raise common.TrainingError(f"--resume: no complete checkpoint under {self.checkpointer.dir}; "
                                        "run without --resume to start")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.resume = resume
+        self.restored: dict = {}  # trainer.json of the checkpoint the run resumed from
         # A resumed run opens its metrics in `restore`, keeping the records up to the checkpoint's step.
         self.metrics = None if resume else common.MetricsLog(self.dir / "metrics.jsonl")
         self.progress: Progress | None = None
         self.task = None
         self.started = time.perf_counter()
         self.base_model = ""
+        self.model = self.name = self.optimizer = self.scheduler = None
+        self.save_every = 0
 
     # ---- setup -------------------------------------------------------------------------------------
     def write_recipe(self, text: str) -> None:
@@ -84,9 +133,25 @@ class Run:
             line += f", {stats['dropped']} dropped (no response token left within data.max_seq_len)"
         self.console.print(line)
 
-    def restore(self, model, name: str, optimizer, scheduler) -> tuple[int, DataPosition]:
+    def begin(self, recipe, model, name: str, params, steps: int):
+        """The optimizer over `params` and the learning-rate schedule over `steps` optimizer steps, both restored
+        from the newest checkpoint on --resume; then recipe.toml is written.
+
+        Returns (optimizer, scheduler, the last step done, data position).
+        """
+        t = recipe.train
+        optimizer = common.build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+        scheduler = common.build_scheduler(optimizer, t.schedule, t.warmup_steps or round(t.warmup_ratio * steps), steps)
+        self.model, self.name, self.optimizer, self.scheduler = model, name, optimizer, scheduler
+        self.save_every = t.save_every
+        start_step, position = self.restore() if self.resume else (0, DataPosition())
+        self.write_recipe(recipe_to_toml(recipe))
+        return optimizer, scheduler, start_step, position
+
+    def restore(self) -> tuple[int, DataPosition]:
         """Load the newest complete checkpoint into the model's trainable tensors, the optimizer, the
         scheduler and the RNGs; returns (step, data position)."""
+        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
         ckpt = self.checkpointer.latest()
         if ckpt is None:
             raise common.TrainingError(f"--resume: no complete checkpoint under {self.checkpointer.dir}")
@@ -115,11 +180,55 @@ class Run:
         for group, peak, factor in zip(optimizer.param_groups, recipe_lrs, scheduler.lr_lambdas):
             group["initial_lr"], group["lr"] = peak, peak * factor(scheduler.last_epoch)
         common.set_rng_state(rng)
+        self.restored = trainer
         self.metrics = common.MetricsLog(self.dir / "metrics.jsonl", resume_step=trainer["step"])
         self.console.print(f"resumed from {ckpt} (step {trainer['step']})")
         return trainer["step"], DataPosition.from_dict(trainer["position"])
 
     # ---- during training ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def training(self, steps: int, done: int):
+        """Around the loop: train mode, the progress bar, and Ctrl-C turned into a stop request (yielded)."""
+        self.model.train()
+        self.start_progress(steps, done)
+        try:
+            with common.GracefulStop(self.console) as stop:
+                yield stop
+        finally:
+            self.stop_progress()
+
+    def check_finite(self, step: int, **stats: float) -> None:
+        """Stop the run at a step whose loss, gradient norm (or any other statistic given) is not finite.
+
+        Nothing of that step is saved: SFT, reward and DPO skip its optimizer step, and PPO's updates end with
+        the process, so --resume starts from the last good checkpoint.
+        """
+        if all(math.isfinite(v) for v in stats.values()):
+            return
+        shown = ", ".join(f"{SHOWN_NAMES.get(k, k)} {v}" for k, v in stats.items())
+        raise common.TrainingError(
+            f"{shown} at step {step}: the run stops and this step is not applied. The last good checkpoint is "
+            f"{self.checkpointer.latest() or 'none (no checkpoint was saved yet)'}; lower train.lr or "
+            "check the data, then continue with --resume")
+
+    def step_end(self, step: int, position: DataPosition, stop: common.GracefulStop, **trainer) -> None:
+        """After a completed step: on a Ctrl-C request save it and stop (KeyboardInterrupt), else save it every
+        train.save_every steps. `trainer` adds entries to the checkpoint's trainer.json."""
+        if stop.requested:
+            self.save_checkpoint(step, position, **trainer)
+            self.console.print(f"[yellow]stopped: saved step {step}; continue with --resume[/yellow]")
+            raise KeyboardInterrupt
+        if self.save_every and step % self.save_every == 0:
+            self.save_checkpoint(step, position, **trainer)
+
+    @contextlib.contextmanager
+    def last_step(self, record: dict):
+        """The last step's record waits for the held-out evaluation after training, made inside this block."""
+        self.step_done(record, log=False)
+        self.stop_progress()
+        with self.console.status("held-out evaluation after training"):
+            yield
+
     def start_progress(self, total: int, done: int) -> None:
         """A progress bar: step, loss, learning rate, tokens/s, peak memory, elapsed time and ETA."""
         self.progress = Progress(
@@ -160,15 +269,16 @@ class Run:
             self.progress.stop()
             self.progress = None
 
-    def save_checkpoint(self, step, model, name, optimizer, scheduler, position, rng=None) -> Path:
-        """Write checkpoints/step-N atomically; `rng` defaults to the RNG states of this moment."""
+    def save_checkpoint(self, step: int, position: DataPosition, **trainer) -> Path:
+        """Write checkpoints/step-N atomically, with the RNG states of this moment; `trainer` adds entries
+        (e.g. PPO's KL controller) to trainer.json."""
         def write(tmp: Path):
-            save_adapter(model, tmp / "adapter", name=name, base_model_name_or_path=self.base_model)
-            common.save_state(tmp, "trainable", {n: p.detach() for n, p in _trainable(model).items()})
-            common.save_state(tmp, "optimizer", optimizer.state_dict())
-            common.save_state(tmp, "rng", rng if rng is not None else common.rng_state())
-            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-            (tmp / "trainer.json").write_text(json.dumps({"step": step, "position": position.to_dict()}))
+            save_adapter(self.model, tmp / "adapter", name=self.name, base_model_name_or_path=self.base_model)
+            common.save_state(tmp, "trainable", {n: p.detach() for n, p in _trainable(self.model).items()})
+            common.save_state(tmp, "optimizer", self.optimizer.state_dict())
+            common.save_state(tmp, "rng", common.rng_state())
+            (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+            (tmp / "trainer.json").write_text(json.dumps({"step": step, "position": position.to_dict(), **trainer}))
 
         return self.checkpointer.save(step, write)
 
@@ -188,9 +298,11 @@ class Run:
                 examples.add_row(*row)
             self.console.print(examples)
 
-    def finish(self, model, name: str, base_model: str, summary: dict) -> dict:
-        """Write the final adapter, loss_curve.png and summary.json; print the summary table; return it."""
-        adapter = save_adapter(model, self.dir / "adapter", name=name, base_model_name_or_path=str(base_model))
+    def finish(self, summary: dict, extra_tensors: dict | None = None) -> dict:
+        """Write the final adapter (with `extra_tensors`, e.g. a reward head), loss_curve.png and summary.json;
+        print the summary table; return it."""
+        adapter = save_adapter(self.model, self.dir / "adapter", name=self.name,
+                               base_model_name_or_path=str(self.base_model), extra_tensors=extra_tensors)
         records = self.metrics.read()
         losses = [r["loss"] for r in records if "loss" in r]
         before = self.load_before().get("val_loss")

@@ -22,16 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-
-
-# The 16 NF4 levels as bitsandbytes lists them: quantiles of N(0, 1) normalized to [-1, 1], with an
-# exact zero (QLoRA appendix E).
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=torch.float32)  # (16,)
+from qtune.kernels.nf4 import NF4_CODE  # the 16 NF4 levels (QLoRA appendix E), shared with the kernels
 
 # A value goes to level i when it lies above midpoint i-1 and at or below midpoint i (ties go down).
 NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # (15,)
@@ -200,8 +191,9 @@ def bnb_cpu_kernel_is_exact(shape, blocksize: int) -> bool:
     """Whether bitsandbytes' CPU dequantization kernel decodes this layout exactly.
 
     The kernel walks (rows, columns) and is exact only for 64-value blocks that never straddle a row (the
-    last dimension a multiple of 64): other block sizes and widths decode wrongly in bitsandbytes 0.50
-    (tests/test_quant.py pins both facts). Every linear of the supported models fits.
+    last dimension a multiple of 64): other block sizes and widths decode wrongly in bitsandbytes 0.50 on
+    some CPUs (seen with AVX-512; an AVX2-only one decodes them right), so they keep to the torch ops on
+    every CPU. Every linear of the supported models fits.
     """
     return blocksize == 64 and shape[-1] % 64 == 0
 

@@ -5,6 +5,8 @@ from torch import nn
 
 from qtune.kernels.cpu.linear import frozen_linear
 from qtune.kernels.dispatch import check_mode, use_triton
+from qtune.kernels.lora import LoraParams
+from qtune.kernels.nf4 import nf4_matmul
 from qtune.weights.nf4 import NF4Weight, quantize_nf4
 
 
@@ -47,11 +49,12 @@ class NF4Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.nf4_weight().dequantize(dtype)
 
+    def fused_params(self) -> LoraParams:
+        """This layer as the fused QLoRA ops take it: the NF4 weight (dequantized inside the op) and bias."""
+        return LoraParams(self.nf4_weight(), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
         if use_triton(check_mode(self.kernels), x):
-            # Imported here because the kernel module imports this one (and needs triton).
-            from qtune.kernels.nf4 import nf4_matmul
-
             return nf4_matmul(x, self.nf4_weight(), self.bias)
         return frozen_linear(x, self.nf4_weight(), None if self.bias is None else self.bias.to(x.dtype))
 

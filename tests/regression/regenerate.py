@@ -1,9 +1,10 @@
-"""Rewrite tests/regression/sft_quickstart.json: the only script that changes the committed SFT losses.
+"""Rewrite the committed recipe regression values: the only script that changes tests/regression/*.json.
 
-    python tests/regression/regenerate.py
+    python tests/regression/regenerate.py sft|reward|dpo|ppo|all
 
-Run it only when a change is meant to change the numbers (a new tokenizer rule, a different loss
-normalisation ...), and say in the commit why they changed.
+Each named case (see cases.py) runs once through the CLI and its file is rewritten with the values, the
+command and the torch / transformers versions. Run it only when a change is meant to change the numbers
+(a new tokenizer rule, a different loss normalisation, sampling ...), and say in the commit why they changed.
 """
 
 import json
@@ -11,22 +12,30 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+import transformers
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cases import OVERRIDES, REFERENCE, run_case  # noqa: E402
+from cases import CASES, run_case  # noqa: E402
 
 
-def main() -> None:
-    import torch
-    import transformers
-
+def regenerate(name: str) -> None:
+    case = CASES[name]
     with tempfile.TemporaryDirectory() as work:
-        values = run_case(Path(work))
-    record = {"case": "qtune sft quickstart model.path=<tests/tiny.py llama, seed 0> " + " ".join(OVERRIDES),
-              "torch": torch.__version__, "transformers": transformers.__version__, **values}
-    REFERENCE.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {REFERENCE}: losses {[round(x, 6) for x in values['loss']]}")
+        values = run_case(name, Path(work))
+    record = {"case": case.command(), "torch": torch.__version__, "transformers": transformers.__version__, **values}
+    case.reference.write_text(json.dumps(record, indent=2) + "\n")
+    first = case.step_keys[0]
+    print(f"wrote {case.reference}: {first} {values[first]}")
+
+
+def main(args: list[str]) -> None:
+    if len(args) != 1 or args[0] not in (*CASES, "all"):
+        sys.exit(f"usage: python {sys.argv[0]} {'|'.join(CASES)}|all   (rewrites tests/regression/<case>.json)")
+    for name in CASES if args[0] == "all" else args:
+        regenerate(name)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

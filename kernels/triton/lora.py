@@ -1,0 +1,108 @@
+"""Triton kernels of `qtune.kernels.lora`: LoRA dropout (mask regenerated from a seed) and SwiGLU.
+
+The references, the torch path, the autograd functions and the public ops are in kernels/lora.py; this
+module is imported only when a kernel is launched.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # elements per program of the elementwise kernels
+NUM_WARPS = 4
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _keep(seed, offs, p):
+    # Philox counter = element index: the same (seed, index) gives the same uniform in forward and backward.
+    return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def lora_dropout_kernel(x_ptr, out_ptr, n_elements, seed, p, BLOCK: tl.constexpr):
+    """out = x · keep / (1 - p), keep regenerated from (seed, index)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n_elements
+    x = tl.load(x_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    out = tl.where(_keep(seed, offs, p), x / (1.0 - p), 0.0)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def lora_dropout_accumulate_inplace_kernel(acc_ptr, x_ptr, n_elements, seed, p, BLOCK: tl.constexpr):
+    """acc += x · keep / (1 - p): adds the adapter's input gradient into the shared dX buffer."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n_elements
+    acc = tl.load(acc_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    acc += tl.where(_keep(seed, offs, p), x / (1.0 - p), 0.0)
+    tl.store(acc_ptr + offs, acc.to(acc_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_elements, BLOCK: tl.constexpr):
+    """h = silu(g) · u = g · σ(g) · u."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n_elements
+    g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    h = g * tl.sigmoid(g) * u
+    tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def swiglu_backward_inplace_kernel(dh_ptr, g_ptr, u_ptr, du_ptr, n_elements, BLOCK: tl.constexpr):
+    """dg = dh · u · σ(g) · (1 + g · (1 - σ(g))) written over dh; du = dh · silu(g).
+
+    dh is a temporary of the MLP backward that nothing reads afterwards, so overwriting it with dg
+    saves one (N, I) buffer at the backward's memory peak.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n_elements
+    dh = tl.load(dh_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+    du = dh * g * sig
+    tl.store(dh_ptr + offs, dg.to(dh_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=in_bounds)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _grid(n: int) -> tuple[int]:
+    return (triton.cdiv(n, BLOCK),)
+
+
+def launch_lora_dropout(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """x · keep / (1 - p) into a new tensor, keep regenerated from `seed`."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lora_dropout_kernel[_grid(x.numel())](x, out, x.numel(), seed, p, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+def launch_lora_dropout_accumulate_inplace(acc: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> None:
+    """acc += x · keep / (1 - p), in place on `acc`."""
+    assert acc.is_contiguous() and x.is_contiguous() and acc.shape == x.shape
+    lora_dropout_accumulate_inplace_kernel[_grid(x.numel())](acc, x, x.numel(), seed, p, BLOCK=BLOCK,
+                                                             num_warps=NUM_WARPS)
+
+
+def launch_swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """h = silu(g) · u into a new tensor."""
+    g, u = g.contiguous(), u.contiguous()
+    h = torch.empty_like(g)
+    swiglu_forward_kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return h
+
+
+def launch_swiglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
+    """(dg, du), dg written over `dh`."""
+    assert dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()
+    du = torch.empty_like(u)
+    swiglu_backward_inplace_kernel[_grid(g.numel())](dh, g, u, du, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return dh, du
