@@ -114,6 +114,33 @@ def test_override_errors_name_the_override(tmp_path, override, expected):
         assert part in message, message
 
 
+@pytest.mark.parametrize("text, key, expected", [
+    ("[train]\nlr = nan\n", "train.lr", "must be a number, got nan"),
+    ("[lora]\nalpha = inf\n", "lora.alpha", "must be finite, got inf"),
+    ("[train]\nwarmup_ratio = -inf\n", "train.warmup_ratio", "must be finite, got -inf"),
+    ("[train]\nseed = 9223372036854775808\n", "train.seed", "must fit in 64 bits"),
+])
+def test_unusable_numbers_are_refused_naming_the_key(tmp_path, text, key, expected):
+    path = write(tmp_path, MINIMAL + text)
+    message = error_of(path)
+    assert str(path) in message and key in message and expected in message, message
+    override = f"{key}={text.split('= ')[1].strip()}"
+    message = error_of(write(tmp_path, MINIMAL, "plain.toml"), [override])
+    assert f"override {override!r}" in message and expected in message, message
+
+
+def test_an_inline_table_override_merges_into_the_files_section(tmp_path):
+    path = write(tmp_path, MINIMAL + "[train]\nlr = 0.0005\nseed = 7\n")
+    recipe = load_recipe(path, ["train={max_steps=2, seed=3}"])
+    assert (recipe.train.max_steps, recipe.train.seed, recipe.train.lr) == (2, 3, 0.0005)
+
+
+def test_an_infinite_default_may_be_written_out():
+    recipe = load_recipe("best_of_n", ["best_of_n.min_score=-inf"])  # -inf is the field's own "keep all"
+    assert recipe.best_of_n.min_score == float("-inf")
+    assert "must be finite" in error_of("best_of_n", ["best_of_n.min_score=inf"])
+
+
 def test_recipe_to_toml_round_trips(tmp_path):
     text = MINIMAL.replace('path = "train.json"\n', "") + (
         '[[data.sources]]\npath = "a.json"\nweight = 2.5\nmax_examples = 100\n'

@@ -17,6 +17,7 @@ import difflib
 import functools
 import inspect
 import json
+import math
 import tomllib
 import types
 import typing
@@ -154,8 +155,30 @@ def _build(cls, table: dict, prefix: str = ""):
     return cls(**{name: _convert(value, hints[name], prefix + name) for name, value in table.items()})
 
 
+INT64_MAX = 2**63 - 1  # seeds and counts go to torch and numpy as 64-bit integers
+
+
+def _number_problem(value, default) -> str | None:
+    """What is wrong with a number no field can use: NaN, an infinity (unless the field's default is that very
+    infinity, a "no limit" setting), an integer beyond 64 bits."""
+    if isinstance(value, float) and math.isnan(value):
+        return "must be a number, got nan"
+    if isinstance(value, float) and math.isinf(value) and value != default:
+        return f"must be finite, got {value}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        return f"must fit in 64 bits (at most {INT64_MAX}), got {value}"
+    return None
+
+
 def _check_values(obj, prefix: str = "") -> None:
-    """Run every section's `check()` (sections left at their defaults too); raise the first problem."""
+    """Refuse unusable numbers, then run every section's `check()` (sections left at their defaults too);
+    raise the first problem."""
+    for f in _public_fields(obj):
+        values = getattr(obj, f.name)
+        for i, value in enumerate(values if isinstance(values, list) else [values]):
+            problem = _number_problem(value, f.default)
+            if problem is not None:
+                raise _Invalid(prefix + f.name + (f"[{i}]" if isinstance(values, list) else ""), problem)
     for name, problem in obj.check():
         raise _Invalid(prefix + name, problem)
     for f in _public_fields(obj):
@@ -204,10 +227,20 @@ def parse_override(text: str, schema: type) -> tuple[str, object]:
 
 
 def _set_dotted(table: dict, key: str, value) -> None:
+    """table[key] = value for a dotted key; an inline table (`train={max_steps=2}`) merges into the section
+    the file wrote instead of replacing it, so the file's other keys keep their values."""
     *parents, last = key.split(".")
     for part in parents:
         table = table.setdefault(part, {})
-    table[last] = value
+    _merge(table, last, value)
+
+
+def _merge(table: dict, name: str, value) -> None:
+    if isinstance(value, dict) and isinstance(table.get(name), dict):
+        for key, item in value.items():
+            _merge(table[name], key, item)
+    else:
+        table[name] = value
 
 
 # ----------------------------------------------------------------------------- writing
