@@ -196,3 +196,18 @@ def test_cli_validate(cli, tmp_path):
     assert missing.exit_code != 0 and "nowhere.json: no such file" in missing.output
     bad = cli("validate", "alpaca", "train.lr=-1")
     assert bad.exit_code != 0 and "train.lr" in bad.output and "positive" in bad.output
+
+
+def test_cli_validate_imports_no_reward_function_and_says_the_run_will(cli, tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "from pathlib import Path\nPath(__file__).with_name('imported').touch()\ndef score(p, r, rec): return 0.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = write(tmp_path, "[]", "prompts.json")
+    result = cli("validate", "ppo", f"model.path={model}", f"data.path={data}", "ppo.reward_model=",
+                 "ppo.reward_fn=my_rewards:score", "data.pretrain_path=")
+    output = " ".join(result.output.split())  # rich wraps long lines at the terminal width
+    assert "ppo.reward_fn = 'my_rewards:score'" in output and "the run imports and calls" in output, output
+    assert not (tmp_path / "imported").exists()

@@ -108,6 +108,10 @@ def validate_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
         table.add_row(key, repr(value), doc)
     console.print(table)
     results = _checks(resolved)
+    for key, value, _ in iter_fields(resolved):
+        if key.endswith("reward_fn") and value:
+            console.print(f"[yellow]note[/yellow] {key} = {value!r}: the run imports and calls this Python code "
+                          "(validating imported nothing); use only code you trust", highlight=False)
     for ok, message in results:
         console.print(f"[green]ok[/green]   {message}" if ok else f"[red]FAIL[/red] {message}", highlight=False)
     if not all(ok for ok, _ in results):
