@@ -129,6 +129,18 @@ def test_unusable_numbers_are_refused_naming_the_key(tmp_path, text, key, expect
     assert f"override {override!r}" in message and expected in message, message
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b'description = "caf\xe9"\n', "not UTF-8 text (byte 18 is b'\\xe9')"),
+    (b"kind = [1]\n", "kind = [1] is not a recipe kind"),
+    (b"kind = 3\n", "kind = 3 is not a recipe kind"),
+])
+def test_unreadable_recipes_are_errors_naming_the_file(tmp_path, content, expected):
+    path = tmp_path / "r.toml"
+    path.write_bytes(content)
+    message = error_of(path)
+    assert str(path) in message and expected in message, message
+
+
 def test_an_inline_table_override_merges_into_the_files_section(tmp_path):
     path = write(tmp_path, MINIMAL + "[train]\nlr = 0.0005\nseed = 7\n")
     recipe = load_recipe(path, ["train={max_steps=2, seed=3}"])

@@ -36,12 +36,15 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), schema: 
     """
     path = find_recipe(path)
     try:
-        table = tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                          "TOML files are UTF-8: save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
     if schema is None:
         kind = table.get("kind", "sft")
-        if kind not in RECIPE_KINDS:
+        if not isinstance(kind, str) or kind not in RECIPE_KINDS:
             raise RecipeError(f"{path}: kind = {kind!r} is not a recipe kind; choose one of: "
                               f"{', '.join(RECIPE_KINDS)}")
         schema = RECIPE_KINDS[kind]
