@@ -57,13 +57,21 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
         """Build from a parsed config.json; errors name `source` and the offending field."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of model settings, got {type(d).__name__} {d!r:.60}")
         model_type = d.get("model_type", "llama")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(d.get(key), int) or d[key] <= 0:
                 raise ConfigError(f"{source}: field {key!r} is missing or not a positive integer (found {d.get(key)!r})")
+        for key in ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window"):
+            if d.get(key) is not None and (not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] <= 0):
+                raise ConfigError(f"{source}: field {key!r} must be a positive integer or absent (found {d[key]!r})")
+        eps = d.get("rms_norm_eps", 1e-5)
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise ConfigError(f"{source}: field 'rms_norm_eps' must be a small positive number (found {eps!r})")
         heads = d["num_attention_heads"]
         kv_heads = d.get("num_key_value_heads") or heads
         if heads % kv_heads:

@@ -111,6 +111,28 @@ def test_bad_config_names_file_and_field(tmp_path):
         ModelConfig.from_json(tmp_path)
 
 
+GOOD_CONFIG = {"model_type": "llama", "vocab_size": 160, "hidden_size": 64, "intermediate_size": 88,
+               "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+@pytest.mark.parametrize("config, expected", [
+    ([1, 2], "expected a JSON object of model settings, got list"),
+    ("llama", "expected a JSON object of model settings, got str"),
+    ({**GOOD_CONFIG, "model_type": ["llama"]}, "model_type ['llama'] is not supported"),
+    ({**GOOD_CONFIG, "num_key_value_heads": "2"}, "'num_key_value_heads' must be a positive integer or absent (found '2')"),
+    ({**GOOD_CONFIG, "head_dim": 0}, "'head_dim' must be a positive integer"),
+    ({**GOOD_CONFIG, "max_position_embeddings": 4096.5}, "'max_position_embeddings' must be a positive integer"),
+    ({**GOOD_CONFIG, "rms_norm_eps": "1e-5"}, "'rms_norm_eps' must be a small positive number"),
+])
+def test_malformed_config_is_a_config_error_naming_file_and_field(tmp_path, config, expected):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_json(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and expected in str(e.value), str(e.value)
+    (tmp_path / "config.json").write_text(json.dumps(GOOD_CONFIG))
+    assert ModelConfig.from_json(tmp_path).num_key_value_heads == 4  # the good one still loads
+
+
 def test_shape_mismatch_and_missing_shard(tmp_path):
     d = save_tiny("llama", tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
