@@ -19,10 +19,12 @@ from qtune.weights.checkpoint import load_model
 from qtune.cli.align_cmds import COMMANDS
 from qtune.data.prefs import TokenizedPreference, collate_preferences, load_preferences, tokenize_preferences
 from qtune.lora import LoraConfig, add_lora, lora_layers
-from qtune.recipe.align import DPORecipe, RewardRecipe
+from qtune.recipe.align import DPORecipe, DPOSection, RewardRecipe
 from qtune.recipe.load import load_recipe
+from qtune.recipe.schema import RecipeError
 from qtune.tokenizer import load_tokenizer
-from qtune.train.dpo import reference_logprobs, sequence_logprobs
+from qtune.train import dpo as dpo_loop
+from qtune.train.dpo import batch_reference, pair_losses, reference_logprobs, response_lengths, sequence_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = {c.name: c for c in COMMANDS}
@@ -194,6 +196,132 @@ def test_eval_prefs_dpo_takes_exactly_one_adapter(tiny_dir, pairs_file):
     result = CliRunner().invoke(CLI["eval-prefs"], [str(tiny_dir), "--adapter", "a", "--adapter", "b", "--data",
                                                     str(pairs_file), "--kind", "dpo"])
     assert result.exit_code == 2 and "--kind dpo evaluates one adapter" in result.output
+
+
+# ----------------------------------------------------------------------------- reference-free losses
+
+def test_response_lengths_count_each_sequences_response_tokens():
+    items = random_items(3, 50, seed=4)
+    assert response_lengths(collate_preferences(items, pad_id=0)).tolist() == [len(r) for it in items
+                                                                                for r in it.response_ids]
+
+
+@pytest.mark.parametrize("loss", ["simpo", "cpo", "orpo"])
+def test_reference_free_losses_of_a_fresh_adapter_use_transformers_logprobs(tiny_dir, loss):
+    # A fresh adapter is the base, so every loss equals its formula on transformers' log-probs of the base. (Its
+    # own transformers model: the module's hf_model gets a PEFT adapter injected by an earlier test.)
+    import transformers
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    model = load_model(tiny_dir, quantize="none")
+    add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), name="policy", seed=0)
+    items = [TokenizedPreference(it.prompt_ids, it.response_ids[:2], 0.0, None)
+             for it in random_items(3, model.config.vocab_size, seed=5)]
+    batch, section = collate_preferences(items, pad_id=0), DPOSection(beta=2.0, loss=loss)
+    assert batch_reference(model, batch, "train", section, None) is None
+    with torch.no_grad():
+        losses, chosen, rejected = pair_losses(sequence_logprobs(model, batch), None, batch, section)
+    expected = []
+    for it in items:
+        (c, r), (n_c, n_r) = ([hf_response_logprob(hf_model, it.prompt_ids.tolist(), y.tolist()) for y in it.response_ids],
+                              [len(y) for y in it.response_ids])
+        if loss == "simpo":  # −log σ(β ℓ⁺ − β ℓ⁻ − γ)
+            expected.append(-math.log(torch.sigmoid(torch.tensor(2.0 * (c / n_c - r / n_r) - 0.5)).item()))
+        elif loss == "cpo":  # −log σ(β (log π⁺ − log π⁻)) + α NLL(y⁺)
+            expected.append(-math.log(torch.sigmoid(torch.tensor(2.0 * (c - r))).item()) - c / n_c)
+        else:  # −ℓ⁺ − λ log σ(log OR)
+            odds = (c / n_c - math.log(1 - math.exp(c / n_c))) - (r / n_r - math.log(1 - math.exp(r / n_r)))
+            expected.append(-c / n_c - 0.1 * math.log(torch.sigmoid(torch.tensor(odds)).item()))
+    assert losses.tolist() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.fixture
+def no_reference_pass(monkeypatch):
+    """Make every way to the reference model fail, so a run that needs one stops."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference model was run for a reference-free loss")
+    monkeypatch.setattr(dpo_loop, "reference_logprobs", refuse)
+    monkeypatch.setattr(dpo_loop.ReferenceLogprobs, "compute", refuse)
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo", "cpo"])
+def test_reference_free_dpo_through_the_cli_runs_no_reference_pass(tiny_dir, pairs_file, tmp_path, loss,
+                                                                   no_reference_pass):
+    peft, transformers = pytest.importorskip("peft"), pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    summary = run_cli("dpo", dpo_recipe(tmp_path), f"model.path={tiny_dir}", "model.quantize=none",
+                      f"data.path={pairs_file}", f"output.dir={out}", f"dpo.loss={loss}", "data.val_size=8",
+                      "train.max_steps=3", "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.log_every=1",
+                      "train.lr=5e-3", "lora.r=4", "train.optimizer=adamw")
+    records = logged(out)
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert summary["val_pairs"] == 8 and 0 <= summary["val_accuracy_after"] <= 1
+    assert math.isfinite(summary["val_margin_after"])
+    result = run_cli("eval-prefs", tiny_dir, "--adapter", out / "adapter", "--data", pairs_file, "--kind", "dpo",
+                     "--loss", loss, "--quantize", "none", "--beta", 0.1)
+    assert result["n"] == 40 and result["loss_type"] == loss and math.isfinite(result["loss"])
+    # Independent: the rewards of transformers + PEFT log-probs (SimPO β ℓ, CPO β log π, ORPO λ ℓ; β = λ = 0.1 here).
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    policy = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    items, _ = tokenize_preferences(load_preferences(str(pairs_file))[0], load_tokenizer(tiny_dir), 512)
+    margins = []
+    for it in items:
+        (c, r), (n_c, n_r) = ([hf_response_logprob(policy, it.prompt_ids.tolist(), y.tolist()) for y in it.response_ids],
+                              [len(y) for y in it.response_ids])
+        margins.append(0.1 * (c - r) if loss == "cpo" else 0.1 * (c / n_c - r / n_r))
+    assert result["mean_margin"] == pytest.approx(sum(margins) / 40, abs=1e-4)
+    assert result["accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 40)
+
+
+def test_kto_through_the_cli_starts_at_one_half_and_learns(tiny_dir, tmp_path):
+    # A fresh adapter is the reference: every r = 0 and z₀ = 0, so each completion's loss is 1 − σ(0) = 1/2.
+    rng = random.Random(3)
+    rows = []
+    for i in range(48):
+        words = " ".join(rng.choices(WORDS, k=5))
+        good = i % 2 == 0
+        rows.append({"prompt": f"Say: {words}", "completion": f"good {words}" if good else
+                     "bad " + " ".join(rng.choices(WORDS, k=4)), "label": good})
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    summary = run_cli("dpo", dpo_recipe(tmp_path), f"model.path={tiny_dir}", "model.quantize=none", f"data.path={path}",
+                      f"output.dir={out}", "dpo.loss=kto", "data.val_size=8", "train.max_steps=10",
+                      "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.log_every=1", "train.lr=5e-3",
+                      "lora.r=8", "train.optimizer=adamw", "dpo.kto_undesirable_weight=1.0")
+    records = logged(out)
+    assert records[0]["loss"] == pytest.approx(0.5, abs=1e-6) and records[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
+    assert (summary["records"], summary["val_records"]) == (40, 8) and summary["val_accuracy_after"] > 0.5
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+
+
+def test_the_reference_guard_stops_a_dpo_run(tiny_dir, pairs_file, tmp_path, no_reference_pass):
+    # the control for the test above: the sigmoid loss needs the reference, and the guard catches it
+    result = CliRunner().invoke(CLI["dpo"], [str(dpo_recipe(tmp_path)), f"model.path={tiny_dir}",
+                                             f"data.path={pairs_file}", f"output.dir={tmp_path / 'run'}",
+                                             "train.max_steps=1", "train.micro_batch_size=4", "lora.r=4"])
+    assert result.exit_code != 0 and "reference model was run" in repr(result.exception) + result.output
+
+
+@pytest.mark.parametrize("overrides,key,message", [
+    (["dpo.loss=hinge"], "dpo.loss", "sigmoid, ipo, robust, simpo, cpo, orpo"),
+    (["dpo.loss=kto", "train.micro_batch_size=1"], "train.micro_batch_size", ">= 2 records"),
+    (["dpo.loss=kto", "data.format=pairs"], "data.format", "unpaired"),
+    (["data.format=kto"], "data.format", "need dpo.loss = \"kto\""),
+    (["dpo.loss=kto", "dpo.precompute_reference=true"], "dpo.precompute_reference", "cannot be cached"),
+    (["dpo.loss=kto", "dpo.kto_undesirable_weight=0"], "dpo.kto_undesirable_weight", "positive"),
+    (["dpo.loss=simpo", "dpo.precompute_reference=true"], "dpo.precompute_reference", "no reference model"),
+    (["dpo.loss=orpo", "dpo.label_smoothing=0.1"], "dpo.label_smoothing", "orpo has no label smoothing"),
+    (["dpo.loss=orpo", "dpo.orpo_lambda=0"], "dpo.orpo_lambda", "positive"),
+    (["dpo.loss=cpo", "dpo.cpo_alpha=-1"], "dpo.cpo_alpha", ">= 0"),
+    (["dpo.simpo_gamma=-0.5"], "dpo.simpo_gamma", ">= 0"),
+])
+def test_bad_dpo_loss_settings_are_recipe_errors_naming_the_key(tmp_path, overrides, key, message):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(dpo_recipe(tmp_path), ["data.path=prefs.jsonl", *overrides])
+    assert key in str(e.value) and message in str(e.value)
 
 
 # ----------------------------------------------------------------------------- shipped recipes

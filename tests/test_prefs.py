@@ -11,6 +11,7 @@ from shared_data import DPO_DEMO, HH_HARMLESS, SHARED_DATA
 from test_data_tokenizer import load, make_tokenizer_dir
 
 from qtune.data.batching import DataPosition
+from qtune.data.kto import build_kto_data, load_kto_records
 from qtune.data.prefs import (PreferenceData, TokenizedPreference, build_preference_data, collate_preferences,
                               load_preferences, parse_preference, tokenize_preference, tokenize_preferences, truncate)
 from qtune.data.records import DataError
@@ -282,3 +283,49 @@ def test_shared_files_tokenize_with_a_chat_template(tok):
     assert all(len(it.prompt_ids) + max(map(len, it.response_ids)) <= 256 for it in items)
     assert all(tok.decode(it.prompt_ids.tolist(), skip_special=False).endswith("<|im_start|>assistant\n")
                for it in items)
+
+
+# ----------------------------------------------------------------------------- KTO: unpaired records
+
+KTO_ROWS = [{"prompt": "2+2?", "completion": " 4", "label": True},
+            {"prompt": [{"role": "user", "content": "Hi"}],
+             "completion": [{"role": "assistant", "content": "Go away."}], "label": False},
+            {"prompt": "Name a colour.", "completion": {"role": "assistant", "content": " Red."}, "label": True}]
+
+
+def test_kto_records_in_text_and_chat_form(tmp_path):
+    usable, skipped = load_kto_records(write_jsonl(tmp_path / "k.jsonl", KTO_ROWS))
+    assert skipped == []
+    assert [(p.prompt, p.responses, desirable) for p, desirable in usable] == [
+        ("2+2?", [" 4"], True), ([{"role": "user", "content": "Hi"}], ["Go away."], False),
+        ("Name a colour.", [" Red."], True)]
+
+
+@pytest.mark.parametrize("bad,message", [({"prompt": "p", "completion": "c"}, "'label' missing"),
+                                         ({"prompt": "p", "completion": "c", "label": 1}, "got 1"),
+                                         ({"prompt": "p", "completion": "c", "label": "true"}, "got 'true'"),
+                                         ({"prompt": "p", "completion": "", "label": True}, "'completion' is empty")])
+def test_bad_kto_record_is_named_by_file_and_line(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "k.jsonl", [KTO_ROWS[0], bad])
+    with pytest.raises(DataError, match=f"k.jsonl line 2: .*{message}"):
+        load_kto_records(path)
+    usable, skipped = load_kto_records(path, bad_records="skip")
+    assert len(usable) == 1 and len(skipped) == 1
+
+
+def test_kto_batches_pair_each_prompt_with_the_previous_completion(tmp_path, tok):
+    rows = [{"prompt": f"question {i}", "completion": f" answer {i}", "label": i % 3 != 0} for i in range(9)]
+    data = PrefDataSection(path=write_jsonl(tmp_path / "k.jsonl", rows), format="kto", val_size=3, cache_dir="")
+    kto = build_kto_data(data, tok, seed=0)
+    assert (len(kto.train), len(kto.val)) == (6, 3) and "held-out KTO records" in kto.describe()
+    assert kto.stats["desirable"] + kto.stats["undesirable"] == 6
+    _, batch = next(kto.batches(3, seed=0))
+    items = [kto.train[i] for i in batch["index"].tolist()]
+    assert batch["desirable"].tolist() == [it.desirable for it in items]
+    for sub, completions in (("completions", [it.completion_ids for it in items]),
+                             ("kl", [items[g - 1].completion_ids for g in range(3)])):
+        seqs = batch[sub]
+        for s, it in enumerate(items):
+            tokens = seqs["input_ids"][s][seqs["attention_mask"][s] == 1].tolist()
+            assert tokens == it.prompt_ids.tolist() + completions[s].tolist()
+            assert seqs["labels"][s][seqs["labels"][s] != IGNORE].tolist() == completions[s].tolist()

@@ -5,13 +5,15 @@ caller: a training step divides the sum over its micro-batches by the number of 
 accumulated step, so accumulation equals one large batch.
 
 Notation: r⁺ / r⁻ are the rewards of the preferred / dispreferred response; for DPO,
-h = [log π(y⁺|x) − log π_ref(y⁺|x)] − [log π(y⁻|x) − log π_ref(y⁻|x)] with sequence log-probabilities.
+h = [log π(y⁺|x) − log π_ref(y⁺|x)] − [log π(y⁻|x) − log π_ref(y⁻|x)] with sequence log-probabilities;
+ℓ(y) = log π(y|x) / |y| is the length-normalised (mean per-token) log-probability of a response.
 """
 
 import torch
 import torch.nn.functional as F
 
 DPO_LOSSES = ("sigmoid", "ipo", "robust")
+REFERENCE_FREE_LOSSES = ("simpo", "cpo", "orpo")  # these never need log π_ref
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0) -> torch.Tensor:
@@ -80,6 +82,91 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     else:
         raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(DPO_LOSSES)}")
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+def _smoothed_logsigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """−(1 − ε) log σ(z) − ε log σ(−z): the cDPO cross-entropy against labels flipped with probability ε."""
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def simpo_loss(chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al. 2024, arXiv:2405.14734, eq. 6): no reference model; the reward is the length-normalised
+    log-probability and the Bradley-Terry margin must exceed a target γ:
+
+        loss = −log σ(β ℓ(y⁺) − β ℓ(y⁻) − γ)        r = β ℓ(y)
+
+    ℓ (P,) each; label smoothing ε as in cDPO (TRL's CPOTrainer offers the same). Returns (losses, r⁺, r⁻), (P,).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    chosen, rejected = beta * chosen_mean_logp, beta * rejected_mean_logp
+    losses = _smoothed_logsigmoid_loss(chosen - rejected - gamma, label_smoothing)
+    return losses, chosen.detach(), rejected.detach()
+
+
+def cpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, chosen_nll: torch.Tensor, beta: float,
+             alpha: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPO (Xu et al. 2024, arXiv:2401.08417, eq. 3-5): DPO with the reference dropped (a uniform prior), plus a
+    behaviour-cloning NLL term on the chosen response:
+
+        loss = −log σ(β log π(y⁺|x) − β log π(y⁻|x)) + α NLL(y⁺)        r = β log π(y|x)
+
+    Sequence log-probs (P,); chosen_nll (P,) is the chosen response's mean per-token NLL, −ℓ(y⁺) (TRL averages
+    it over all chosen tokens of the batch instead, the same when chosen lengths are equal). Returns (losses, r⁺, r⁻).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    chosen, rejected = beta * chosen_logp, beta * rejected_logp
+    losses = _smoothed_logsigmoid_loss(chosen - rejected, label_smoothing) + alpha * chosen_nll
+    return losses, chosen.detach(), rejected.detach()
+
+
+def orpo_loss(chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor, lam: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO (Hong et al. 2024, arXiv:2403.07691, eq. 6-9): the SFT loss on the chosen response plus λ times an
+    odds-ratio term, with odds(y|x) = P / (1 − P) of the length-normalised likelihood P = exp ℓ(y):
+
+        log OR = [ℓ(y⁺) − log(1 − e^ℓ(y⁺))] − [ℓ(y⁻) − log(1 − e^ℓ(y⁻))]
+        loss   = −ℓ(y⁺) − λ log σ(log OR)                  r = λ ℓ(y)   (TRL's logged rewards)
+
+    ℓ (P,) each, all < 0. log(1 − e^ℓ) is computed as log(−expm1(ℓ)), exact where ℓ is near 0. Returns (losses, r⁺, r⁻).
+    """
+    if lam <= 0:
+        raise ValueError(f"orpo lambda must be positive, got {lam}")
+    log_odds = (chosen_mean_logp - torch.log(-torch.expm1(chosen_mean_logp))) \
+        - (rejected_mean_logp - torch.log(-torch.expm1(rejected_mean_logp)))
+    losses = -chosen_mean_logp - lam * F.logsigmoid(log_odds)
+    return losses, lam * chosen_mean_logp.detach(), lam * rejected_mean_logp.detach()
+
+
+def kto_kl_estimate(policy_mismatched: torch.Tensor, reference_mismatched: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z₀ (Ethayarajh et al. 2024, arXiv:2402.01306, section 4.1): a biased but cheap estimate of
+    KL(π ‖ π_ref) from mismatched pairs (x, y′), each prompt with another record's completion,
+
+        z₀ = max(0, mean_(x, y′) [log π(y′|x) − log π_ref(y′|x)])
+
+    held constant (detached), as the paper and TRL do. Sequence log-probs (M,) each; returns a scalar.
+    """
+    return (policy_mismatched - reference_mismatched).mean().clamp(min=0).detach()
+
+
+def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 8) on unpaired completions, with r = β (log π(y|x) − log π_ref(y|x)):
+
+        desirable y:    λ_D (1 − σ(r − β z₀))
+        undesirable y:  λ_U (1 − σ(β z₀ − r))
+
+    policy / reference sequence log-probs (N,), desirable (N,) bool, kl = z₀ (see `kto_kl_estimate`).
+    Returns (losses, r), (N,) each; r detached.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    rewards = beta * (policy - reference)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(rewards - beta * kl)),
+                         undesirable_weight * (1 - torch.sigmoid(beta * kl - rewards)))
+    return losses, rewards.detach()
 
 
 def preference_accuracy(margins: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,15 @@ Each prints one JSON object as its last stdout line (the run summary, or the eva
 """
 
 import json
+import typing
 
 import click
 
 from qtune.cli.common import err, load_checked, run_or_explain
+from qtune.recipe.align import DPOSection
+
+# every dpo.loss of paired data; KTO's records are unpaired, so it has no pair accuracy to report
+DPO_EVAL_LOSSES = [loss for loss in typing.get_args(typing.get_type_hints(DPOSection)["loss"]) if loss != "kto"]
 
 
 @click.command()
@@ -45,8 +50,11 @@ def dpo(recipe, overrides, resume):
 def evaluate_preferences(model_path: str, adapters: list[str], weights: list[float], data: str, kind: str,
                          fmt: str = "auto", max_seq_len: int = 512, batch_size: int = 4, beta: float = 0.1,
                          bad_records: str = "error", limit: int = 0, quantize: str = "nf4", dtype: str = "auto",
-                         kernels: str = "auto") -> dict:
-    """Score every preference pair of `data` with a reward model (or a weighted sum of several) or a DPO adapter."""
+                         kernels: str = "auto", loss: str = "sigmoid") -> dict:
+    """Score every preference pair of `data` with a reward model (or a weighted sum of several) or a DPO adapter.
+
+    For --kind dpo, `loss` picks the rewards compared (see `evaluate_dpo`); its other settings keep their defaults.
+    """
     from qtune.weights.checkpoint import load_model, resolve
     from qtune.data.prefs import fixed_batches, load_preferences, tokenize_preferences
     from qtune.lora import load_adapter
@@ -72,7 +80,7 @@ def evaluate_preferences(model_path: str, adapters: list[str], weights: list[flo
         result = evaluate_reward(scorer, batches, device)
     else:
         load_adapter(model, adapters[0], name="policy")
-        result = evaluate_dpo(model, batches, device, beta)
+        result = {**evaluate_dpo(model, batches, device, DPOSection(beta=beta, loss=loss)), "loss_type": loss}
     return {**result, "kind": kind, "records": len(items), "truncated": stats["truncated"],
             "dropped": stats["dropped"], "skipped": len(skipped)}
 
@@ -90,16 +98,19 @@ def evaluate_preferences(model_path: str, adapters: list[str], weights: list[flo
 @click.option("--max-seq-len", default=512, show_default=True, help="Longest prompt + response in tokens.")
 @click.option("--batch-size", default=4, show_default=True, help="Records per forward pass.")
 @click.option("--beta", default=0.1, show_default=True, help="DPO's β: implicit reward = β (log π − log π_ref).")
+@click.option("--loss", type=click.Choice(DPO_EVAL_LOSSES), default="sigmoid", show_default=True,
+              help="For --kind dpo, the dpo.loss the adapter was trained with: its rewards are compared, and its loss "
+                   "reported. A KTO adapter: sigmoid, whose implicit reward β (log π − log π_ref) is KTO's.")
 @click.option("--bad-records", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @click.option("--limit", default=0, show_default=True, help="Score only the first N usable records (0 = all).")
 @click.option("--quantize", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True)
-def eval_prefs(model, adapters, weights, data, kind, fmt, max_seq_len, batch_size, beta, bad_records, limit, quantize,
-               dtype, kernels):
+def eval_prefs(model, adapters, weights, data, kind, fmt, max_seq_len, batch_size, beta, loss, bad_records, limit,
+               quantize, dtype, kernels):
     """Score held-out preference pairs with MODEL + adapter(s); the last line is JSON with accuracy, mean_margin, n."""
     result = run_or_explain(evaluate_preferences, model, list(adapters), list(weights), data, kind, fmt, max_seq_len,
-                            batch_size, beta, bad_records, limit, quantize, dtype, kernels)
+                            batch_size, beta, bad_records, limit, quantize, dtype, kernels, loss)
     click.echo(json.dumps(result))
 
 

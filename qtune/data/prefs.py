@@ -84,7 +84,7 @@ def _nonempty_text(value, where: str, key: str) -> str:
     return value
 
 
-def _reply_text(value, where: str, key: str) -> str:
+def reply_text(value, where: str, key: str) -> str:
     """A reply given as a string, a {from, value} / {role, content} object, or a one-element list of one."""
     if isinstance(value, list):
         if len(value) != 1:
@@ -110,7 +110,7 @@ def _messages(turns, where: str, key: str, sharegpt: bool) -> list[dict]:
     return messages
 
 
-def _prompt(row: dict, fmt: str, where: str) -> str | list[dict]:
+def record_prompt(row: dict, fmt: str, where: str) -> str | list[dict]:
     if fmt == "sharegpt":
         return _messages(row["conversations"], where, "conversations", sharegpt=True)
     if fmt == "chat":
@@ -169,7 +169,7 @@ def parse_preference(row: dict, fmt: str, where: str) -> Preference:
         names = ["the 'chosen' reply", "the 'rejected' reply"]
         responses = [_nonempty_text(r, where, name) for r, name in zip(replies, names)]
     else:
-        prompt = _prompt(row, fmt, where)
+        prompt = record_prompt(row, fmt, where)
         if fmt == "ranking":
             if not isinstance(row["responses"], list) or len(row["responses"]) < 2:
                 got = len(row["responses"]) if isinstance(row["responses"], list) else repr(row["responses"])
@@ -178,7 +178,7 @@ def parse_preference(row: dict, fmt: str, where: str) -> Preference:
             replies = row["responses"]
         else:
             names, replies = ["'chosen'", "'rejected'"], [row["chosen"], row["rejected"]]
-        responses = [_reply_text(r, where, name) for r, name in zip(replies, names)]
+        responses = [reply_text(r, where, name) for r, name in zip(replies, names)]
     for i in range(len(responses)):
         for j in range(i + 1, len(responses)):
             if responses[i] == responses[j]:
@@ -380,6 +380,10 @@ class PreferenceData:
             line += f", {s['skipped']} bad records skipped (first: {s['skipped_problems'][0]})"
         return line
 
+    def collate(self, items: list, indices) -> dict[str, torch.Tensor]:
+        """One micro-batch of `items`, whose dataset positions are `indices`."""
+        return collate_preferences(items, self.pad_id, indices)
+
     def batches(self, micro_batch_size: int, seed: int, start: DataPosition = DataPosition()
                 ) -> Iterator[tuple[DataPosition, dict]]:
         """Endless training micro-batches of `micro_batch_size` records from `start`; yields (position after, batch)."""
@@ -392,12 +396,13 @@ class PreferenceData:
                                  "the checkpoint was made with different data or micro_batch_size")
             for k in range(first, len(plan)):
                 after = DataPosition(epoch, k + 1) if k + 1 < len(plan) else DataPosition(epoch + 1, 0)
-                yield after, collate_preferences([self.train[i] for i in plan[k]], self.pad_id, plan[k])
+                yield after, self.collate([self.train[i] for i in plan[k]], plan[k])
             epoch, first = epoch + 1, 0
 
     def val_batches(self, micro_batch_size: int) -> Iterator[dict]:
         """Held-out micro-batches in a fixed order."""
-        yield from fixed_batches(self.val, micro_batch_size, self.pad_id)
+        for i in range(0, len(self.val), micro_batch_size):
+            yield self.collate(self.val[i:i + micro_batch_size], range(i, min(i + micro_batch_size, len(self.val))))
 
 
 def fixed_batches(items: list[TokenizedPreference], micro_batch_size: int, pad_id: int) -> Iterator[dict]:
@@ -406,12 +411,15 @@ def fixed_batches(items: list[TokenizedPreference], micro_batch_size: int, pad_i
         yield collate_preferences(items[i:i + micro_batch_size], pad_id, range(i, min(i + micro_batch_size, len(items))))
 
 
-def _validation_count(data, n: int) -> int:
+def split_validation(items: list, data, seed: int) -> tuple[list, list]:
+    """(train, held-out) records: data.val_size (or data.val_fraction) of them drawn with the seed's split stream."""
+    n = len(items)
     k = data.val_size if data.val_size > 0 else round(data.val_fraction * n)
     if k >= n:
         raise DataError(f"{data.path}: holding out {k} records for validation leaves none of its {n} for training; "
                         "lower data.val_size / data.val_fraction")
-    return k
+    perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
+    return [items[i] for i in np.sort(perm[k:])], [items[i] for i in np.sort(perm[:k])]
 
 
 def build_preference_data(data, tokenizer, seed: int, need_scores: bool = False) -> PreferenceData:
@@ -423,10 +431,7 @@ def build_preference_data(data, tokenizer, seed: int, need_scores: bool = False)
             raise DataError(f"{unscored.where}: the pointwise loss needs scores, and this record has none; add "
                             "'chosen_score'/'rejected_score' (or 'scores' for rankings), or use reward.loss = \"pairwise\"")
     items, stats = tokenize_preferences(prefs, tokenizer, data.max_seq_len, data.path)
-    n_val = _validation_count(data, len(items))
-    perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(len(items))
-    val = [items[i] for i in np.sort(perm[:n_val])]
-    train = [items[i] for i in np.sort(perm[n_val:])]
+    train, val = split_validation(items, data, seed)
     stats = {**stats, "name": data.path, "skipped": len(skipped), "skipped_problems": skipped[:3],
              "train_examples": len(train), "val_examples": len(val),
              "train_pairs": sum(n_pairs(it) for it in train), "val_pairs": sum(n_pairs(it) for it in val),

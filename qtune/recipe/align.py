@@ -20,8 +20,8 @@ class PrefDataSection(DataSection):
     """Longest prompt + response in tokens; a longer prompt loses its first tokens (down to half of this), then responses their last."""
     cache_dir: str = "~/.cache/qtune/data"
     """Where precomputed DPO reference log-probabilities are cached (keyed by data and model); "" turns the cache off."""
-    format: Literal["auto", "pairs", "ranking", "sharegpt", "chat", "hh"] = "auto"
-    """Record layout: pairs {prompt, chosen, rejected}, ranking {prompt, responses best first}, sharegpt / chat conversations with chosen and rejected, hh transcripts."""
+    format: Literal["auto", "pairs", "ranking", "sharegpt", "chat", "hh", "kto"] = "auto"
+    """Record layout: pairs {prompt, chosen, rejected}, ranking {prompt, responses best first}, sharegpt / chat conversations with chosen and rejected, hh transcripts; kto {prompt, completion, label} for dpo.loss = "kto"."""
     bad_records: Literal["error", "skip"] = "error"
     """A record that cannot be used (missing field, empty or identical responses ...) stops loading, or is skipped and counted."""
     group_by_length: bool = True
@@ -49,20 +49,37 @@ class RewardSection:
 @dataclass
 class DPOSection:
     beta: float = 0.1
-    """Strength β of the KL penalty towards the reference model (DPO's β; IPO's τ)."""
-    loss: Literal["sigmoid", "ipo", "robust"] = "sigmoid"
-    """sigmoid: DPO (conservative DPO with label_smoothing > 0); ipo: IPO's squared loss; robust: rDPO, unbiased under label noise."""
+    """Strength β: DPO's KL penalty towards the reference (IPO's τ); the reward scale of SimPO and CPO."""
+    loss: Literal["sigmoid", "ipo", "robust", "simpo", "cpo", "orpo", "kto"] = "sigmoid"
+    """sigmoid: DPO (cDPO with label_smoothing > 0); ipo: IPO; robust: rDPO; simpo, cpo, orpo: reference-free SimPO, CPO, ORPO; kto: KTO on unpaired records (data.format = "kto")."""
     label_smoothing: float = 0.0
-    """Assumed fraction ε of flipped preference labels, for the sigmoid and robust losses; 0 <= ε < 0.5."""
+    """Assumed fraction ε of flipped preference labels, for the sigmoid, robust, simpo and cpo losses; 0 <= ε < 0.5."""
     precompute_reference: bool = False
     """Compute the reference log-probabilities once before training and cache them (in data.cache_dir, keyed by data and model) instead of running the adapter-free model every step."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin γ (TRL's CPOConfig.simpo_gamma)."""
+    cpo_alpha: float = 1.0
+    """Weight α of CPO's behaviour-cloning NLL term on the chosen response (TRL's CPOConfig.cpo_alpha)."""
+    orpo_lambda: float = 0.1
+    """Weight λ of ORPO's odds-ratio term beside the chosen NLL (TRL's ORPOConfig.beta)."""
+    kto_desirable_weight: float = 1.0
+    """KTO's λ_D, the weight of desirable completions' losses (TRL's KTOConfig.desirable_weight)."""
+    kto_undesirable_weight: float = 1.0
+    """KTO's λ_U, the weight of undesirable completions' losses (TRL's KTOConfig.undesirable_weight)."""
 
     def check(self) -> Iterator[tuple[str, str]]:
-        yield from positive(self, "beta")
+        yield from positive(self, "beta", "orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight")
+        yield from nonnegative(self, "simpo_gamma", "cpo_alpha")
         if not 0 <= self.label_smoothing < 0.5:
             yield "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}"
-        if self.loss == "ipo" and self.label_smoothing > 0:
-            yield "label_smoothing", "IPO has no label smoothing; set it to 0 or use loss = \"sigmoid\" / \"robust\""
+        if self.loss in ("ipo", "orpo", "kto") and self.label_smoothing > 0:
+            yield "label_smoothing", (f"{self.loss} has no label smoothing; set it to 0 or use loss = "
+                                      "\"sigmoid\" / \"robust\" / \"simpo\" / \"cpo\"")
+        if self.loss in ("simpo", "cpo", "orpo") and self.precompute_reference:
+            yield "precompute_reference", f"{self.loss} uses no reference model, so there is nothing to precompute; set it to false"
+        if self.loss == "kto" and self.precompute_reference:
+            yield "precompute_reference", ("KTO's mismatched pairs change with every batch, so their reference "
+                                           "log-probs cannot be cached; set it to false")
 
 
 @dataclass
@@ -79,6 +96,11 @@ class RewardRecipe(TrainRecipe):
     output: OutputSection = field(default_factory=lambda: OutputSection(dir="runs/reward"))
     """Where results go; the adapter and the reward head are written to output.dir/adapter/."""
 
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
+        if self.data.format == "kto":
+            yield "data.format", "a reward model trains on paired preferences; KTO's unpaired records are for `qtune dpo`"
+
 
 @dataclass
 class DPORecipe(TrainRecipe):
@@ -93,6 +115,18 @@ class DPORecipe(TrainRecipe):
     """The DPO loss and its reference model."""
     output: OutputSection = field(default_factory=lambda: OutputSection(dir="runs/dpo"))
     """Where results go."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
+        kto_data, kto_loss = self.data.format == "kto", self.dpo.loss == "kto"
+        if kto_data and not kto_loss:
+            yield "data.format", f"KTO's unpaired records need dpo.loss = \"kto\", not {self.dpo.loss!r}"
+        if kto_loss and self.data.format not in ("auto", "kto"):
+            yield "data.format", (f"dpo.loss = \"kto\" reads unpaired {{prompt, completion, label}} records, not "
+                                  f"{self.data.format!r} ones; set data.format = \"kto\" (or \"auto\")")
+        if kto_loss and self.train.micro_batch_size < 2:
+            yield "train.micro_batch_size", ("KTO estimates its reference point from each record's prompt paired "
+                                             "with another record's completion, so it needs >= 2 records per micro-batch")
 
 
 # ----------------------------------------------------------------------------- PPO and best-of-N recipes

@@ -1,11 +1,14 @@
-"""Direct preference optimisation (DPO, IPO, robust DPO) of a LoRA adapter, read top to bottom like nanoGPT.
+"""Direct preference optimisation of a LoRA adapter (DPO, IPO, robust DPO, the reference-free SimPO, CPO and
+ORPO, and KTO on unpaired records), read top to bottom like nanoGPT.
 
     recipe -> 4-bit base + LoRA adapter -> preference batches (K sequences per record)
            -> log π(y|x) with the adapter, log π_ref(y|x) with adapters disabled (or from a precomputed cache)
-           -> DPO loss over every pair -> (accumulate, clip, step) x max_steps -> held-out implicit-reward accuracy
+           -> preference loss over every pair -> (accumulate, clip, step) x max_steps -> held-out reward accuracy
 
 The reference model is the policy's own base with its adapters switched off: one copy of the weights
-serves both. A fresh adapter (B = 0) leaves the policy equal to the reference, so the first loss is ln 2.
+serves both. A fresh adapter (B = 0) leaves the policy equal to the reference, so the first DPO loss is ln 2.
+SimPO, CPO and ORPO score responses by the policy alone, so for them the reference pass never runs. KTO scores
+each completion on its own against a reference point estimated from mismatched (prompt, completion) pairs.
 """
 
 import hashlib
@@ -13,17 +16,20 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from qtune.align.preference_losses import dpo_loss, preference_accuracy
+from qtune.align.preference_losses import (REFERENCE_FREE_LOSSES, cpo_loss, dpo_loss, kto_kl_estimate, kto_loss,
+                                           orpo_loss, preference_accuracy, simpo_loss)
 from qtune.align.reward_model import pair_summary
+from qtune.data.kto import build_kto_data
 from qtune.data.prefs import build_preference_data, fixed_batches
 from qtune.data.render import IGNORE
 from qtune.kernels.logprobs import token_logprobs
 from qtune.lora import adapters_disabled, lora_parameters
-from qtune.recipe.align import DPORecipe
+from qtune.recipe.align import DPORecipe, DPOSection
 from qtune.train import common
 from qtune.train.common import ADAPTER, attach_adapter
 from qtune.train.run import start_run, step_record, total_steps
@@ -53,11 +59,84 @@ def reference_logprobs(model, batch: dict) -> torch.Tensor:
         return sequence_logprobs(model, batch)
 
 
-def pair_losses(policy: torch.Tensor, reference: torch.Tensor, batch: dict, beta: float, loss_type: str,
-                label_smoothing: float):
-    """The DPO loss and implicit rewards of every pair (better, worse) of the batch's records, (P,) each."""
+def response_lengths(batch: dict) -> torch.Tensor:
+    """|y|: the response tokens of each sequence, those `sequence_logprobs` sums over. (S,) fp32."""
+    return (common.shifted_targets(batch["labels"]) != IGNORE).sum(1).float()
+
+
+def needs_reference(dpo: DPOSection) -> bool:
+    return dpo.loss not in REFERENCE_FREE_LOSSES
+
+
+def pair_losses(policy: torch.Tensor, reference: torch.Tensor | None, batch: dict, dpo: DPOSection):
+    """The loss and rewards (r⁺, r⁻) of every pair (better, worse) of the batch's records, (P,) each.
+
+    policy / reference are sequence log-probs (S,); reference is None for the reference-free losses.
+    """
     b, w = batch["better"], batch["worse"]
-    return dpo_loss(policy[b], policy[w], reference[b], reference[w], beta, loss_type, label_smoothing)
+    if needs_reference(dpo):
+        return dpo_loss(policy[b], policy[w], reference[b], reference[w], dpo.beta, dpo.loss, dpo.label_smoothing)
+    mean_logp = policy / response_lengths(batch).to(policy.device)  # ℓ(y) = log π(y|x) / |y|
+    if dpo.loss == "simpo":
+        return simpo_loss(mean_logp[b], mean_logp[w], dpo.beta, dpo.simpo_gamma, dpo.label_smoothing)
+    if dpo.loss == "cpo":
+        return cpo_loss(policy[b], policy[w], -mean_logp[b], dpo.beta, dpo.cpo_alpha, dpo.label_smoothing)
+    return orpo_loss(mean_logp[b], mean_logp[w], dpo.orpo_lambda)
+
+
+def batch_reference(model, batch: dict, split: str, dpo: DPOSection, reference) -> torch.Tensor | None:
+    """The batch's log π_ref: from the precomputed cache, else one adapter-free pass; None for reference-free losses."""
+    if not needs_reference(dpo):
+        return None
+    return reference.lookup(split, batch) if reference is not None else reference_logprobs(model, batch)
+
+
+class ScoredBatch(NamedTuple):
+    """A micro-batch's losses and rewards: per pair, or for KTO per record."""
+
+    losses: torch.Tensor  # (N,)
+    chosen: torch.Tensor  # rewards of the preferred responses (KTO: of the desirable completions)
+    rejected: torch.Tensor  # rewards of the dispreferred responses (KTO: of the undesirable completions)
+    margins: torch.Tensor  # (N,) > 0 where the ranking is right: r⁺ − r⁻ per pair; KTO: r signed by the label
+    kl: float | None = None  # KTO's reference point z₀
+
+
+def score_kto(model, batch: dict, dpo: DPOSection, device, model_dtype) -> ScoredBatch:
+    """KTO on a micro-batch of `qtune.data.kto.collate_kto`: z₀ from its mismatched pairs (no gradient flows
+    through z₀, so their policy pass keeps no graph), then each completion's loss against it."""
+    completions, mismatched, desirable = batch["completions"], batch["kl"], batch["desirable"]
+    with common.autocast(device, model_dtype):
+        ref, ref_mismatched = reference_logprobs(model, completions), reference_logprobs(model, mismatched)
+        with torch.no_grad():
+            policy_mismatched = sequence_logprobs(model, mismatched)
+        policy = sequence_logprobs(model, completions)
+    kl = kto_kl_estimate(policy_mismatched, ref_mismatched)
+    losses, rewards = kto_loss(policy, ref, desirable, kl, dpo.beta, dpo.kto_desirable_weight,
+                               dpo.kto_undesirable_weight)
+    return ScoredBatch(losses, rewards[desirable], rewards[~desirable], torch.where(desirable, rewards, -rewards),
+                       float(kl))
+
+
+def score_batch(model, batch: dict, split: str, dpo: DPOSection, reference, device, model_dtype=None) -> ScoredBatch:
+    """The losses and rewards of a micro-batch already on `device`; model_dtype None keeps autocast off."""
+    if dpo.loss == "kto":
+        return score_kto(model, batch, dpo, device, model_dtype)
+    with common.autocast(device, model_dtype):
+        ref = batch_reference(model, batch, split, dpo, reference)
+        policy = sequence_logprobs(model, batch)
+    losses, chosen, rejected = pair_losses(policy, ref, batch, dpo)
+    return ScoredBatch(losses, chosen, rejected, chosen - rejected)
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real tokens a micro-batch puts through the model (KTO's: its completions and its mismatched pairs)."""
+    if "kl" in batch:
+        return common.count_tokens(batch["completions"]) + common.count_tokens(batch["kl"])
+    return common.count_tokens(batch)
+
+
+def _mean(values: torch.Tensor) -> float | None:
+    return float(values.mean()) if values.numel() else None  # a KTO step may hold no completion of one label
 
 
 # ----------------------------------------------------------------------------- precomputed reference
@@ -152,11 +231,14 @@ def precomputed_reference(model, data, recipe: DPORecipe, device, console) -> Re
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate_dpo(model, batches, device, beta: float, reference: ReferenceLogprobs | None = None,
-                 loss_type: str = "sigmoid", label_smoothing: float = 0.0, max_batches: int = 0) -> dict:
-    """Implicit-reward accuracy on held-out pairs, in eval mode: r = β (log π − log π_ref) of each response.
+def evaluate_dpo(model, batches, device, dpo: DPOSection, reference: ReferenceLogprobs | None = None,
+                 max_batches: int = 0) -> dict:
+    """Reward accuracy on held-out pairs, in eval mode, with the rewards of `dpo.loss`: r = β (log π − log π_ref)
+    for the DPO family, β ℓ(y) for SimPO, β log π(y|x) for CPO, λ ℓ(y) for ORPO. KTO's held-out records are
+    unpaired: each counts as right when its reward β (log π − log π_ref) has the sign of its label.
 
-    Returns accuracy (ties count 1/2), mean_margin (mean r⁺ − r⁻), n (pairs) and loss (mean DPO loss).
+    Returns accuracy (ties count 1/2), mean_margin (mean r⁺ − r⁻; KTO: of the label-signed rewards), n (pairs;
+    KTO: records) and loss (mean loss).
     """
     was_training = model.training
     model.eval()
@@ -165,21 +247,17 @@ def evaluate_dpo(model, batches, device, beta: float, reference: ReferenceLogpro
         for k, batch in enumerate(batches):
             if max_batches and k >= max_batches:
                 break
-            batch = common.to_device(batch, device)
-            policy = sequence_logprobs(model, batch)
-            ref = reference.lookup("val", batch) if reference is not None else reference_logprobs(model, batch)
-            pair_loss, chosen, rejected = pair_losses(policy, ref, batch, beta, loss_type, label_smoothing)
-            margins.append(chosen - rejected)
-            losses.append(pair_loss)
+            scored = score_batch(model, common.to_device(batch, device), "val", dpo, reference, device)
+            margins.append(scored.margins)
+            losses.append(scored.losses)
     finally:
         model.train(was_training)
     return {**pair_summary(torch.cat(margins)), "loss": float(torch.cat(losses).mean())}
 
 
 def validation(model, data, recipe: DPORecipe, device, reference) -> dict:
-    d = recipe.dpo
-    result = evaluate_dpo(model, data.val_batches(recipe.train.micro_batch_size), device, d.beta, reference, d.loss,
-                          d.label_smoothing, recipe.eval.max_batches)
+    result = evaluate_dpo(model, data.val_batches(recipe.train.micro_batch_size), device, recipe.dpo, reference,
+                          recipe.eval.max_batches)
     return {"val_accuracy": result["accuracy"], "val_margin": result["mean_margin"], "val_loss": result["loss"]}
 
 
@@ -189,28 +267,27 @@ def train_step(model, micro: list[dict], params, optimizer, scheduler, recipe: D
                reference: ReferenceLogprobs | None) -> dict:
     """One optimizer step over the micro-batches `micro`: loss, implicit rewards, accuracy, margin, lr, grad norm.
 
-    loss = Σ over micro-batches and pairs p of loss(p) / P, P = the pairs of the whole step, so accumulation
-    equals one large batch.
+    loss = Σ over micro-batches and pairs p of loss(p) / P, P = the pairs (KTO: records) of the whole step, so
+    accumulation equals one large batch. KTO estimates z₀ per micro-batch.
     """
     d = recipe.dpo
-    n_pairs = sum(len(b["better"]) for b in micro)
-    loss_total, chosen, rejected = 0.0, [], []
+    n_items = sum(len(b["desirable"]) if d.loss == "kto" else len(b["better"]) for b in micro)
+    loss_total, scored = 0.0, []
     for batch in micro:
-        batch = common.to_device(batch, device)
-        with common.autocast(device, model_dtype):
-            ref = reference.lookup("train", batch) if reference is not None else reference_logprobs(model, batch)
-            policy = sequence_logprobs(model, batch)
-        losses, chosen_rewards, rejected_rewards = pair_losses(policy, ref, batch, d.beta, d.loss, d.label_smoothing)
-        (losses.sum() / n_pairs).backward()
-        loss_total += losses.sum().item()
-        chosen.append(chosen_rewards)
-        rejected.append(rejected_rewards)
-    loss = loss_total / n_pairs
+        out = score_batch(model, common.to_device(batch, device), "train", d, reference, device, model_dtype)
+        (out.losses.sum() / n_items).backward()
+        loss_total += out.losses.sum().item()
+        scored.append(out)
+    loss = loss_total / n_items
     grad_norm, lr = common.optimizer_step(params, optimizer, scheduler, recipe.train.max_grad_norm, loss)
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
-    return {"loss": loss, "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean()),
-            "accuracy": float(preference_accuracy(chosen - rejected).mean()), "margin": float((chosen - rejected).mean()),
-            "lr": lr, "grad_norm": grad_norm, "real_tokens": sum(common.count_tokens(b) for b in micro)}
+    chosen, rejected = torch.cat([s.chosen for s in scored]), torch.cat([s.rejected for s in scored])
+    margins = torch.cat([s.margins for s in scored])
+    record = {"loss": loss, "chosen_reward": _mean(chosen), "rejected_reward": _mean(rejected),
+              "accuracy": float(preference_accuracy(margins).mean()), "margin": float(margins.mean()),
+              "lr": lr, "grad_norm": grad_norm, "real_tokens": sum(batch_tokens(b) for b in micro)}
+    if d.loss == "kto":
+        record["kl"] = sum(s.kl for s in scored) / len(scored)
+    return record
 
 
 def run_dpo(recipe: DPORecipe, resume: bool = False, console=None) -> dict:
@@ -222,7 +299,8 @@ def run_dpo(recipe: DPORecipe, resume: bool = False, console=None) -> dict:
     t, e = recipe.train, recipe.eval
     run, model, tokenizer, device = start_run(recipe, resume, console)
     attach_adapter(model, recipe.lora, t.seed)
-    data = build_preference_data(recipe.data, tokenizer, t.seed)
+    kto = recipe.dpo.loss == "kto"
+    data = build_kto_data(recipe.data, tokenizer, t.seed) if kto else build_preference_data(recipe.data, tokenizer, t.seed)
     run.console.print(data.describe())
     params, model_dtype = lora_parameters(model, ADAPTER), model.model.embed_tokens.weight.dtype
     steps = total_steps(recipe, data.batches_per_epoch(t.micro_batch_size))
@@ -252,5 +330,8 @@ def run_dpo(recipe: DPORecipe, resume: bool = False, console=None) -> dict:
     if after is None and data.val:  # resumed from the final checkpoint: nothing left to train
         after = validation(model, data, recipe, device, reference)
     after = after or {}
-    return run.finish({"steps": steps, "pairs": data.stats["train_pairs"], "val_pairs": data.stats["val_pairs"],
-                       "val_accuracy_after": after.get("val_accuracy"), "val_margin_after": after.get("val_margin")})
+    s = data.stats
+    counts = {"records": s["train_examples"], "val_records": s["val_examples"]} if kto else \
+        {"pairs": s["train_pairs"], "val_pairs": s["val_pairs"]}
+    return run.finish({"steps": steps, **counts, "val_accuracy_after": after.get("val_accuracy"),
+                       "val_margin_after": after.get("val_margin")})
