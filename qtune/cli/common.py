@@ -3,6 +3,8 @@
 Imports of qtune's library modules stay inside the functions so that `qtune --help` does not load torch.
 """
 
+import functools
+
 import click
 from rich.console import Console
 
@@ -28,18 +30,32 @@ def run_or_explain(fn, *args, **kwargs) -> dict:
 
     On CPU the process uses one torch thread per idle core (see `use_idle_cpu_cores`); Ctrl-C exits with 130.
     """
-    from qtune.config import ConfigError
-    from qtune.data.records import DataError
-    from qtune.lora import AdapterError
-    from qtune.train.common import TrainingError, training_device, use_idle_cpu_cores
-    from qtune.weights.checkpoint import CheckpointError
+    from qtune.train.common import training_device, use_idle_cpu_cores
 
     threads = use_idle_cpu_cores(training_device())
     if threads is not None:
         err.print(f"cpu: {threads} torch thread(s), one per idle core (set OMP_NUM_THREADS to choose)")
-    try:
-        return fn(*args, **kwargs)
-    except (CheckpointError, ConfigError, DataError, AdapterError, TrainingError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    return explained(fn)(*args, **kwargs)
+
+
+def explained(fn):
+    """`fn` with the user errors qtune knows (bad model, adapter, data, checkpoint, file) turned into one
+    `Error:` line and exit code 1 instead of a traceback; Ctrl-C exits with 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from qtune.config import ConfigError
+        from qtune.data.records import DataError
+        from qtune.lora import AdapterError
+        from qtune.train.common import TrainingError
+        from qtune.weights.checkpoint import CheckpointError
+
+        try:
+            return fn(*args, **kwargs)
+        except (CheckpointError, ConfigError, DataError, AdapterError, TrainingError, FileNotFoundError,
+                ValueError) as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
+
+    return wrapper

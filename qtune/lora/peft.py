@@ -183,4 +183,9 @@ def load_adapter(model: nn.Module, adapter_dir, name: str = "default", trainable
 def load_extra_tensors(adapter_dir) -> dict[str, torch.Tensor]:
     """The tensors `save_adapter(..., extra_tensors=...)` stored beside the adapter ({} when none)."""
     path = Path(adapter_dir) / EXTRA_WEIGHTS
-    return load_file(str(path)) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise AdapterError(f"{path}: not a readable safetensors file ({e})") from None

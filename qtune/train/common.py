@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qtune.kernels.logprobs import cross_entropy_sum
@@ -218,7 +219,12 @@ def save_state(path: Path, name: str, state) -> None:
 
 
 def load_state(path: Path, name: str):
-    tensors = load_file(str(path / f"{name}.safetensors"))
+    file = path / f"{name}.safetensors"
+    try:
+        tensors = load_file(str(file))
+    except SafetensorError as e:
+        raise TrainingError(f"{file}: not a readable safetensors file ({e}); the checkpoint is damaged: delete "
+                            f"{path} to resume from the one before it") from None
     return _unflatten_state(json.loads((path / f"{name}.json").read_text()), tensors)
 
 
@@ -369,8 +375,8 @@ def training_device() -> str:
 
 
 def to_device(batch: dict, device) -> dict:
-    """Move every tensor of a batch to `device`."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Move every tensor of a batch, and of the sub-batches it holds (KTO's), to `device`."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def clip_gradients(params, max_norm: float) -> float:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -119,6 +119,14 @@ def load_model(path, quantize: str = "nf4", dtype=None, kernels: str = "auto", d
 
 
 def _load_file(model, file, expected, loaded, quantize, dtype, double_quant, device):
+    try:
+        _read_file(model, file, expected, loaded, quantize, dtype, double_quant, device)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it is truncated or corrupt: "
+                              "copy or download it again") from None
+
+
+def _read_file(model, file, expected, loaded, quantize, dtype, double_quant, device):
     with safe_open(str(file), framework="pt", device="cpu") as f:
         keys = list(f.keys())
         prequantized = {k[: -len(NF4_STATE_SUFFIX)] for k in keys if k.endswith(NF4_STATE_SUFFIX)}
