@@ -185,6 +185,18 @@ def test_bad_records_are_named(tok, row, fmt, match):
     assert "data.json record 7" in str(e.value)
 
 
+@pytest.mark.parametrize("turns, match", [
+    ([{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "yo"}], r"messages\[0\] has role='usr'"),
+    ([{"role": "user", "content": "hi"}, {"role": "assitant", "content": "yo"}], r"messages\[1\] has role='assitant'"),
+    ([{"role": ["user"], "content": "hi"}], r"messages\[0\].role must be a string"),
+])
+def test_chat_roles_outside_system_user_assistant_are_refused(tok, turns, match):
+    """A misspelt role would otherwise render as a role of its own, or leave a reply untrained."""
+    with pytest.raises(DataError, match=match) as e:
+        tokenize_record({"messages": turns}, "chat", tok, False, "data.json record 3")
+    assert "data.json record 3" in str(e.value)
+
+
 def test_unknown_fields_cannot_be_detected():
     with pytest.raises(DataError, match=r"cannot tell the format from fields \['prompt', 'response'\]"):
         detect_format({"prompt": "a", "response": "b"}, "x.json record 0")

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from qtune.data.batching import DataPosition, epoch_batches
-from qtune.data.prompts import HH_ASSISTANT, chat_turns
+from qtune.data.prompts import HH_ASSISTANT
 from qtune.data.records import DataError, load_records
-from qtune.data.render import IGNORE
+from qtune.data.render import IGNORE, chat_turns
 
 REQUIRED = {"pairs": ("prompt", "chosen", "rejected"), "ranking": ("prompt", "responses"),
             "sharegpt": ("conversations", "chosen", "rejected"), "chat": ("messages", "chosen", "rejected"),

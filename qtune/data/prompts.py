@@ -20,7 +20,7 @@ import numpy as np
 
 from qtune.data.batching import DataPosition
 from qtune.data.records import DataError, load_records
-from qtune.data.render import SHAREGPT_ROLES, alpaca_prompt
+from qtune.data.render import alpaca_prompt, chat_turns
 
 HH_ASSISTANT = "\n\nAssistant:"
 _SPLIT_STREAM, _ORDER_STREAM = 0, 1  # numpy streams: (seed, 0) the held-out split (as in SFT), (seed, 1, epoch) the order
@@ -36,27 +36,6 @@ class Prompt:
     """The data record the prompt came from."""
     messages: list[dict] | None = field(default=None, repr=False)
     """The chat turns (None for a raw-text prompt), so a kept response can become an SFT chat record."""
-
-
-def chat_turns(turns, where: str, key: str, sharegpt: bool) -> list[dict]:
-    """Chat messages {role, content} from a record's `key`: role/content turns, or ShareGPT from/value ones.
-
-    Every turn must be a system, user or assistant turn with string text; a DataError names `where` and the
-    turn otherwise.
-    """
-    role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: {key!r} must be a non-empty list of {{{role_key}, {text_key}}} objects")
-    messages = []
-    for k, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or not isinstance(turn.get(text_key), str):
-            raise DataError(f"{where}: {key}[{k}] must be an object with {role_key!r} and a string {text_key!r}")
-        role = SHAREGPT_ROLES.get(turn[role_key]) if sharegpt else turn[role_key]
-        if role not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: {key}[{k}] has {role_key}={turn[role_key]!r}; expected one of "
-                            f"{', '.join(SHAREGPT_ROLES if sharegpt else ('system', 'user', 'assistant'))}")
-        messages.append({"role": role, "content": turn[text_key]})
-    return messages
 
 
 def detect_prompt_format(row: dict, where: str) -> str:

@@ -69,27 +69,40 @@ def alpaca_prompt(row: dict, where: str = "record") -> str:
     return PROMPT_DICT["prompt_no_input"].format(instruction=instruction)
 
 
+def chat_turns(turns, where: str, key: str, sharegpt: bool) -> list[dict]:
+    """Chat messages {role, content} from a record's `key`: role/content turns, or ShareGPT from/value ones.
+
+    Every turn must be a system, user or assistant turn with string text; a DataError names `where` and the
+    turn otherwise.
+    """
+    role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: {key!r} must be a non-empty list of {{{role_key}, {text_key}}} objects")
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or not isinstance(turn.get(text_key), str):
+            raise DataError(f"{where}: {key}[{k}] must be an object with {role_key!r} and {text_key!r} (a string)")
+        if not isinstance(turn[role_key], str):
+            raise DataError(f"{where}: {key}[{k}].{role_key} must be a string, got {turn[role_key]!r}")
+        role = SHAREGPT_ROLES.get(turn[role_key]) if sharegpt else turn[role_key]
+        if role not in ("system", "user", "assistant"):
+            raise DataError(f"{where}: {key}[{k}] has {role_key}={turn[role_key]!r}; expected one of "
+                            f"{', '.join(SHAREGPT_ROLES if sharegpt else ('system', 'user', 'assistant'))}")
+        messages.append({"role": role, "content": turn[text_key]})
+    return messages
+
+
+
 def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
     """Chat (`messages` with role/content) or ShareGPT (`conversations` with from/value) as chat messages."""
-    key, role_key, text_key = ("messages", "role", "content") if fmt == "chat" else ("conversations", "from", "value")
+    key = "messages" if fmt == "chat" else "conversations"
     turns = row.get(key)
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: {fmt} record needs a non-empty list {key!r} (fields: {sorted(row)})")
-    messages = []
-    for k, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
-            raise DataError(f"{where}: {key}[{k}] must be an object with {role_key!r} and {text_key!r}")
-        role = turn[role_key]
-        if fmt == "sharegpt":
-            if role not in SHAREGPT_ROLES:
-                raise DataError(f"{where}: {key}[{k}] has from={role!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
-            role = SHAREGPT_ROLES[role]
-        content = turn[text_key]
-        if not isinstance(content, str):
-            raise DataError(f"{where}: {key}[{k}].{text_key} must be a string, got {type(content).__name__}")
-        if role == "assistant" and not content.strip():
+    messages = chat_turns(turns, where, key, sharegpt=fmt == "sharegpt")
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant" and not message["content"].strip():
             raise DataError(f"{where}: {key}[{k}] is an empty assistant reply; every reply needs text to train on")
-        messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing would be trained")
     return messages
