@@ -280,3 +280,22 @@ def test_truncation_and_dropped_counts(tok):
         ex = out.example(i)
         assert ex.labels[0] == IGNORE and (ex.labels != IGNORE).any()
         assert np.all((ex.labels == IGNORE) | (ex.labels == ex.input_ids))
+
+
+def test_damaged_gzip_files_are_errors_naming_them(tmp_path):
+    import gzip
+
+    good = gzip.compress(("\n".join(json.dumps({"text": f"row {i}"}) for i in range(300)) + "\n").encode())
+    assert len(load_records(str(_write(tmp_path / "good.jsonl.gz", good)))) == 300
+    cases = {"truncated.jsonl.gz": (good[: len(good) // 2], "truncated or corrupt"),
+             "plain.jsonl.gz": (b'{"text": "not compressed"}\n', "not gzip data"),
+             "corrupt.jsonl.gz": (good[:10] + bytes(len(good) - 10), "truncated or corrupt")}
+    for name, (content, expected) in cases.items():
+        with pytest.raises(DataError) as e:
+            load_records(str(_write(tmp_path / name, content)))
+        assert name in str(e.value) and expected in str(e.value), str(e.value)
+
+
+def _write(path, content: bytes):
+    path.write_bytes(content)
+    return path

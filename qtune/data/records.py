@@ -7,6 +7,7 @@ so a malformed or incomplete record anywhere in the pipeline is reported by file
 import gzip
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,15 @@ class Records:
 
 def _read_text(path: Path) -> bytes:
     data = path.read_bytes()
-    return gzip.decompress(data) if path.suffix == ".gz" else data
+    if path.suffix != ".gz":
+        return data
+    try:
+        return gzip.decompress(data)
+    except gzip.BadGzipFile:
+        raise DataError(f"{path}: not gzip data although the name ends in .gz; rename it without .gz or "
+                        "compress it with gzip") from None
+    except (EOFError, zlib.error) as e:  # click would report a bare EOFError as "Aborted!"
+        raise DataError(f"{path}: the gzip data is truncated or corrupt ({e}); copy or download it again") from None
 
 
 def _parse_jsonl(path: Path, text: str) -> tuple[list[dict], list[int]]:
