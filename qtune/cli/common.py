@@ -31,11 +31,15 @@ def run_or_explain(fn, *args, **kwargs) -> dict:
     On CPU the process uses one torch thread per idle core (see `use_idle_cpu_cores`); Ctrl-C exits with 130.
     """
     from qtune.train.common import training_device, use_idle_cpu_cores
+    from qtune.train.lock import release_all
 
     threads = use_idle_cpu_cores(training_device())
     if threads is not None:
         err.print(f"cpu: {threads} torch thread(s), one per idle core (set OMP_NUM_THREADS to choose)")
-    return explained(fn)(*args, **kwargs)
+    try:
+        return explained(fn)(*args, **kwargs)
+    finally:
+        release_all()  # a failed run leaves its directory as it found it, lock included
 
 
 def explained(fn):

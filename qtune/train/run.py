@@ -42,6 +42,7 @@ from qtune.lora import save_adapter
 from qtune.recipe.schema import recipe_to_toml
 from qtune.tokenizer import load_tokenizer
 from qtune.train import common
+from qtune.train.lock import RunLock
 from qtune.weights.checkpoint import load_model, resolve
 
 BEFORE_FILE = "held_out_before.json"
@@ -106,6 +107,8 @@ class Run:
             raise common.TrainingError(f"--resume: no complete checkpoint under {self.checkpointer.dir}; "
                                        "run without --resume to start")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.dir)
+        self.lock.acquire(self.console)  # before anything in the directory is written
         self.resume = resume
         self.restored: dict = {}  # trainer.json of the checkpoint the run resumed from
         # A resumed run opens its metrics in `restore`, keeping the records up to the checkpoint's step.
@@ -319,6 +322,7 @@ class Run:
         for k, v in summary.items():
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
         self.console.print(table)
+        self.lock.release()
         return summary
 
 
