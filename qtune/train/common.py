@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from qtune.kernels.logprobs import cross_entropy_sum
 from qtune.lora import LoraConfig, add_lora, mark_trainable
+from qtune.weights.integrity import fault_point, remove_dead_leftovers, write_manifest
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -262,8 +263,10 @@ def _tuplify(x):
 class Checkpointer:
     """`output.dir/checkpoints/step-000050/` directories, each complete or absent.
 
-    A checkpoint is written to `.step-000050.tmp`, marked complete last, then renamed; loading takes the
-    newest directory whose marker exists. `keep` bounds how many are kept (oldest deleted after a save).
+    A checkpoint is written to `.step-000050.tmp-PID`, listed in a manifest (`qtune-manifest.json`: each
+    file's SHA-256, checked on --resume), marked complete, then renamed; loading takes the newest directory
+    whose marker exists. `keep` bounds how many are kept (oldest deleted after a save). A write that fails
+    (a full disk) removes its temporary directory and is a TrainingError; the checkpoints before it stay.
     """
 
     def __init__(self, output_dir: Path, keep: int = 2):
@@ -280,19 +283,36 @@ class Checkpointer:
         final = self.dir / f"step-{step:06d}"
         if (final / COMPLETE_MARKER).exists():
             return final
-        for stale in self.dir.glob(".step-*.tmp"):  # left by a process killed while writing
-            shutil.rmtree(stale)
-        tmp = self.dir / f".step-{step:06d}.tmp"
-        tmp.mkdir()
-        write_fn(tmp)
-        (tmp / COMPLETE_MARKER).write_text(str(step))
-        _fsync_dir(tmp)
-        if final.exists():  # an incomplete directory of this step (no marker) is never loaded
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        self.remove_leftovers()
+        tmp = self.dir / f".{final.name}.tmp-{os.getpid()}"
+        try:
+            tmp.mkdir()
+            fault_point("checkpoint-begin")
+            write_fn(tmp)
+            fault_point("checkpoint-payload")
+            (tmp / COMPLETE_MARKER).write_text(str(step))
+            write_manifest(tmp)
+            _fsync_dir(tmp)
+            fault_point("checkpoint-complete")
+            if final.exists():  # an incomplete directory of this step (no marker) is never loaded
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(
+                f"{final}: cannot write the checkpoint ({getattr(e, 'strerror', None) or e}); its partial files "
+                f"were removed and the last complete checkpoint is {self.latest() or 'none'}: free space, then "
+                "continue with --resume") from None
+        fault_point("checkpoint-renamed")
         self._prune()
         return final
+
+    def remove_leftovers(self) -> None:
+        """Delete temporary checkpoint directories of processes that were killed while writing them."""
+        remove_dead_leftovers(self.dir)
+        for stale in self.dir.glob(".step-*.tmp"):  # named without a PID by earlier qtune versions
+            shutil.rmtree(stale)
 
     def latest(self) -> Path | None:
         if not self.dir.exists():
@@ -304,7 +324,10 @@ class Checkpointer:
         done = sorted((p for p in self.dir.glob("step-*") if (p / COMPLETE_MARKER).exists()),
                       key=lambda p: int(p.name.split("-")[1]))
         for old in done[: max(0, len(done) - self.keep)]:
-            shutil.rmtree(old)
+            # Renamed first: a process killed while deleting leaves a leftover, never a half-deleted step-N.
+            doomed = old.with_name(f".{old.name}.del-{os.getpid()}")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -44,6 +44,7 @@ from qtune.tokenizer import load_tokenizer
 from qtune.train import common
 from qtune.train.lock import RunLock
 from qtune.weights.checkpoint import load_model, resolve
+from qtune.weights.integrity import fault_point, remove_dead_leftovers, verify_files
 
 BEFORE_FILE = "held_out_before.json"
 SHOWN_NAMES = {"grad_norm": "gradient norm"}  # how the non-finite message names a statistic
@@ -106,9 +107,13 @@ class Run:
         if resume and self.checkpointer.latest() is None:
             raise common.TrainingError(f"--resume: no complete checkpoint under {self.checkpointer.dir}; "
                                        "run without --resume to start")
+        # Directories this run creates are removed again if it fails before writing anything into them.
+        created = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.lock = RunLock(self.dir)
+        self.lock = RunLock(self.dir, created)
         self.lock.acquire(self.console)  # before anything in the directory is written
+        remove_dead_leftovers(self.dir)  # of runs killed while writing (no live run writes here: the lock is ours)
+        self.checkpointer.remove_leftovers()
         self.resume = resume
         self.restored: dict = {}  # trainer.json of the checkpoint the run resumed from
         # A resumed run opens its metrics in `restore`, keeping the records up to the checkpoint's step.
@@ -158,6 +163,8 @@ class Run:
         ckpt = self.checkpointer.latest()
         if ckpt is None:
             raise common.TrainingError(f"--resume: no complete checkpoint under {self.checkpointer.dir}")
+        verify_files(ckpt, common.TrainingError,
+                     fix=f"delete {ckpt} to resume from the checkpoint before it (if one is left)")
         try:
             saved = common.load_state(ckpt, "trainable")
             optimizer_state = common.load_state(ckpt, "optimizer")
@@ -278,6 +285,7 @@ class Run:
         def write(tmp: Path):
             save_adapter(self.model, tmp / "adapter", name=self.name, base_model_name_or_path=self.base_model)
             common.save_state(tmp, "trainable", {n: p.detach() for n, p in _trainable(self.model).items()})
+            fault_point("checkpoint-state")
             common.save_state(tmp, "optimizer", self.optimizer.state_dict())
             common.save_state(tmp, "rng", common.rng_state())
             (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
