@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from qtune.kernels.logprobs import cross_entropy_sum
 from qtune.lora import LoraConfig, add_lora, mark_trainable
 from qtune.weights.integrity import fault_point, remove_dead_leftovers, write_manifest
+from qtune.weights.nf4 import import_bitsandbytes
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -50,8 +51,7 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, bet
         raise TrainingError("no trainable parameters: add a LoRA adapter (lora.target_modules) before training")
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
            "paged_adamw8bit": bnb.optim.PagedAdamW8bit}.get(name)
     if cls is None:
