@@ -99,7 +99,7 @@ def save_adapter(model: nn.Module, out_dir, name: str = "default", base_model_na
         commit_dir(tmp, out_dir)
     except (OSError, SafetensorError) as e:
         raise AdapterError(f"{out_dir}: cannot write the adapter ({getattr(e, 'strerror', None) or e}); nothing "
-                           "was written there: free space or choose another directory, then try again") from None
+                           "was written there: free space or choose another directory, then try again") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

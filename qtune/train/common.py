@@ -298,12 +298,15 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.dir)
-        except (OSError, SafetensorError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no partial files
+            cause = e if isinstance(e, (OSError, SafetensorError)) else e.__cause__
+            if not isinstance(cause, (OSError, SafetensorError)):
+                raise
             raise TrainingError(
-                f"{final}: cannot write the checkpoint ({getattr(e, 'strerror', None) or e}); its partial files "
-                f"were removed and the last complete checkpoint is {self.latest() or 'none'}: free space, then "
-                "continue with --resume") from None
+                f"{final}: cannot write the checkpoint ({getattr(cause, 'strerror', None) or cause}); its partial "
+                f"files were removed and the last complete checkpoint is {self.latest() or 'none'}: free space, "
+                "then continue with --resume") from None
         fault_point("checkpoint-renamed")
         self._prune()
         return final
@@ -327,6 +330,7 @@ class Checkpointer:
             # Renamed first: a process killed while deleting leaves a leftover, never a half-deleted step-N.
             doomed = old.with_name(f".{old.name}.del-{os.getpid()}")
             os.replace(old, doomed)
+            fault_point("checkpoint-prune")
             shutil.rmtree(doomed)
 
 
