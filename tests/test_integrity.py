@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from rich.console import Console
 from tiny import save_tiny_with_tokenizer
@@ -125,8 +126,6 @@ def test_merge_and_adapter_loading_refuse_a_flipped_byte(finished, tiny_dir, tmp
 def test_extra_tensors_are_checked(tiny_dir, tmp_path):
     model = load_model(tiny_dir, quantize="none")
     add_lora(model, LoraConfig(r=2), seed=0)
-    import torch
-
     adapter = save_adapter(model, tmp_path / "reward", extra_tensors={"score.weight": torch.ones(1, 64)})
     assert torch.equal(load_extra_tensors(adapter)["score.weight"], torch.ones(1, 64))
     flip(adapter / "extra_tensors.safetensors")
@@ -140,10 +139,6 @@ def dead_pid() -> int:
     return gone.pid
 
 
-def quiet() -> Console:
-    return Console(file=open(os.devnull, "w"))
-
-
 def test_a_dead_writers_leftovers_go_at_the_next_start_and_a_live_ones_stay(tmp_path):
     out, dead = tmp_path / "run", dead_pid()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -155,9 +150,12 @@ def test_a_dead_writers_leftovers_go_at_the_next_start_and_a_live_ones_stay(tmp_
         for d in leftovers + kept:
             d.mkdir(parents=True)
             (d / "adapter_model.safetensors").write_bytes(b"partial")
-        run_ = Run(out, quiet(), resume=False)
-        run_.lock.release()
+        console = Console(record=True, file=open(os.devnull, "w"))
+        Run(out, console, resume=False).lock.release()
         assert not any(d.exists() for d in leftovers) and all(d.exists() for d in kept)
+        notice = " ".join(console.export_text().split())
+        assert "removed what a killed run left" in notice and f".adapter.tmp-{dead}" in notice
+        assert str(live.pid) not in notice
     finally:
         live.kill()
         live.wait()

@@ -311,11 +311,13 @@ class Checkpointer:
         self._prune()
         return final
 
-    def remove_leftovers(self) -> None:
+    def remove_leftovers(self) -> list[Path]:
         """Delete temporary checkpoint directories of processes that were killed while writing them."""
-        remove_dead_leftovers(self.dir)
+        removed = remove_dead_leftovers(self.dir)
         for stale in self.dir.glob(".step-*.tmp"):  # named without a PID by earlier qtune versions
             shutil.rmtree(stale)
+            removed.append(stale)
+        return removed
 
     def latest(self) -> Path | None:
         if not self.dir.exists():

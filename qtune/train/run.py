@@ -112,8 +112,10 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = RunLock(self.dir, created)
         self.lock.acquire(self.console)  # before anything in the directory is written
-        remove_dead_leftovers(self.dir)  # of runs killed while writing (no live run writes here: the lock is ours)
-        self.checkpointer.remove_leftovers()
+        # What runs killed while writing left (no live run writes here: the lock is ours).
+        removed = remove_dead_leftovers(self.dir) + self.checkpointer.remove_leftovers()
+        if removed:
+            self.console.print(f"[yellow]note[/yellow] removed what a killed run left: {', '.join(p.name for p in removed)}")
         self.resume = resume
         self.restored: dict = {}  # trainer.json of the checkpoint the run resumed from
         # A resumed run opens its metrics in `restore`, keeping the records up to the checkpoint's step.
