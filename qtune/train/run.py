@@ -6,6 +6,7 @@ protocol, the non-finite check, progress, metrics and the summary.
       metrics.jsonl        one JSON object per logged step (`step`, `loss`, `lr`, ...)
       checkpoints/step-N/  adapter (PEFT) + trainable tensors + optimizer + scheduler + RNG + data position
       adapter/             the final adapter, PEFT format
+                           (both with qtune-manifest.json, each file's SHA-256, checked when read)
       held_out_before.json the held-out evaluation before training
       loss_curve.png, summary.json
 
