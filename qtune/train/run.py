@@ -29,6 +29,7 @@ Each loop (`sft.py`, `reward.py`, `dpo.py`, `ppo.py`) reads like nanoGPT's, arou
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -131,9 +132,14 @@ class Run:
     # ---- setup -------------------------------------------------------------------------------------
     def write_recipe(self, text: str) -> None:
         """Write the resolved recipe as `recipe.toml` (atomically)."""
-        tmp = self.dir / ".recipe.toml.tmp"
+        self._write_atomically("recipe.toml", text)
+
+    def _write_atomically(self, name: str, text: str) -> None:
+        """`name` in the run directory is the old file or the new one, never half of one: the text goes to
+        `.NAME.tmp-PID` (a leftover the next start removes if this process is killed) and is renamed over it."""
+        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
         tmp.write_text(text)
-        tmp.replace(self.dir / "recipe.toml")
+        os.replace(tmp, self.dir / name)
 
     def show_data_stats(self, stats: dict) -> None:
         line = (f"data: {stats['train_examples']} train / {stats['val_examples']} held-out examples, "
@@ -267,11 +273,15 @@ class Run:
 
     def save_before(self, result: dict) -> None:
         """Keep the held-out evaluation made before training (`held_out_before.json`), for the summary and resume."""
-        (self.dir / BEFORE_FILE).write_text(json.dumps(result, indent=2))
+        self._write_atomically(BEFORE_FILE, json.dumps(result, indent=2))
 
     def load_before(self) -> dict:
         path = self.dir / BEFORE_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
+        try:
+            return json.loads(path.read_text()) if path.exists() else {}
+        except ValueError as e:
+            raise common.TrainingError(f"{path}: unreadable ({e}); delete it to go on without the held-out "
+                                       "result before training in the summary") from None
 
     def log(self, record: dict) -> None:
         """Append a record (e.g. an evaluation) to metrics.jsonl."""
@@ -326,7 +336,7 @@ class Run:
                    "peak_memory_bytes": max((r.get("peak_memory_bytes", 0) for r in records), default=0)}
         plot_loss_curve(([{"step": 0, "val_loss": before}] if before is not None else []) + records,
                         self.dir / "loss_curve.png")
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self._write_atomically("summary.json", json.dumps(summary, indent=2))
         table = Table(title=f"run finished: {self.dir}")
         table.add_column("")
         table.add_column("value")
