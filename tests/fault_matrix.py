@@ -158,7 +158,8 @@ def full_disk_row(model_dir: Path, root: Path, want: dict) -> dict:
     resumes. Needs root and a mountable tmpfs; otherwise the row says why it was skipped."""
     mount = root / "tmpfs"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         return {"phase": "disk-full", "outcome": "skipped", "reason": (done.stderr or done.stdout).strip()[:200]}
     try:

@@ -359,7 +359,8 @@ class MetricsLog:
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
             kept = [r for r in self.read() if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")  # a killed run's is removed at the next start
+            # a killed run's temporary file is removed at the next start
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.path)
         elif resume_step is None and self.path.exists():

@@ -117,7 +117,8 @@ class Run:
         # What runs killed while writing left (no live run writes here: the lock is ours).
         removed = remove_dead_leftovers(self.dir) + self.checkpointer.remove_leftovers()
         if removed:
-            self.console.print(f"[yellow]note[/yellow] removed what a killed run left: {', '.join(p.name for p in removed)}")
+            names = ", ".join(p.name for p in removed)
+            self.console.print(f"[yellow]note[/yellow] removed what a killed run left: {names}")
         self.resume = resume
         self.restored: dict = {}  # trainer.json of the checkpoint the run resumed from
         # A resumed run opens its metrics in `restore`, keeping the records up to the checkpoint's step.
