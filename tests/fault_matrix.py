@@ -1,5 +1,6 @@
 """Fault matrix: kill `qtune sft` at every phase of a checkpoint or adapter write, resume, compare with the
-uninterrupted run; run two runs on one directory at once; fill the disk in the middle of a checkpoint.
+uninterrupted run; run two runs on one directory at once; fill the disk in the middle of a checkpoint and of
+the final adapter.
 
     python tests/fault_matrix.py            # a table of phases x outcome, then one JSON line of counts
 
@@ -153,42 +154,48 @@ def concurrent_row(model_dir: Path, root: Path, want: dict) -> dict:
     return {"phase": "concurrent-run", "outcome": outcome, "max_loss_diff": diff}
 
 
-def full_disk_row(model_dir: Path, root: Path, want: dict) -> dict:
-    """A tmpfs filled up during a checkpoint: one clean Error, no partial files, the previous checkpoint
-    resumes. Needs root and a mountable tmpfs; otherwise the row says why it was skipped."""
+# (row, the fault that cuts the first run, room left on the disk for the resumed one): cut before step 4's
+# checkpoint (~0.5 MB), which does not fit in 160 kB; cut after step 6's, so that the resumed run only writes
+# the final adapter (~0.12 MB of weights), which does not fit in 60 kB. Metrics lines fit in both.
+FULL_DISKS = [("disk-full-checkpoint", "checkpoint-begin:2", 160_000),
+              ("disk-full-adapter", "checkpoint-renamed:3", 60_000)]
+
+
+def full_disk_rows(model_dir: Path, root: Path, want: dict) -> list[dict]:
+    """A small tmpfs filled up during a checkpoint, then during the final adapter: one clean Error, no partial
+    files, and the run resumes once there is room. Needs root and a mountable tmpfs; otherwise each row says
+    why it was skipped."""
     mount = root / "tmpfs"
     mount.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True,
                           text=True)
     if done.returncode != 0:
-        return {"phase": "disk-full", "outcome": "skipped", "reason": (done.stderr or done.stdout).strip()[:200]}
+        reason = (done.stderr or done.stdout).strip()[:200]
+        return [{"phase": row, "outcome": "skipped", "reason": reason} for row, _, _ in FULL_DISKS]
     try:
-        return _full_disk(model_dir, mount, root, want)
+        return [full_disk(model_dir, mount / row, root / f"{row}.log", want, row, cut, room)
+                for row, cut, room in FULL_DISKS]
     finally:
         subprocess.run(["umount", str(mount)], check=False)
 
 
-def _full_disk(model_dir: Path, mount: Path, root: Path, want: dict) -> dict:
-    out, log = mount / "run", root / "disk-full.log"
-    # Cut after the step-2 checkpoint (a fault at the step-4 checkpoint's start), then fill the disk so
-    # that only a little room is left: metrics lines fit, the next checkpoint does not.
-    cli_child(sft_args(model_dir, out), log, fault="checkpoint-begin:2")
-    filler = mount / "filler"
-    stat = os.statvfs(mount)
-    filler.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - 160_000))
+def full_disk(model_dir: Path, out: Path, log: Path, want: dict, row: str, cut: str, room: int) -> dict:
+    cli_child(sft_args(model_dir, out), log, fault=cut)
+    filler = out.parent / "filler"
+    stat = os.statvfs(out.parent)
+    filler.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - room))
     status = cli_child(sft_args(model_dir, out, "--resume"), log)
     text = " ".join(log.read_text().split())
     clean = status == 1 and "No space left on device" in text and "Traceback" not in text
-    partial = [p for p in (out / "checkpoints").iterdir() if not p.name.startswith("step-")]
+    partial = leftovers(out) + [str(p) for p in (out / "checkpoints").iterdir() if not p.name.startswith("step-")]
     filler.unlink()
     if not clean or partial:
-        return {"phase": "disk-full", "outcome": "lost", "status": status, "partial": [str(p) for p in partial],
-                "detail": text[-1500:]}
+        return {"phase": row, "outcome": "lost", "status": status, "partial": partial, "detail": text[-1500:]}
     status = cli_child(sft_args(model_dir, out, "--resume"), log)
     if status != 0:
-        return {"phase": "disk-full", "outcome": "lost", "detail": log.read_text()[-2000:]}
+        return {"phase": row, "outcome": "lost", "detail": log.read_text()[-2000:]}
     outcome, diff = judge(record(out), want, out)
-    return {"phase": "disk-full", "outcome": outcome, "max_loss_diff": diff}
+    return {"phase": row, "outcome": outcome, "max_loss_diff": diff}
 
 
 def run_matrix(root: Path, phases=PHASES) -> dict:
@@ -203,7 +210,7 @@ def run_matrix(root: Path, phases=PHASES) -> dict:
     want = record(root / "uninterrupted")
     rows = [fault_row(model_dir, root, want, *phase) for phase in phases]
     rows.append(concurrent_row(model_dir, root, want))
-    rows.append(full_disk_row(model_dir, root, want))
+    rows += full_disk_rows(model_dir, root, want)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1

@@ -1,8 +1,8 @@
 """Fault injection through the real CLI (tests/fault_matrix.py, about a minute): `qtune sft` killed at every
 phase of a checkpoint and adapter write resumes to exactly the uninterrupted run (losses to 0.0, the adapter
 byte for byte, no leftovers); a second run on a live run's directory refuses and leaves the first's record
-intact; a full disk mid-checkpoint is one clean Error with no partial files, and the run resumes from the
-checkpoint before it (where a tmpfs can be mounted)."""
+intact; a full disk in the middle of a checkpoint or of the final adapter is one clean Error with no partial
+files, and the run resumes once there is room (where a tmpfs can be mounted)."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fault_matrix import PHASES
+from fault_matrix import FULL_DISKS, PHASES
 
 TESTS = Path(__file__).resolve().parent
 
@@ -37,8 +37,9 @@ def test_a_second_run_refuses_and_the_first_record_is_intact(matrix):
     assert matrix["rows"]["concurrent-run"]["outcome"] == "identical"
 
 
-def test_a_full_disk_mid_checkpoint_is_clean_and_resumable(matrix):
-    row = matrix["rows"]["disk-full"]
+@pytest.mark.parametrize("row", [row for row, _, _ in FULL_DISKS])
+def test_a_full_disk_mid_write_is_clean_and_resumable(matrix, row):
+    row = matrix["rows"][row]
     if row["outcome"] == "skipped":
         pytest.skip(f"no tmpfs could be mounted here: {row['reason']}")
     assert row["outcome"] == "identical" and row["max_loss_diff"] == 0.0
