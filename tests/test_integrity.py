@@ -94,6 +94,7 @@ def test_resume_refuses_a_flipped_byte_in_any_checkpoint_file(finished, tiny_dir
         result = run(*sft_args(tiny_dir, out, "train.max_steps=4"), "--resume")
         assert_one_error_naming(result, damaged)
         assert "differ from what qtune wrote" in result.output.replace("\n", " ")
+        assert "data:" not in result.output  # refused before the model and the data were loaded
         assert not (out / LOCK_NAME).exists() and (out / "checkpoints" / "step-000002").exists()
     intact = tmp_path / "intact"
     shutil.copytree(finished, intact)

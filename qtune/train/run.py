@@ -119,6 +119,10 @@ class Run:
         if removed:
             names = ", ".join(p.name for p in removed)
             self.console.print(f"[yellow]note[/yellow] removed what a killed run left: {names}")
+        if resume:  # checked now, before the base model loads, rather than when `restore` reads it
+            ckpt = self.checkpointer.latest()
+            verify_files(ckpt, common.TrainingError,
+                         fix=f"delete {ckpt} to resume from the checkpoint before it (if one is left)")
         self.resume = resume
         self.restored: dict = {}  # trainer.json of the checkpoint the run resumed from
         # A resumed run opens its metrics in `restore`, keeping the records up to the checkpoint's step.
@@ -173,8 +177,6 @@ class Run:
         ckpt = self.checkpointer.latest()
         if ckpt is None:
             raise common.TrainingError(f"--resume: no complete checkpoint under {self.checkpointer.dir}")
-        verify_files(ckpt, common.TrainingError,
-                     fix=f"delete {ckpt} to resume from the checkpoint before it (if one is left)")
         try:
             saved = common.load_state(ckpt, "trainable")
             optimizer_state = common.load_state(ckpt, "optimizer")
