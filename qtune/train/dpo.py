@@ -178,8 +178,11 @@ class ReferenceLogprobs:
         """Write atomically: a temporary file renamed into place once complete."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp))
-        os.replace(tmp, path)
+        try:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file
 
     @classmethod
     def load(cls, path: Path) -> "ReferenceLogprobs":
