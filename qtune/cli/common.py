@@ -47,10 +47,13 @@ def run_or_explain(fn, *args, **kwargs) -> dict:
 def user_error_types() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input or file-system state, never a bug in qtune: qtune's own error types
     (every one a ValueError or a TrainingError), the ValueErrors of the libraries qtune hands user input to,
-    and OSErrors (a missing, unreadable or unwritable file, a full disk)."""
+    OSErrors (a missing, unreadable or unwritable file, a full disk) and safetensors' errors (a damaged file, a
+    write that failed)."""
+    from safetensors import SafetensorError
+
     from qtune.train.common import TrainingError
 
-    return ValueError, TrainingError, OSError
+    return ValueError, TrainingError, OSError, SafetensorError
 
 
 def describe_os_error(e: OSError) -> str:

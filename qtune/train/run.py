@@ -272,6 +272,17 @@ class Run:
             self.progress.stop()
             self.progress = None
 
+    @contextlib.contextmanager
+    def writing(self, target: Path):
+        """A failed write of `target` (a full disk, a directory made read-only) as a TrainingError naming it."""
+        try:
+            yield
+        except (OSError, SafetensorError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise common.TrainingError(
+                f"{target}: cannot write it ({reason}); free space on that disk or make it writable, then continue "
+                f"with --resume (the last complete checkpoint is {self.checkpointer.latest() or 'none yet'})") from None
+
     def save_checkpoint(self, step: int, position: DataPosition, **trainer) -> Path:
         """Write checkpoints/step-N atomically, with the RNG states of this moment; `trainer` adds entries
         (e.g. PPO's KL controller) to trainer.json."""
@@ -283,7 +294,8 @@ class Run:
             (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
             (tmp / "trainer.json").write_text(json.dumps({"step": step, "position": position.to_dict(), **trainer}))
 
-        return self.checkpointer.save(step, write)
+        with self.writing(self.checkpointer.dir / f"step-{step:06d}"):
+            return self.checkpointer.save(step, write)
 
     # ---- the end ------------------------------------------------------------------------------------
     def show_comparison(self, name: str, before: float, after: float, samples: list[tuple[str, ...]] = ()) -> None:
@@ -304,8 +316,9 @@ class Run:
     def finish(self, summary: dict, extra_tensors: dict | None = None) -> dict:
         """Write the final adapter (with `extra_tensors`, e.g. a reward head), loss_curve.png and summary.json;
         print the summary table; return it."""
-        adapter = save_adapter(self.model, self.dir / "adapter", name=self.name,
-                               base_model_name_or_path=str(self.base_model), extra_tensors=extra_tensors)
+        with self.writing(self.dir / "adapter"):
+            adapter = save_adapter(self.model, self.dir / "adapter", name=self.name,
+                                   base_model_name_or_path=str(self.base_model), extra_tensors=extra_tensors)
         records = self.metrics.read()
         losses = [r["loss"] for r in records if "loss" in r]
         before = self.load_before().get("val_loss")
