@@ -67,7 +67,9 @@ def describe_os_error(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{where}: {reason}; choose a location you can write to (e.g. set output.dir) or fix its permissions"
     if e.errno in (errno.EEXIST, errno.ENOTDIR):
-        return f"{where}: exists and is not a directory ({reason}); choose a directory path (e.g. output.dir)"
+        return f"{where}: exists and is not a directory ({reason}); choose another path (for a run: output.dir)"
+    if e.errno == errno.ENOENT:
+        return f"{where}: {reason}; check the path (the directory it names must exist)"
     if e.errno == errno.EISDIR:
         return f"{where}: is a directory, not a file ({reason}); name a file"
     return f"{where}: {reason}"
