@@ -4,6 +4,7 @@ the stop and checkpoint protocol, the non-finite and collapse checks, progress, 
     output.dir/
       recipe.toml          the resolved recipe (overrides applied)
       metrics.jsonl        one JSON object per logged step (`step`, `loss`, `lr`, ...)
+      resumes.jsonl        one JSON object per --resume that changed the recipe (`step`, `changed`: key -> [old, new])
       checkpoints/step-N/  adapter (PEFT) + trainable tensors + optimizer + scheduler + RNG + data position
       adapter/             the final adapter, PEFT format
       held_out_before.json the held-out evaluation before training
@@ -48,11 +49,12 @@ from qtune.train.lock import RunLock
 from qtune.weights.checkpoint import load_model, resolve
 
 BEFORE_FILE = "held_out_before.json"
+RESUMES_FILE = "resumes.jsonl"
 SHOWN_NAMES = {"grad_norm": "gradient norm"}  # how the non-finite message names a statistic
 # The recipe keys a resumed run may change: none alters the steps already taken or the ones to come, except by
 # running longer (max_steps, epochs) or with a new peak learning rate (the documented way on after a non-finite
 # loss); output.dir differs when a run directory was moved or copied. Any other difference from the run's
-# recipe.toml is refused. Allowed changes are recorded in metrics.jsonl.
+# recipe.toml is refused. Allowed changes are recorded in resumes.jsonl.
 RESUMABLE_KEYS = ("description", "output.dir", "train.max_steps", "train.epochs", "train.lr", "train.log_every",
                   "train.save_every", "train.collapse_steps", "train.collapse_tolerance", "data.cache_dir")
 
@@ -233,7 +235,8 @@ class Run:
         self.save_every = t.save_every
         start_step, position = self.restore() if self.resume else (0, DataPosition())
         if self.resume_changes:  # the record says from which step the run went on with which changes
-            self.log({"step": start_step, "resumed_with": self.resume_changes})
+            with (self.dir / RESUMES_FILE).open("a") as f:
+                f.write(json.dumps({"step": start_step, "changed": self.resume_changes}) + "\n")
             self.console.print("resumed with " + ", ".join(f"{k} = {new!r} (was {old!r})"
                                                            for k, (old, new) in self.resume_changes.items()))
         self.write_recipe(recipe_to_toml(recipe))
