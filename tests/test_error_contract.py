@@ -367,3 +367,10 @@ def test_a_read_only_location_is_named(world, verb):
         result = run_cli(args)
         assert_contract(result, [str(read_only), "Read-only file system"])
         assert not any(read_only.iterdir())
+
+
+def test_validate_checks_the_positions_without_loading_weights(world):
+    result = run_cli(["validate", "quickstart", f"model.path={world['model']}", "data.max_seq_len=3000"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "FAIL data.max_seq_len = 3000 is longer than the 512 positions" in text, text
+    assert run_cli(["validate", "quickstart", f"model.path={world['model']}"]).exit_code == 0

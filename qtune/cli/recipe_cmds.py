@@ -77,7 +77,9 @@ def _checks(recipe) -> list[tuple[bool, str]]:
     """(passed, message) for the model and every data path, without loading either."""
     results = []
     try:
-        results.append((True, f"model.path: {_model_dir(recipe.model.path)}"))
+        model_dir = _model_dir(recipe.model.path)
+        results.append((True, f"model.path: {model_dir}"))
+        results += _position_check(recipe, model_dir)
     except ImportError:
         results.append((True, f"model.path: {recipe.model.path!r} is not a directory; alias not checked"))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -93,6 +95,21 @@ def _checks(recipe) -> list[tuple[bool, str]]:
         else:
             results.append((True, f"{key}: {path!r} will be loaded with datasets.load_dataset"))
     return results
+
+
+def _position_check(recipe, model_dir: Path) -> list[tuple[bool, str]]:
+    """Whether the recipe's sequences fit the model's positions (read from config.json, no weights loaded)."""
+    from qtune.config import ConfigError, ModelConfig
+    from qtune.train.common import TrainingError
+    from qtune.train.run import check_positions
+
+    if not (model_dir / "config.json").is_file():
+        return []
+    try:
+        check_positions(recipe, ModelConfig.from_json(model_dir))
+    except (ConfigError, TrainingError) as e:
+        return [(False, str(e))]
+    return []
 
 
 @command("validate")
