@@ -1,6 +1,8 @@
-"""Fuzz qtune's readers of user input with the generators of tests/fuzzing.py, many cases per target (#21).
+"""Fuzz qtune's readers of user input with the generators of tests/fuzzing.py: 10,000 cases by default (#21).
 
     python benchmarks/fuzz_inputs.py [--cases 10000] [--seed 0] [--only NAME ...]
+
+The cases are shared equally by the targets run (1,250 each for all eight).
 
 For each target (recipe, override, config.json, adapter_config.json, sft / preference / kto / prompt data) it
 prints how many cases were read fine, stopped with one of qtune's own errors, or escaped as another exception
@@ -53,23 +55,26 @@ def fuzz(name: str, workspace: Workspace, cases: int, random_seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=10_000, help="cases per target")
+    parser.add_argument("--cases", type=int, default=10_000, help="cases in all, shared equally by the targets")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", choices=sorted(TARGETS), default=None)
     args = parser.parse_args()
     results = {}
+    names = args.only or list(TARGETS)
+    per_target = max(1, args.cases // len(names))
     with tempfile.TemporaryDirectory() as tmp:
         workspace = Workspace(Path(tmp), load_tokenizer(make_tokenizer_dir(Path(tmp) / "tokenizer")))
-        for name in args.only or TARGETS:
+        for name in names:
             t0 = time.perf_counter()
-            results[name] = fuzz(name, workspace, args.cases, args.seed)
+            results[name] = fuzz(name, workspace, per_target, args.seed)
             counts = results[name]["counts"]
             print(f"{name:20s} {sum(counts.values()):6d} cases in {time.perf_counter() - t0:6.1f}s: "
                   + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
             for kind, example in results[name]["first_escapes"].items():
                 print(f"    {kind}: {example}", flush=True)
     escaped = sum(v for r in results.values() for k, v in r["counts"].items() if k.startswith("escaped"))
-    print(json.dumps({"cases_per_target": args.cases, "seed": args.seed, "escaped": escaped,
+    cases = sum(sum(r["counts"].values()) for r in results.values())
+    print(json.dumps({"cases": cases, "cases_per_target": per_target, "seed": args.seed, "escaped": escaped,
                       "targets": {name: r["counts"] for name, r in results.items()}}))
 
 

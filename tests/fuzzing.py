@@ -1,6 +1,6 @@
 """Hypothesis generators of the inputs a user hands qtune, and the targets that read them (#21).
 
-Shared by tests/test_fuzz_inputs.py (bounded, in CI) and benchmarks/fuzz_inputs.py (10,000 cases per target).
+Shared by tests/test_fuzz_inputs.py (bounded, in CI) and benchmarks/fuzz_inputs.py (10,000 cases in all).
 Each target reads one drawn input the way qtune does and may raise only qtune's own error types.
 
 Inputs are near misses more than noise: recipes and configs drawn over their real keys with values of every

@@ -1,7 +1,7 @@
 """Property-based fuzzing of every reader of user input (#21): recipes, overrides, config.json,
 adapter_config.json and each data and preference layout, gzip included. Whatever is drawn, only qtune's own
 error types may escape. The generators live in tests/fuzzing.py; benchmarks/fuzz_inputs.py runs them for
-10,000 cases per target and counts the outcomes."""
+10,000 cases in all and counts the outcomes."""
 
 import pytest
 from fuzzing import QTUNE_ERRORS, TARGETS, Workspace
