@@ -210,8 +210,9 @@ class Run:
     def write_recipe(self, text: str) -> None:
         """Write the resolved recipe as `recipe.toml` (atomically)."""
         tmp = self.dir / ".recipe.toml.tmp"
-        tmp.write_text(text)
-        tmp.replace(self.dir / "recipe.toml")
+        with self.writing(self.dir / "recipe.toml"):
+            tmp.write_text(text)
+            tmp.replace(self.dir / "recipe.toml")
 
     def show_data_stats(self, stats: dict) -> None:
         line = (f"data: {stats['train_examples']} train / {stats['val_examples']} held-out examples, "
@@ -353,7 +354,7 @@ class Run:
                                  tps=f"{record['tokens_per_s']:.0f}",
                                  mem=f"{record['peak_memory_bytes'] / 2**30:.2f} GB")
         if log:
-            self.metrics.write(record)
+            self.log(record)
             if not self.console.is_terminal:  # a log file or CI: no live bar, so one line per logged step
                 self.console.print(f"step {record['step']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
                                    f"{record['tokens_per_s']:.0f} tok/s" +
@@ -369,7 +370,8 @@ class Run:
 
     def log(self, record: dict) -> None:
         """Append a record (e.g. an evaluation) to metrics.jsonl."""
-        self.metrics.write(record)
+        with self.writing(self.metrics.path):
+            self.metrics.write(record)
 
     def stop_progress(self) -> None:
         if self.progress is not None:
@@ -383,9 +385,10 @@ class Run:
             yield
         except (OSError, SafetensorError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise common.TrainingError(
-                f"{target}: cannot write it ({reason}); free space on that disk or make it writable, then continue "
-                f"with --resume (the last complete checkpoint is {self.checkpointer.latest() or 'none yet'})") from None
+            latest = self.checkpointer.latest()
+            then = f"continue with --resume (from {latest})" if latest else "run again (no checkpoint was saved yet)"
+            raise common.TrainingError(f"{target}: cannot write it ({reason}); free space on that disk or make it "
+                                       f"writable, then {then}") from None
 
     def save_checkpoint(self, step: int, position: DataPosition, **trainer) -> Path:
         """Write checkpoints/step-N atomically, with the RNG states of this moment; `trainer` adds entries
