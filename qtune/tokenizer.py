@@ -49,11 +49,27 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _token_content(value) -> str | None:
+def _token_content(value, source: Path, key: str) -> str | None:
     """A special token as configs spell it: a string, or an AddedToken dict with a "content" key."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+    content = value.get("content") if isinstance(value, dict) else value
+    if content is not None and not isinstance(content, str):
+        raise TokenizerError(f"{source}: {key} must be a token (a string, or an object with a string 'content'), "
+                             f"got {value!r:.60}")
+    return content
+
+
+def _added_tokens(config: dict, source: Path) -> dict[int, dict]:
+    """tokenizer_config.json's added_tokens_decoder: {"id": {"content": token, "special": bool, ...}}."""
+    declared = config.get("added_tokens_decoder", {})
+    added = {}
+    for i, spec in (declared.items() if isinstance(declared, dict) else [(None, declared)]):
+        if not (isinstance(i, str) and i.isdigit() and isinstance(spec, dict) and isinstance(spec.get("content"), str)
+                and spec["content"] and all(isinstance(spec.get(flag, False), bool) for flag in ("special", "normalized"))):
+            raise TokenizerError(f"{source}: added_tokens_decoder must map token ids (\"32000\") to objects with a "
+                                 f"non-empty string 'content' (and true/false 'special', 'normalized'); found "
+                                 f"{i!r}: {spec!r:.60}")
+        added[int(i)] = spec
+    return added
 
 
 class _HFTokenizerJson:
@@ -230,7 +246,7 @@ class Tokenizer:
         self.model_dir = Path(model_dir)
         config = _read_json(self.model_dir / "tokenizer_config.json")
         special_map = _read_json(self.model_dir / "special_tokens_map.json")
-        added_tokens = {int(i): spec for i, spec in config.get("added_tokens_decoder", {}).items()}
+        added_tokens = _added_tokens(config, self.model_dir / "tokenizer_config.json")
         if (self.model_dir / "tokenizer.json").is_file():
             self._backend = _HFTokenizerJson(self.model_dir / "tokenizer.json", added_tokens)
         elif (self.model_dir / "tokenizer.model").is_file():
@@ -276,10 +292,11 @@ class Tokenizer:
         ids: dict[str, int | None] = {}
         for key in SPECIAL_TOKEN_KEYS:
             if key in config or key in special_map:  # an explicit null means "this model has none"
-                content = _token_content(config[key] if key in config else special_map[key])
+                source = self.model_dir / ("tokenizer_config.json" if key in config else "special_tokens_map.json")
+                content = _token_content(config[key] if key in config else special_map[key], source, key)
                 token_id = self._backend.token_to_id(content) if content is not None else None
                 if content is not None and token_id is None:
-                    raise ValueError(
+                    raise TokenizerError(
                         f"{self.model_dir}/tokenizer_config.json: {key}={content!r} is not in the vocabulary"
                     )
             else:
@@ -307,11 +324,11 @@ class Tokenizer:
         ids = self._backend.encode(text)
         if add_bos:
             if self.bos_id is None:
-                raise ValueError(f"{self.model_dir}: add_bos=True but the tokenizer has no bos_token")
+                raise TokenizerError(f"{self.model_dir}: add_bos=True but the tokenizer has no bos_token")
             ids = [self.bos_id, *ids]
         if add_eos:
             if self.eos_id is None:
-                raise ValueError(f"{self.model_dir}: add_eos=True but the tokenizer has no eos_token")
+                raise TokenizerError(f"{self.model_dir}: add_eos=True but the tokenizer has no eos_token")
             ids = [*ids, self.eos_id]
         return ids
 
@@ -330,7 +347,7 @@ class Tokenizer:
         Extra keyword arguments reach the template as variables (e.g. `tools=[...]`).
         """
         if not self.has_chat_template:
-            raise ValueError(
+            raise TokenizerError(
                 f"{self.model_dir}: the tokenizer has no chat template; add `chat_template` to tokenizer_config.json "
                 "or a chat_template.jinja file, or format prompts yourself"
             )
@@ -338,7 +355,9 @@ class Tokenizer:
         try:
             template = _compile_chat_template(self.chat_template)
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.TemplateError as err:  # a syntax error, the template's raise_exception, a sandbox refusal
+        # A syntax error, the template's raise_exception, a sandbox refusal, or a bug in the template's own code
+        # (1 / 0, a list + a number): the template is the model's data, so its failure is the user's error.
+        except Exception as err:
             raise TokenizerError(f"{self.chat_template_file}: the chat template failed "
                                  f"({type(err).__name__}: {err}); fix the template or use the model's original "
                                  "one") from None

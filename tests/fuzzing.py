@@ -10,6 +10,7 @@ with odd roles, files written as JSON, JSONL or gzip, then truncated or spliced 
 
 import gzip
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from qtune.recipe.align import PromptDataSection
 from qtune.recipe.load import RECIPE_KINDS, find_recipe, load_recipe
 from qtune.recipe.schema import RecipeError, iter_fields
 from qtune.recipe.sections import SFTDataSection
-from qtune.tokenizer import TokenizerError
+from qtune.tokenizer import TokenizerError, load_tokenizer
 from qtune.train.common import TrainingError
 from qtune.weights.checkpoint import CheckpointError
 
@@ -188,6 +189,28 @@ GOOD_CONFIG = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "inte
 ADAPTER_KEYS = ["peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias", "use_dora",
                 "base_model_name_or_path", "modules_to_save"]
 GOOD_ADAPTER = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+GOOD_TOKENIZER_CONFIG = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                         "add_bos_token": False, "chat_template": CHATML}
+TOKENIZER_KEYS = ["bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "chat_template",
+                  "added_tokens_decoder", "legacy"]
+# templates that break in each way a model's own template can: syntax, raise_exception, the sandbox, a bug
+TEMPLATES = [CHATML, "{% for m in messages %}{{ m.content }", "{{ raise_exception('roles must alternate') }}",
+             "{{ messages.__class__.__mro__ }}", "{{ 1 / 0 }}", "{{ messages[7].content }}", "{{ messages + 1 }}",
+             "{% for %}", "{{ bos_token | length > 3 }}"]
+added_token = st.fixed_dictionaries({"content": texts | json_values},
+                                    optional={"special": json_values, "normalized": json_values})
+tokenizer_configs = st.builds(
+    lambda changes: {**GOOD_TOKENIZER_CONFIG, **changes},
+    st.fixed_dictionaries({}, optional={
+        "chat_template": st.sampled_from(TEMPLATES) | json_values
+        | st.lists(st.fixed_dictionaries({"name": texts, "template": st.sampled_from(TEMPLATES)}), max_size=2),
+        "added_tokens_decoder": st.dictionaries(st.integers(0, 700).map(str) | st.text(max_size=4), added_token,
+                                                max_size=3) | json_values,
+        **{key: st.sampled_from(["<|im_end|>", "<|endoftext|>", "absent-token"]) | json_values
+           | st.fixed_dictionaries({"content": texts}) for key in ("bos_token", "eos_token", "pad_token", "unk_token")},
+        "add_bos_token": json_values}))
 
 
 def json_files(good: dict, keys: list[str]):
@@ -231,6 +254,17 @@ def read_adapter(ws: Workspace, data: bytes) -> None:
     read_adapter_config(ws.dir)
 
 
+def read_tokenizer_config(ws: Workspace, data: bytes) -> None:
+    directory = ws.dir / "tokenizer_fuzz"
+    directory.mkdir(exist_ok=True)
+    shutil.copyfile(ws.tokenizer.model_dir / "tokenizer.json", directory / "tokenizer.json")
+    (directory / "tokenizer_config.json").write_bytes(data)
+    tokenizer = load_tokenizer(directory)
+    tokenizer.encode("Say hi.", add_bos=tokenizer.bos_id is not None)
+    if tokenizer.has_chat_template:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True)
+
+
 def read_sft_data(ws: Workspace, drawn: tuple[str, bytes, str]) -> None:
     suffix, data, fmt = drawn
     path = ws.write("sft" + suffix, data)
@@ -265,6 +299,8 @@ TARGETS = {
     "override": (override_texts(), apply_override),
     "config.json": (json_files(GOOD_CONFIG, CONFIG_KEYS), read_config),
     "adapter_config.json": (json_files(GOOD_ADAPTER, ADAPTER_KEYS), read_adapter),
+    "tokenizer_config.json": (tokenizer_configs.map(lambda d: json.dumps(d).encode()) | json_files(
+        GOOD_TOKENIZER_CONFIG, TOKENIZER_KEYS), read_tokenizer_config),
     "sft data": (_with_format(SFT_ROWS, ["auto", "alpaca", "chat", "sharegpt", "text"]), read_sft_data),
     "preference data": (_with_format(PREF_ROWS, ["auto", "pairs", "ranking", "sharegpt", "chat", "hh"]),
                         read_preferences),
