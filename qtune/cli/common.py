@@ -65,7 +65,7 @@ def describe_os_error(e: OSError) -> str:
     if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
         return f"{where}: no space left on the device; free space there (or choose another directory) and run again"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{where}: {reason}; choose a location you can write to (e.g. set output.dir) or fix its permissions"
+        return f"{where}: {reason}; fix its permissions or choose another location (for a run: output.dir)"
     if e.errno in (errno.EEXIST, errno.ENOTDIR):
         return f"{where}: exists and is not a directory ({reason}); choose another path (for a run: output.dir)"
     if e.errno == errno.ENOENT:
