@@ -4,10 +4,10 @@
 
 The cases are shared equally by the targets run (1,111 or 1,112 each for all nine).
 
-For each target (recipe, override, config.json, adapter_config.json, sft / preference / kto / prompt data) it
-prints how many cases were read fine, stopped with one of qtune's own errors, or escaped as another exception
-(by type, with the first message of each); the last line is one JSON object with every count. The target is 0
-escapes; the CI test (tests/test_fuzz_inputs.py) runs the same generators with fewer cases.
+For each target (recipe, override, config.json, adapter_config.json, tokenizer_config.json, sft / preference /
+kto / prompt data) it prints how many cases were read fine, stopped with one of qtune's own errors, or escaped as
+another exception (by type, with the first message of each); the last line is one JSON object with every count.
+The target is 0 escapes; the CI test (tests/test_fuzz_inputs.py) runs the same generators with fewer cases.
 """
 
 import argparse

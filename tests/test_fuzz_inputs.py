@@ -1,7 +1,7 @@
 """Property-based fuzzing of every reader of user input (#21): recipes, overrides, config.json,
-adapter_config.json and each data and preference layout, gzip included. Whatever is drawn, only qtune's own
-error types may escape. The generators live in tests/fuzzing.py; benchmarks/fuzz_inputs.py runs them for
-10,000 cases in all and counts the outcomes."""
+adapter_config.json, tokenizer_config.json (chat templates included) and each data and preference layout, gzip
+included. Whatever is drawn, only qtune's own error types may escape. The generators live in tests/fuzzing.py;
+benchmarks/fuzz_inputs.py runs them for 10,000 cases in all and counts the outcomes."""
 
 import pytest
 from fuzzing import QTUNE_ERRORS, TARGETS, Workspace
@@ -10,7 +10,7 @@ from test_data_tokenizer import make_tokenizer_dir
 
 from qtune.tokenizer import load_tokenizer
 
-EXAMPLES = 120  # per target: the eight together take well under a minute on one CPU core
+EXAMPLES = 120  # per target: the nine together take well under a minute on one CPU core
 
 
 @pytest.fixture(scope="module")
