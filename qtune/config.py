@@ -96,7 +96,7 @@ class ModelConfig:
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
             head_dim=head_dim, rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)), rope_theta=rope_theta,
-            rope_scaling=rope_scaling, max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            rope_scaling=rope_scaling, max_position_embeddings=d.get("max_position_embeddings") or 4096,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), qkv_bias=qkv_bias, o_bias=o_bias,
             sliding_window=window, model_type=model_type, bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"), torch_dtype=d.get("torch_dtype") or d.get("dtype"),

@@ -32,3 +32,28 @@ def test_only_qtune_errors_escape(workspace, name):
             pass  # a named, explained refusal: what bad input must get
 
     read()
+
+
+GOOD = '"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 24, ' \
+       '"num_hidden_layers": 1, "num_attention_heads": 2'
+FOUND = [  # (target, input) pairs that once escaped as TypeError, AttributeError, UnicodeDecodeError, ...
+    ("config.json", b"\x82\xebM"),
+    ("config.json", ("{" + GOOD + ', "rope_scaling": true}').encode()),
+    ("config.json", ("{" + GOOD + ', "rope_theta": "fast"}').encode()),
+    ("config.json", ("{" + GOOD + ', "max_position_embeddings": null}').encode()),
+    ("adapter_config.json", b"\x82\xebM"),
+    ("tokenizer_config.json", b'{"eos_token": "<|im_end|>", "chat_template": "{{ 1 / 0 }}"}'),
+    ("tokenizer_config.json", b'{"eos_token": "<|im_end|>", "chat_template": "{{ messages + 1 }}"}'),
+    ("tokenizer_config.json", b'{"eos_token": "<|im_end|>", "added_tokens_decoder": null}'),
+    ("tokenizer_config.json", b'{"eos_token": "<|im_end|>", "pad_token": {"content": ""}}'),
+    ("tokenizer_config.json", b'{"eos_token": ["<|im_end|>"]}'),
+]
+
+
+@pytest.mark.parametrize("name, data", FOUND)
+def test_inputs_fuzzing_found_are_read_or_refused_by_name(workspace, name, data):
+    _, target = TARGETS[name]
+    try:
+        target(workspace, data)
+    except QTUNE_ERRORS as e:
+        assert name in str(e)
