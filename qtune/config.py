@@ -6,6 +6,7 @@ checkpoints (one line each) so the memory planner can size a model without its f
 """
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -95,7 +96,7 @@ class ModelConfig:
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
             head_dim=head_dim, rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)), rope_theta=rope_theta,
-            rope_scaling=rope_scaling, max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            rope_scaling=rope_scaling, max_position_embeddings=d.get("max_position_embeddings") or 4096,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), qkv_bias=qkv_bias, o_bias=o_bias,
             sliding_window=window, model_type=model_type, bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"), torch_dtype=d.get("torch_dtype") or d.get("dtype"),
@@ -133,16 +134,28 @@ class ModelConfig:
         return d
 
 
+def _positive_number(value, source: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{source}: field {key!r} must be a positive number (found {value!r})")
+    return float(value)
+
+
 def _rope_fields(d: dict, source: str) -> tuple[float, dict | None]:
     """RoPE base and scaling from either the classic fields or the newer `rope_parameters` dict."""
     params = d.get("rope_parameters")
     if isinstance(params, dict):
-        theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+        theta = _positive_number(params.get("rope_theta", d.get("rope_theta", 10000.0)), source, "rope_theta")
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
-        theta = float(d.get("rope_theta", 10000.0))
+        theta = _positive_number(d.get("rope_theta", 10000.0), source, "rope_theta")
         scaling = d.get("rope_scaling")
     if scaling:
+        if not isinstance(scaling, dict):
+            raise ConfigError(f"{source}: rope_scaling must be an object such as {{\"rope_type\": \"linear\", "
+                              f"\"factor\": 2.0}}, or null (found {scaling!r:.60})")
+        for key in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"):
+            if key in scaling:
+                _positive_number(scaling[key], source, f"rope_scaling.{key}")
         scaling = dict(scaling)
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -168,6 +181,6 @@ def read_json(path: Path, error: type[Exception], missing: str):
     if not path.exists():
         raise error(f"{path}: {missing}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from e

@@ -4,13 +4,15 @@ from pathlib import Path
 
 import torch
 
+# 512 positions: the default data.max_seq_len of the reward and DPO recipes (qtune refuses longer sequences than
+# a model has positions for); the default RoPE does not depend on max_position_embeddings, so nothing else changes.
 # Intermediate sizes are deliberately not multiples of 64 (odd blocks), and not multiples of 16 either:
 # bitsandbytes' CPU `dequantize_4bit` (0.50.2) decodes wrongly when the last dimension is a multiple of
 # 16 but not of 64 (e.g. 80 or 96), although its packed bytes are right; real models never have such widths.
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
-                  max_position_embeddings=256, tie_word_embeddings=False),
+                  max_position_embeddings=512, tie_word_embeddings=False),
     "llama3": dict(model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=104, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=500000.0,
                    max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True,
@@ -18,10 +20,10 @@ TINY_CONFIGS = {
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "mistral": dict(model_type="mistral", vocab_size=160, hidden_size=64, intermediate_size=120, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-                    max_position_embeddings=256, sliding_window=4096, tie_word_embeddings=False),
+                    max_position_embeddings=512, sliding_window=4096, tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", vocab_size=160, hidden_size=64, intermediate_size=72, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                  max_position_embeddings=256, tie_word_embeddings=True),
+                  max_position_embeddings=512, tie_word_embeddings=True),
 }
 
 

@@ -4,9 +4,10 @@ import click
 
 from qtune.cli import (align_cmds, datagen_cmds, hub_cmds, lora_cmds, memory_cmds, model_cmds, ppo_cmds, recipe_cmds,
                        train_cmds)
+from qtune.cli.common import QtuneGroup
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=QtuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qtune")
 def main() -> None:
     """qtune: QLoRA fine-tuning on one GPU (or a CPU)."""

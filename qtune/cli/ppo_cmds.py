@@ -7,10 +7,10 @@ import json
 
 import click
 
-from qtune.cli.common import err, load_checked, run_or_explain
+from qtune.cli.common import command, err, load_checked, run_or_explain
 
 
-@click.command()
+@command()
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in output.dir.")
@@ -27,7 +27,7 @@ def ppo(recipe, overrides, resume):
     click.echo(json.dumps(run_or_explain(run_ppo, r, resume=resume, console=err)))
 
 
-@click.command("best-of-n")
+@command("best-of-n")
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Reuse the kept samples and continue the SFT run from its newest checkpoint.")

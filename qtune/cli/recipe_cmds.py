@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from qtune.cli.common import load_checked
+from qtune.cli.common import QtuneGroup, command, load_checked
 from qtune.recipe.load import find_recipe
 from qtune.recipe.schema import iter_fields
 
@@ -27,7 +27,7 @@ def _model_dir(path: str) -> Path:
     return Path(resolve_model_path(path))
 
 
-@click.command("ls")
+@command("ls")
 def ls_cmd() -> None:
     """List the shipped recipes."""
     from qtune.recipes import shipped_recipes
@@ -43,7 +43,7 @@ def ls_cmd() -> None:
     console.print("Copy one with `qtune cp NAME DEST`, check it with `qtune validate DEST`.")
 
 
-@click.command("cp")
+@command("cp")
 @click.argument("name")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
@@ -77,7 +77,9 @@ def _checks(recipe) -> list[tuple[bool, str]]:
     """(passed, message) for the model and every data path, without loading either."""
     results = []
     try:
-        results.append((True, f"model.path: {_model_dir(recipe.model.path)}"))
+        model_dir = _model_dir(recipe.model.path)
+        results.append((True, f"model.path: {model_dir}"))
+        results += _position_check(recipe, model_dir)
     except ImportError:
         results.append((True, f"model.path: {recipe.model.path!r} is not a directory; alias not checked"))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -95,7 +97,22 @@ def _checks(recipe) -> list[tuple[bool, str]]:
     return results
 
 
-@click.command("validate")
+def _position_check(recipe, model_dir: Path) -> list[tuple[bool, str]]:
+    """Whether the recipe's sequences fit the model's positions (read from config.json, no weights loaded)."""
+    from qtune.config import ConfigError, ModelConfig
+    from qtune.train.common import TrainingError
+    from qtune.train.run import check_positions
+
+    if not (model_dir / "config.json").is_file():
+        return []
+    try:
+        check_positions(recipe, ModelConfig.from_json(model_dir))
+    except (ConfigError, TrainingError) as e:
+        return [(False, str(e))]
+    return []
+
+
+@command("validate")
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 def validate_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
@@ -119,7 +136,7 @@ def validate_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
     console.print("[green]Recipe is valid.")
 
 
-@click.group("data")
+@click.group("data", cls=QtuneGroup)
 def data_group() -> None:
     """Inspect training data as a recipe prepares it."""
 
@@ -130,16 +147,13 @@ def data_group() -> None:
 @click.option("-n", "count", default=3, show_default=True, help="Examples to show.")
 def preview_cmd(recipe: str, overrides: tuple[str, ...], count: int) -> None:
     """Show a few training examples of RECIPE with the trained tokens highlighted, plus statistics."""
-    from qtune.data import DataError, build_sft_data
+    from qtune.data import build_sft_data
     from qtune.data.preview import show_preview
     from qtune.tokenizer import load_tokenizer
 
     resolved = load_checked(recipe, overrides)
-    try:
-        tokenizer = load_tokenizer(_model_dir(resolved.model.path))
-        data = build_sft_data(resolved.data, tokenizer, seed=resolved.train.seed)
-    except (DataError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
+    tokenizer = load_tokenizer(_model_dir(resolved.model.path))
+    data = build_sft_data(resolved.data, tokenizer, seed=resolved.train.seed)
     show_preview(data, tokenizer, count, console)
 
 

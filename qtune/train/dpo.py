@@ -318,6 +318,7 @@ def run_dpo(recipe: DPORecipe, resume: bool = False, console=None) -> dict:
             out = train_step(model, [b for _, b in micro], params, optimizer, scheduler, recipe, device,
                              model_dtype, reference)
             run.check_finite(step, loss=out["loss"], grad_norm=out["grad_norm"])
+            run.check_collapse(step, out["grad_norm"])
             position = micro[-1][0]
             record = step_record(step, out, t0, position, device)
             if step == steps and data.val:  # the last step's record carries the held-out evaluation

@@ -316,6 +316,7 @@ def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
             batch, rollout = make_experience(model, scorer, prompts, generations, recipe, beta, device)
             update = ppo_epochs(model, batch, recipe, ptx, params, optimizer, scheduler, step, device)
             run.check_finite(step, **update)
+            run.check_collapse(step, update["grad_norm"])
             kl_ctl.update(rollout["kl"], len(prompts))
             record = iteration_record(step, rollout, update, beta, kl_ctl, recipe, scheduler, t0, device)
             after = evaluate_policy(*held_out) if recipe.eval.every and step % recipe.eval.every == 0 else {}

@@ -8,6 +8,7 @@ number of trained tokens of the *whole step*, so the gradient is that of the mea
 token of the step, whatever the split into micro-batches (batch 1 x accumulation 4 = batch 4 x 1).
 """
 
+import math
 import time
 
 from qtune.data.sft import build_sft_data
@@ -78,6 +79,7 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, console=None) -> dict:
     run.show_data_stats(data.stats)
     params, model_dtype = lora_parameters(model, ADAPTER), model.model.embed_tokens.weight.dtype
     steps = total_steps(recipe, data.batches_per_epoch(t.micro_batch_size))
+    uniform_loss = math.log(model.config.vocab_size)  # cross-entropy of a uniform guess: a collapsed model's loss
     optimizer, scheduler, start_step, position = run.begin(recipe, model, ADAPTER, params, steps)
     if start_step == 0:
         with run.console.status("held-out evaluation before training"):
@@ -90,6 +92,7 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, console=None) -> dict:
             out = train_step(model, [b for _, b in micro], params, optimizer, scheduler, t.max_grad_norm, device,
                              model_dtype)
             run.check_finite(step, loss=out["loss"], grad_norm=out["grad_norm"])
+            run.check_collapse(step, out["grad_norm"], out["loss"], uniform_loss)
             position = micro[-1][0]
             record = step_record(step, out, t0, position, device)
             if step == steps:  # the last step's record carries the held-out evaluation after training
