@@ -301,12 +301,9 @@ class Checkpointer:
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no partial files
             cause = e if isinstance(e, (OSError, SafetensorError)) else e.__cause__
-            if not isinstance(cause, (OSError, SafetensorError)):
-                raise
-            raise TrainingError(
-                f"{final}: cannot write the checkpoint ({getattr(cause, 'strerror', None) or cause}); its partial "
-                f"files were removed and the last complete checkpoint is {self.latest() or 'none'}: free space, "
-                "then continue with --resume") from None
+            if isinstance(cause, (OSError, SafetensorError)):
+                raise cause from None  # the run names the checkpoint and the way on (Run.writing)
+            raise
         fault_point("checkpoint-renamed")
         self._prune()
         return final
