@@ -43,7 +43,7 @@ import torch
 
 from qtune.kernels import KernelSpec
 from qtune.kernels.cpu.linear import linear, matmul
-from qtune.kernels.dispatch import use_triton
+from qtune.kernels.dispatch import autocast_off, compute_dtype, use_triton
 
 VOCAB_CHUNK = 1024  # vocabulary columns per step of the plain-torch path (4 MB fp32 tiles at 1024 tokens)
 # The input dtypes the Triton kernels take (each with its tiles in kernels/triton/logprobs.py's BLOCKS).
@@ -189,6 +189,7 @@ class CrossEntropySumFn(torch.autograd.Function):
     """Sum over unmasked tokens of -log p(target) for a frozen weight; dL/dh is computed in the forward."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
         nll, grad_h = cross_entropy_one_pass_torch(hidden, weight, targets, targets != ignore_index, chunk_size)
         ctx.save_for_backward(grad_h)
@@ -196,6 +197,7 @@ class CrossEntropySumFn(torch.autograd.Function):
         return nll.sum()
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss):
         (grad_h,) = ctx.saved_tensors
         return (grad_h * grad_loss).to(ctx.hidden_dtype), None, None, None, None
@@ -205,6 +207,7 @@ class LogprobsEntropyFn(torch.autograd.Function):
     """(logp, entropy) per token, each (N,) fp32 and 0 where targets == ignore_index."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, triton_kernels):
         valid = targets != ignore_index  # (N,)
         if triton_kernels:
@@ -216,6 +219,7 @@ class LogprobsEntropyFn(torch.autograd.Function):
         return torch.where(valid, z_target - lse, 0.0), torch.where(valid, lse - mean_logit, 0.0)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, mean_logit = ctx.saved_tensors
         valid = targets != ctx.ignore_index
@@ -252,6 +256,15 @@ def _check_inputs(hidden, weight, targets, ignore_index, chunk_size):
                          f"[0, {weight.shape[0]}) and is not ignore_index={ignore_index}")
 
 
+def _autocast_inputs(hidden, weight):
+    """hidden and weight in autocast's dtype where autocast is on (one explicit compute dtype), else as given
+    (mismatched dtypes outside autocast are the caller's to fix: `_check_inputs` says so)."""
+    if not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight
+    dtype = compute_dtype(hidden)
+    return hidden.to(dtype), weight.to(dtype)
+
+
 def _use_triton_kernels(kernels: str, hidden: torch.Tensor) -> bool:
     if not use_triton(kernels, hidden):
         return False
@@ -272,6 +285,7 @@ def token_logprobs_and_entropy(hidden, weight, targets, ignore_index=-100, chunk
     chunk_size x VOCAB_CHUNK fp32 logits, the Triton backward chunk_size x V logit gradients in the input
     dtype). kernels="auto" | "triton" | "torch" picks the implementation (see qtune.kernels.dispatch).
     """
+    hidden, weight = _autocast_inputs(hidden, weight)
     _check_inputs(hidden, weight, targets, ignore_index, chunk_size)
     triton_kernels = _use_triton_kernels(kernels, hidden)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (N, D)
@@ -294,6 +308,7 @@ def cross_entropy_sum(hidden, weight, targets, ignore_index=-100, chunk_size=102
     micro-batches instead of averaging per micro-batch.
     """
     count = (targets != ignore_index).sum()
+    hidden, weight = _autocast_inputs(hidden, weight)
     one_pass = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
                 and not _use_triton_kernels(kernels, hidden))
     if one_pass:  # QLoRA's frozen lm_head on the plain-torch path: dL/dh during the forward

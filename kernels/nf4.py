@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from qtune.kernels import KernelSpec
-from qtune.kernels.dispatch import interpreting, triton_importable
+from qtune.kernels.dispatch import autocast_off, compute_dtype, interpreting, triton_importable
 
 # The 16 NF4 levels as bitsandbytes lists them: quantiles of N(0, 1) normalized to [-1, 1], with an
 # exact zero (QLoRA appendix E).
@@ -100,6 +100,7 @@ class NF4MatmulFn(torch.autograd.Function):
     """y = x Wᵀ + bias with W frozen in NF4 (Triton path); gradients for x and bias only."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x: torch.Tensor, q, bias: torch.Tensor | None) -> torch.Tensor:
         N, K = q.shape
         x2 = x.reshape(-1, K).contiguous()  # (M, K)
@@ -114,6 +115,7 @@ class NF4MatmulFn(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], N)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy: torch.Tensor):
         N, K = ctx.q.shape
         dy2 = dy.reshape(-1, N)  # (M, N)
@@ -140,6 +142,7 @@ def nf4_matmul(x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Te
     if len(q.shape) != 2 or x.shape[-1] != q.shape[1]:
         raise ValueError(f"nf4_matmul: input (..., {x.shape[-1]}) does not match weight {tuple(q.shape)} "
                          "(out_features, in_features)")
+    x = x.to(compute_dtype(x))
     _check_dtype(x.dtype, "nf4_matmul: input")
     if x.device != q.device:
         raise ValueError(f"nf4_matmul: input on {x.device} but weight on {q.device}; move both to one device")

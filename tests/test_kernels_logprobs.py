@@ -234,3 +234,24 @@ def test_gpu_bf16_error_within_twice_torch_bf16(V):
         torch_err = (t.float() - e).abs().max().item()
         our_err = (o.float() - e).abs().max().item()
         assert our_err <= 2 * torch_err, f"{name}: error {our_err:.3e} vs torch bf16 {torch_err:.3e}"
+
+
+@pytest.mark.parametrize("kernels, dtype", [("torch", torch.bfloat16), ("torch", torch.float16),
+                                            ("triton", torch.float16)])
+def test_autocast_computes_in_its_dtype_like_explicitly_cast_inputs(kernels, dtype):
+    """fp32 hidden and weight under torch.autocast(dtype): the same outputs and gradients (returned in fp32)
+    as inputs cast to `dtype` by hand, so every product inside runs in one explicit dtype."""
+    hidden, weight, targets = make_inputs(21, 32, 200)
+
+    def loss(h, w):
+        logp, entropy = token_logprobs_and_entropy(h, w, targets, chunk_size=8, kernels=kernels)
+        ce, _ = cross_entropy_sum(h, w.detach(), targets, chunk_size=8, kernels=kernels)
+        return (logp * 0.3 + entropy).sum() + ce
+
+    with torch.autocast("cpu", dtype=dtype):
+        value, grad_h, grad_w = grads(loss, hidden, weight)
+    cast_value, cast_h, cast_w = grads(loss, hidden, weight, dtype)
+    assert grad_h.dtype == grad_w.dtype == torch.float32
+    assert_rel_close(value, cast_value, what="value")
+    assert_rel_close(grad_h, cast_h.float(), rtol=1e-2, what="dL/dh")  # cast_h carries one 16-bit rounding
+    assert_rel_close(grad_w, cast_w.float(), rtol=1e-2, what="dL/dw")
