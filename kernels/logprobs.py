@@ -232,7 +232,7 @@ class LogprobsEntropyFn(torch.autograd.Function):
         else:
             grad_h, grad_w = logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy,
                                                    ctx.chunk_size, need_weight)
-        return grad_h.to(hidden.dtype), grad_w, None, None, None, None
+        return grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
 logprobs_entropy = LogprobsEntropyFn.apply
