@@ -325,20 +325,25 @@ def compile_specs() -> list[KernelSpec]:
     """Both kernels in every dtype the op launches them with, each with its shipped block configuration."""
     k = _kernels()
     specs = []
-    for dtype, cfg in k.BLOCKS.items():
+    configs = [(dtype, cfg, (span,)) for span, table in k.ARCH_BLOCKS for dtype, cfg in table.items()]
+    for dtype, cfg in k.BLOCKS.items():  # everywhere an exception does not take over
+        taken = sorted(span for span, table in k.ARCH_BLOCKS if dtype in table)
+        edges = [0, *(edge for span in taken for edge in span), 1000]
+        configs.append((dtype, cfg, tuple((low, high) for low, high in zip(edges[::2], edges[1::2]) if low < high)))
+    for dtype, cfg, capabilities in configs:
         ty = TRITON_TYPES[dtype]
         tiles = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d}
         sizes = {"M": "i32", "V": "i32", "D": "i32"}
         inputs = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "y_ptr": "*i64", "token_ptr": "*i64"}
-        tag = f"{ty},BLOCK_N={cfg.block_n},BLOCK_V={cfg.block_v},BLOCK_D={cfg.block_d}"
+        tag = f"{ty},BLOCK_N={cfg.block_n},BLOCK_V={cfg.block_v},BLOCK_D={cfg.block_d},stages={cfg.num_stages}"
         partials = {name: "*fp32" for name in ("max_ptr", "sumexp_ptr", "zsum_ptr", "target_ptr")}
         specs.append(KernelSpec(
             f"logsumexp_partials[{tag},VOCAB_SPLIT={cfg.vocab_split}]", k.logsumexp_partials_kernel,
             {**inputs, **partials, **sizes, **{k: "constexpr" for k in tiles}, "VOCAB_SPLIT": "constexpr"},
-            {**tiles, "VOCAB_SPLIT": cfg.vocab_split}, cfg.num_warps, cfg.num_stages))
+            {**tiles, "VOCAB_SPLIT": cfg.vocab_split}, cfg.num_warps, cfg.num_stages, capabilities=capabilities))
         stats = {name: "*fp32" for name in ("lse_ptr", "mean_logit_ptr", "grad_logp_ptr", "grad_entropy_ptr")}
         specs.append(KernelSpec(
             f"logit_grad[{tag}]", k.logit_grad_kernel,
             {**inputs, **stats, "grad_z_ptr": f"*{ty}", **sizes, **{k: "constexpr" for k in tiles}},
-            tiles, cfg.num_warps, cfg.num_stages))
+            tiles, cfg.num_warps, cfg.num_stages, capabilities=capabilities))
     return specs

@@ -158,6 +158,9 @@ def _quant_state_signature(double_quant: bool) -> dict:
             "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32"}
 
 
+NO_FP_FUSION = {"enable_fp_fusion": False}  # what both launchers pass (kernels/triton/nf4.py says why)
+
+
 def compile_specs() -> list[KernelSpec]:
     """Every (kernel, dtype, tile) configuration the launchers can pick, with 64/256 blocks."""
     k = _kernels()
@@ -170,7 +173,7 @@ def compile_specs() -> list[KernelSpec]:
                          "n_bytes": "i32", **{c: "constexpr" for c in (*flags, "BLOCK")}}
             specs.append(KernelSpec(f"nf4_dequantize[{tt}, double_quant={double_quant}, BLOCK={k.DEQUANT_BLOCK}]",
                                     k.nf4_dequantize_kernel, signature, {**flags, "BLOCK": k.DEQUANT_BLOCK},
-                                    num_warps=k.NUM_WARPS))
+                                    num_warps=k.NUM_WARPS, options=NO_FP_FUSION))
             for block_m in k.MATMUL_BLOCK_MS[dtype]:
                 tiles = {"BLOCK_M": block_m, "BLOCK_N": k.MATMUL_BLOCK_N, "BLOCK_K": k.MATMUL_BLOCK_K}
                 signature = {"x_ptr": f"*{tt}", **_quant_state_signature(double_quant), "y_ptr": f"*{tt}",
@@ -180,5 +183,5 @@ def compile_specs() -> list[KernelSpec]:
                     f"nf4_matmul_small_m[{tt}, double_quant={double_quant}, BLOCK_M={block_m}, "
                     f"BLOCK_N={k.MATMUL_BLOCK_N}, BLOCK_K={k.MATMUL_BLOCK_K}]",
                     k.nf4_matmul_small_m_kernel, signature, {**flags, **tiles}, num_warps=k.NUM_WARPS,
-                    num_stages=k.MATMUL_NUM_STAGES[dtype]))
+                    num_stages=k.MATMUL_NUM_STAGES[dtype], options=NO_FP_FUSION))
     return specs

@@ -4,6 +4,7 @@ The math, the references, the plain-torch path, the autograd functions and the p
 kernels/logprobs.py; this module is imported only when a kernel is launched.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -107,13 +108,42 @@ BLOCKS = {
     torch.float16: Blocks(block_n=64, block_v=128, block_d=32, vocab_split=2048, num_warps=8, num_stages=3),
     torch.float32: Blocks(block_n=64, block_v=64, block_d=32, vocab_split=1024, num_warps=8, num_stages=2),
 }
+# Where those tiles spill, per range of compute capabilities [low, high) (10 * major + minor):
+# - Turing (sm_75: T4, RTX 20xx): the 16-bit tiles take 255 registers and spill up to 2 KB per thread;
+#   half-width vocabulary tiles do not.
+# - consumer Blackwell (sm_120: RTX 50xx): the pipelined fp32 forward spills 12 B; one stage does not.
+ARCH_BLOCKS = (
+    ((0, 80), {
+        torch.bfloat16: Blocks(block_n=64, block_v=64, block_d=32, vocab_split=2048, num_warps=8, num_stages=2),
+        torch.float16: Blocks(block_n=64, block_v=64, block_d=32, vocab_split=2048, num_warps=8, num_stages=2),
+    }),
+    ((120, 130), {
+        torch.float32: Blocks(block_n=64, block_v=64, block_d=32, vocab_split=1024, num_warps=8, num_stages=1),
+    }),
+)
+
+
+@functools.cache
+def _capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+def blocks_for(hidden: torch.Tensor) -> Blocks:
+    """The tiles for hidden's dtype on hidden's device: an ARCH_BLOCKS exception where one applies, else BLOCKS."""
+    if hidden.is_cuda:
+        capability = _capability(hidden.device.index or 0)
+        for (low, high), table in ARCH_BLOCKS:
+            if low <= capability < high and hidden.dtype in table:
+                return table[hidden.dtype]
+    return BLOCKS[hidden.dtype]
 
 
 def logsumexp_partials(hidden, weight, targets, tokens):
     """(m, s, t, z_target), each (n_splits, M) fp32: the kernel's statistics of the M rows `tokens` of hidden
     over each VOCAB_SPLIT-wide vocabulary slice (M > 0); the rows are read through the index, not copied."""
     (_, D), V, M = hidden.shape, weight.shape[0], tokens.numel()
-    cfg = BLOCKS[hidden.dtype]
+    cfg = blocks_for(hidden)
     n_splits = triton.cdiv(V, cfg.vocab_split)
     m, s, t, z_target = torch.empty(4, n_splits, M, device=hidden.device, dtype=torch.float32)
     grid = (triton.cdiv(M, cfg.block_n), n_splits)
@@ -128,7 +158,7 @@ def logit_grad_triton(hidden, weight, targets, tokens, lse, mean_logit, grad_log
     """dL/dz (M, V) in the input dtype for the rows `tokens` of hidden, recomputing the logits tile by tile.
     lse, mean_logit and the gradients are the (M,) values of those rows."""
     D, V, M = hidden.shape[1], weight.shape[0], tokens.numel()
-    cfg = BLOCKS[hidden.dtype]
+    cfg = blocks_for(hidden)
     grad_z = torch.empty(M, V, device=hidden.device, dtype=hidden.dtype)
     grid = (triton.cdiv(M, cfg.block_n), triton.cdiv(V, cfg.block_v))
     logit_grad_kernel[grid](
