@@ -181,7 +181,10 @@ def cross_entropy_one_pass_torch(hidden, weight, targets, valid, chunk_size):
             m[rows] = m_new
     lse = m + s.log()
     safe_targets = torch.where(valid, targets, 0)
-    grad_h = acc.div_(s[:, None]).sub_(weight[safe_targets].float()).mul_(valid[:, None])  # (N, D)
+    grad_h = acc.div_(s[:, None])  # (N, D), in acc's storage
+    for n0 in range(0, N, chunk_size):  # - W_y by row chunks: gathering all N target rows at once would copy (N, D)
+        rows = slice(n0, n0 + chunk_size)
+        grad_h[rows].sub_(weight[safe_targets[rows]].float()).mul_(valid[rows, None])
     return torch.where(valid, lse - z_target, 0.0), grad_h
 
 
@@ -192,15 +195,20 @@ class CrossEntropySumFn(torch.autograd.Function):
     @autocast_off
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
         nll, grad_h = cross_entropy_one_pass_torch(hidden, weight, targets, targets != ignore_index, chunk_size)
-        ctx.save_for_backward(grad_h)
+        # Held on ctx, not saved for backward: it is no input or output autograd could see modified, and the
+        # backward scales it in place and hands it over (no second (N, D) fp32 buffer at the loss's peak).
+        ctx.grad_h = grad_h
         ctx.hidden_dtype = hidden.dtype
         return nll.sum()
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_loss):
-        (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_loss).to(ctx.hidden_dtype), None, None, None, None
+        grad_h, ctx.grad_h = ctx.grad_h, None
+        if grad_h is None:
+            raise RuntimeError("cross_entropy_sum's backward ran twice (retain_graph=True): its one-pass gradient "
+                               "is handed over on the first; call it again instead")
+        return grad_h.mul_(grad_loss).to(ctx.hidden_dtype), None, None, None, None
 
 
 class LogprobsEntropyFn(torch.autograd.Function):

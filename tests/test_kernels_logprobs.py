@@ -286,3 +286,32 @@ def test_fp16_logit_gradients_do_not_underflow():
     (token_logprobs(h, weight, targets, kernels="triton") * upstream).sum().backward()
     ref_h, _ = fp64_grads(hidden, weight, targets, upstream)
     assert_rel_close(h.grad, ref_h, rtol=1e-3, what="dL/dh")
+
+
+class NewTensorsOfSize(TorchDispatchMode):
+    """Counts buffers of `numel` elements that ops allocate (outputs sharing no input's storage)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() == self.numel and t.untyped_storage().data_ptr() not in inputs:
+                self.count += 1
+        return out
+
+
+def test_cross_entropy_one_pass_holds_one_token_by_hidden_buffer():
+    """The one-pass loss keeps a single (N, D) fp32 buffer: the forward gathers the target rows of the lm_head
+    chunk by chunk (not all N at once) and the backward scales the gradient in place (no second copy)."""
+    N, D, V, chunk = 512, 8, 3 * VOCAB_CHUNK, 64
+    hidden, weight, targets = make_inputs(N, D, V)
+    h = hidden.clone().requires_grad_()
+    with NewTensorsOfSize(N * D) as forward:
+        loss, _ = cross_entropy_sum(h, weight, targets, chunk_size=chunk, kernels="torch")
+    with NewTensorsOfSize(N * D) as backward:
+        (0.5 * loss).backward()
+    assert forward.count == 1 and backward.count == 0
