@@ -206,26 +206,12 @@ def test_cross_entropy_sum_frozen_lm_head_bf16_vs_reference():
 
 # ----------------------------------------------------------------------------- models
 
-def lora_model(model_dir, kernels: str, dtype: str):
-    from qtune.lora import LoraConfig, add_lora, lora_parameters, mark_trainable
-    from qtune.weights.checkpoint import load_model
-
-    model = load_model(model_dir, quantize="nf4", dtype=dtype, device=DEVICE, kernels=kernels)
-    add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), seed=7)
-    mark_trainable(model, "default")
-    params = lora_parameters(model)
-    with torch.no_grad():  # a non-zero B so that every adapter path carries signal from the first step
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))).to(p.device) * 0.05)
-    return model, params
-
-
 def two_steps(model_dir, kernels: str, dtype: str):
     """Two AdamW steps: the losses and every adapter gradient of each step (fp32)."""
     from qtune.train.common import lm_loss_sum
+    from test_kernels_train import nf4_lora_model
 
-    model, params = lora_model(model_dir, kernels, dtype)
+    model, params = nf4_lora_model(model_dir, kernels, dtype, DEVICE)
     opt = torch.optim.AdamW(params, lr=1e-2)
     ids = torch.randint(3, 160, (2, 40), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
