@@ -117,7 +117,12 @@ def ptxas_usage(ptx: str, capability: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
-        cmd = [get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+        try:
+            tool = get_ptxas(capability)  # Triton 3.3 and 3.5+: one ptxas per architecture family
+        except TypeError:
+            tool = get_ptxas()  # Triton 3.4: one ptxas for all
+        path = getattr(tool, "path", None) or tool[0]  # Triton 3.3 returns (path, version), later a tool object
+        cmd = [path, "-lineinfo", "-v", "--regAllocOptLevel=2",
                f"--gpu-name={sm_arch_from_capability(capability)}", str(src), "-o", str(Path(tmp) / "kernel.cubin")]
         log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     spills = [tuple(map(int, m)) for m in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
