@@ -42,8 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 480
 TEST_FILES = ("tests/test_gpu_lane.py", "tests/test_kernels_nf4.py", "tests/test_kernels_lora.py",
               "tests/test_kernels_logprobs.py")
-# Dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets, without sparsity), by device-name fragment.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets, without sparsity), by device-name fragment, the
+# first fragment found in torch.cuda.get_device_name() wins (an SXM H100 reports "NVIDIA H100 80GB HBM3").
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
                     "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
                     "RTX 4090": 165.0, "RTX 3090": 71.0, "RTX 5090": 209.0, "T4": 65.0}
 TRAIN_SHAPES = ("llama3-8b", "llama2-7b", "smollm2-360m", "smollm2-135m")  # largest first
