@@ -16,13 +16,12 @@ What backward keeps and what it recomputes (the point of fusing):
       dX = dY W + s · dropout'((dY B) A)        accumulated into one buffer
 - LoRA dropout masks are not stored at all. Each call takes a seed (the `seed` argument, else one drawn
   from torch's default generator, so `torch.manual_seed` makes runs reproducible) and backward regenerates
-  the mask from it. A checkpointed call recomputes with the same masks only if it draws the same seed: pass
-  `seed` where the checkpoint does not restore the RNG state (`preserve_rng_state=False`):
-  Philox via `tl.rand(seed, element_index)` on the Triton path, Bernoulli draws from a
+  the mask from it: Philox via `tl.rand(seed, element_index)` on the Triton path, Bernoulli draws from a
   `torch.Generator` seeded with it on the plain-torch path (so the two paths draw different masks;
   `dropout_keep_mask` reproduces either). Projection i of a fused block uses seed + i, giving every
   adapter its own mask as separate dropout modules would, and its own p (`LoraParams.dropout`, unless
-  the call passes one p for all).
+  the call passes one p for all). A checkpointed call recomputes the same masks only if it gets the same
+  seed: pass `seed` where the checkpoint does not restore the RNG state (`preserve_rng_state=False`).
 - The MLP recomputes h = silu(g) * u in backward instead of saving it.
 
 The `@triton.jit` kernels and their launchers live in kernels/triton/lora.py, imported only when one
