@@ -416,12 +416,40 @@ def clip_gradients(params, max_norm: float) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
-def optimizer_step(params, optimizer, scheduler, max_grad_norm: float, loss: float) -> tuple[float, float]:
+def grad_scaler(device, model_dtype: torch.dtype) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for a float16 model on CUDA (pre-Ampere cards, see weights.checkpoint.default_dtype):
+    fp16 activation gradients of a loss averaged over thousands of tokens fall below its smallest normal
+    (6e-5). Elsewhere a disabled scaler, whose calls do nothing."""
+    enabled = torch.device(device).type == "cuda" and model_dtype == torch.float16
+    return torch.amp.GradScaler("cuda", enabled=enabled)
+
+
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
+    """loss.backward(), multiplied by the scaler's current scale when one is enabled."""
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def optimizer_step(params, optimizer, scheduler, max_grad_norm: float, loss: float,
+                   scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
     """Clip the accumulated gradients, step the optimizer and schedule unless the loss or the norm is not
-    finite (the run then stops without applying it), and clear the gradients; returns (grad norm, lr)."""
+    finite (the run then stops without applying it), and clear the gradients; returns (grad norm, lr).
+
+    With an enabled fp16 `scaler` the gradients are unscaled first, and an overflow (inf / nan gradients at
+    the current scale) is fp16's normal course rather than a failure: the scaler skips the step and halves
+    its scale, and the returned norm is 0.0 (nothing was applied)."""
+    scaling = scaler is not None and scaler.is_enabled()
+    if scaling:
+        scaler.unscale_(optimizer)
     grad_norm = clip_gradients(params, max_grad_norm)
     lr = optimizer.param_groups[0]["lr"]
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    if scaling and math.isfinite(loss):
+        scaler.step(optimizer)  # skipped when the unscaled gradients hold inf / nan
+        scaler.update()
+        if not math.isfinite(grad_norm):
+            grad_norm = 0.0
+        else:
+            scheduler.step()
+    elif math.isfinite(loss) and math.isfinite(grad_norm):
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -37,9 +37,22 @@ class CheckpointError(ValueError):
     """A model directory qtune cannot load; the message names the file and what is wrong."""
 
 
+def cuda_compute_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """bfloat16 on compute capability 8.0 and above (Ampere on), float16 below (T4, RTX 20xx, V100).
+
+    Below 8.0 there are no bf16 tensor cores: Triton emits no tensor-core code for bf16 there and torch's bf16
+    matmuls are emulated. fp16's narrow range is why training in it uses a gradient scaler
+    (qtune.train.common.grad_scaler).
+    """
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
 def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """bfloat16 on CUDA, float32 on CPU (CPU bf16 matmul is slow)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """The CUDA device's `cuda_compute_dtype`, float32 on CPU (CPU bf16 matmul is slow)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return cuda_compute_dtype(torch.cuda.get_device_capability(device))
 
 
 def parse_dtype(name: str | torch.dtype | None, device="cpu") -> torch.dtype:
