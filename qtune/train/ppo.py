@@ -28,7 +28,6 @@ from qtune.data.batching import collate
 from qtune.data.prompts import load_prompts, prompt_batches
 from qtune.data.records import load_records
 from qtune.data.tokenized import tokenize_cached
-from qtune.kernels.logprobs import token_logprobs_and_entropy
 from qtune.lora import (adapters_disabled, add_lora, load_adapter, load_extra_tensors, lora_parameters, save_adapter,
                         set_active_adapter, use_adapter)
 from qtune.align.ppo_losses import (AdaptiveKLController, FixedKLController, approx_kl, clipped_policy_loss,
@@ -36,7 +35,8 @@ from qtune.align.ppo_losses import (AdaptiveKLController, FixedKLController, app
 from qtune.recipe.align import PPORecipe
 from qtune.align.reward_model import ScalarHead
 from qtune.train import common
-from qtune.train.rollout import build_scorer, collate_responses, micro_batches, sample
+from qtune.train.rollout import (build_scorer, collate_responses, micro_batches, response_hidden, response_logprobs,
+                                 sample, scatter_rows)
 from qtune.train.run import Run, start_run
 
 POLICY, VALUE = "policy", "value"
@@ -72,25 +72,6 @@ def attach_roles(model, recipe: PPORecipe, pad_id: int, device):
     return scorer, params
 
 
-def response_hidden(model, batch: dict) -> torch.Tensor:
-    """Final hidden states at the positions that predict the response tokens. (S, R, D)"""
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # (S, L, D)
-    rows = torch.arange(len(hidden), device=hidden.device)[:, None]
-    return hidden[rows, batch["response_cols"]]
-
-
-def response_logprobs(model, batch: dict, temperature: float):
-    """log π(y_t | x, y_<t) and the entropy of π(· | x, y_<t) of the active adapter, (S, R) each, 0 off the mask.
-
-    Sampling divided the logits by the temperature, and z / τ = (h / τ) Wᵀ, so dividing the hidden states
-    gives the sampled distribution without materialising any logits.
-    """
-    hidden = response_hidden(model, batch)
-    if temperature != 1.0:
-        hidden = hidden / temperature
-    return token_logprobs_and_entropy(hidden, model.output_weight(), batch["targets"], kernels=model.kernels)
-
-
 def response_values(model, batch: dict) -> torch.Tensor:
     """V(x, y_<t) of the active (value) adapter through the value head, (S, R) fp32, 0 off the mask."""
     head = model.get_submodule(VALUE_HEAD)
@@ -99,15 +80,6 @@ def response_values(model, batch: dict) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- rollouts
-
-def _scatter_rows(pieces: list[torch.Tensor], S: int, R: int) -> torch.Tensor:
-    """Micro-batch results (each trimmed to its own response length) laid back into one (S, R) tensor."""
-    out, row = torch.zeros(S, R), 0
-    for piece in pieces:
-        out[row:row + len(piece), :piece.shape[1]] = piece.float().cpu()
-        row += len(piece)
-    return out
-
 
 @torch.no_grad()
 def make_experience(model, scorer, prompts, generations, recipe: PPORecipe, beta: float, device) -> tuple[dict, dict]:
@@ -136,7 +108,7 @@ def make_experience(model, scorer, prompts, generations, recipe: PPORecipe, beta
     model.train(was_training)
     S, R = batch["targets"].shape
     mask = batch["response_mask"].float()
-    old_logp, ref_logp, values = (_scatter_rows(x, S, R) for x in (old, ref, values))
+    old_logp, ref_logp, values = (scatter_rows(x, S, R) for x in (old, ref, values))
     rewards = kl_penalized_rewards(scores, old_logp, ref_logp, mask, beta)
     advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
     if p.whiten_advantages:
