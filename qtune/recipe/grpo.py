@@ -19,8 +19,8 @@ BUILTIN_REWARDS = ("answer", "format", "length")
 class RewardSpec:
     """One reward of a GRPO recipe; the reward of a response is Σ weight · reward."""
 
-    fn: str = "answer"
-    """"module:function" called as f(prompt, response, record) -> float, or a built-in: "answer" (1 when the answer taken out by `extract` equals the record's "answer"), "format" (1 when `pattern` matches the whole response), "length" (−response tokens / grpo.max_new_tokens); "" when `model` is set."""
+    fn: str = ""
+    """"module:function" called as f(prompt, response, record) -> float, or a built-in: "answer" (1 when the answer taken out by `extract` equals the record's "answer"), "format" (1 when `pattern` matches the whole response), "length" (−response tokens / grpo.max_new_tokens); set this or `model`."""
     weight: float = 1.0
     """Weight of this reward in the sum (negative weights penalise)."""
     model: str = ""
@@ -76,7 +76,7 @@ class GRPOSection:
     """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p; 1 = off."""
     stop_strings: list[str] = field(default_factory=list)
     """A response ends at the first of these strings (kept in its tokens, cut from the text rewards see)."""
-    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(fn="answer")])
     """The rewards, as [[grpo.rewards]] tables; each one is logged on its own (reward_<i>_<fn>)."""
     accuracy_reward: int = 0
     """Index in `rewards` of the pass/fail reward whose mean on held-out greedy responses is the accuracy."""
