@@ -18,7 +18,6 @@ Losses and advantages live in `qtune.align.grpo_losses`; rewards, sampling and b
 
 import contextlib
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from qtune.lora import adapters_disabled, add_lora, lora_parameters, set_active_
 from qtune.recipe.grpo import GRPORecipe
 from qtune.train import common
 from qtune.train.rollout import (RewardError, build_reward_scorers, collate_responses, micro_batches,
-                                 response_logprobs, scatter_rows)
+                                 plot_reward_curve, response_logprobs, scatter_rows)
 from qtune.train.run import Run, start_run
 
 POLICY = "policy"
@@ -216,39 +215,13 @@ def describe_step(record: dict) -> str:
             f"groups, rollout {record['rollout_seconds']:.1f} s / update {record['update_seconds']:.1f} s{held_out}")
 
 
-def plot_reward_curve(records: list[dict], names: list[str], path: Path) -> None:
-    """Mean reward per function and held-out accuracy per step, and the KL to the reference, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in records if "reward" in r]
-    if not rows:
-        return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    steps = [r["step"] for r in rows]
-    left.plot(steps, [r["reward"] for r in rows], label="reward (weighted sum)")
-    for name in names if len(names) > 1 else ():
-        left.plot(steps, [r[name] for r in rows], "--", label=name)
-    val = [(r["step"], r["val_accuracy"]) for r in records if r.get("val_accuracy") is not None]
-    if val:
-        left.plot(*zip(*val), "o-", label="held-out accuracy (greedy)")
-    left.set_xlabel("step")
-    left.legend(fontsize="small")
-    right.plot(steps, [r["kl"] for r in rows])
-    right.set_xlabel("step")
-    right.set_ylabel("KL to the reference (k3, nats / token)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def finish(run: Run, recipe: GRPORecipe, steps: int, before: dict, after: dict) -> dict:
     """Plot, summarise (metric, before, after, kl: the last step's mean KL, null with β = 0) and save the adapter."""
     records = run.metrics.read()
     names = reward_names(recipe)
-    plot_reward_curve(records, names, run.dir / "reward_curve.png")
+    curves = [("reward", "reward (weighted sum)")] + ([(n, n) for n in names] if len(names) > 1 else [])
+    plot_reward_curve(records, run.dir / "reward_curve.png", curves, ("val_accuracy", "held-out accuracy (greedy)"),
+                      "step", "KL to the reference (k3, nats / token)")
     logged = [r for r in records if "reward" in r]
     kls = [r["kl"] for r in logged]
     return run.finish({

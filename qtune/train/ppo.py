@@ -19,7 +19,6 @@ and scoring in `qtune.train.rollout`.
 """
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,8 +34,8 @@ from qtune.align.ppo_losses import (AdaptiveKLController, FixedKLController, app
 from qtune.recipe.align import PPORecipe
 from qtune.align.reward_model import ScalarHead
 from qtune.train import common
-from qtune.train.rollout import (build_scorer, collate_responses, micro_batches, response_hidden, response_logprobs,
-                                 sample, scatter_rows)
+from qtune.train.rollout import (build_scorer, collate_responses, micro_batches, plot_reward_curve, response_hidden,
+                                 response_logprobs, sample, scatter_rows)
 from qtune.train.run import Run, start_run
 
 POLICY, VALUE = "policy", "value"
@@ -229,33 +228,6 @@ def iteration_record(step: int, rollout: dict, update: dict, beta: float, kl_ctl
             "peak_memory_bytes": common.peak_memory_bytes(device)}
 
 
-def plot_reward_curve(records: list[dict], path: Path) -> None:
-    """Mean reward and KL per iteration, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in records if "reward" in r]
-    if not rows:
-        return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    steps = [r["step"] for r in rows]
-    left.plot(steps, [r["reward"] for r in rows], label="rollout reward")
-    val = [(r["step"], r["val_reward"]) for r in records if r.get("val_reward") is not None]
-    if val:
-        left.plot(*zip(*val), "o-", label="held-out reward (greedy)")
-    left.set_xlabel("iteration")
-    left.set_ylabel("mean reward")
-    left.legend()
-    right.plot(steps, [r["kl"] for r in rows])
-    right.set_xlabel("iteration")
-    right.set_ylabel("KL to the reference (nats / response)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
@@ -317,7 +289,8 @@ def finish(run: Run, recipe: PPORecipe, iterations: int, kl_ctl, before: dict, a
     save_adapter(run.model, run.dir / "value", name=VALUE, base_model_name_or_path=recipe.model.path,
                  extra_tensors=run.model.get_submodule(VALUE_HEAD).tensors())
     records = run.metrics.read()
-    plot_reward_curve(records, run.dir / "reward_curve.png")
+    plot_reward_curve(records, run.dir / "reward_curve.png", [("reward", "rollout reward")],
+                      ("val_reward", "held-out reward (greedy)"), "iteration", "KL to the reference (nats / response)")
     rewards = [r["reward"] for r in records if "reward" in r]
     return run.finish({
         "iterations": iterations, "value_adapter": str(run.dir / "value"),

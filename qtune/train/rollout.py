@@ -215,3 +215,33 @@ def _answer(prompt: str, response: str, record: dict, extract: str) -> float:
 
 def _format(prompt: str, response: str, record: dict, pattern: str) -> float:
     return format_match(response, pattern)
+
+
+def plot_reward_curve(records: list[dict], path: Path, curves: list[tuple[str, str]], held_out: tuple[str, str],
+                      x_label: str, kl_label: str) -> None:
+    """An RL run's PNG: the `curves` (metrics key, label) per step and the `held_out` evaluations on the left, the
+    KL to the reference on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if "reward" in r]
+    if not rows:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    steps = [r["step"] for r in rows]
+    for k, (key, label) in enumerate(curves):
+        left.plot(steps, [r[key] for r in rows], "-" if k == 0 else "--", label=label)
+    val = [(r["step"], r[held_out[0]]) for r in records if r.get(held_out[0]) is not None]
+    if val:
+        left.plot(*zip(*val), "o-", label=held_out[1])
+    left.set_xlabel(x_label)
+    left.set_ylabel("mean reward")
+    left.legend(fontsize="small")
+    right.plot(steps, [r["kl"] for r in rows])
+    right.set_xlabel(x_label)
+    right.set_ylabel(kl_label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
