@@ -11,9 +11,11 @@ trl      the same step in both: SmolLM2-135M in NF4 (qtune's NF4 / bitsandbytes'
          update (forward + backward + optimizer), and the peak RssAnon above the post-import level, with the ratios.
 learn    recipes/grpo.toml through the real loop on each built-in task (addition, word problems): greedy accuracy
          on the held-out prompts before and after, a one-sided two-proportion z-test against no change, and the KL.
-vs-ppo   the addition task with GRPO (recipes/grpo.toml) and PPO (recipes/ppo.toml with the same answer check as its
-         reward function), the same prompts, sampled tokens per step and optimizer: reward curve ends, held-out
-         greedy accuracy (PPO's held-out reward is the same 0/1 check), peak memory and wall time.
+vs-ppo   the addition task with GRPO (operands 1-30; recipes/grpo.toml, reward 1 when the last number is the sum) and PPO
+         (recipes/ppo.toml with reward_fn arithmetic: 1 when the first number is the sum, as PPO's responses do not stop
+         at a newline; GRPO's do, so a response holds one line and its last number is the answer), the same prompts,
+         sampled responses per step and optimizer: reward curve ends, held-out greedy accuracy (PPO's held-out
+         reward is its 0/1 check), peak memory and wall time.
 
     python benchmarks/bench_grpo.py trl [--steps 3] [--prompts 2] [--new-tokens 8] [--threads 2]
     python benchmarks/bench_grpo.py learn [--learn-steps 12]
@@ -200,11 +202,11 @@ def run_learn(args, work: Path) -> dict:
 
 def run_vs_ppo(args, work: Path) -> dict:
     """GRPO and PPO on the addition task: 64 sampled responses per step in both (8 prompts x 8 for GRPO, 64 prompts
-    x 1 for PPO), the same 8 new tokens, AdamW at the same lr, the same held-out prompts and 0/1 check."""
+    x 1 for PPO), the same 8 new tokens, AdamW at the same lr, the same held-out prompts."""
     from qtune.data.tasks import arithmetic_tasks
 
     steps, val = args.learn_steps, args.val
-    records = arithmetic_tasks("addition", val + 64 * steps, seed=0)
+    records = arithmetic_tasks("addition", val + 64 * steps, seed=0, max_operand=30)
     prompts = work / "addition.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
     common = [f"data.path={prompts}", "data.format=prompt", "data.chat=false", f"data.val_size={val}",
