@@ -139,6 +139,20 @@ def test_reward_adapter_beside_a_weighted_function(tiny_dir, reward_dir, tmp_pat
     assert r["reward"] == pytest.approx(want, rel=1e-5)
 
 
+def test_groups_with_equal_rewards_are_dropped_and_counted(tiny_dir, tmp_path):  # noqa: F811
+    """The tiny model never writes the sum, so every answer reward is 0: each group is dropped (DAPO's dynamic
+    sampling), no update is made, and the policy stays the reference; with dynamic sampling off they are kept."""
+    answer_only = 'grpo.rewards=[{fn="answer"}]'
+    result, summary = run(tiny_dir, tmp_path, answer_only)
+    assert result.exit_code == 0, result.output
+    for r in steps(tmp_path / "run"):
+        assert r["reward"] == 0 and r["dropped_groups"] == 2 and r["updates"] == 0 and r["grad_norm"] == 0
+    assert summary["dropped_groups"] == 4
+    result, _ = run(tiny_dir, tmp_path, answer_only, "grpo.dynamic_sampling=false", out="kept")
+    assert result.exit_code == 0, result.output
+    assert all(r["dropped_groups"] == 0 and r["updates"] == 1 for r in steps(tmp_path / "kept"))
+
+
 def test_held_out_prompts_never_occur_in_training(tiny_dir):  # noqa: F811
     data = PromptDataSection(path="qtune:arithmetic?task=word_problems&count=300&seed=1", format="prompt",
                              chat=False, val_size=60)
