@@ -18,8 +18,8 @@ vs-ppo   the addition task with GRPO (operands 1-30; recipes/grpo.toml, reward 1
          reward is its 0/1 check), peak memory and wall time.
 
     python benchmarks/bench_grpo.py trl [--steps 3] [--prompts 2] [--new-tokens 8] [--threads 2]
-    python benchmarks/bench_grpo.py learn [--learn-steps 12]
-    python benchmarks/bench_grpo.py vs-ppo [--learn-steps 12]
+    python benchmarks/bench_grpo.py learn [--learn-steps 12] [--learn-new-tokens 16]
+    python benchmarks/bench_grpo.py vs-ppo [--learn-steps 12] [--learn-new-tokens 16]
 
 Rows go to results.csv; the last stdout line is JSON with every number.
 """
@@ -119,7 +119,8 @@ def trl_child(args) -> dict:
         lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps, logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=True, shuffle_dataset=False, seed=0,
         max_grad_norm=1.0, weight_decay=0.0)
-    peft = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
     trainer = Timed(model=model, reward_funcs=correct, args=config, train_dataset=dataset, processing_class=tokenizer,
                     peft_config=peft, callbacks=[StepTimer()])
     trainer.train()
@@ -153,7 +154,8 @@ def run_trl(args) -> dict:
     rows = [{"case": case, "impl": impl, "metric": metric, "value": round(results[impl][metric], 4),
              "unit": "bytes" if metric == "peak_bytes" else "s"}
             for impl in results for metric in ("step_s", "rollout_s", "update_s", "peak_bytes")]
-    rows += [{"case": case, "impl": "qtune/trl", "metric": k, "value": round(v, 4), "unit": "x"} for k, v in ratios.items()]
+    rows += [{"case": case, "impl": "qtune/trl", "metric": k, "value": round(v, 4), "unit": "x"}
+             for k, v in ratios.items()]
     append_rows("grpo_vs_trl", "cpu", rows)
     return {"trl": {impl: {k: v for k, v in r.items() if k != "all"} for impl, r in results.items()}, **ratios}
 
@@ -175,25 +177,27 @@ def one_sided_p(before: float, after: float, n: int) -> float:
     return 0.5 * math.erfc((after - before) / se / math.sqrt(2))
 
 
-def grpo_overrides(task: str, steps: int, out: Path, val: int) -> list[str]:
+def grpo_overrides(task: str, steps: int, out: Path, val: int, new_tokens: int) -> list[str]:
     return [f"data.path=qtune:arithmetic?task={task}&count={val + 8 * steps}&seed=0", f"data.val_size={val}",
             f"train.max_steps={steps}", "train.save_every=0", "eval.every=0", f"output.dir={out}",
-            "grpo.rollout_batch_size=64", "grpo.max_new_tokens=8"]
+            "grpo.rollout_batch_size=64", f"grpo.max_new_tokens={new_tokens}"]
 
 
 def run_learn(args, work: Path) -> dict:
     results, rows = {}, []
     for task in ("addition", "word_problems"):
         t0 = time.perf_counter()
-        s = cli("grpo", "grpo", grpo_overrides(task, args.learn_steps, work / f"learn-{task}", args.val))
+        s = cli("grpo", "grpo", grpo_overrides(task, args.learn_steps, work / f"learn-{task}", args.val,
+                                               args.learn_new_tokens))
         p = one_sided_p(s["before"], s["after"], args.val)
         results[task] = {"before": s["before"], "after": s["after"], "p_one_sided": p, "kl": s["kl"],
                          "kl_max": s["kl_max"], "seconds": time.perf_counter() - t0, "steps": args.learn_steps}
         print(f"{task}: held-out accuracy {s['before']:.3f} -> {s['after']:.3f} (n={args.val}, one-sided p={p:.3g}), "
               f"KL {s['kl']:.4f} (max {s['kl_max']:.4f}), {results[task]['seconds']:.0f} s", flush=True)
-        case = f"smollm2-135m,nf4,{task},steps={args.learn_steps},val={args.val}"
+        case = f"smollm2-135m,nf4,{task},steps={args.learn_steps},new_tokens={args.learn_new_tokens},val={args.val}"
         rows += [{"case": case, "impl": "qtune-grpo", "metric": k, "value": round(v, 5), "unit": u}
-                 for k, v, u in (("accuracy_before", s["before"], "fraction"), ("accuracy_after", s["after"], "fraction"),
+                 for k, v, u in (("accuracy_before", s["before"], "fraction"),
+                                 ("accuracy_after", s["after"], "fraction"),
                                  ("p_one_sided", p, "p"), ("kl_last", s["kl"], "nats/token"),
                                  ("seconds", results[task]["seconds"], "s"))]
     append_rows("grpo_learn", "cpu", rows)
@@ -202,7 +206,7 @@ def run_learn(args, work: Path) -> dict:
 
 def run_vs_ppo(args, work: Path) -> dict:
     """GRPO and PPO on the addition task: 64 sampled responses per step in both (8 prompts x 8 for GRPO, 64 prompts
-    x 1 for PPO), the same 8 new tokens, AdamW at the same lr, the same held-out prompts."""
+    x 1 for PPO), the same new tokens, AdamW at the same lr, the same held-out prompts."""
     from qtune.data.tasks import arithmetic_tasks
 
     steps, val = args.learn_steps, args.val
@@ -214,10 +218,10 @@ def run_vs_ppo(args, work: Path) -> dict:
               "train.lr=2e-5", "train.schedule=constant"]
     out = {}
     for algo, overrides in (
-            ("grpo", ["grpo.rollout_batch_size=64", "grpo.max_new_tokens=8", "train.micro_batch_size=16",
-                      "train.grad_accum_steps=4"]),
+            ("grpo", ["grpo.rollout_batch_size=64", f"grpo.max_new_tokens={args.learn_new_tokens}",
+                      "train.micro_batch_size=16", "train.grad_accum_steps=4"]),
             ("ppo", ["ppo.reward_model=", "ppo.reward_fn=qtune.align.reward_functions:arithmetic",
-                     "ppo.rollout_batch_size=64", "ppo.max_new_tokens=8", "ppo.ppo_epochs=1",
+                     "ppo.rollout_batch_size=64", f"ppo.max_new_tokens={args.learn_new_tokens}", "ppo.ppo_epochs=1",
                      "train.micro_batch_size=16", "train.grad_accum_steps=4", "data.pretrain_path="])):
         t0 = time.perf_counter()
         s = cli(algo, algo, common + overrides + [f"output.dir={work / algo}"])
@@ -228,7 +232,7 @@ def run_vs_ppo(args, work: Path) -> dict:
                      "accuracy_after": after, "peak_bytes": s["peak_memory_bytes"], "seconds": time.perf_counter() - t0}
         print(f"{algo}: reward {rewards[0]:.3f} -> {rewards[-1]:.3f}, held-out accuracy {before:.3f} -> {after:.3f}, "
               f"peak {s['peak_memory_bytes'] / 2**20:.0f} MB, {out[algo]['seconds']:.0f} s", flush=True)
-    case = f"smollm2-135m,nf4,addition,steps={steps},responses=64,val={val}"
+    case = f"smollm2-135m,nf4,addition,steps={steps},responses=64,new_tokens={args.learn_new_tokens},val={val}"
     append_rows("grpo_vs_ppo", "cpu", [{"case": case, "impl": algo, "metric": k, "value": round(v, 5),
                                         "unit": "bytes" if k == "peak_bytes" else "s" if k == "seconds" else "fraction"}
                                        for algo, r in out.items() for k, v in r.items()])
@@ -246,6 +250,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--learn-steps", type=int, default=12)
     parser.add_argument("--val", type=int, default=64, help="held-out prompts")
+    parser.add_argument("--learn-new-tokens", type=int, default=16, help="longest response in learn and vs-ppo")
     args = parser.parse_args()
     import torch
 

@@ -189,8 +189,8 @@ def batched_short(prompts, responses, records):
     ("not_a_number", False, "returned '0.5'"),
     ("batched_short", True, "returned [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0] for a batch of 8 responses"),
 ])
-def test_a_failing_reward_function_stops_the_run_at_the_last_checkpoint(tiny_dir, tmp_path, monkeypatch, fn, batched,  # noqa: F811
-                                                                         says):
+def test_a_failing_reward_function_stops_the_run_at_the_last_checkpoint(tiny_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                                         fn, batched, says):
     module = f"bad_rewards_{fn}"
     (tmp_path / f"{module}.py").write_text(BAD_REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -48,7 +48,8 @@ def test_format_match_is_on_the_whole_response():
 
 def recomputed(prompt: str) -> int:
     """The answer worked out again from the problem's own words."""
-    start, more, lost = (int(x) for x in re.search(r"has (\d+) \w+, buys (\d+) more and gives away (\d+)", prompt).groups())
+    steps = re.search(r"has (\d+) \w+, buys (\d+) more and gives away (\d+)", prompt)
+    start, more, lost = (int(x) for x in steps.groups())
     have = start + more - lost
     if (shared := re.search(r"equally among (\d+) friends", prompt)):
         assert have % int(shared[1]) == 0

@@ -107,7 +107,8 @@ def rollout(model, scorers, prompts, tokenizer, recipe: GRPORecipe, step: int, d
 
 
 def reference_passes(model, batch: dict, recipe: GRPORecipe, needs_old: bool, device) -> dict:
-    """log π_old (policy adapter, if `needs_old`) and log π_ref (adapters off, if β > 0) of the responses, in eval mode."""
+    """log π_old (policy adapter, if `needs_old`) and log π_ref (adapters off, if β > 0) of the responses, in eval
+    mode."""
     g, S, R = recipe.grpo, *batch["targets"].shape
     out = {}
     was_training = model.training
@@ -228,7 +229,8 @@ def finish(run: Run, recipe: GRPORecipe, steps: int, before: dict, after: dict) 
         "metric": "val_accuracy", "before": before.get("val_accuracy"), "after": after.get("val_accuracy"),
         "kl": kls[-1] if kls and recipe.grpo.beta > 0 else None,
         "kl_max": max(kls) if kls and recipe.grpo.beta > 0 else None, "steps": steps,
-        "reward_first": logged[0]["reward"] if logged else None, "reward_last": logged[-1]["reward"] if logged else None,
+        "reward_first": logged[0]["reward"] if logged else None,
+        "reward_last": logged[-1]["reward"] if logged else None,
         "dropped_groups": sum(r["dropped_groups"] for r in logged),
         "rollout_seconds": sum(r["rollout_seconds"] for r in logged),
         "update_seconds": sum(r["update_seconds"] for r in logged)})
