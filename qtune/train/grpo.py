@@ -24,12 +24,12 @@ import torch
 
 from qtune.align.grpo_losses import (clipped_surrogate, group_advantages, informative_groups, k3_kl, loss_weights,
                                      overlong_penalty)
-from qtune.data.prompts import load_prompts, prompt_batches
+from qtune.data.prompts import prompt_batches
 from qtune.generate import generate
 from qtune.lora import adapters_disabled, add_lora, lora_parameters, set_active_adapter, use_adapter
 from qtune.recipe.grpo import GRPORecipe
 from qtune.train import common
-from qtune.train.rollout import (RewardError, build_reward_scorers, collate_responses, micro_batches,
+from qtune.train.rollout import (RewardError, build_reward_scorers, collate_responses, load_run_prompts, micro_batches,
                                  plot_reward_curve, response_logprobs, scatter_rows)
 from qtune.train.run import Run, start_run
 
@@ -243,9 +243,7 @@ def run_grpo(recipe: GRPORecipe, resume: bool = False, console=None) -> dict:
     t, g = recipe.train, recipe.grpo
     run, model, tokenizer, device = start_run(recipe, resume, console)
     scorers, params = attach_policy(model, recipe, tokenizer.pad_id, device)
-    train_prompts, val_prompts, stats = load_prompts(recipe.data, tokenizer, t.seed)
-    run.console.print(f"prompts: {stats['train']} train / {stats['val']} held-out ({stats['format']} records), "
-                      f"{stats['truncated']} truncated to {recipe.data.max_seq_len} tokens")
+    train_prompts, val_prompts = load_run_prompts(run.console, recipe.data, tokenizer, t.seed)
     per_step = g.rollout_batch_size // g.group_size
     steps = t.max_steps or max(1, t.epochs * (len(train_prompts) // per_step))
     updates = steps * g.num_iterations * (g.rollout_batch_size // (t.micro_batch_size * t.grad_accum_steps))

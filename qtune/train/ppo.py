@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from qtune.data.batching import collate
-from qtune.data.prompts import load_prompts, prompt_batches
+from qtune.data.prompts import prompt_batches
 from qtune.data.records import load_records
 from qtune.data.tokenized import tokenize_cached
 from qtune.lora import (adapters_disabled, add_lora, load_adapter, load_extra_tensors, lora_parameters, save_adapter,
@@ -34,8 +34,8 @@ from qtune.align.ppo_losses import (AdaptiveKLController, FixedKLController, app
 from qtune.recipe.align import PPORecipe
 from qtune.align.reward_model import ScalarHead
 from qtune.train import common
-from qtune.train.rollout import (build_scorer, collate_responses, micro_batches, plot_reward_curve, response_hidden,
-                                 response_logprobs, sample, scatter_rows)
+from qtune.train.rollout import (build_scorer, collate_responses, load_run_prompts, micro_batches, plot_reward_curve,
+                                 response_hidden, response_logprobs, sample, scatter_rows)
 from qtune.train.run import Run, start_run
 
 POLICY, VALUE = "policy", "value"
@@ -235,9 +235,7 @@ def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
     t, p = recipe.train, recipe.ppo
     run, model, tokenizer, device = start_run(recipe, resume, console)
     scorer, params = attach_roles(model, recipe, tokenizer.pad_id, device)
-    train_prompts, val_prompts, stats = load_prompts(recipe.data, tokenizer, t.seed)
-    run.console.print(f"prompts: {stats['train']} train / {stats['val']} held-out ({stats['format']} records), "
-                      f"{stats['truncated']} truncated to {recipe.data.max_seq_len} tokens")
+    train_prompts, val_prompts = load_run_prompts(run.console, recipe.data, tokenizer, t.seed)
     ptx = PretrainText(recipe.data, tokenizer, t.seed) if p.ptx_coef > 0 else None
     iterations = t.max_steps or max(1, t.epochs * (len(train_prompts) // p.rollout_batch_size))
     updates = iterations * p.ppo_epochs * (p.rollout_batch_size // (t.micro_batch_size * t.grad_accum_steps))

@@ -13,7 +13,7 @@ import torch
 
 from qtune.align.reward_functions import answer_match, format_match, load_reward_function
 from qtune.align.reward_model import load_reward_model
-from qtune.data.prompts import Prompt
+from qtune.data.prompts import Prompt, load_prompts
 from qtune.generate import Generation, generate
 from qtune.kernels.logprobs import token_logprobs_and_entropy
 
@@ -21,6 +21,14 @@ SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
 # ----------------------------------------------------------------------------- sampling and batching
+
+def load_run_prompts(console, data, tokenizer, seed: int) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, held-out prompts) of a [data] section, with one line about them on `console`."""
+    train, val, stats = load_prompts(data, tokenizer, seed)
+    console.print(f"prompts: {stats['train']} train / {stats['val']} held-out ({stats['format']} records), "
+                  f"{stats['truncated']} truncated to {data.max_seq_len} tokens")
+    return train, val
+
 
 def sample(model, prompts: list[Prompt], tokenizer, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, seed: int | None = None, batch_size: int = 16, greedy: bool = False
