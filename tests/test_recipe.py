@@ -236,3 +236,8 @@ def test_cli_validate_imports_no_reward_function_and_says_the_run_will(cli, tmp_
     output = " ".join(result.output.split())  # rich wraps long lines at the terminal width
     assert "ppo.reward_fn = 'my_rewards:score'" in output and "the run imports and calls" in output, output
     assert not (tmp_path / "imported").exists()
+    grpo = cli("validate", "grpo", f"model.path={model}", f"data.path={data}",
+               'grpo.rewards=[{fn="answer"}, {fn="my_rewards:score", weight=0.5}]')
+    output = " ".join(grpo.output.split())
+    assert "grpo.rewards[1].fn = 'my_rewards:score'" in output and "grpo.rewards[0].fn" not in output, output
+    assert not (tmp_path / "imported").exists()

@@ -112,6 +112,17 @@ def _position_check(recipe, model_dir: Path) -> list[tuple[bool, str]]:
     return []
 
 
+def _code_names(recipe):
+    """(key, "module:function") of every setting naming Python code the run imports: reward_fn keys and the
+    `fn` of tables in a list (GRPO's [[grpo.rewards]])."""
+    for key, value, _ in iter_fields(recipe):
+        if key.endswith("reward_fn") and value:
+            yield key, value
+        for i, item in enumerate(value if isinstance(value, list) else []):
+            if ":" in str(getattr(item, "fn", "")):
+                yield f"{key}[{i}].fn", item.fn
+
+
 @command("validate")
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
@@ -125,10 +136,9 @@ def validate_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
         table.add_row(key, repr(value), doc)
     console.print(table)
     results = _checks(resolved)
-    for key, value, _ in iter_fields(resolved):
-        if key.endswith("reward_fn") and value:
-            console.print(f"[yellow]note[/yellow] {key} = {value!r}: the run imports and calls this Python code "
-                          "(validating imported nothing); use only code you trust", highlight=False)
+    for key, value in _code_names(resolved):
+        console.print(f"[yellow]note[/yellow] {key} = {value!r}: the run imports and calls this Python code "
+                      "(validating imported nothing); use only code you trust", highlight=False)
     for ok, message in results:
         console.print(f"[green]ok[/green]   {message}" if ok else f"[red]FAIL[/red] {message}", highlight=False)
     if not all(ok for ok, _ in results):
