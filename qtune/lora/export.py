@@ -1,0 +1,42 @@
+"""`qtune export-gguf`: base + adapter merged, written as GGUF, kept only when the round-trip check passes."""
+
+import os
+import tempfile
+from pathlib import Path
+
+from qtune.lora.merge import merge_lora_into_dir
+from qtune.weights.checkpoint import resolve
+from qtune.weights.gguf_check import RoundTrip, check_round_trip
+from qtune.weights.gguf_export import ExportError, parse_type, write_gguf
+
+
+def export_gguf(model, out_path, type_name: str = "f16", adapter_dir=None, from_original: bool = False,
+                double_quant: bool = True) -> RoundTrip:
+    """Write MODEL (+ the adapter folded in as `qtune merge` does) as the GGUF file `out_path`.
+
+    Returns the check's measurements. The file is written under a temporary name and checked; a file that fails is
+    deleted and the failure is an ExportError saying what differed. An existing `out_path` is replaced
+    only by a file that passed.
+    """
+    parse_type(type_name)  # a type the gguf package cannot write fails before anything loads
+    model_dir, out_path = resolve(model), Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    with tempfile.TemporaryDirectory(prefix=".qtune-export-", dir=out_path.parent) as tmp:
+        source = model_dir
+        if adapter_dir is not None:
+            # fp32, so the file rounds the merged weights once, to the requested type.
+            source = merge_lora_into_dir(model_dir, adapter_dir, Path(tmp) / "merged", from_original=from_original,
+                                         dtype="float32", double_quant=double_quant)
+        try:
+            write_gguf(source, partial, type_name)
+            result = check_round_trip(source, partial, type_name.lower())
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        if result.problems:
+            partial.unlink()
+            raise ExportError(f"{out_path}: the round-trip check failed, so the file was deleted: "
+                              f"{'; '.join(result.problems)}")
+        partial.replace(out_path)
+    return result
