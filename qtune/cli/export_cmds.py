@@ -23,14 +23,17 @@ from qtune.cli.common import err, explained
                    "trained against.")
 @click.option("--no-double-quant", is_flag=True,
               help="The adapter was trained on NF4 without double quantization (absmax kept in fp32).")
-def export_gguf_cmd(model, out, adapter, type_name, from_original, no_double_quant):
+@click.option("--ollama", is_flag=True,
+              help="Also write an Ollama Modelfile beside OUT (FROM, TEMPLATE, SYSTEM, PARAMETER stop); then "
+                   "`ollama create NAME -f Modelfile`.")
+def export_gguf_cmd(model, out, adapter, type_name, from_original, no_double_quant, ollama):
     """Write MODEL (a directory or alias), with ADAPTER merged in, as the GGUF file OUT, then read it back
     and check logits, chat-template tokens and stop tokens against the model (a failed check deletes OUT)."""
     from qtune.lora.export import export_gguf
 
     t0 = time.perf_counter()
     check = explained(export_gguf)(model, out, type_name, adapter_dir=adapter, from_original=from_original,
-                                   double_quant=not no_double_quant)
+                                   double_quant=not no_double_quant, ollama=ollama)
     err.print(f"round-trip check passed: chat tokens identical, end-of-turn token stops, logits {check.what} "
               f"{check.logit_error:.2g} (allowed {check.tolerance:g}); {time.perf_counter() - t0:.1f}s")
     click.echo(out)

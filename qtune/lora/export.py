@@ -6,20 +6,36 @@ from pathlib import Path
 
 from qtune.lora.merge import merge_lora_into_dir
 from qtune.weights.checkpoint import resolve
-from qtune.weights.gguf_check import RoundTrip, check_round_trip
+from qtune.tokenizer import load_tokenizer
+from qtune.weights.gguf_check import RoundTrip, check_round_trip, end_of_turn_id
 from qtune.weights.gguf_export import ExportError, parse_type, write_gguf
+from qtune.weights.ollama import modelfile_text, write_modelfile
+
+
+def ollama_modelfile(model_dir: Path, out_path: Path) -> str:
+    """The Modelfile text for `out_path`, computed before anything is written so an unknown format fails first."""
+    tok = load_tokenizer(model_dir)
+    if not tok.has_chat_template:
+        raise ExportError(f"{model_dir}: no chat template, so there is no TEMPLATE to write for Ollama")
+    eot = end_of_turn_id(tok)
+    stops = [tok.decode([eot], skip_special=False)] if eot is not None else []
+    try:
+        return modelfile_text(tok, out_path.name, stops)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
 
 
 def export_gguf(model, out_path, type_name: str = "f16", adapter_dir=None, from_original: bool = False,
-                double_quant: bool = True) -> RoundTrip:
+                double_quant: bool = True, ollama: bool = False) -> RoundTrip:
     """Write MODEL (+ the adapter folded in as `qtune merge` does) as the GGUF file `out_path`.
 
     Returns the check's measurements. The file is written under a temporary name and checked; a file that fails is
     deleted and the failure is an ExportError saying what differed. An existing `out_path` is replaced
-    only by a file that passed.
+    only by a file that passed. `ollama`: also write a Modelfile beside it (`qtune.weights.ollama`).
     """
     parse_type(type_name)  # a type the gguf package cannot write fails before anything loads
     model_dir, out_path = resolve(model), Path(out_path)
+    modelfile = ollama_modelfile(model_dir, out_path) if ollama else None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     with tempfile.TemporaryDirectory(prefix=".qtune-export-", dir=out_path.parent) as tmp:
@@ -39,4 +55,6 @@ def export_gguf(model, out_path, type_name: str = "f16", adapter_dir=None, from_
             raise ExportError(f"{out_path}: the round-trip check failed, so the file was deleted: "
                               f"{'; '.join(result.problems)}")
         partial.replace(out_path)
+    if modelfile is not None:
+        write_modelfile(modelfile, out_path)
     return result
