@@ -160,3 +160,37 @@ def test_a_template_whose_turns_end_without_a_special_token_fails_and_leaves_not
     assert result.exit_code == 1 and result.output.startswith("Error: ")
     assert "round-trip check failed" in result.output and "nothing would stop generation" in result.output
     assert list(out.parent.iterdir()) == []
+
+
+def gguf_tensors(path) -> dict[str, torch.Tensor]:
+    reader = gguf.GGUFReader(path)
+    return {t.name: torch.from_numpy(t.data.copy()).reshape([int(n) for n in reversed(t.shape)]).float()
+            for t in reader.tensors}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_adapter_only_applied_the_llama_cpp_way_equals_the_merge(trained, tmp_path, family):
+    """What llama.cpp computes with --lora (W + alpha / r · B A over the base file's tensors) equals the
+    merged export (both f32, from the original weights, so nothing is rounded)."""
+    model_dir, adapter = trained[family]
+    runs = {"base": ["--type", "f32"], "merged": ["--type", "f32", "--adapter", str(adapter), "--from-original"],
+            "lora": ["--adapter", str(adapter), "--adapter-only"]}
+    for name, args in runs.items():
+        result = cli("export-gguf", str(model_dir), str(tmp_path / f"{name}.gguf"), *args)
+        assert result.exit_code == 0, result.output
+    reader = gguf.GGUFReader(tmp_path / "lora.gguf")
+    assert field(reader, "general.type") == "adapter" and field(reader, "adapter.type") == "lora"
+    alpha = field(reader, "adapter.lora.alpha")
+    base, merged, lora = (gguf_tensors(tmp_path / f"{n}.gguf") for n in ("base", "merged", "lora"))
+    adapted = {name.removesuffix(".lora_a") for name in lora if name.endswith(".lora_a")}
+    assert len(adapted) == 7 * 2  # all-linear on two layers
+    for name, w in base.items():
+        if name in adapted:
+            a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
+            w = w + alpha / a.shape[0] * b @ a
+        torch.testing.assert_close(w, merged[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_adapter_only_without_adapter_is_an_error(trained, tmp_path):
+    result = cli("export-gguf", str(trained["llama"][0]), str(tmp_path / "x.gguf"), "--adapter-only")
+    assert result.exit_code == 1 and result.output.startswith("Error: --adapter-only needs --adapter")

@@ -26,12 +26,20 @@ from qtune.cli.common import err, explained
 @click.option("--ollama", is_flag=True,
               help="Also write an Ollama Modelfile beside OUT (FROM, TEMPLATE, SYSTEM, PARAMETER stop); then "
                    "`ollama create NAME -f Modelfile`.")
-def export_gguf_cmd(model, out, adapter, type_name, from_original, no_double_quant, ollama):
+@click.option("--adapter-only", is_flag=True,
+              help="Write only the adapter, as a GGUF LoRA file for llama.cpp's --lora (needs --adapter).")
+def export_gguf_cmd(model, out, adapter, type_name, from_original, no_double_quant, ollama, adapter_only):
     """Write MODEL (a directory or alias), with ADAPTER merged in, as the GGUF file OUT, then read it back
     and check logits, chat-template tokens and stop tokens against the model (a failed check deletes OUT)."""
     from qtune.lora.export import export_gguf
+    from qtune.lora.gguf_adapter import export_gguf_adapter
 
     t0 = time.perf_counter()
+    if adapter_only:
+        if adapter is None:
+            raise click.ClickException("--adapter-only needs --adapter DIR (the PEFT LoRA directory to write)")
+        click.echo(explained(export_gguf_adapter)(model, adapter, out))
+        return
     check = explained(export_gguf)(model, out, type_name, adapter_dir=adapter, from_original=from_original,
                                    double_quant=not no_double_quant, ollama=ollama)
     err.print(f"round-trip check passed: chat tokens identical, end-of-turn token stops, logits {check.what} "
