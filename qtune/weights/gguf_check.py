@@ -3,7 +3,7 @@
 The file is read back with qtune's own converter (`convert_gguf`) and must give
   - the same logits on a fixed prompt as the model it was written from: f16 / bf16 / f32 against that
     model with its 2-D weights rounded to the type (so only the order of fp32 operations differs), the
-    quantized types within the relative error stated in QUANT_TOLERANCE;
+    quantized types within the KL divergence stated in QUANT_TOLERANCE;
   - the same token ids for one conversation rendered by its chat template as the training-time
     tokenizer gives through its own template, and the same add_bos_token;
   - the template's end-of-turn token among the ids that stop generation.
@@ -20,9 +20,11 @@ from qtune.tokenizer import Tokenizer, load_tokenizer
 from qtune.weights.checkpoint import load_model
 from qtune.weights.gguf import convert_gguf
 
-# Relative error of the logits, ||logits_gguf - logits|| / ||logits||, allowed for the quantized types
-# against the fp32 model. Measured on random tiny models and SmolLM2-135M: q8_0 stays under 0.5%, q4_0 under 10%.
-QUANT_TOLERANCE = {"q8_0": 0.03, "q5_0": 0.15, "q5_1": 0.15, "q4_0": 0.3, "q4_1": 0.3}
+# Mean KL divergence (nats per token) of the file's next-token distributions from the fp32 model's, allowed
+# for the quantized types. Measured on SmolLM2-135M (whose weights already went through Q4_1 once, the hard
+# case): q8_0 0.002, q5_0 0.08, q4_0 0.43; random tiny models stay under 0.001. The bounds catch a broken
+# layout, not a small model's loss of quality at 4 bits: judge that on your own task.
+QUANT_TOLERANCE = {"q8_0": 0.02, "q5_0": 0.2, "q5_1": 0.2, "q4_0": 0.6, "q4_1": 0.6}
 FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # Float types: the largest logit difference, relative to the largest logit, left by fp32 op order alone.
 ROUNDED_TOLERANCE = 1e-4
@@ -114,9 +116,10 @@ def check_logits(model_dir: Path, readback_dir: Path, type_name: str, ids: list[
     if type_name in FLOAT_TYPES:
         result.logit_error = ((got - want).abs().max() / want.abs().max()).item()
         result.tolerance, result.what = ROUNDED_TOLERANCE, f"max |difference| / max |logit| vs the {type_name}-rounded model"
-    else:
-        result.logit_error = ((got - want).norm() / want.norm()).item()
-        result.tolerance, result.what = QUANT_TOLERANCE[type_name], "||difference|| / ||logits|| vs the fp32 model"
+    else:  # llama.cpp's own yardstick for quantized files: KL divergence of the next-token distributions
+        log_want, log_got = want.log_softmax(-1), got.log_softmax(-1)
+        result.logit_error = (log_want.exp() * (log_want - log_got)).sum(-1).mean().item()
+        result.tolerance, result.what = QUANT_TOLERANCE[type_name], "mean KL(fp32 model || file) per token"
     if not result.logit_error <= result.tolerance:
         result.problems.append(f"logits on the {len(ids)}-token test prompt differ: {result.what} "
                                f"{result.logit_error:.3g} > {result.tolerance:g}")
