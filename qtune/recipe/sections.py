@@ -184,6 +184,8 @@ class TrainSection:
     """Log loss and learning rate every this many steps."""
     save_every: int = 0
     """Save a resumable checkpoint every this many steps; 0 saves only at the end."""
+    log: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics go: metrics.jsonl always, plus TensorBoard (output.dir/tensorboard/) and W&B (extras)."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from nonnegative(self, "max_steps", "warmup_steps", "save_every", "seed")

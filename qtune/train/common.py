@@ -353,10 +353,12 @@ class MetricsLog:
 
     A new run (`resume_step=None`) starts the file afresh; a resumed run keeps the records up to its
     checkpoint's step (rewritten atomically) and appends from there, so the file reads like one run.
+    Attached sinks (`qtune.train.log_sinks`: TensorBoard, W&B) receive every record too.
     """
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
+        self.sinks: list = []
         if resume_step is not None and self.path.exists():
             kept = [r for r in self.read() if r.get("step", 0) <= resume_step]
             # a killed run's temporary file is removed at the next start
@@ -369,6 +371,14 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        """Close the sinks (their files complete); metrics.jsonl needs nothing."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def read(self) -> list[dict]:
         """Every record; a last line cut short by a killed process is ignored."""

@@ -27,6 +27,7 @@ Each loop (`sft.py`, `reward.py`, `dpo.py`, `ppo.py`) reads like nanoGPT's, arou
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -45,6 +46,7 @@ from qtune.recipe.schema import recipe_to_toml
 from qtune.tokenizer import load_tokenizer
 from qtune.train import common
 from qtune.train.lock import RunLock
+from qtune.train.log_sinks import check_sinks, open_sinks
 from qtune.weights.checkpoint import load_model, resolve
 from qtune.weights.integrity import fault_point, remove_dead_leftovers, verify_files
 
@@ -64,6 +66,7 @@ def load_base_model(model_section, device):
 def start_run(recipe, resume: bool, console: Console | None):
     """Open the run's output directory, seed everything, load the base model: (run, model, tokenizer, device)."""
     device = common.training_device()
+    check_sinks(recipe.train.log)  # a missing TensorBoard / W&B package fails before the run directory is touched
     run = Run(Path(recipe.output.dir), console, resume)
     run.base_model = recipe.model.path
     common.seed_everything(recipe.train.seed)
@@ -167,6 +170,7 @@ class Run:
         self.model, self.name, self.optimizer, self.scheduler = model, name, optimizer, scheduler
         self.save_every = t.save_every
         start_step, position = self.restore() if self.resume else (0, DataPosition())
+        self.metrics.sinks = open_sinks(t.log, self.dir, start_step if self.resume else None, dataclasses.asdict(recipe))
         self.write_recipe(recipe_to_toml(recipe))
         return optimizer, scheduler, start_step, position
 
@@ -340,6 +344,7 @@ class Run:
         plot_loss_curve(([{"step": 0, "val_loss": before}] if before is not None else []) + records,
                         self.dir / "loss_curve.png")
         self._write_atomically("summary.json", json.dumps(summary, indent=2))
+        self.metrics.close()
         table = Table(title=f"run finished: {self.dir}")
         table.add_column("")
         table.add_column("value")
