@@ -62,6 +62,20 @@ def wandb_log_records(path):
             parts = []
 
 
+def wandb_summary(out) -> dict:
+    """The last summary record of the newest offline run."""
+    from wandb.proto import wandb_internal_pb2
+
+    path = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))[-1]
+    summary = {}
+    for data in wandb_log_records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "summary":
+            summary.update({item.key: json.loads(item.value_json) for item in record.summary.update})
+    return summary
+
+
 def wandb_runs(out) -> dict[str, dict[tuple[str, int], float]]:
     """{run id: scalars} over every offline run directory W&B wrote under the run directory."""
     from wandb.proto import wandb_internal_pb2
@@ -88,8 +102,13 @@ def assert_same(got: dict, want: dict):
 
 def test_every_scalar_reaches_tensorboard_and_wandb_and_resume_continues_them(tiny_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    run(tiny_dir, out, train__max_steps=3, train__save_every=2)
+    result = run(tiny_dir, out, train__max_steps=3, train__save_every=2)
     first = jsonl_scalars(out)
+    summary = wandb_summary(out)  # the held-out before / after of the summary table
+    assert summary["before"] == pytest.approx(result["before"]) and summary["after"] == pytest.approx(result["after"])
+    acc = event_accumulator.EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert {"summary/text_summary", "recipe/text_summary"} <= set(acc.Tags()["tensors"])
     assert ("loss", 3) in first and ("lr", 1) in first
     assert_same(tensorboard_scalars(out), first)
     (run_id,) = wandb_runs(out)

@@ -374,10 +374,10 @@ class MetricsLog:
         for sink in self.sinks:
             sink.write(record)
 
-    def close(self) -> None:
-        """Close the sinks (their files complete); metrics.jsonl needs nothing."""
+    def close(self, summary: dict | None = None) -> None:
+        """Hand the sinks the run's summary (held-out before / after ...) and close them; metrics.jsonl needs nothing."""
         for sink in self.sinks:
-            sink.close()
+            sink.close(summary or {})
         self.sinks = []
 
     def read(self) -> list[dict]:

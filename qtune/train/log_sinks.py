@@ -52,7 +52,11 @@ class TensorBoardSink:
             self.writer.add_scalar(key, value, record["step"])
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, summary: dict) -> None:
+        """The summary (held-out before / after, final loss ...) as a two-column table under the tag "summary"."""
+        if summary:
+            rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
+            self.writer.add_text("summary", f"| | value |\n|---|---|\n{rows}")
         self.writer.close()
 
 
@@ -74,7 +78,9 @@ class WandbSink:
     def write(self, record: dict) -> None:
         self.run.log(scalars(record), step=record["step"])
 
-    def close(self) -> None:
+    def close(self, summary: dict) -> None:
+        """The summary (held-out before / after, final loss ...) becomes the run's W&B summary."""
+        self.run.summary.update(summary)
         self.run.finish()
 
 

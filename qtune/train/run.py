@@ -344,7 +344,7 @@ class Run:
         plot_loss_curve(([{"step": 0, "val_loss": before}] if before is not None else []) + records,
                         self.dir / "loss_curve.png")
         self._write_atomically("summary.json", json.dumps(summary, indent=2))
-        self.metrics.close()
+        self.metrics.close(summary)
         table = Table(title=f"run finished: {self.dir}")
         table.add_column("")
         table.add_column("value")
