@@ -194,3 +194,34 @@ def test_adapter_only_applied_the_llama_cpp_way_equals_the_merge(trained, tmp_pa
 def test_adapter_only_without_adapter_is_an_error(trained, tmp_path):
     result = cli("export-gguf", str(trained["llama"][0]), str(tmp_path / "x.gguf"), "--adapter-only")
     assert result.exit_code == 1 and result.output.startswith("Error: --adapter-only needs --adapter")
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe"])
+def test_split_regex_tokenizers_export_under_llama_cpp_names(tmp_path, pre):
+    """Qwen2 / Llama 3 style tokenizers (a Split regex before byte-level BPE) are written under llama.cpp's
+    pre-tokenizer name and tokenize a digit-heavy conversation identically after the read-back."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from qtune.weights.gguf import LLAMA3_SPLIT, QWEN2_SPLIT
+    from test_data_tokenizer import SPECIALS
+
+    model_dir = save_tiny_with_tokenizer("qwen2", tmp_path / "model")
+    def splitting(regex):
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=False)])
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = splitting(LLAMA3_SPLIT)  # trained on digit groups, so digit merges exist to tell them apart
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Numbers 12345 and 2024-01-02, 470 words and more words."] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.pre_tokenizer = splitting({"qwen2": QWEN2_SPLIT, "llama-bpe": LLAMA3_SPLIT}[pre])
+    assert any(t.isdigit() and len(t) > 1 for t in tok.get_vocab())  # the conversation's numbers tell them apart
+    assert tok.get_vocab_size() <= 600  # fits the tiny model's embedding
+    tok.save(str(model_dir / "tokenizer.json"))
+    out = tmp_path / "m.gguf"
+    result = cli("export-gguf", str(model_dir), str(out))
+    assert result.exit_code == 0, result.output  # the round-trip check tokenized the conversation identically
+    assert field(gguf.GGUFReader(out), "tokenizer.ggml.pre") == pre

@@ -32,7 +32,7 @@ ROUNDED_TOLERANCE = 1e-4
 CONVERSATION = [
     {"role": "system", "content": "You answer in one short sentence."},
     {"role": "user", "content": "What colour is the sky on a clear day?"},
-    {"role": "assistant", "content": "It is blue."},
+    {"role": "assistant", "content": "It is blue: light near 470 nm scatters most, 2024-01-02 or 12345 days on."},
     {"role": "user", "content": "And at sunset?"},
 ]
 
@@ -57,7 +57,10 @@ def end_of_turn_id(tok: Tokenizer) -> int | None:
     """The special token the chat template writes right after an assistant reply (ChatML's <|im_end|>,
     Llama 3's <|eot_id|>, Mistral's </s>): the token that must stop generation."""
     marker = "qtune end-of-turn probe"
-    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}])
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}])
+    except jinja2.TemplateError:  # a template that cannot render a plain user / assistant exchange
+        return None
     ids = tok.encode(text[text.index(marker) + len(marker):])
     if ids and tok.decode(ids[:1], skip_special=True) == "":  # a special token: decoding drops it
         return ids[0]

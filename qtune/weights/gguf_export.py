@@ -171,10 +171,17 @@ def model_tensors(model_dir: Path, cfg: ModelConfig, arch: GGUFArchitecture):
 # --- tokenizer ---------------------------------------------------------------------------------------
 
 
+def _without_offsets(spec):
+    # trim_offsets only changes the character offsets tokenizers report, never the tokens.
+    if isinstance(spec, dict):
+        return {k: _without_offsets(v) for k, v in spec.items() if k != "trim_offsets"}
+    return [_without_offsets(v) for v in spec] if isinstance(spec, list) else spec
+
+
 def _pre_tokenizer_name(pre: dict | None, path: Path) -> str:
     # The reader's table maps llama.cpp names to HF pre-tokenizers; the first name of a match is llama.cpp's own.
     for name, spec in PRE_TOKENIZERS.items():
-        if name != "default" and spec == pre:
+        if name != "default" and _without_offsets(spec) == _without_offsets(pre):
             return name
     raise ExportError(f"{path}: its pre_tokenizer is not one llama.cpp names here (known: "
                       f"{', '.join(n for n in PRE_TOKENIZERS if n != 'default')}); the file could not be tokenized "
