@@ -225,3 +225,44 @@ def test_split_regex_tokenizers_export_under_llama_cpp_names(tmp_path, pre):
     result = cli("export-gguf", str(model_dir), str(out))
     assert result.exit_code == 0, result.output  # the round-trip check tokenized the conversation identically
     assert field(gguf.GGUFReader(out), "tokenizer.ggml.pre") == pre
+
+
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_sentencepiece_tokenizer_exports_with_scores_and_the_check_sees_legacy_spacing(tmp_path, sp_model_path,
+                                                                                      legacy):
+    """A Mistral-style model (sentencepiece tokenizer.model, [INST] template ending turns with </s>) exports
+    as llama.cpp's "llama" tokenizer. llama.cpp gives text after a special token no leading "▁"; a model
+    trained with transformers' legacy spacing (which does) would see other ids, and the check says so."""
+    import tiny
+
+    saved = tiny.TINY_CONFIGS["mistral"]
+    tiny.TINY_CONFIGS["mistral"] = {**saved, "vocab_size": 32000}
+    try:
+        model_dir = tiny.save_tiny("mistral", tmp_path / "model")
+    finally:
+        tiny.TINY_CONFIGS["mistral"] = saved
+    (model_dir / "tokenizer.model").write_bytes(sp_model_path.read_bytes())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True, "legacy": legacy,
+        "chat_template": MISTRAL_TEMPLATE}))
+    out = tmp_path / "m.gguf"
+    result = cli("export-gguf", str(model_dir), str(out))
+    if legacy:
+        assert result.exit_code == 1 and "different token ids" in result.output and not out.exists()
+        return
+    assert result.exit_code == 0, result.output
+    reader = gguf.GGUFReader(out)
+    assert field(reader, "tokenizer.ggml.model") == "llama"
+    assert field(reader, "tokenizer.ggml.eot_token_id") == 2  # </s> closes the assistant's turn
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_model_path))
+    scores = field(reader, "tokenizer.ggml.scores")
+    assert [round(x, 4) for x in scores[:500]] == [round(sp.get_score(i), 4) for i in range(500)]

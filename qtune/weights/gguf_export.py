@@ -24,7 +24,8 @@ from qtune.model import rope_inv_freq
 from qtune.tokenizer import load_tokenizer
 from qtune.weights.checkpoint import CheckpointError, shard_files
 from qtune.weights.gguf_check import FLOAT_TYPES, QUANT_TOLERANCE, end_of_turn_id
-from qtune.weights.gguf import (BLOCK_TENSORS, CONTROL, GLOBAL_TENSORS, NORMAL, PRE_TOKENIZERS, UNUSED, USER_DEFINED)
+from qtune.weights.gguf import (BLOCK_TENSORS, BYTE, CONTROL, GLOBAL_TENSORS, NORMAL, PRE_TOKENIZERS, UNKNOWN, UNUSED,
+                                USER_DEFINED)
 
 
 @dataclass(frozen=True)
@@ -188,47 +189,77 @@ def _pre_tokenizer_name(pre: dict | None, path: Path) -> str:
                       "the same way by llama.cpp")
 
 
+def _padded(tokens: dict[int, str], types: dict[int, int], vocab_size: int) -> tuple[list[str], list[int]]:
+    # Ids the tokenizer leaves unused (the model's embedding is padded) get placeholder names, as in llama.cpp.
+    size = max(vocab_size, max(tokens) + 1)
+    return ([tokens.get(i, f"[PAD{i}]") for i in range(size)],
+            [types.get(i, NORMAL if i in tokens else UNUSED) for i in range(size)])
+
+
+def sentencepiece_vocab(model_dir: Path, vocab_size: int) -> dict:
+    """`tokenizer.model` as llama.cpp's "llama" tokenizer: pieces, scores, types (+ added tokens)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    tokens, types, scores = {}, {}, {}
+    for i in range(sp.get_piece_size()):
+        tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
+        types[i] = (CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i) else BYTE if sp.is_byte(i)
+                    else UNUSED if sp.is_unused(i) else NORMAL)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    for i, spec in config.get("added_tokens_decoder", {}).items():
+        if int(i) >= sp.get_piece_size():
+            tokens[int(i)] = spec["content"]
+            types[int(i)] = CONTROL if spec.get("special", True) else USER_DEFINED
+    token_list, type_list = _padded(tokens, types, vocab_size)
+    return {"model": "llama", "tokens": token_list, "types": type_list,
+            "scores": [scores.get(i, -1000.0) for i in range(len(token_list))]}
+
+
 def tokenizer_vocab(model_dir: Path, vocab_size: int) -> dict:
-    """Byte-level BPE vocabulary of `tokenizer.json` as llama.cpp's gpt2 tokenizer: tokens, types, merges, pre."""
+    """The vocabulary as llama.cpp stores it: byte-level BPE of `tokenizer.json` (tokens, types, merges, pre)
+    or, where the directory has one, the sentencepiece `tokenizer.model` (tokens, types, scores)."""
     path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise ExportError(f"{model_dir}: no tokenizer.json; GGUF export writes byte-level BPE tokenizers from it")
-    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     model = spec.get("model", {})
+    if (model_dir / "tokenizer.model").is_file() and (not spec or model.get("byte_fallback")):
+        return sentencepiece_vocab(model_dir, vocab_size)
+    if not spec:
+        raise ExportError(f"{model_dir}: no tokenizer.json or tokenizer.model to write the vocabulary from")
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ExportError(f"{path}: only byte-level BPE tokenizers are exported (this one is "
-                          f"{model.get('type')!r}{', byte fallback' if model.get('byte_fallback') else ''})")
-    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"), path)
+        raise ExportError(f"{path}: only byte-level BPE tokenizers (or a sentencepiece tokenizer.model) are "
+                          f"exported (this one is {model.get('type')!r}"
+                          f"{', byte fallback, without its tokenizer.model' if model.get('byte_fallback') else ''})")
     tokens, types = {i: t for t, i in model["vocab"].items()}, {}
     for added in spec.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
         types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
-    size = max(vocab_size, max(tokens) + 1)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {
-        "pre": pre,
-        # Ids the tokenizer leaves unused (the model's embedding is padded) get placeholder names, as in llama.cpp.
-        "tokens": [tokens.get(i, f"[PAD{i}]") for i in range(size)],
-        "types": [types.get(i, NORMAL if i in tokens else UNUSED) for i in range(size)],
-        "merges": merges,
-    }
+    token_list, type_list = _padded(tokens, types, vocab_size)
+    return {"model": "gpt2", "pre": _pre_tokenizer_name(spec.get("pre_tokenizer"), path), "tokens": token_list,
+            "types": type_list, "merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]}
 
 
 def add_tokenizer_metadata(writer, model_dir: Path, vocab_size: int) -> None:
     """Vocabulary, merges, token types, special ids, end-of-turn id, add_bos_token and the chat template."""
     vocab = tokenizer_vocab(model_dir, vocab_size)
     tok = load_tokenizer(model_dir)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_tokenizer_model(vocab["model"])
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types(vocab["types"])
-    writer.add_token_merges(vocab["merges"])
+    if vocab["model"] == "gpt2":
+        writer.add_tokenizer_pre(vocab["pre"])
+        writer.add_token_merges(vocab["merges"])
+    else:
+        writer.add_token_scores(vocab["scores"])
     if tok.bos_id is not None:
         writer.add_bos_token_id(tok.bos_id)
     if tok.eos_id is not None:
         writer.add_eos_token_id(tok.eos_id)
     if "pad_token" in tok.special_tokens:
         writer.add_pad_token_id(tok.pad_id)
+    if tok.unk_id is not None:
+        writer.add_unk_token_id(tok.unk_id)
     writer.add_add_bos_token(tok.add_bos_token)
     writer.add_add_eos_token(False)
     if tok.has_chat_template:
