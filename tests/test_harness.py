@@ -141,3 +141,17 @@ def test_local_tasks_through_the_cli(model_and_adapter, backend, reference, tmp_
         correct.append(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
     assert results["qtune_tiny_choice"]["acc,none"] == pytest.approx(sum(correct) / len(DOCS))
     assert "exact_match,none" in results["qtune_tiny_gen"]  # generation ran
+
+
+def test_unknown_task_and_missing_package_are_one_error_line(model_and_adapter, monkeypatch):
+    from qtune.cli.eval_cmds import COMMANDS
+
+    group = __import__("click").Group("qtune", commands={c.name: c for c in COMMANDS})
+    args = ["eval-harness", str(model_and_adapter[0]), "--quantize", "none", "--tasks", "no_such_task_here"]
+    result = CliRunner().invoke(group, args, catch_exceptions=False)
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(error_lines) == 1 and error_lines[0].startswith("Error: --tasks no_such")
+    monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)  # as if the extra were not installed
+    result = CliRunner().invoke(group, args, catch_exceptions=False)
+    assert result.exit_code == 1 and result.output == "Error: lm-evaluation-harness is not installed; install it " \
+                                                      "with: pip install 'qtune[eval]'\n"

@@ -45,9 +45,12 @@ def eval_harness(recipe_or_model, tasks, adapter, quantize, dtype, include_path,
     args = {"pretrained": model, "adapter": adapter, "quantize": quantize, "dtype": dtype}
     model_args = ",".join(f"{k}={v}" for k, v in args.items() if v is not None)
     err.print(f"lm-eval: --model qtune --model_args {model_args} --tasks {tasks}")
-    results = explained(lm_eval.simple_evaluate)(
-        model="qtune", model_args=model_args, tasks=tasks.split(","), num_fewshot=num_fewshot, limit=limit,
-        task_manager=TaskManager(include_path=include_path), batch_size=batch_size)
+    try:
+        results = explained(lm_eval.simple_evaluate)(
+            model="qtune", model_args=model_args, tasks=tasks.split(","), num_fewshot=num_fewshot, limit=limit,
+            task_manager=TaskManager(include_path=include_path), batch_size=batch_size)
+    except KeyError as e:  # lm-eval's answer to a task name it does not know
+        raise click.ClickException(f"--tasks {tasks}: {e.args[0] if e.args else e}") from None
     click.echo(json.dumps(results["results"], default=str))
 
 
