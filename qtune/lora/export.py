@@ -47,6 +47,9 @@ def export_gguf(model, out_path, type_name: str = "f16", adapter_dir=None, from_
         try:
             write_gguf(source, partial, type_name)
             result = check_round_trip(source, partial, type_name.lower())
+        except OSError as e:  # a full disk, a read-only folder: nothing partial is left
+            partial.unlink(missing_ok=True)
+            raise ExportError(f"{out_path}: cannot write the GGUF file ({e.strerror or e}); nothing was kept") from e
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
