@@ -188,6 +188,8 @@ class TrainSection:
     """Stop a collapsed run: gradient norm exactly 0 (or an SFT loss within collapse_tolerance of ln(vocab_size)) this many steps in a row; 0 = off."""
     collapse_tolerance: float = 1e-3
     """How close (in nats) an SFT loss must stay to ln(vocab_size), a uniform guess, to count towards collapse_steps."""
+    log: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics go: metrics.jsonl always, plus TensorBoard (output.dir/tensorboard/) and W&B (extras)."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from nonnegative(self, "max_steps", "warmup_steps", "save_every", "seed", "collapse_steps",

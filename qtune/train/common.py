@@ -350,10 +350,12 @@ class MetricsLog:
 
     A new run (`resume_step=None`) starts the file afresh; a resumed run keeps the records up to its
     checkpoint's step (rewritten atomically) and appends from there, so the file reads like one run.
+    Attached sinks (`qtune.train.log_sinks`: TensorBoard, W&B) receive every record too.
     """
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
+        self.sinks: list = []
         if resume_step is not None and self.path.exists():
             kept = [r for r in self.read() if r.get("step", 0) <= resume_step]
             # a killed run's temporary file is removed at the next start
@@ -366,6 +368,14 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self, summary: dict | None = None) -> None:
+        """Hand the sinks the run's summary (held-out before / after ...) and close them; metrics.jsonl needs nothing."""
+        for sink in self.sinks:
+            sink.close(summary or {})
+        self.sinks = []
 
     def read(self) -> list[dict]:
         """Every record; a last line cut short by a killed process is ignored."""

@@ -29,6 +29,7 @@ Each loop (`sft.py`, `reward.py`, `dpo.py`, `ppo.py`) reads like nanoGPT's, arou
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -48,6 +49,7 @@ from qtune.recipe.schema import RecipeError, iter_fields, recipe_to_toml
 from qtune.tokenizer import load_tokenizer
 from qtune.train import common
 from qtune.train.lock import RunLock
+from qtune.train.log_sinks import check_sinks, open_sinks
 from qtune.weights.checkpoint import load_model, resolve
 from qtune.weights.integrity import fault_point, remove_dead_leftovers, verify_files
 
@@ -59,7 +61,8 @@ SHOWN_NAMES = {"grad_norm": "gradient norm"}  # how the non-finite message names
 # loss); output.dir differs when a run directory was moved or copied. Any other difference from the run's
 # recipe.toml is refused. Allowed changes are recorded in resumes.jsonl.
 RESUMABLE_KEYS = ("description", "output.dir", "train.max_steps", "train.epochs", "train.lr", "train.log_every",
-                  "train.save_every", "train.collapse_steps", "train.collapse_tolerance", "data.cache_dir")
+                  "train.save_every", "train.collapse_steps", "train.collapse_tolerance", "train.log",
+                   "data.cache_dir")
 
 
 def load_base_model(model_section, device):
@@ -74,6 +77,7 @@ def load_base_model(model_section, device):
 def start_run(recipe, resume: bool, console: Console | None):
     """Open the run's output directory, seed everything, load the base model: (run, model, tokenizer, device)."""
     device = common.training_device()
+    check_sinks(recipe.train.log)  # a missing TensorBoard / W&B package fails before the run directory is touched
     run = Run(Path(recipe.output.dir), console, resume)
     run.base_model = recipe.model.path
     if resume:
@@ -263,6 +267,7 @@ class Run:
                 f.write(json.dumps({"step": start_step, "changed": self.resume_changes}) + "\n")
             self.console.print("resumed with " + ", ".join(f"{k} = {new!r} (was {old!r})"
                                                            for k, (old, new) in self.resume_changes.items()))
+        self.metrics.sinks = open_sinks(t.log, self.dir, start_step if self.resume else None, dataclasses.asdict(recipe))
         self.write_recipe(recipe_to_toml(recipe))
         return optimizer, scheduler, start_step, position
 
@@ -464,6 +469,7 @@ class Run:
         plot_loss_curve(([{"step": 0, "val_loss": before}] if before is not None else []) + records,
                         self.dir / "loss_curve.png")
         self._write_atomically("summary.json", json.dumps(summary, indent=2))
+        self.metrics.close(summary)
         table = Table(title=f"run finished: {self.dir}")
         table.add_column("")
         table.add_column("value")

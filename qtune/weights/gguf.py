@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) -> Hugging Face model directory, for Llama-architecture models.
+"""GGUF (llama.cpp) -> Hugging Face model directory, for Llama-architecture (and Qwen2) models.
 
     convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "models/smollm2")  # config.json, model.safetensors, tokenizer ...
 
@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# GGUF architecture -> (HF model_type, HF class); Qwen2 is Llama with q/k/v biases and no Q/K row permutation.
+HF_ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
 
 # GGUF tensor name -> Hugging Face LlamaForCausalLM parameter name ("{i}" is the layer index).
 GLOBAL_TENSORS = {
@@ -36,6 +38,10 @@ BLOCK_TENSORS = {
     "ffn_down.weight": "mlp.down_proj.weight",
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,11 +79,10 @@ class GGUFFile:
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row order: per head, rows (0, d/2, 1, d/2+1, ...) back to (0, 1, ..., d-1).
 
-    llama.cpp wrote w.reshape(n_head, 2, d/2, in).swapaxes(1, 2); this is its inverse.
+    llama.cpp wrote w.reshape(n_head, 2, d/2, in).swapaxes(1, 2); this is its inverse. A bias (1-D) works too.
     """
-    out_features, in_features = w.shape
-    head_dim = out_features // n_head
-    return w.reshape(n_head, head_dim // 2, 2, in_features).swapaxes(1, 2).reshape(out_features, in_features)
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, head_dim // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
 def _float32_repr(value: float) -> float:
@@ -91,9 +96,10 @@ def llama_config(g: GGUFFile, dtype: torch.dtype) -> dict:
     hidden = g.arch("embedding_length")
     tensor_names = {t.name for t in g.reader.tensors}
     vocab_size = g.arch("vocab_size", None) or len(g.get("tokenizer.ggml.tokens"))
+    model_type, hf_class = HF_ARCHITECTURES[g.architecture]
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_class],
+        "model_type": model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": g.arch("feed_forward_length"),
@@ -106,7 +112,7 @@ def llama_config(g: GGUFFile, dtype: torch.dtype) -> dict:
         "rope_theta": _float32_repr(g.arch("rope.freq_base", 10000.0)),
         "max_position_embeddings": g.arch("context_length"),
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": False,
+        "attention_bias": "blk.0.attn_output.bias" in tensor_names,
         "mlp_bias": False,
         "bos_token_id": g.get("tokenizer.ggml.bos_token_id", None),
         "eos_token_id": g.get("tokenizer.ggml.eos_token_id", None),
@@ -202,12 +208,13 @@ def llama_state_dict(g: GGUFFile, config: dict, dtype: torch.dtype) -> dict[str,
         if name is None:
             raise ValueError(f"{g.path}: tensor {tensor.name!r} has no LlamaForCausalLM counterpart")
         w = _dequantize(g, tensor)
-        if name.endswith("q_proj.weight"):
+        if g.architecture == "llama" and ".q_proj." in name:
             w = unpermute_qk(w, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
+        elif g.architecture == "llama" and ".k_proj." in name:
             w = unpermute_qk(w, config["num_key_value_heads"])
         state[name] = w.to(dtype).contiguous()
-    expected = 2 + 9 * config["num_hidden_layers"] + (0 if config["tie_word_embeddings"] else 1)
+    biases = 4 if config["attention_bias"] else 3 if config["model_type"] == "qwen2" else 0
+    expected = 2 + (9 + biases) * config["num_hidden_layers"] + (0 if config["tie_word_embeddings"] else 1)
     if len(state) != expected:
         raise ValueError(f"{g.path}: found {len(state)} tensors, a Llama with this config has {expected}")
     return state
@@ -224,6 +231,8 @@ LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2's: Llama 3's with every digit on its own.
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 BYTE_LEVEL_REGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 BYTE_LEVEL_NO_REGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
 
@@ -245,6 +254,13 @@ PRE_TOKENIZERS = {
             ],
         }
         for name in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe")
+    },
+    "qwen2": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+            BYTE_LEVEL_NO_REGEX,
+        ],
     },
 }
 
@@ -389,7 +405,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
     if g.architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{g.path}: architecture {g.architecture!r} is not supported; this converter handles "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama, SmolLM, Mistral-v0.1-style models)"
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama, SmolLM, Mistral-v0.1-style and Qwen2 models)"
         )
     config = llama_config(g, dtype)
     state = llama_state_dict(g, config, dtype)
