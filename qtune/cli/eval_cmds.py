@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from qtune.cli.common import err, explained, load_checked
+from qtune.cli.common import command, err, load_checked
 
 
 def _model_and_adapter(recipe_or_model: str, adapter: str | None) -> tuple[str, str | None]:
@@ -20,7 +20,7 @@ def _model_and_adapter(recipe_or_model: str, adapter: str | None) -> tuple[str, 
     return recipe.model.path, adapter or (str(trained) if trained.is_dir() else None)
 
 
-@click.command("eval-harness")
+@command("eval-harness")
 @click.argument("recipe_or_model")
 @click.option("--tasks", required=True, help="Comma-separated lm-eval task names (or YAML tasks under --include-path).")
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
@@ -46,7 +46,7 @@ def eval_harness(recipe_or_model, tasks, adapter, quantize, dtype, include_path,
     model_args = ",".join(f"{k}={v}" for k, v in args.items() if v is not None)
     err.print(f"lm-eval: --model qtune --model_args {model_args} --tasks {tasks}")
     try:
-        results = explained(lm_eval.simple_evaluate)(
+        results = lm_eval.simple_evaluate(
             model="qtune", model_args=model_args, tasks=tasks.split(","), num_fewshot=num_fewshot, limit=limit,
             task_manager=TaskManager(include_path=include_path), batch_size=batch_size)
     except KeyError as e:  # lm-eval's answer to a task name it does not know

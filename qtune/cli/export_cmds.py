@@ -7,10 +7,10 @@ import time
 
 import click
 
-from qtune.cli.common import err, explained
+from qtune.cli.common import command, err
 
 
-@click.command("export-gguf")
+@command("export-gguf")
 @click.argument("model")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
@@ -38,10 +38,10 @@ def export_gguf_cmd(model, out, adapter, type_name, from_original, no_double_qua
     if adapter_only:
         if adapter is None:
             raise click.ClickException("--adapter-only needs --adapter DIR (the PEFT LoRA directory to write)")
-        click.echo(explained(export_gguf_adapter)(model, adapter, out))
+        click.echo(export_gguf_adapter(model, adapter, out))
         return
-    check = explained(export_gguf)(model, out, type_name, adapter_dir=adapter, from_original=from_original,
-                                   double_quant=not no_double_quant, ollama=ollama)
+    check = export_gguf(model, out, type_name, adapter_dir=adapter, from_original=from_original,
+                        double_quant=not no_double_quant, ollama=ollama)
     err.print(f"round-trip check passed: chat tokens identical, end-of-turn token stops, logits {check.what} "
               f"{check.logit_error:.2g} (allowed {check.tolerance:g}); {time.perf_counter() - t0:.1f}s")
     click.echo(out)

@@ -62,7 +62,7 @@ SHOWN_NAMES = {"grad_norm": "gradient norm"}  # how the non-finite message names
 # recipe.toml is refused. Allowed changes are recorded in resumes.jsonl.
 RESUMABLE_KEYS = ("description", "output.dir", "train.max_steps", "train.epochs", "train.lr", "train.log_every",
                   "train.save_every", "train.collapse_steps", "train.collapse_tolerance", "train.log",
-                   "data.cache_dir")
+                  "data.cache_dir")
 
 
 def load_base_model(model_section, device):
