@@ -169,6 +169,10 @@ def model_cases(w) -> dict[str, Case]:
         "generate --chat with a failing template": Case(
             ["generate", template_model(w, "raise_exception"), "--prompt", "hi", "--chat", "--max-new-tokens", "2"],
             ["tokenizer_config.json", "roles must alternate"]),
+        "config.json not an object (export-gguf)": Case(["export-gguf", bad_config(w), root / "exported.gguf"],
+                                                        ["config.json"], root / "exported.gguf"),
+        "unknown lm-eval task (eval-harness)": Case(["eval-harness", w["model"], "--tasks", "no_such_task"],
+                                                    ["no_such_task"]),
     }
     for kind in TEMPLATES:
         cases[f"chat template {kind} (sft)"] = Case(
@@ -209,7 +213,8 @@ def location_cases(w) -> dict[str, Case]:
 
 RECIPE_VERBS = {  # verb -> its shipped recipe and a key of it
     "sft": ("quickstart", "train.lr"), "reward": ("reward", "train.lr"), "dpo": ("dpo", "train.lr"),
-    "ppo": ("ppo", "train.lr"), "best-of-n": ("best_of_n", "train.lr"), "estimate": ("quickstart", "train.lr"),
+    "ppo": ("ppo", "train.lr"), "grpo": ("grpo", "train.lr"), "best-of-n": ("best_of_n", "train.lr"),
+    "estimate": ("quickstart", "train.lr"),
     "validate": ("dpo", "lora.alpha"), "data preview": ("quickstart", "lora.alpha"),
     "self-instruct": ("self_instruct", "generate.num_instructions"),
     "evol-instruct": ("evol_instruct", "generate.num_instructions"),
@@ -235,7 +240,8 @@ CASE_IDS = [
     *[f"chat template {kind} (sft)" for kind in TEMPLATES], "tokenizer.json does not parse (sft)",
     "tokenizer.json does not parse (generate)", "tokenizer ids beyond vocab_size (sft)",
     "tokenizer ids beyond vocab_size (eval)", "config.json not an object (eval)", "config.json not an object (quantize)",
-    "config.json not an object (eval-prefs)", "adapter without adapter_config.json (merge)",
+    "config.json not an object (eval-prefs)", "config.json not an object (export-gguf)",
+    "unknown lm-eval task (eval-harness)", "adapter without adapter_config.json (merge)",
     "generate --chat with a failing template", "mislabelled .gz (eval-prefs)", "mislabelled .gz (sft)",
     "not a GGUF file (convert)", "max_seq_len beyond the model's positions", "output.dir is a file",
     "output.dir under a file", "cp into a missing directory", "cp of an unknown recipe",

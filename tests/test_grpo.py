@@ -30,6 +30,8 @@ group_size = 4
 rollout_batch_size = 8
 max_new_tokens = 5
 generation_batch_size = 8
+# Every group is trained on, whatever the tiny model samples (the dropping test turns dynamic sampling on).
+dynamic_sampling = false
 {grpo}
 [[grpo.rewards]]
 fn = "format"
@@ -143,7 +145,7 @@ def test_groups_with_equal_rewards_are_dropped_and_counted(tiny_dir, tmp_path): 
     """The tiny model never writes the sum, so every answer reward is 0: each group is dropped (DAPO's dynamic
     sampling), no update is made, and the policy stays the reference; with dynamic sampling off they are kept."""
     answer_only = 'grpo.rewards=[{fn="answer"}]'
-    result, summary = run(tiny_dir, tmp_path, answer_only)
+    result, summary = run(tiny_dir, tmp_path, answer_only, "grpo.dynamic_sampling=true")
     assert result.exit_code == 0, result.output
     for r in steps(tmp_path / "run"):
         assert r["reward"] == 0 and r["dropped_groups"] == 2 and r["updates"] == 0 and r["grad_norm"] == 0
