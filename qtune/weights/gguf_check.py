@@ -13,10 +13,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jinja2
 import torch
 
-from qtune.tokenizer import Tokenizer, load_tokenizer
+from qtune.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from qtune.weights.checkpoint import load_model
 from qtune.weights.gguf import convert_gguf
 
@@ -42,7 +41,7 @@ def conversation_text(tok: Tokenizer) -> str:
     refuses one, as Mistral's does), ready for the assistant's reply."""
     try:
         return tok.apply_chat_template(CONVERSATION, add_generation_prompt=True)
-    except jinja2.TemplateError:
+    except TokenizerError:
         return tok.apply_chat_template(CONVERSATION[1:], add_generation_prompt=True)
 
 
@@ -59,7 +58,7 @@ def end_of_turn_id(tok: Tokenizer) -> int | None:
     marker = "qtune end-of-turn probe"
     try:
         text = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}])
-    except jinja2.TemplateError:  # a template that cannot render a plain user / assistant exchange
+    except TokenizerError:  # a template that cannot render a plain user / assistant exchange
         return None
     ids = tok.encode(text[text.index(marker) + len(marker):])
     if ids and tok.decode(ids[:1], skip_special=True) == "":  # a special token: decoding drops it

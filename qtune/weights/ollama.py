@@ -11,9 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
-
-from qtune.tokenizer import Tokenizer
+from qtune.tokenizer import Tokenizer, TokenizerError
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ def default_system_prompt(tok: Tokenizer) -> str | None:
     probe, user = "\x00qtune-probe\x00", [{"role": "user", "content": "Hi"}]
     try:
         with_probe = tok.apply_chat_template([{"role": "system", "content": probe}, *user])
-    except jinja2.TemplateError:  # a template that refuses system turns (Mistral's) has no default either
+    except TokenizerError:  # a template that refuses system turns (Mistral's) has no default either
         return None
     before, after = with_probe.split(probe)
     without = tok.apply_chat_template(user)
