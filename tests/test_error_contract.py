@@ -268,6 +268,16 @@ def test_every_verb_is_covered(world):
     assert listed <= verbs, listed - verbs
 
 
+@pytest.mark.parametrize("args, named", [
+    (["sftt", "quickstart"], ["No such command 'sftt'", "sft"]),
+    (["eval-harness", "m", "--tasks", "t", "--quantize", "nf3"], ["--quantize", "nf3", "nf4"]),
+    (["export-gguf", "m"], ["OUT"]),
+], ids=["unknown verb", "bad option value", "missing argument"])
+def test_usage_errors_exit_one(args, named):
+    """Click's usage errors keep its message but exit with 1, like every other bad input."""
+    assert_contract(run_cli(args), named)
+
+
 def test_qtune_debug_shows_the_traceback(world):
     case = all_cases(world)["config.json not an object (eval)"]
     result = run_cli(case.args, {"QTUNE_DEBUG": "1"})

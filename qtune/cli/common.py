@@ -3,6 +3,7 @@
 Imports of qtune's library modules stay inside the functions so that `qtune --help` does not load torch.
 """
 
+import contextlib
 import errno
 import functools
 import os
@@ -82,16 +83,34 @@ def explain(e: BaseException) -> click.ClickException:
     return click.ClickException(str(e))
 
 
+@contextlib.contextmanager
+def usage_errors_exit_one():
+    """Click exits with status 2 on a usage error (a bad option value, a missing argument, an unknown verb);
+    qtune's error contract is status 1 for any bad input. `qtune` alone still shows the help with click's 2."""
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise
+    except click.UsageError as e:
+        e.exit_code = 1
+        raise
+
+
 class QtuneCommand(click.Command):
     """A `qtune` verb: its user errors become one `Error:` line and exit status 1, Ctrl-C exits with 130.
 
     With QTUNE_DEBUG=1 the traceback of any error is printed first (the status stays the same).
     """
 
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with usage_errors_exit_one():
+            return super().make_context(*args, **kwargs)
+
     def invoke(self, ctx: click.Context):
         debug = os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
         try:
-            return super().invoke(ctx)
+            with usage_errors_exit_one():
+                return super().invoke(ctx)
         except click.ClickException:
             if debug:
                 traceback.print_exc()
@@ -108,6 +127,14 @@ class QtuneGroup(click.Group):
     """A group of `qtune` verbs (`qtune` itself, `qtune data`): the commands it declares are QtuneCommands."""
 
     command_class = QtuneCommand
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with usage_errors_exit_one():
+            return super().make_context(*args, **kwargs)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        with usage_errors_exit_one():  # an unknown verb
+            return super().resolve_command(ctx, args)
 
 
 command = functools.partial(click.command, cls=QtuneCommand)
