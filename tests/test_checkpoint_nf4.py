@@ -22,7 +22,7 @@ def fp32_reference_path(model):
     return model
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "mistral-nemo", "qwen3", "gemma2", "gemma3"])
 def tiny_dir(request, tmp_path_factory):
     return save_tiny(request.param, tmp_path_factory.mktemp(request.param))
 
@@ -37,7 +37,8 @@ def hf_nf4(path):
 
 def test_quantize_on_load_matches_bitsandbytes(tiny_dir):
     ours = load_model(tiny_dir, quantize="nf4", dtype="float32")
-    assert sum(isinstance(m, NF4Linear) for m in ours.modules()) == 7 * 2
+    layers = json.loads((tiny_dir / "config.json").read_text())["num_hidden_layers"]
+    assert sum(isinstance(m, NF4Linear) for m in ours.modules()) == 7 * layers
     ids = torch.randint(3, 160, (2, 13))
     with torch.no_grad():
         ref = hf_nf4(tiny_dir)(ids).logits
