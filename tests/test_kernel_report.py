@@ -60,7 +60,7 @@ def test_every_kernel_compiles_for_every_target_without_spills():
     assert report["targets"] == list(TARGETS)
     logprobs = {name: figs for name, figs in report["kernels"].items()
                 if name.startswith(("logsumexp_partials[", "logit_grad["))}
-    assert len(logprobs) == 6  # two kernels x fp32 / fp16 / bf16, each compiled at least once
+    assert len(logprobs) == 12  # two kernels x fp32 / fp16 / bf16 x uncapped / soft-capped, each compiled at least once
     for kernel in ("logsumexp_partials[", "logit_grad["):  # each kernel on every target
         covered = {t for name, figs in logprobs.items() if name.startswith(kernel) for t in figs}
         assert covered == set(TARGETS)

@@ -260,3 +260,19 @@ def test_config_round_trips_through_to_dict(kind, tmp_path):
     for key in ("layer_types", "sliding_window", "head_dim", "query_pre_attn_scalar", "final_logit_softcapping",
                 "attn_logit_softcapping", "rope_parameters", "tie_word_embeddings"):
         assert getattr(hf, key, None) == getattr(theirs, key, None), key
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_training_loss_equals_transformers_loss_with_soft_capped_logits(tmp_path, kernels):
+    """SFT's fused loss caps Gemma 2's logits inside the op as transformers' forward does before its loss."""
+    from qtune.train.common import lm_loss_sum
+
+    d = save_tiny("gemma2", tmp_path / "gemma2")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ours = load_model(d, quantize="none", dtype="float32", kernels=kernels)
+    ids = torch.randint(3, 160, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        loss_sum, count = lm_loss_sum(ours, {"input_ids": ids, "labels": ids})
+        assert abs(loss_sum.item() / count - hf(ids, labels=ids).loss.item()) <= 1e-5
+        ours.logit_softcap = None
+        assert abs(lm_loss_sum(ours, {"input_ids": ids, "labels": ids})[0].item() - loss_sum.item()) > 1e-3
