@@ -21,12 +21,13 @@ from tiny import save_tiny
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 TOL = 1e-4
+FAMILIES = ("qwen3", "gemma2", "gemma3", "mistral-nemo")  # the families beyond Llama / Qwen2 (issue #16)
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {kind: save_tiny(kind, root / kind) for kind in ("llama", "llama3", "qwen2")}
+    return {kind: save_tiny(kind, root / kind) for kind in ("llama", "llama3", "qwen2", *FAMILIES)}
 
 
 def hf_model(path):
@@ -87,6 +88,10 @@ CASES = [  # kind, config
     ("llama", LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))),
     ("llama3", LoraConfig(r=8, alpha=16, target_modules="all-linear")),
     ("qwen2", LoraConfig(r=4, alpha=6, target_modules="all-linear", rslora=True)),
+    ("qwen3", LoraConfig(r=4, alpha=8, target_modules="all-linear")),
+    ("gemma2", LoraConfig(r=4, alpha=8, target_modules="all-linear")),
+    ("gemma3", LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))),
+    ("mistral-nemo", LoraConfig(r=4, alpha=8, target_modules="all-linear")),
 ]
 
 
@@ -183,11 +188,12 @@ def test_gradients_reach_only_the_active_adapter(tiny_dirs, tmp_path):
     assert max_diff(logits(m, ids), logits(ref, ids)) <= TOL
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
-def test_triton_route_matches_torch_route(tiny_dirs, quantize):
+@pytest.mark.parametrize("kind, quantize", [("qwen2", "none"), ("qwen2", "nf4"), ("gemma2", "nf4"), ("qwen3", "nf4")])
+def test_triton_route_matches_torch_route(tiny_dirs, kind, quantize):
+    """Gemma 2 takes the fused GeGLU block and soft-capped attention, Qwen3 its q/k norms."""
     if quantize == "nf4":
         pytest.importorskip("qtune.kernels.nf4")
-    m = load_model(tiny_dirs["qwen2"], quantize=quantize)
+    m = load_model(tiny_dirs[kind], quantize=quantize)
     add_lora(m, LoraConfig(r=4, target_modules=("q_proj", "down_proj")))
     randomise(m)
     ids = token_ids(6, (1, 5))
@@ -203,12 +209,13 @@ def test_triton_route_matches_torch_route(tiny_dirs, quantize):
     assert all(max_diff(a, b) <= 1e-5 for a, b in zip(g_t, g_k))
 
 
-def test_merge_from_original_equals_base_plus_adapter(tiny_dirs, tmp_path):
-    m = load_model(tiny_dirs["qwen2"], quantize="none")
+@pytest.mark.parametrize("kind", ["qwen2", *FAMILIES])
+def test_merge_from_original_equals_base_plus_adapter(tiny_dirs, tmp_path, kind):
+    m = load_model(tiny_dirs[kind], quantize="none")
     add_lora(m, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     randomise(m)
     save_adapter(m, tmp_path / "adapter")
-    out = merge_lora_into_dir(tiny_dirs["qwen2"], tmp_path / "adapter", tmp_path / "merged", from_original=True,
+    out = merge_lora_into_dir(tiny_dirs[kind], tmp_path / "adapter", tmp_path / "merged", from_original=True,
                               dtype="float32")
     merged = hf_model(out)
     ids = token_ids(7)
