@@ -13,14 +13,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
+# Mixture-of-experts configs are read for `qtune estimate` (their shapes); loading them to train is refused.
+MOE_TYPES = ("mixtral", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # SwiGLU; GeGLU with tanh-approximated GELU (Gemma)
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
-# Llama-family shapes of public checkpoints (their config.json), one line each.
+# Shapes of public checkpoints (their config.json), one line each.
 SHAPES: dict[str, dict] = {
     "llama2-7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0, "max_position_embeddings": 4096},
     "llama2-13b": {"vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40, "rope_theta": 10000.0, "max_position_embeddings": 4096},
@@ -28,6 +31,17 @@ SHAPES: dict[str, dict] = {
     "mistral-7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 10000.0, "max_position_embeddings": 32768},
     "smollm2-135m": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True},
     "smollm2-360m": {"vocab_size": 49152, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True},
+    "llama3.1-8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0, "max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+    "mistral-nemo-12b": {"model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 14336, "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rope_theta": 1000000.0, "max_position_embeddings": 1024000},
+    "qwen3-8b": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960},
+    "qwen3-14b": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960},
+    "qwen3-30b-a3b": {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960},
+    "gemma-2-9b": {"model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "max_position_embeddings": 8192},
+    "gemma-3-12b": {"model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 1024, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "max_position_embeddings": 131072},
+    # Phi-4 (model_type phi3) as its Llama-shaped equivalent: its fused qkv_proj / gate_up_proj hold exactly the
+    # weights of separate q/k/v and gate/up projections, which is all a memory estimate needs
+    "phi-4": {"vocab_size": 100352, "hidden_size": 5120, "intermediate_size": 17920, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 10, "rope_theta": 250000.0, "max_position_embeddings": 16384},
+    "mixtral-8x7b": {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 1000000.0, "max_position_embeddings": 32768},
 }
 
 
@@ -61,6 +75,9 @@ class ModelConfig:
     final_logit_softcapping: float | None = None  # Gemma 2: logits become cap · tanh(z / cap)
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (rope_local_base_freq)
     multimodal_text: bool = False  # the language model of a Gemma 3 image-text checkpoint (vision tower skipped)
+    num_experts: int = 0  # mixture of experts (Mixtral, Qwen3-MoE): experts per layer; 0 = a dense MLP
+    num_experts_per_tok: int = 0  # experts each token is routed to (top-k)
+    moe_intermediate_size: int = 0  # intermediate size of one expert
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -82,7 +99,7 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object of model settings, got {type(d).__name__} {d!r:.60}")
         model_type = d.get("model_type", "llama")
-        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES + MOE_TYPES:
             raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         if model_type == "gemma3":
@@ -105,7 +122,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: mlp_bias=true is not supported (no checkpoint of these families uses it)")
         known = {f.name for f in fields(cls)} | {"attention_bias", "num_key_value_heads", "rope_parameters",
                                                  "use_sliding_window", "dtype", "hidden_activation",
-                                                 "rope_local_base_freq", "max_window_layers", "sliding_window_pattern"}
+                                                 "rope_local_base_freq", "max_window_layers", "sliding_window_pattern",
+                                                 "num_local_experts"}
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -116,7 +134,15 @@ class ModelConfig:
             eos_token_id=d.get("eos_token_id"), torch_dtype=d.get("torch_dtype") or d.get("dtype"),
             extra={k: v for k, v in d.items() if k not in known},
             **_rope_fields(d, model_type, source), **_family_fields(d, model_type, source),
+            **_expert_fields(d, model_type, source),
         )
+
+    def require_dense(self, source) -> None:
+        """Refuse a mixture-of-experts config where a model is to be built: qtune only sizes those."""
+        if self.num_experts:
+            raise ConfigError(f"{source}: model_type {self.model_type!r} is a mixture of experts, which qtune can "
+                              "size (`qtune estimate`) but not load or train yet (supported: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)})")
 
     @classmethod
     def _gemma3_text_model(cls, d: dict, source: str) -> "ModelConfig":
@@ -156,7 +182,7 @@ class ModelConfig:
             d["attention_bias"] = self.qkv_bias
         if self.model_type != "llama":
             d["sliding_window"] = self.sliding_window
-        if self.model_type not in ("llama", "mistral"):
+        if self.layer_types or self.model_type in GEMMA_TYPES:  # Gemma's default would be a sliding pattern
             d["layer_types"] = list(self.layer_types) or ["full_attention"] * self.num_hidden_layers
         if self.model_type in GEMMA_TYPES:
             d.update(hidden_activation=self.hidden_act, query_pre_attn_scalar=self.query_pre_attn_scalar,
@@ -164,6 +190,11 @@ class ModelConfig:
                      final_logit_softcapping=self.final_logit_softcapping)
         if self.rope_local_theta is not None:
             d["rope_local_base_freq"] = self.rope_local_theta
+        if self.model_type == "mixtral":
+            d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
+        elif self.model_type == "qwen3_moe":
+            d.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                     moe_intermediate_size=self.moe_intermediate_size)
         d.setdefault("architectures", [ARCHITECTURES[self.model_type]])
         if self.torch_dtype:
             d["torch_dtype"] = self.torch_dtype
@@ -198,8 +229,26 @@ def _family_fields(d: dict, model_type: str, source: str) -> dict:
         raise ConfigError(f"{source}: use_bidirectional_attention=true (an embedding model) is not supported; "
                           "qtune trains causal language models")
     window, layer_types = _layer_types(d, model_type, source)
-    return dict(qkv_bias=qkv_bias, o_bias=o_bias, hidden_act=act, qk_norm=model_type in ("qwen3", "gemma3_text"),
+    return dict(qkv_bias=qkv_bias, o_bias=o_bias, hidden_act=act,
+                qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe"),
                 gemma_norms=gemma, sliding_window=window, layer_types=layer_types, **caps)
+
+
+def _expert_fields(d: dict, model_type: str, source: str) -> dict:
+    """Mixtral: `num_local_experts` experts of `intermediate_size`; Qwen3-MoE: `num_experts` of
+    `moe_intermediate_size`. Both route each token to `num_experts_per_tok` of them."""
+    if model_type not in MOE_TYPES:
+        return {}
+    mixtral = model_type == "mixtral"
+    keys = ("num_local_experts" if mixtral else "num_experts", "num_experts_per_tok",
+            "intermediate_size" if mixtral else "moe_intermediate_size")
+    for key in keys:
+        if not isinstance(d.get(key), int) or d[key] <= 0:
+            raise ConfigError(f"{source}: field {key!r} is missing or not a positive integer (found {d.get(key)!r})")
+    if not mixtral and (d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1):
+        raise ConfigError(f"{source}: mlp_only_layers / decoder_sparse_step (dense layers among the expert "
+                          "layers) are not supported; every layer must be a mixture of experts")
+    return dict(num_experts=d[keys[0]], num_experts_per_tok=d[keys[1]], moe_intermediate_size=d[keys[2]])
 
 
 def _layer_types(d: dict, model_type: str, source: str) -> tuple[int | None, tuple[str, ...]]:
@@ -208,7 +257,7 @@ def _layer_types(d: dict, model_type: str, source: str) -> tuple[int | None, tup
     other layer, starting with the first; Gemma 3: five sliding layers, then one global)."""
     n = d["num_hidden_layers"]
     window = d.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not d.get("use_sliding_window", False):
         window = None
     given = d.get("layer_types")
     if given is not None:
@@ -221,7 +270,7 @@ def _layer_types(d: dict, model_type: str, source: str) -> tuple[int | None, tup
     elif model_type == "gemma3_text":
         pattern = d.get("sliding_window_pattern", 6)
         types = tuple(LAYER_TYPES[bool((i + 1) % pattern)] for i in range(n))
-    elif model_type in ("qwen2", "qwen3"):
+    elif model_type in ("qwen2", "qwen3", "qwen3_moe"):
         first = d.get("max_window_layers", 28)
         types = tuple(LAYER_TYPES[window is not None and i >= first] for i in range(n))
     else:

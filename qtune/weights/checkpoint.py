@@ -99,6 +99,7 @@ def load_model(path, quantize: str = "nf4", dtype=None, kernels: str = "auto", d
         raise ValueError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
     model_dir = resolve(path)
     cfg = ModelConfig.from_json(model_dir)
+    cfg.require_dense(model_dir / "config.json")
     dtype = parse_dtype(dtype, device)
     with torch.device("meta"):
         model = CausalLM(cfg)
