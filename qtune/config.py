@@ -1,8 +1,9 @@
 """Model configuration, read from a Hugging Face `config.json`.
 
 One dataclass covers the decoder families qtune trains: Llama-2/3/3.1, Mistral (Nemo, Small), SmolLM2,
-Qwen2, Qwen3 and Gemma 2/3. They differ only in switches (q/k norms, Gemma's (1 + w) norms and extra
-norms, GeGLU, soft-capping, per-layer sliding windows), each a field below. Fields keep Hugging Face's
+Qwen2, Qwen3, Gemma 2/3 and Phi-3/4. They differ only in switches (q/k norms, Gemma's (1 + w) norms and
+extra norms, GeGLU, soft-capping, per-layer sliding windows, Phi-3's fused projections and partial
+rotary embedding), each a field below. Fields keep Hugging Face's
 names where Hugging Face has one, so a `config.json` maps onto them one to one. `SHAPES` names the shapes
 of public checkpoints (one line each) so the memory planner can size a model without its files.
 """
@@ -12,16 +13,16 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3")
 # Mixture-of-experts configs are read for `qtune estimate` (their shapes); loading them to train is refused.
 MOE_TYPES = ("mixtral", "qwen3_moe")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # SwiGLU; GeGLU with tanh-approximated GELU (Gemma)
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                 "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+                 "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 # Shapes of public checkpoints (their config.json), one line each.
 SHAPES: dict[str, dict] = {
@@ -60,7 +61,8 @@ class ModelConfig:
     head_dim: int  # may differ from hidden / heads (Mistral Nemo, Qwen3, Gemma)
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "longrope", "factor": ..., ...}
+    partial_rotary_factor: float = 1.0  # Phi-3: RoPE rotates the first int(head_dim * this) features of a head
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 (and Llama with attention_bias) put a bias on q, k, v
@@ -75,6 +77,7 @@ class ModelConfig:
     final_logit_softcapping: float | None = None  # Gemma 2: logits become cap · tanh(z / cap)
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (rope_local_base_freq)
     multimodal_text: bool = False  # the language model of a Gemma 3 image-text checkpoint (vision tower skipped)
+    fused_projections: bool = False  # Phi-3: one qkv_proj for q, k, v and one gate_up_proj for gate, up
     num_experts: int = 0  # mixture of experts (Mixtral, Qwen3-MoE): experts per layer; 0 = a dense MLP
     num_experts_per_tok: int = 0  # experts each token is routed to (top-k)
     moe_intermediate_size: int = 0  # intermediate size of one expert
@@ -123,7 +126,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)} | {"attention_bias", "num_key_value_heads", "rope_parameters",
                                                  "use_sliding_window", "dtype", "hidden_activation",
                                                  "rope_local_base_freq", "max_window_layers", "sliding_window_pattern",
-                                                 "num_local_experts"}
+                                                 "num_local_experts", "original_max_position_embeddings"}
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -190,6 +193,10 @@ class ModelConfig:
                      final_logit_softcapping=self.final_logit_softcapping)
         if self.rope_local_theta is not None:
             d["rope_local_base_freq"] = self.rope_local_theta
+        if self.model_type == "phi3":
+            d["partial_rotary_factor"] = self.partial_rotary_factor
+            if self.rope_scaling:  # Phi3Config reads it at the top level, over the one in rope_scaling
+                d["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
         if self.model_type == "mixtral":
             d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
         elif self.model_type == "qwen3_moe":
@@ -229,7 +236,7 @@ def _family_fields(d: dict, model_type: str, source: str) -> dict:
         raise ConfigError(f"{source}: use_bidirectional_attention=true (an embedding model) is not supported; "
                           "qtune trains causal language models")
     window, layer_types = _layer_types(d, model_type, source)
-    return dict(qkv_bias=qkv_bias, o_bias=o_bias, hidden_act=act,
+    return dict(qkv_bias=qkv_bias, o_bias=o_bias, hidden_act=act, fused_projections=model_type == "phi3",
                 qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe"),
                 gemma_norms=gemma, sliding_window=window, layer_types=layer_types, **caps)
 
@@ -299,18 +306,38 @@ def _rope_fields(d: dict, model_type: str, source: str) -> dict:
     else:
         theta = float(d.get("rope_theta", default_theta))
         scaling = d.get("rope_scaling")
+    partial = (params or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
+        raise ConfigError(f"{source}: field 'partial_rotary_factor' must be a number in (0, 1] (found {partial!r})")
     if model_type == "gemma3_text":
         local = float(local if local is not None else d.get("rope_local_base_freq", 10000.0))
     if scaling:
         scaling = dict(scaling)
+        scaling.pop("partial_rotary_factor", None)
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if model_type == "phi3" and rope_type in ("su", "yarn"):
+            rope_type = "longrope"  # Phi-3's earlier names for it, as transformers reads them
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         scaling["rope_type"] = rope_type
+        scaling.pop("type", None)
+        if rope_type == "longrope":
+            _check_longrope(scaling, d, source)
         if rope_type == "default":
             scaling = None
-    return dict(rope_theta=theta, rope_scaling=scaling or None, rope_local_theta=local)
+    return dict(rope_theta=theta, rope_scaling=scaling or None, rope_local_theta=local,
+                partial_rotary_factor=float(partial))
+
+
+def _check_longrope(scaling: dict, d: dict, source: str) -> None:
+    """LongRoPE (Phi-3 128K): per-frequency short and long factors and the pre-training context they switch at."""
+    scaling.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings"))
+    if not isinstance(scaling["original_max_position_embeddings"], int):
+        raise ConfigError(f"{source}: longrope needs 'original_max_position_embeddings' (in rope_scaling or at the top)")
+    for key in ("short_factor", "long_factor"):
+        if not isinstance(scaling.get(key), list) or not scaling[key]:
+            raise ConfigError(f"{source}: rope_scaling.{key} must be a list of numbers for longrope")
 
 
 def shape_config(name: str) -> ModelConfig:

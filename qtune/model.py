@@ -14,13 +14,14 @@ What the other families change, each a ModelConfig switch:
 - Gemma 2: attention scores and final logits are soft-capped, s -> cap · tanh(s / cap).
 - `layer_types`: sliding-window layers (Gemma 2: every other one; Gemma 3: five of six, with their own
   RoPE base `rope_local_theta`).
+- Phi-3 (`fused_projections`): q, k, v come from one `qkv_proj` and gate, up from one `gate_up_proj`, as
+  its checkpoints store them (so PEFT adapters on those modules load unchanged); RoPE may rotate only part
+  of each head and use LongRoPE (qtune/rope.py).
 
 Masks: `attention_mask` (B, T) holds 0 for padding and a positive *segment id* for real tokens. A token
 attends to earlier tokens of the same segment only, so one tensor expresses both padding (all ids 1) and
 packing (ids 1, 2, 3 ... for the examples sharing a row).
 """
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qtune.config import ModelConfig
+from qtune.rope import apply_rope, longrope_past_original, rope_attention_scale, rope_cos_sin, rope_inv_freq
 from qtune.kernels.cpu.attention import cpu_attention
 from qtune.kernels.dispatch import check_mode, use_triton
 from qtune.kernels.lora import LoraParams, lora_mlp, lora_qkv
@@ -76,47 +78,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return RMSNormFn.apply(x, self.weight, self.eps, self.offset)
-
-
-def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d), with Llama-3.1 / linear scaling applied when configured. (d/2,)
-    `local`: the sliding layers' plain RoPE with base `rope_local_theta` (Gemma 3)."""
-    d = cfg.head_dim
-    theta = cfg.rope_local_theta if local else cfg.rope_theta
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
-    scaling = cfg.rope_scaling
-    if not scaling or local:
-        return inv_freq
-    factor = float(scaling["factor"])
-    if scaling["rope_type"] == "linear":
-        return inv_freq / factor
-    # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, the band between blended
-    # (Meta's reference `apply_scaling` in llama-models).
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old_len = float(scaling["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, blended, scaled)
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos and sin tables for the given positions, each (B, 1, T, head_dim)."""
-    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].to(position_ids.device)  # (B, T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    # RoPE in the half-split layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-    return x * cos + rotate_half(x) * sin
 
 
 class KVCache:
@@ -198,9 +159,12 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         D = cfg.hidden_size
-        self.q_proj = nn.Linear(D, self.n_head * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        if cfg.fused_projections:
+            self.qkv_proj = nn.Linear(D, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(D, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, D, bias=cfg.o_bias)
         if cfg.qk_norm:
             offset = 1.0 if cfg.gemma_norms else 0.0
@@ -215,9 +179,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if fused_path(self.kernels, x, *projections):
+        if hasattr(self, "qkv_proj"):  # Phi-3: rows of q, then k, then v
+            q, k, v = self.qkv_proj(x).split([self.n_head * self.head_dim, *[self.n_kv * self.head_dim] * 2], -1)
+        elif fused_path(self.kernels, x, self.q_proj, self.k_proj, self.v_proj):
             # one fused QLoRA op for the three projections: x is saved once, NF4 weights are recomputed
+            projections = (self.q_proj, self.k_proj, self.v_proj)
             q, k, v = lora_qkv(x, *map(fused_params, projections), training=self.training, kernels=self.kernels)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -244,14 +210,20 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        if cfg.fused_projections:
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.activation = cfg.hidden_act
         self.kernels = "auto"  # "triton" runs the whole block as one fused QLoRA op
 
     def forward(self, x):
         # SwiGLU: down(silu(gate x) * up x); GeGLU: down(gelu_tanh(gate x) * up x)
+        if hasattr(self, "gate_up_proj"):  # Phi-3: gate rows, then up rows
+            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(gate_activation(g, self.activation) * u)
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if fused_path(self.kernels, x, *projections):
             # the fused block saves x, gate x and up x only and recomputes the rest in backward
@@ -311,11 +283,14 @@ class CausalLM(nn.Module):
 
     def set_rope_tables(self, device) -> None:
         """(Re)build the RoPE inverse frequencies on `device` (a model built on the meta device has none):
-        `rope_inv_freq`, and `rope_local_inv_freq` for Gemma 3's sliding layers."""
+        `rope_inv_freq`, `rope_local_inv_freq` for Gemma 3's sliding layers, `rope_long_inv_freq` for LongRoPE."""
         self.register_buffer("rope_inv_freq", rope_inv_freq(self.config).to(device), persistent=False)
         if self.config.rope_local_theta is not None:
             local = rope_inv_freq(self.config, local=True).to(device)
             self.register_buffer("rope_local_inv_freq", local, persistent=False)
+        if self.config.rope_scaling and self.config.rope_scaling["rope_type"] == "longrope":
+            long = rope_inv_freq(self.config, long=True).to(device)
+            self.register_buffer("rope_long_inv_freq", long, persistent=False)
 
     def output_weight(self) -> torch.Tensor:
         """The (V, D) output projection (the embedding matrix when tied), for fused log-prob losses."""
@@ -338,7 +313,9 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         if self.config.gemma_norms:
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)  # sqrt(D) rounded to x's dtype
-        rope = {None: rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)}
+        # LongRoPE switches to its long table once any position passes the pre-training context
+        freq = self.rope_long_inv_freq if longrope_past_original(self.config, position_ids) else self.rope_inv_freq
+        rope = {None: rope_cos_sin(freq, position_ids, x.dtype, rope_attention_scale(self.config))}
         masks = {None: self._mask(input_ids, attention_mask, kv_cache, None)}
         if self.config.sliding_window is not None:
             local_freq = getattr(self, "rope_local_inv_freq", self.rope_inv_freq)

@@ -22,7 +22,7 @@ def fp32_reference_path(model):
     return model
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "mistral-nemo", "qwen3", "gemma2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "mistral-nemo", "qwen3", "gemma2", "gemma3", "phi3"])
 def tiny_dir(request, tmp_path_factory):
     return save_tiny(request.param, tmp_path_factory.mktemp(request.param))
 
@@ -37,8 +37,9 @@ def hf_nf4(path):
 
 def test_quantize_on_load_matches_bitsandbytes(tiny_dir):
     ours = load_model(tiny_dir, quantize="nf4", dtype="float32")
-    layers = json.loads((tiny_dir / "config.json").read_text())["num_hidden_layers"]
-    assert sum(isinstance(m, NF4Linear) for m in ours.modules()) == 7 * layers
+    config = json.loads((tiny_dir / "config.json").read_text())
+    per_layer = 4 if config["model_type"] == "phi3" else 7  # Phi-3 fuses q/k/v and gate/up
+    assert sum(isinstance(m, NF4Linear) for m in ours.modules()) == per_layer * config["num_hidden_layers"]
     ids = torch.randint(3, 160, (2, 13))
     with torch.no_grad():
         ref = hf_nf4(tiny_dir)(ids).logits

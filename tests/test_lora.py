@@ -21,7 +21,7 @@ from tiny import save_tiny
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 TOL = 1e-4
-FAMILIES = ("qwen3", "gemma2", "gemma3", "mistral-nemo")  # the families beyond Llama / Qwen2 (issue #16)
+FAMILIES = ("qwen3", "gemma2", "gemma3", "mistral-nemo", "phi3")  # the families beyond Llama / Qwen2 (issue #16)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,7 @@ CASES = [  # kind, config
     ("gemma2", LoraConfig(r=4, alpha=8, target_modules="all-linear")),
     ("gemma3", LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))),
     ("mistral-nemo", LoraConfig(r=4, alpha=8, target_modules="all-linear")),
+    ("phi3", LoraConfig(r=4, alpha=8, target_modules=("qkv_proj", "gate_up_proj", "down_proj"))),
 ]
 
 
@@ -103,7 +104,8 @@ def test_saved_adapter_loads_in_peft_with_equal_logits(tiny_dirs, tmp_path, kind
     out = save_adapter(m, tmp_path / "adapter", base_model_name_or_path=str(tiny_dirs[kind]))
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["r"] == cfg.r and saved["use_rslora"] == cfg.rslora and saved["peft_type"] == "LORA"
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in load_file(out / "adapter_model.safetensors")
+    query = "qkv_proj" if kind == "phi3" else "q_proj"  # PEFT's names: Phi-3 adapts its fused projection
+    assert f"base_model.model.model.layers.0.self_attn.{query}.lora_A.weight" in load_file(out / "adapter_model.safetensors")
     ref = peft.PeftModel.from_pretrained(hf_model(tiny_dirs[kind]), out).eval()
     ids = token_ids(1)
     got, want = logits(m, ids), logits(ref, ids)

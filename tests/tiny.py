@@ -45,6 +45,14 @@ TINY_CONFIGS = {
                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
                    tie_word_embeddings=True),
+    # Phi-3 / 3.5 / 4: fused qkv_proj and gate_up_proj; half of each head rotated; LongRoPE with a pre-training
+    # context of 32 so that the tests' long sequences take the long factors and short ones the short factors
+    "phi3": dict(model_type="phi3", vocab_size=160, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
+                 original_max_position_embeddings=32, partial_rotary_factor=0.5, tie_word_embeddings=False,
+                 rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                  "short_factor": [1.0, 1.3, 2.1, 3.4], "long_factor": [1.5, 4.0, 9.0, 20.0],
+                                  "original_max_position_embeddings": 32}),
 }
 
 
@@ -54,7 +62,8 @@ def hf_config(kind: str):
     d = dict(TINY_CONFIGS[kind])
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-           "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}[d.pop("model_type")]
+           "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig,
+           "phi3": transformers.Phi3Config}[d.pop("model_type")]
     return cls(**d, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
