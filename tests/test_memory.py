@@ -52,15 +52,11 @@ NEW_SHAPES = ["qwen3-8b", "qwen3-14b", "qwen3-30b-a3b", "gemma-2-9b", "gemma-3-1
 @pytest.mark.parametrize("shape", NEW_SHAPES)
 def test_param_counts_of_the_named_shapes_equal_transformers(shape):
     """Each family's own transformers class built on the meta device, all layers: Gemma's four norms and
-    Qwen3's q/k norms, every expert of a mixture of experts (and its router), Phi-4 as Phi3 with fused
-    projections."""
+    Qwen3's q/k norms, every expert of a mixture of experts (and its router), Phi-4's fused projections."""
     transformers = pytest.importorskip("transformers")
     cfg = shape_config(shape)
     d = {k: v for k, v in cfg.to_dict().items() if k != "architectures"}
-    if shape == "phi-4":  # the table holds its Llama-shaped equivalent
-        hf_cfg = transformers.Phi3Config(**{k: v for k, v in d.items() if k != "model_type"})
-    else:
-        hf_cfg = transformers.AutoConfig.for_model(**d)
+    hf_cfg = transformers.AutoConfig.for_model(**d)
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     total = sum(p.numel() for p in hf.parameters())  # tied weights are listed once
