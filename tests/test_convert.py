@@ -412,7 +412,7 @@ def test_convert_into_writes_complete_directory(tiny_gguf, tmp_path):
 # --- the other architectures: a tiny transformers model written as GGUF with the gguf package's names -------
 
 FAMILY_ARCHS = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "gemma2": gguf.MODEL_ARCH.GEMMA2,
-                "gemma3": gguf.MODEL_ARCH.GEMMA3}
+                "gemma3": gguf.MODEL_ARCH.GEMMA3, "phi3": gguf.MODEL_ARCH.PHI3}
 
 
 def write_family_gguf(path, kind, sp_model_path):
@@ -444,8 +444,9 @@ def write_family_gguf(path, kind, sp_model_path):
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
+    if kind != "phi3":  # llama.cpp's Phi-3 converter writes neither (heads are hidden / heads wide)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
     writer.add_rope_freq_base(rope["rope_theta"])
@@ -458,6 +459,11 @@ def write_family_gguf(path, kind, sp_model_path):
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
+    if kind == "phi3":  # partial rotation, and LongRoPE's factors as tensors
+        writer.add_rope_dimension_count(int(head_dim * rope["partial_rotary_factor"]))
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
     writer.add_tokenizer_model("llama")
     writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
     writer.add_token_scores([sp.get_score(i) for i in range(n)])
@@ -487,7 +493,7 @@ def test_family_gguf_converts_to_the_same_model(kind, tmp_path, sp_model_path):
 
     original = write_family_gguf(tmp_path / f"{kind}.gguf", kind, sp_model_path)
     out = convert_gguf(tmp_path / f"{kind}.gguf", tmp_path / "hf")
-    ids = torch.randint(3, 32000, (2, 20), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 32000, (2, 40), generator=torch.Generator().manual_seed(0))  # past Phi-3's 32
     with torch.no_grad():
         want = original(ids).logits
         assert (load_model(out, quantize="none")(ids) - want).abs().max().item() <= 1e-4

@@ -1,5 +1,5 @@
 """GGUF (llama.cpp) -> Hugging Face model directory: Llama-architecture models (Llama, SmolLM, Mistral), Qwen2,
-Qwen3, Gemma 2 and Gemma 3.
+Qwen3, Gemma 2, Gemma 3 and Phi-3.
 
     convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "models/smollm2")  # config.json, model.safetensors, tokenizer ...
 
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 # GGUF architecture -> Hugging Face model_type and class.
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
                  "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
-                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "phi3": ("phi3", "Phi3ForCausalLM")}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 # GGUF tensor name -> Hugging Face LlamaForCausalLM parameter name ("{i}" is the layer index).
@@ -55,6 +55,10 @@ GEMMA_BLOCK_TENSORS = {
     "post_attention_norm.weight": "post_attention_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
+# Phi-3's fused projections: llama.cpp's ffn_up holds gate and up stacked, as gate_up_proj does.
+PHI3_BLOCK_TENSORS = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
+# LongRoPE's per-frequency factors travel as tensors; they become config["rope_scaling"].
+ROPE_FACTOR_TENSORS = ("rope_factors_short.weight", "rope_factors_long.weight")
 # llama.cpp tells the Gemma sizes apart by layer count and scales queries of the 27B ones by
 # (hidden / heads)^-1/2 instead of head_dim^-1/2 (transformers: query_pre_attn_scalar).
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -154,6 +158,8 @@ def model_config(g: GGUFFile, dtype: torch.dtype) -> dict:
                       final_logit_softcapping=g.arch("final_logit_softcapping", None))
     if g.architecture == "gemma2":
         config["attn_logit_softcapping"] = g.arch("attn_logit_softcapping", None)
+    if g.architecture == "phi3":
+        _phi3_fields(g, config)
     if g.architecture == "gemma3":
         config["rope_local_base_freq"] = 10000.0  # llama.cpp's fixed base of the sliding layers
         # one sliding-or-not flag per layer, or every n-th layer global (llama.cpp's default n: 6)
@@ -163,6 +169,21 @@ def model_config(g: GGUFFile, dtype: torch.dtype) -> dict:
         else:
             config["layer_types"] = ["sliding_attention" if flag else "full_attention" for flag in pattern]
     return config
+
+
+def _phi3_fields(g: GGUFFile, config: dict) -> None:
+    """Phi-3: heads of hidden / heads features of which rope.dimension_count rotate; LongRoPE from the
+    rope_factors tensors and the pre-training context length; an optional sliding window."""
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    rotary = g.arch("rope.dimension_count", head_dim)
+    config.update(head_dim=head_dim, partial_rotary_factor=rotary / head_dim,
+                  sliding_window=g.arch("attention.sliding_window", None))
+    factors = {t.name: _dequantize(g, t).tolist() for t in g.reader.tensors if t.name in ROPE_FACTOR_TENSORS}
+    if factors:
+        config["rope_scaling"] = {"rope_type": "longrope", "short_factor": factors["rope_factors_short.weight"],
+                                  "long_factor": factors["rope_factors_long.weight"],
+                                  "original_max_position_embeddings": g.arch("rope.scaling.original_context_length")}
+        config["original_max_position_embeddings"] = config["rope_scaling"]["original_max_position_embeddings"]
 
 
 def llama3_rope_scaling(rope_factors: torch.Tensor, theta: float, head_dim: int) -> dict:
@@ -216,6 +237,7 @@ def _hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
     if gguf_name in GLOBAL_TENSORS:
         return GLOBAL_TENSORS[gguf_name]
     block = {**BLOCK_TENSORS, **GEMMA_BLOCK_TENSORS} if architecture.startswith("gemma") else BLOCK_TENSORS
+    block = {**block, **PHI3_BLOCK_TENSORS} if architecture == "phi3" else block
     parts = gguf_name.split(".", 2)  # "blk", "{i}", "attn_q.weight"
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in block:
         return f"model.layers.{int(parts[1])}.{block[parts[2]]}"
@@ -246,7 +268,7 @@ def llama_state_dict(g: GGUFFile, config: dict, dtype: torch.dtype) -> dict[str,
     state = {}
     llama, gemma = g.architecture == "llama", g.architecture.startswith("gemma")
     for tensor in g.reader.tensors:
-        if tensor.name == "rope_freqs.weight":  # became config["rope_scaling"]; HF recomputes it
+        if tensor.name in ("rope_freqs.weight", *ROPE_FACTOR_TENSORS):  # became config["rope_scaling"]
             continue
         name = _hf_name(tensor.name, g.architecture)
         if name is None:
