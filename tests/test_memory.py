@@ -79,6 +79,11 @@ def test_mixture_of_experts_estimate_keeps_all_experts_and_runs_top_k():
         random_model(ModelConfig.from_dict({**cfg.to_dict(), "num_hidden_layers": 1}), torch.float32, "meta")
 
 
+def test_fused_phi3_targets_count_as_the_projections_they_stack():
+    assert target_names(["qkv_proj", "o_proj"]) == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert target_names(["gate_up_proj"]) == ("gate_proj", "up_proj")
+
+
 def test_llama2_7b_regimes_hand_computed():
     cfg = shape_config("llama2-7b")
     P = 6_738_415_616  # Llama-2-7B's published parameter count

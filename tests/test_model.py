@@ -231,6 +231,13 @@ def test_gemma3_image_text_checkpoint_loads_its_language_model(tmp_path, capfd):
     ids = torch.randint(3, 140, (2, 20))
     with torch.no_grad():
         assert (hf(input_ids=ids).logits - ours(ids)).abs().max().item() <= 1e-4
+    # `qtune quantize` writes the language model alone, as a gemma3_text directory
+    from qtune.weights.checkpoint import quantize_checkpoint
+
+    out = quantize_checkpoint(tmp_path, tmp_path / "nf4", dtype="float32")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gemma3_text"
+    with torch.no_grad():
+        assert torch.equal(load_model(out)(ids), load_model(tmp_path, quantize="nf4", dtype="float32")(ids))
 
 
 @pytest.mark.parametrize("change, expected", [

@@ -26,6 +26,7 @@ from qtune.config import ModelConfig
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_NAMES = LINEAR_NAMES[:4]
+FUSED_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 REGIMES = ("full", "lora16", "qlora")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -79,6 +80,9 @@ def target_names(targets, moe: bool = False) -> tuple[str, ...]:
     on a mixture of experts (`moe`) is the attention projections."""
     if targets == "all-linear":
         return ATTENTION_NAMES if moe else LINEAR_NAMES
+    # Phi-3's fused projections count as the projections they stack (one adapter each there, so its A
+    # matrices are counted two or three times: a slight over-estimate)
+    targets = [part for t in targets for part in FUSED_NAMES.get(t, (t,))]
     unknown = [t for t in targets if t not in LINEAR_NAMES]
     if unknown:
         raise ValueError(f"LoRA targets {unknown} are not linear layers of a Llama block ({', '.join(LINEAR_NAMES)})")
