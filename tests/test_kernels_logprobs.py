@@ -119,6 +119,17 @@ def test_soft_capped_logits_match_reference(shape, kernels):
     assert_rel_close(h.grad, grads(ce_reference, hidden, weight, torch.float64)[1], what="frozen-weight dL/dhidden")
 
 
+def test_temperature_on_capped_logits_is_a_rescaled_cap():
+    """PPO samples from capped logits / T: with h / T and cap / T the op computes exactly that
+    ((cap / T) tanh((z / T) / (cap / T)) = cap tanh(z / cap) / T), which train/ppo.py relies on."""
+    hidden, weight, targets = make_inputs(9, 16, 50, seed=4)
+    cap, temperature = 2.0, 0.7
+    want = torch.log_softmax(torch.tanh(hidden.double() @ weight.double().T / cap) * cap / temperature, -1)
+    want = torch.where(targets != -100, want.gather(1, targets.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    got = token_logprobs(hidden / temperature, weight, targets, kernels="torch", softcap=cap / temperature)
+    assert_rel_close(got, want, what="logp at temperature")
+
+
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_cross_entropy_count_and_all_masked_batch(kernels):
     hidden, weight, targets = make_inputs(9, 16, 50)
