@@ -1,5 +1,5 @@
 """The decoder families in one file: Llama-2, Llama-3/3.1, Mistral (Nemo, Small), SmolLM2, Qwen2, Qwen3,
-Gemma 2 and Gemma 3 (text).
+Gemma 2, Gemma 3 (text) and Phi-3/3.5/4.
 
 RMSNorm -> attention (RoPE in Hugging Face's `rotate_half` layout, grouped-query heads, SDPA) -> RMSNorm
 -> SwiGLU MLP, repeated; then a final RMSNorm and the output projection. Parameter names match Hugging
