@@ -13,9 +13,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3")
-# Mixture-of-experts configs are read for `qtune estimate` (their shapes); loading them to train is refused.
-MOE_TYPES = ("mixtral", "qwen3_moe")
+MOE_TYPES = ("mixtral", "qwen3_moe")  # mixtures of experts
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3", *MOE_TYPES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -79,6 +78,7 @@ class ModelConfig:
     num_experts: int = 0  # mixture of experts (Mixtral, Qwen3-MoE): experts per layer; 0 = a dense MLP
     num_experts_per_tok: int = 0  # experts each token is routed to (top-k)
     moe_intermediate_size: int = 0  # intermediate size of one expert
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1 (Mixtral always does)
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -100,7 +100,7 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object of model settings, got {type(d).__name__} {d!r:.60}")
         model_type = d.get("model_type", "llama")
-        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES + MOE_TYPES:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         if model_type == "gemma3":
@@ -124,7 +124,8 @@ class ModelConfig:
         known = {f.name for f in fields(cls)} | {"attention_bias", "num_key_value_heads", "rope_parameters",
                                                  "use_sliding_window", "dtype", "hidden_activation",
                                                  "rope_local_base_freq", "max_window_layers", "sliding_window_pattern",
-                                                 "num_local_experts", "original_max_position_embeddings"}
+                                                 "num_local_experts", "original_max_position_embeddings",
+                                                 "output_router_logits", "router_aux_loss_coef"}
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -137,13 +138,6 @@ class ModelConfig:
             **_rope_fields(d, model_type, source), **_family_fields(d, model_type, source),
             **_expert_fields(d, model_type, source),
         )
-
-    def require_dense(self, source) -> None:
-        """Refuse a mixture-of-experts config where a model is to be built: qtune only sizes those."""
-        if self.num_experts:
-            raise ConfigError(f"{source}: model_type {self.model_type!r} is a mixture of experts, which qtune can "
-                              "size (`qtune estimate`) but not load or train yet (supported: "
-                              f"{', '.join(SUPPORTED_MODEL_TYPES)})")
 
     @classmethod
     def _gemma3_text_model(cls, d: dict, source: str) -> "ModelConfig":
@@ -199,7 +193,7 @@ class ModelConfig:
             d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
         elif self.model_type == "qwen3_moe":
             d.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
-                     moe_intermediate_size=self.moe_intermediate_size)
+                     moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob)
         d.setdefault("architectures", [ARCHITECTURES[self.model_type]])
         if self.torch_dtype:
             d["torch_dtype"] = self.torch_dtype
@@ -240,20 +234,25 @@ def _family_fields(d: dict, model_type: str, source: str) -> dict:
 
 
 def _expert_fields(d: dict, model_type: str, source: str) -> dict:
-    """Mixtral: `num_local_experts` experts of `intermediate_size`; Qwen3-MoE: `num_experts` of
-    `moe_intermediate_size`. Both route each token to `num_experts_per_tok` of them."""
+    """Mixtral: `num_local_experts` experts of `intermediate_size`; Qwen3-MoE: `num_experts` (or
+    `num_local_experts`) of `moe_intermediate_size`. Both route each token to `num_experts_per_tok` of them."""
     if model_type not in MOE_TYPES:
         return {}
     mixtral = model_type == "mixtral"
-    keys = ("num_local_experts" if mixtral else "num_experts", "num_experts_per_tok",
-            "intermediate_size" if mixtral else "moe_intermediate_size")
+    # transformers >= 5 writes Qwen3-MoE's num_experts as num_local_experts, as Mixtral's
+    experts = "num_experts" if not mixtral and "num_local_experts" not in d else "num_local_experts"
+    keys = (experts, "num_experts_per_tok", "intermediate_size" if mixtral else "moe_intermediate_size")
     for key in keys:
         if not isinstance(d.get(key), int) or d[key] <= 0:
             raise ConfigError(f"{source}: field {key!r} is missing or not a positive integer (found {d.get(key)!r})")
     if not mixtral and (d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1):
         raise ConfigError(f"{source}: mlp_only_layers / decoder_sparse_step (dense layers among the expert "
                           "layers) are not supported; every layer must be a mixture of experts")
-    return dict(num_experts=d[keys[0]], num_experts_per_tok=d[keys[1]], moe_intermediate_size=d[keys[2]])
+    if d.get("output_router_logits"):
+        raise ConfigError(f"{source}: output_router_logits=true (the router's load-balancing loss) is not supported "
+                          "yet; set it to false")
+    return dict(num_experts=d[keys[0]], num_experts_per_tok=d[keys[1]], moe_intermediate_size=d[keys[2]],
+                norm_topk_prob=mixtral or bool(d.get("norm_topk_prob", False)))
 
 
 def _layer_types(d: dict, model_type: str, source: str) -> tuple[int | None, tuple[str, ...]]:

@@ -14,6 +14,8 @@ What the other families change, each a ModelConfig switch:
 - Gemma 2: attention scores and final logits are soft-capped, s -> cap · tanh(s / cap).
 - `layer_types`: sliding-window layers (Gemma 2: every other one; Gemma 3: five of six, with their own
   RoPE base `rope_local_theta`).
+- Mixtral, Qwen3-MoE (`num_experts`): the MLP is a mixture of experts; a router picks each token's top-k
+  experts and their weights, and each expert runs once over all the tokens routed to it.
 - Phi-3 (`fused_projections`): q, k, v come from one `qkv_proj` and gate, up from one `gate_up_proj`, as
   its checkpoints store them (so PEFT adapters on those modules load unchanged); RoPE may rotate only part
   of each head and use LongRoPE (qtune/rope.py).
@@ -237,6 +239,46 @@ def gate_activation(g: torch.Tensor, activation: str) -> torch.Tensor:
     return F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
 
 
+class Expert(nn.Module):
+    """One expert's gated MLP; Mixtral names its projections w1 (gate), w3 (up) and w2 (down)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, I = cfg.hidden_size, cfg.moe_intermediate_size
+        self.names = ("w1", "w3", "w2") if cfg.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        for name, (n_out, n_in) in zip(self.names, ((I, D), (I, D), (D, I))):
+            setattr(self, name, nn.Linear(n_in, n_out, bias=False))
+        self.activation = cfg.hidden_act
+
+    def forward(self, x):
+        gate, up, down = (getattr(self, name) for name in self.names)
+        return down(gate_activation(gate(x), self.activation) * up(x))
+
+
+class SparseMoE(nn.Module):
+    """Mixture of experts: p = softmax(router(x)) in fp32; each token goes to its top-k experts, weighted by
+    their p (renormalised to sum to 1 with norm_topk_prob); out = Σ_k p_k · expert_k(x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_experts))
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])  # (N, D)
+        p = torch.softmax(self.gate(h), dim=-1, dtype=torch.float32)  # (N, E)
+        weights, chosen = p.topk(self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(h)
+        for e in chosen.unique().tolist():  # tokens grouped by expert: one product per expert, no token loop
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, self.experts[e](h[token]) * weights[token, slot, None])
+        return out.view_as(x)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -247,15 +289,23 @@ class DecoderLayer(nn.Module):
         if cfg.gemma_norms:
             self.pre_feedforward_layernorm = RMSNorm(D, eps, offset)
             self.post_feedforward_layernorm = RMSNorm(D, eps, offset)
-        self.mlp = MLP(cfg)
+        if cfg.model_type == "mixtral":  # its checkpoints' name for the block
+            self.block_sparse_moe = SparseMoE(cfg)
+        else:
+            self.mlp = SparseMoE(cfg) if cfg.num_experts else MLP(cfg)
+
+    @property
+    def ffn(self) -> nn.Module:
+        """The feed-forward block: `mlp`, or Mixtral's `block_sparse_moe`."""
+        return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
     def forward(self, x, cos, sin, mask, cache=None):
         if hasattr(self, "pre_feedforward_layernorm"):
             # Gemma: each block's output is normalised too before it joins the residual stream
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.post_feedforward_layernorm(self.ffn(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.ffn(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):

@@ -65,7 +65,7 @@ def test_param_counts_of_the_named_shapes_equal_transformers(shape):
 
 def test_mixture_of_experts_estimate_keeps_all_experts_and_runs_top_k():
     """Qwen3-30B-A3B: all 128 experts resident in NF4, activations of 8; it fits a 24 GB card (Unsloth quotes
-    17.5 GB) but not a 16 GB one, and the model itself is refused with a message naming the type."""
+    17.5 GB) but not a 16 GB one."""
     cfg = shape_config("qwen3-30b-a3b")
     s = StepShape(cfg, 1, 2048)
     expert_weights = cfg.num_hidden_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
@@ -75,8 +75,6 @@ def test_mixture_of_experts_estimate_keeps_all_experts_and_runs_top_k():
     dense = estimate(StepShape(dense_top_k, 1, 2048, targets=attention)).parts["layer_saved"]
     assert estimate(s).parts["layer_saved"] == pytest.approx(dense, rel=0.01)
     assert fit_budget(s, parse_size("24GB"))["fits"] and not fit_budget(s, parse_size("16GB"))["fits"]
-    with pytest.raises(ValueError, match="'qwen3_moe' is a mixture of experts"):
-        random_model(ModelConfig.from_dict({**cfg.to_dict(), "num_hidden_layers": 1}), torch.float32, "meta")
 
 
 def test_fused_phi3_targets_count_as_the_projections_they_stack():

@@ -53,6 +53,14 @@ TINY_CONFIGS = {
                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                   "short_factor": [1.0, 1.3, 2.1, 3.4], "long_factor": [1.5, 4.0, 9.0, 20.0],
                                   "original_max_position_embeddings": 32}),
+    # Mixtures of experts: 4 experts of width 40, 2 per token; Qwen3-MoE renormalises the top-2 weights
+    "qwen3-moe": dict(model_type="qwen3_moe", vocab_size=160, hidden_size=64, intermediate_size=88,
+                      moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=256, tie_word_embeddings=False),
+    "mixtral": dict(model_type="mixtral", vocab_size=160, hidden_size=64, intermediate_size=40, num_local_experts=4,
+                    num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=256, tie_word_embeddings=False),
 }
 
 
@@ -63,7 +71,8 @@ def hf_config(kind: str):
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
            "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig,
-           "phi3": transformers.Phi3Config}[d.pop("model_type")]
+           "phi3": transformers.Phi3Config, "qwen3_moe": transformers.Qwen3MoeConfig,
+           "mixtral": transformers.MixtralConfig}[d.pop("model_type")]
     return cls(**d, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 

@@ -76,8 +76,9 @@ def shard_files(model_dir: Path) -> list[Path]:
 
 
 def is_quantizable(name: str) -> bool:
-    """Linear weights inside the decoder layers are quantized; embeddings, norms and lm_head stay 16-bit."""
-    return name.startswith("model.layers.") and name.endswith("_proj.weight")
+    """Linear weights inside the decoder layers (experts included, Mixtral's w1/w2/w3 too) are quantized;
+    embeddings, norms, a router and lm_head stay 16-bit."""
+    return name.startswith("model.layers.") and (name.endswith("_proj.weight") or ".experts." in name)
 
 
 def resolve(path: str | Path) -> Path:
@@ -99,7 +100,6 @@ def load_model(path, quantize: str = "nf4", dtype=None, kernels: str = "auto", d
         raise ValueError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
     model_dir = resolve(path)
     cfg = ModelConfig.from_json(model_dir)
-    cfg.require_dense(model_dir / "config.json")
     dtype = parse_dtype(dtype, device)
     with torch.device("meta"):
         model = CausalLM(cfg)
