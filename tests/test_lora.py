@@ -21,7 +21,7 @@ from tiny import save_tiny
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 TOL = 1e-4
-FAMILIES = ("qwen3", "gemma2", "gemma3", "mistral-nemo", "phi3")  # the families beyond Llama / Qwen2 (issue #16)
+FAMILIES = ("qwen3", "gemma2", "gemma3", "mistral-nemo", "phi3", "qwen3-moe", "mixtral")  # the families beyond Llama / Qwen2 (issue #16)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,19 @@ CASES = [  # kind, config
     ("gemma3", LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))),
     ("mistral-nemo", LoraConfig(r=4, alpha=8, target_modules="all-linear")),
     ("phi3", LoraConfig(r=4, alpha=8, target_modules=("qkv_proj", "gate_up_proj", "down_proj"))),
+    ("qwen3-moe", LoraConfig(r=4, alpha=8, target_modules="all-linear")),  # attention only, as in PEFT
+    ("mixtral", LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))),
 ]
+
+
+@pytest.mark.parametrize("kind, expert_names", [("qwen3-moe", ("gate_proj", "up_proj", "down_proj")),
+                                                ("mixtral", ("w1", "w2", "w3"))])
+def test_all_linear_spares_experts_and_router_and_naming_them_adapts_every_expert(tiny_dirs, kind, expert_names):
+    m = load_model(tiny_dirs[kind], quantize="none")
+    attention = add_lora(m, LoraConfig(r=2, target_modules="all-linear"), name="attn")
+    assert len(attention) == 2 * 4 and not any(".experts." in n or n.endswith(".gate") for n in attention)
+    experts = add_lora(m, LoraConfig(r=2, target_modules=expert_names), name="experts")
+    assert len(experts) == 2 * 4 * 3 and all(".experts." in n for n in experts)  # layers x experts x projections
 
 
 @pytest.mark.parametrize("kind,cfg", CASES, ids=[c[0] for c in CASES])
