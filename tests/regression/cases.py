@@ -2,7 +2,7 @@
 
     case    recipe                  data                                                  reference
     sft     recipes/quickstart.toml the quickstart's own generated tasks                  sft.json
-    sft-<family>  the same, two steps on a tiny Qwen3 / Gemma 2 / Gemma 3 / Mistral Nemo / Phi-3  sft-<family>.json
+    sft-<family>  the same, two steps on each tiny family beyond Llama (FAMILIES below)  sft-<family>.json
     reward  recipes/reward.toml     shared/data/hh_rlhf/harmless-base_test.jsonl.gz       reward.json
     dpo     recipes/dpo.toml        shared/data/llamafactory/dpo_en_demo.json             dpo.json
     ppo     recipes/ppo.toml        16 built-in addition problems (reward_functions)      ppo.json
@@ -104,7 +104,7 @@ CASES = {
                            "value_clip_frac", "entropy", "approx_kl", "grad_norm", "value", "return", "tokens"),
                 summary_keys=("val_reward_before", "val_reward_after")),
 }
-FAMILIES = ("qwen3", "gemma2", "gemma3", "mistral-nemo", "phi3")  # beyond Llama (issue #16)
+FAMILIES = ("qwen3", "gemma2", "gemma3", "mistral-nemo", "phi3", "qwen3-moe", "mixtral")  # beyond Llama (issue #16)
 # SFT on each family: the quickstart for two steps, its held-out evaluation shortened too.
 CASES.update({f"sft-{kind}": Case("sft", "quickstart",
                                   ("train.max_steps=2", "train.save_every=0", "data.val_size=4", "data.cache_dir=",
