@@ -26,7 +26,9 @@ from qtune.config import ModelConfig
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_NAMES = LINEAR_NAMES[:4]
-FUSED_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Other families' names for these projections: Phi-3's fused ones, Mixtral's experts.
+FUSED_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+               "w1": ("gate_proj",), "w3": ("up_proj",), "w2": ("down_proj",)}
 REGIMES = ("full", "lora16", "qlora")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -81,7 +83,7 @@ def target_names(targets, moe: bool = False) -> tuple[str, ...]:
     if targets == "all-linear":
         return ATTENTION_NAMES if moe else LINEAR_NAMES
     # Phi-3's fused projections count as the projections they stack (one adapter each there, so its A
-    # matrices are counted two or three times: a slight over-estimate)
+    # matrices are counted two or three times: a slight over-estimate); Mixtral's w1/w3/w2 as gate/up/down
     targets = [part for t in targets for part in FUSED_NAMES.get(t, (t,))]
     unknown = [t for t in targets if t not in LINEAR_NAMES]
     if unknown:
