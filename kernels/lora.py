@@ -99,8 +99,8 @@ def reference_geglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def reference_geglu_backward(dh, g, u) -> tuple[torch.Tensor, torch.Tensor]:
-    """dg = dh · u · (½ (1 + t) + ½ g (1 − t²) √(2/π) (1 + 3 · 0.044715 g²)) with t = tanh(√(2/π) (g + 0.044715 g³)),
-    du = dh · gelu_tanh(g)."""
+    """dg = dh · u · (½ (1 + t) + ½ g (1 − t²) √(2/π) (1 + 3 · 0.044715 g²)), du = dh · gelu_tanh(g),
+    with t = tanh(√(2/π) (g + 0.044715 g³))."""
     t = torch.tanh(GELU_C * (g + 0.044715 * g ** 3))
     dgelu = 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * g * g)
     return dh * u * dgelu, dh * 0.5 * g * (1 + t)

@@ -69,7 +69,7 @@ class ModelConfig:
     hidden_act: str = "silu"  # the MLP's gate activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
     qk_norm: bool = False  # Qwen3 / Gemma 3: RMSNorm over each head of q and k before RoPE
     gemma_norms: bool = False  # Gemma: norms scale by (1 + w), four per layer, embeddings times sqrt(hidden)
-    query_pre_attn_scalar: int | float | None = None  # Gemma: attention scale is this ** -0.5 instead of head_dim ** -0.5
+    query_pre_attn_scalar: int | float | None = None  # Gemma: attention scale this ** -0.5, not head_dim ** -0.5
     attn_logit_softcapping: float | None = None  # Gemma 2: attention scores become cap · tanh(s / cap)
     final_logit_softcapping: float | None = None  # Gemma 2: logits become cap · tanh(z / cap)
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (rope_local_base_freq)
@@ -331,7 +331,8 @@ def _check_longrope(scaling: dict, d: dict, source: str) -> None:
     """LongRoPE (Phi-3 128K): per-frequency short and long factors and the pre-training context they switch at."""
     scaling.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings"))
     if not isinstance(scaling["original_max_position_embeddings"], int):
-        raise ConfigError(f"{source}: longrope needs 'original_max_position_embeddings' (in rope_scaling or at the top)")
+        raise ConfigError(f"{source}: longrope needs 'original_max_position_embeddings' "
+                          "(in rope_scaling or at the top)")
     for key in ("short_factor", "long_factor"):
         if not isinstance(scaling.get(key), list) or not scaling[key]:
             raise ConfigError(f"{source}: rope_scaling.{key} must be a list of numbers for longrope")
