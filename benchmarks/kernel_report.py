@@ -9,8 +9,12 @@ It fails (exit status 1) when a configuration does not compile, spills registers
 more than 99 KB of shared memory (the per-block limit of sm_86 / sm_89: a kernel over it launches on an
 A100 or H100 but not on an RTX 3090 / 4090). Modules that do not exist yet are listed as missing.
 
-Sizes are compiled without alignment assumptions (no `tt.divisibility` hints): that is the variant the JIT
-builds for odd sizes, and the one with the highest register pressure.
+Each configuration is compiled in the two variants the JIT builds at the extremes: "unaligned" (no
+`tt.divisibility` hints: odd sizes, the highest register pressure) and "aligned" (every pointer and integer
+argument divisible by 16, as in every real model: Triton then vectorizes and pipelines loads through shared
+memory). Compile options the launcher passes (`enable_fp_fusion=False` for NF4) are passed here too, and a
+configuration launched only on some compute capabilities (KernelSpec.capabilities) is compiled for those.
+sm_120 needs the ptxas of CUDA 12.8 or later (Triton 3.9 bundles 13.4, which compiled everything here).
 
     python benchmarks/kernel_report.py                 # every configuration on every target
     python benchmarks/kernel_report.py --subset        # each kernel on each target, each configuration once
@@ -39,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_json  # noqa: E402
 
 MODULES = ("qtune.kernels.nf4", "qtune.kernels.lora", "qtune.kernels.logprobs")
-TARGETS = {80: "A100", 86: "RTX 3090", 89: "RTX 4090", 90: "H100"}
+TARGETS = {75: "T4 / RTX 20xx", 80: "A100", 86: "RTX 3090", 89: "RTX 4090", 90: "H100", 120: "RTX 50xx"}
+VARIANTS = ("unaligned", "aligned")
 MAX_SHARED_BYTES = 99 * 1024
 WARP_SIZE = 32
 
@@ -66,22 +71,43 @@ def load_specs(module_names):
     return specs, missing, broken
 
 
+def spec_targets(spec, targets):
+    """The targets a configuration is launched on: all of `targets`, or those among its capabilities."""
+    spans = getattr(spec, "capabilities", ((0, 1000),))
+    return [cap for cap in targets if any(low <= cap < high for low, high in spans)]
+
+
 def plan_jobs(specs, targets, subset):
-    """(module, spec index, capability) triples. The subset compiles every kernel function on every target
-    and every configuration on one target (rotating configurations across targets)."""
+    """(module, spec index, capability, variant) tuples. The subset compiles every kernel function on every
+    target in both variants and every configuration once (rotating configurations across targets)."""
     jobs = []
     for module, module_specs in specs.items():
         if not subset:
-            jobs += [(module, i, cap) for i in range(len(module_specs)) for cap in targets]
+            jobs += [(module, i, cap, v) for i, spec in enumerate(module_specs) for cap in spec_targets(spec, targets)
+                     for v in VARIANTS]
             continue
         by_fn = {}
         for i, spec in enumerate(module_specs):
             by_fn.setdefault(getattr(spec.fn, "__name__", spec.name), []).append(i)
         for indices in by_fn.values():
-            pairs = {(indices[j % len(indices)], targets[j % len(targets)]) for j in range(len(targets))}
-            pairs |= {(idx, targets[k % len(targets)]) for k, idx in enumerate(indices)}
-            jobs += [(module, i, cap) for i, cap in sorted(pairs)]
+            pairs = set()
+            for j, cap in enumerate(targets):  # each target sees the kernel through a configuration launched there
+                launched = [i for i in indices if cap in spec_targets(module_specs[i], targets)]
+                if launched:
+                    pairs.add((launched[j % len(launched)], cap))
+            for k, idx in enumerate(indices):  # each configuration compiles at least once
+                own = spec_targets(module_specs[idx], targets)
+                if own and not any(i == idx for i, _ in pairs):
+                    pairs.add((idx, own[k % len(own)]))
+            jobs += [(module, i, cap, v) for i, cap in sorted(pairs) for v in VARIANTS]
     return jobs
+
+
+def divisibility_hints(spec) -> dict:
+    """The aligned variant's attributes: every pointer and integer argument divisible by 16."""
+    names = list(spec.signature)
+    return {(names.index(name),): [["tt.divisibility", 16]] for name, ty in spec.signature.items()
+            if ty.startswith("*") or ty in ("i32", "i64")}
 
 
 def ptxas_usage(ptx: str, capability: int) -> dict:
@@ -91,7 +117,12 @@ def ptxas_usage(ptx: str, capability: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
-        cmd = [get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+        try:
+            tool = get_ptxas(capability)  # Triton 3.3 and 3.5+: one ptxas per architecture family
+        except TypeError:
+            tool = get_ptxas()  # Triton 3.4: one ptxas for all
+        path = getattr(tool, "path", None) or tool[0]  # Triton 3.3 returns (path, version), later a tool object
+        cmd = [path, "-lineinfo", "-v", "--regAllocOptLevel=2",
                f"--gpu-name={sm_arch_from_capability(capability)}", str(src), "-o", str(Path(tmp) / "kernel.cubin")]
         log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     spills = [tuple(map(int, m)) for m in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
@@ -108,15 +139,16 @@ def compile_job(job):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    module, index, capability = job
+    module, index, capability, variant = job
     spec = importlib.import_module(module).compile_specs()[index]
+    attrs = divisibility_hints(spec) if variant == "aligned" else None
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **getattr(spec, "options", {})}
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Triton's notice about its future fp-fusion default
-            src = triton.compiler.ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs)
-            kernel = triton.compile(src, target=GPUTarget("cuda", capability, WARP_SIZE),
-                                    options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+            src = triton.compiler.ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=attrs)
+            kernel = triton.compile(src, target=GPUTarget("cuda", capability, WARP_SIZE), options=options)
         figures = {"shared_bytes": kernel.metadata.shared, **ptxas_usage(kernel.asm["ptx"], capability)}
     except Exception as e:
         return job, {"error": f"{type(e).__name__}: {str(e).strip()[:2000]}"}
@@ -179,8 +211,8 @@ def main(argv=None) -> int:
     cache.cleanup()
 
     report, failures = {}, [f"{name}: {error}" for name, error in broken.items()]
-    for (module, index, cap), figures in results:
-        name = specs[module][index].name
+    for (module, index, cap, variant), figures in results:
+        name = f"{specs[module][index].name} {variant}"
         report.setdefault(name, {})[f"sm_{cap}"] = figures
         failures += [f"{name} on sm_{cap}: {p}" for p in problems(figures)]
 

@@ -29,3 +29,5 @@ class KernelSpec:
     constexprs: dict = field(default_factory=dict)  # argument name -> value for constexpr arguments
     num_warps: int = 4
     num_stages: int = 3
+    options: dict = field(default_factory=dict)  # further compile options the launcher passes (enable_fp_fusion)
+    capabilities: tuple = ((0, 1000),)  # launched on compute capabilities in these [low, high) ranges (10·major + minor)

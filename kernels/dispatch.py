@@ -58,3 +58,32 @@ def use_triton(mode: str, tensor: torch.Tensor) -> bool:
             "is imported; use kernels='auto' or 'torch' to run the plain-torch path instead"
         )
     return True
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op on `x` computes in: autocast's dtype where autocast is on for x's device, else x.dtype.
+
+    The ops cast their inputs to it once and run with autocast off (`autocast_off`), so every product inside
+    sees one explicit dtype instead of autocast lowering some of them (`@`, F.linear) and not others
+    (`addmm_` in place), which fails with mixed dtypes.
+    """
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def autocast_off(method):
+    """Run an autograd Function's forward or backward with autocast disabled on its tensors' device.
+
+    The public op has already cast the inputs to `compute_dtype`; backward may run where the caller's autocast
+    is still active (on a CPU, `loss.backward()` inside the autocast block runs in that thread).
+    """
+
+    @functools.wraps(method)
+    def run(ctx, *args):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type=device, enabled=False):
+            return method(ctx, *args)
+
+    return run

@@ -47,7 +47,7 @@ import torch
 
 from qtune.kernels import KernelSpec
 from qtune.kernels.cpu.linear import linear, matmul
-from qtune.kernels.dispatch import use_triton
+from qtune.kernels.dispatch import autocast_off, compute_dtype, use_triton
 
 VOCAB_CHUNK = 1024  # vocabulary columns per step of the plain-torch path (4 MB fp32 tiles at 1024 tokens)
 # The input dtypes the Triton kernels take (each with its tiles in kernels/triton/logprobs.py's BLOCKS).
@@ -201,7 +201,10 @@ def cross_entropy_one_pass_torch(hidden, weight, targets, valid, chunk_size):
             m[rows] = m_new
     lse = m + s.log()
     safe_targets = torch.where(valid, targets, 0)
-    grad_h = acc.div_(s[:, None]).sub_(weight[safe_targets].float()).mul_(valid[:, None])  # (N, D)
+    grad_h = acc.div_(s[:, None])  # (N, D), in acc's storage
+    for n0 in range(0, N, chunk_size):  # - W_y by row chunks: gathering all N target rows at once would copy (N, D)
+        rows = slice(n0, n0 + chunk_size)
+        grad_h[rows].sub_(weight[safe_targets[rows]].float()).mul_(valid[rows, None])
     return torch.where(valid, lse - z_target, 0.0), grad_h
 
 
@@ -209,22 +212,30 @@ class CrossEntropySumFn(torch.autograd.Function):
     """Sum over unmasked tokens of -log p(target) for a frozen weight; dL/dh is computed in the forward."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
         nll, grad_h = cross_entropy_one_pass_torch(hidden, weight, targets, targets != ignore_index, chunk_size)
-        ctx.save_for_backward(grad_h)
+        # Held on ctx, not saved for backward: it is no input or output autograd could see modified, and the
+        # backward scales it in place and hands it over (no second (N, D) fp32 buffer at the loss's peak).
+        ctx.grad_h = grad_h
         ctx.hidden_dtype = hidden.dtype
         return nll.sum()
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss):
-        (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_loss).to(ctx.hidden_dtype), None, None, None, None
+        grad_h, ctx.grad_h = ctx.grad_h, None
+        if grad_h is None:
+            raise RuntimeError("cross_entropy_sum's backward ran twice (retain_graph=True): its one-pass gradient "
+                               "is handed over on the first; call it again instead")
+        return grad_h.mul_(grad_loss).to(ctx.hidden_dtype), None, None, None, None
 
 
 class LogprobsEntropyFn(torch.autograd.Function):
     """(logp, entropy) per token, each (N,) fp32 and 0 where targets == ignore_index."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, triton_kernels, softcap):
         valid = targets != ignore_index  # (N,)
         if triton_kernels:
@@ -237,6 +248,7 @@ class LogprobsEntropyFn(torch.autograd.Function):
         return torch.where(valid, z_target - lse, 0.0), torch.where(valid, lse - mean_logit, 0.0)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, mean_logit = ctx.saved_tensors
         valid = targets != ctx.ignore_index
@@ -250,7 +262,7 @@ class LogprobsEntropyFn(torch.autograd.Function):
         else:
             grad_h, grad_w = logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy,
                                                    ctx.chunk_size, need_weight, ctx.softcap)
-        return grad_h.to(hidden.dtype), grad_w, None, None, None, None, None
+        return grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
 
 
 logprobs_entropy = LogprobsEntropyFn.apply
@@ -276,6 +288,15 @@ def _check_inputs(hidden, weight, targets, ignore_index, chunk_size, softcap=Non
                          f"[0, {weight.shape[0]}) and is not ignore_index={ignore_index}")
 
 
+def _autocast_inputs(hidden, weight):
+    """hidden and weight in autocast's dtype where autocast is on (one explicit compute dtype), else as given
+    (mismatched dtypes outside autocast are the caller's to fix: `_check_inputs` says so)."""
+    if not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight
+    dtype = compute_dtype(hidden)
+    return hidden.to(dtype), weight.to(dtype)
+
+
 def _use_triton_kernels(kernels: str, hidden: torch.Tensor) -> bool:
     if not use_triton(kernels, hidden):
         return False
@@ -298,6 +319,7 @@ def token_logprobs_and_entropy(hidden, weight, targets, ignore_index=-100, chunk
     dtype). kernels="auto" | "triton" | "torch" picks the implementation (see qtune.kernels.dispatch).
     `softcap`: the logits are cap · tanh(z / cap) (Gemma 2's final_logit_softcapping), or plain when None.
     """
+    hidden, weight = _autocast_inputs(hidden, weight)
     _check_inputs(hidden, weight, targets, ignore_index, chunk_size, softcap)
     triton_kernels = _use_triton_kernels(kernels, hidden)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (N, D)
@@ -320,6 +342,7 @@ def cross_entropy_sum(hidden, weight, targets, ignore_index=-100, chunk_size=102
     micro-batches instead of averaging per micro-batch.
     """
     count = (targets != ignore_index).sum()
+    hidden, weight = _autocast_inputs(hidden, weight)
     one_pass = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and softcap is None
                 and not _use_triton_kernels(kernels, hidden))
     if one_pass:  # QLoRA's frozen lm_head on the plain-torch path: dL/dh during the forward
@@ -337,21 +360,27 @@ def compile_specs() -> list[KernelSpec]:
     uncapped and with Gemma 2's final-logit soft-cap (30)."""
     k = _kernels()
     specs = []
-    for (dtype, cfg), cap in ((item, cap) for item in k.BLOCKS.items() for cap in (0.0, 30.0)):
+    configs = [(dtype, cfg, (span,)) for span, table in k.ARCH_BLOCKS for dtype, cfg in table.items()]
+    for dtype, cfg in k.BLOCKS.items():  # everywhere an exception does not take over
+        taken = sorted(span for span, table in k.ARCH_BLOCKS if dtype in table)
+        edges = [0, *(edge for span in taken for edge in span), 1000]
+        configs.append((dtype, cfg, tuple((low, high) for low, high in zip(edges[::2], edges[1::2]) if low < high)))
+    for (dtype, cfg, capabilities), cap in ((item, cap) for item in configs for cap in (0.0, 30.0)):
         ty = TRITON_TYPES[dtype]
         tiles = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d}
         sizes = {"M": "i32", "V": "i32", "D": "i32"}
         inputs = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "y_ptr": "*i64", "token_ptr": "*i64"}
-        tag = f"{ty},BLOCK_N={cfg.block_n},BLOCK_V={cfg.block_v},BLOCK_D={cfg.block_d}"
+        tag = f"{ty},BLOCK_N={cfg.block_n},BLOCK_V={cfg.block_v},BLOCK_D={cfg.block_d},stages={cfg.num_stages}"
         constexprs = {**{k: "constexpr" for k in tiles}, "SOFTCAP": "constexpr"}
         partials = {name: "*fp32" for name in ("max_ptr", "sumexp_ptr", "zsum_ptr", "target_ptr")}
         specs.append(KernelSpec(
             f"logsumexp_partials[{tag},VOCAB_SPLIT={cfg.vocab_split},SOFTCAP={cap}]", k.logsumexp_partials_kernel,
             {**inputs, **partials, **sizes, **constexprs, "VOCAB_SPLIT": "constexpr"},
-            {**tiles, "VOCAB_SPLIT": cfg.vocab_split, "SOFTCAP": cap}, cfg.num_warps, cfg.num_stages))
+            {**tiles, "VOCAB_SPLIT": cfg.vocab_split, "SOFTCAP": cap}, cfg.num_warps, cfg.num_stages,
+            capabilities=capabilities))
         stats = {name: "*fp32" for name in ("lse_ptr", "mean_logit_ptr", "grad_logp_ptr", "grad_entropy_ptr")}
         specs.append(KernelSpec(
             f"logit_grad[{tag},SOFTCAP={cap}]", k.logit_grad_kernel,
             {**inputs, **stats, "grad_z_ptr": f"*{ty}", **sizes, **constexprs},
-            {**tiles, "SOFTCAP": cap}, cfg.num_warps, cfg.num_stages))
+            {**tiles, "SOFTCAP": cap}, cfg.num_warps, cfg.num_stages, capabilities=capabilities))
     return specs

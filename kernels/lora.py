@@ -15,13 +15,14 @@ What backward keeps and what it recomputes (the point of fusing):
       dB = s · dYᵀ (x_d Aᵀ)     with x_d Aᵀ (N, r) saved from the forward
       dA = s · (dY B)ᵀ x_d
       dX = dY W + s · dropout'((dY B) A)        accumulated into one buffer
-- LoRA dropout masks are not stored at all. Each projection draws a seed from torch's default
-  generator (so `torch.manual_seed` makes runs reproducible) and backward regenerates the mask from it:
-  Philox via `tl.rand(seed, element_index)` on the Triton path, Bernoulli draws from a
+- LoRA dropout masks are not stored at all. Each call takes a seed (the `seed` argument, else one drawn
+  from torch's default generator, so `torch.manual_seed` makes runs reproducible) and backward regenerates
+  the mask from it: Philox via `tl.rand(seed, element_index)` on the Triton path, Bernoulli draws from a
   `torch.Generator` seeded with it on the plain-torch path (so the two paths draw different masks;
   `dropout_keep_mask` reproduces either). Projection i of a fused block uses seed + i, giving every
   adapter its own mask as separate dropout modules would, and its own p (`LoraParams.dropout`, unless
-  the call passes one p for all).
+  the call passes one p for all). A checkpointed call recomputes the same masks only if it gets the same
+  seed: pass `seed` where the checkpoint does not restore the RNG state (`preserve_rng_state=False`).
 - The MLP recomputes h = act(g) * u in backward instead of saving it.
 
 The `@triton.jit` kernels and their launchers live in kernels/triton/lora.py, imported only when one
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from qtune.kernels import KernelSpec
-from qtune.kernels.dispatch import use_triton
+from qtune.kernels.dispatch import autocast_off, compute_dtype, use_triton
 from qtune.kernels.nf4 import dequantize_into_workspace, nf4_matmul
 
 
@@ -188,10 +189,12 @@ def _base_weight(weight, dtype: torch.dtype, triton_path: bool) -> torch.Tensor:
     return dense_weight(weight, dtype)
 
 
+MAX_SEED = 2**31 - 8  # seed + i of every projection stays an int32 kernel argument
+
+
 def new_dropout_seed() -> int:
     """A dropout seed drawn from torch's default generator (what the ops draw on each training call)."""
-    # Below 2^31 - 8 so that seed + i of every projection stays an int32 kernel argument.
-    return int(torch.randint(0, 2**31 - 8, ()).item())
+    return int(torch.randint(0, MAX_SEED, ()).item())
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor, triton_path: bool) -> torch.Tensor:
@@ -320,6 +323,7 @@ class LoraProjectionsFn(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, frozen, run, *adapters):
         params = _with_adapters(frozen, adapters)
         ys, xas = zip(*(_projection_forward(x, p, run, i) for i, p in enumerate(params)))
@@ -328,6 +332,7 @@ class LoraProjectionsFn(torch.autograd.Function):
         return ys
 
     @staticmethod
+    @autocast_off
     def backward(ctx, *dys):
         x, *rest = ctx.saved_tensors
         n = len(ctx.frozen)
@@ -354,6 +359,7 @@ class GatedDownTapFn(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, g, u, frozen_down, run, *adapter):
         down = _with_adapters((frozen_down,), adapter)[0] if adapter else frozen_down
         h = gated(g, u, run)  # (N, I)
@@ -364,6 +370,7 @@ class GatedDownTapFn(torch.autograd.Function):
         return h, tap
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dh, dout):
         g, u, *rest = ctx.saved_tensors
         run = ctx.run
@@ -385,12 +392,14 @@ class BaseProductFn(torch.autograd.Function):
     backward) and passes dY on to the adapter's output when there is one."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, h, adapter_out, frozen, run):
         ctx.frozen, ctx.run = frozen, run
         y = _base_forward(h, frozen, run.triton_path)  # a fresh (N, out)
         return y if adapter_out is None else y.add_(adapter_out)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy):
         dh = None
         if ctx.needs_input_grad[0]:
@@ -425,55 +434,67 @@ def _check_projection(op: str, name: str, p: LoraParams, in_features: int) -> No
                          f"call .requires_grad_(False) on them")
 
 
-def _prepare(op: str, params, dropout: float | None, training: bool, kernels: str, x: torch.Tensor):
+def _prepare(op: str, params, dropout: float | None, training: bool, kernels: str, x: torch.Tensor,
+             seed: int | None):
     """Validate the call and split it into frozen projections, the run settings and the adapter tensors.
 
-    `dropout` None: each projection's own p.dropout; a float: that p for every projection."""
+    `dropout` None: each projection's own p.dropout; a float: that p for every projection. `seed` None: one
+    drawn from torch's default generator when some projection drops."""
     dropouts = tuple(p.dropout for p in params) if dropout is None else (dropout,) * len(params)
     for p_drop in dropouts:
         if not 0.0 <= p_drop < 1.0:
             raise ValueError(f"{op}: dropout={p_drop} must be in [0, 1)")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < MAX_SEED):
+        raise ValueError(f"{op}: seed={seed!r} must be an int in [0, {MAX_SEED})")
     p_eff = dropouts if training else (0.0,) * len(params)
-    run = _Run(p_eff, new_dropout_seed() if any(p_drop > 0.0 for p_drop in p_eff) else 0, use_triton(kernels, x))
+    if any(p_drop > 0.0 for p_drop in p_eff):
+        seed = new_dropout_seed() if seed is None else seed
+    run = _Run(p_eff, seed or 0, use_triton(kernels, x))
     frozen = tuple(p._replace(lora_a=None, lora_b=None) for p in params)
     adapters = [t for p in params for t in (p.lora_a, p.lora_b)]
     return frozen, run, adapters
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout: float = 0.0, training: bool = True,
-                kernels: str = "auto") -> torch.Tensor:
+                kernels: str = "auto", seed: int | None = None) -> torch.Tensor:
     """y = x Wᵀ + bias + scale · dropout(x) Aᵀ Bᵀ over x (..., in) -> (..., out).
 
     weight (out, in) is a frozen tensor or NF4Weight (dequantized on the fly, never saved);
     lora_a (r, in) / lora_b (out, r) are trainable or both None. `kernels`: see qtune.kernels.dispatch.
+    `seed` fixes the dropout mask (else drawn from torch's generator; see the module docstring).
     """
     p = LoraParams(weight, bias, lora_a, lora_b, scale, dropout)
     _check_projection("lora_linear", "", p, x.shape[-1])
-    frozen, run, adapters = _prepare("lora_linear", (p,), dropout, training, kernels, x)
+    x = x.to(compute_dtype(x))
+    frozen, run, adapters = _prepare("lora_linear", (p,), dropout, training, kernels, x, seed)
     (y,) = LoraProjectionsFn.apply(x.reshape(-1, x.shape[-1]), frozen, run, *adapters)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def lora_qkv(x, q: LoraParams, k: LoraParams, v: LoraParams, dropout: float | None = None, training: bool = True,
-             kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             kernels: str = "auto", seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q(x), k(x), v(x)) for x (..., D): three LoRA linears over one input, which is saved once.
 
     A projection without an adapter has lora_a = lora_b = None (e.g. adapting only q and v). `dropout`
-    None gives each projection its own p.dropout; a float applies that p to all three.
+    None gives each projection its own p.dropout; a float applies that p to all three. Projection i drops
+    with seed + i (`seed` as in `lora_linear`).
     """
     for name, p in zip("qkv", (q, k, v)):
         _check_projection("lora_qkv", name, p, x.shape[-1])
-    frozen, run, adapters = _prepare("lora_qkv", (q, k, v), dropout, training, kernels, x)
+    x = x.to(compute_dtype(x))
+    frozen, run, adapters = _prepare("lora_qkv", (q, k, v), dropout, training, kernels, x, seed)
     ys = LoraProjectionsFn.apply(x.reshape(-1, x.shape[-1]), frozen, run, *adapters)
     return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys)
 
 
 def lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: float | None = None,
-             training: bool = True, kernels: str = "auto", activation: str = "silu") -> torch.Tensor:
+             training: bool = True, kernels: str = "auto", activation: str = "silu",
+             seed: int | None = None) -> torch.Tensor:
     """Gated MLP down(act(gate(x)) · up(x)) over x (..., H) with LoRA on each projection; activation "silu"
     (SwiGLU) or "gelu_pytorch_tanh" (GeGLU).
 
-    `dropout` None gives each projection its own p.dropout; a float applies that p to all three."""
+    `dropout` None gives each projection its own p.dropout; a float applies that p to all three. `seed` as in
+    `lora_qkv`."""
     if activation not in GATED:
         raise ValueError(f"lora_mlp: activation {activation!r} is not one of {', '.join(GATED)}")
     hidden = x.shape[-1]
@@ -483,7 +504,8 @@ def lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: flo
     if _shape(up.weight)[0] != intermediate:
         raise ValueError(f"lora_mlp: gate.weight is {_shape(gate.weight)} but up.weight is {_shape(up.weight)}")
     _check_projection("lora_mlp", "down", down, intermediate)
-    frozen, run, adapters = _prepare("lora_mlp", (gate, up, down), dropout, training, kernels, x)
+    x = x.to(compute_dtype(x))
+    frozen, run, adapters = _prepare("lora_mlp", (gate, up, down), dropout, training, kernels, x, seed)
     run = run._replace(activation=activation)
     # three nodes so that a checkpoint's recomputation stops before the down product (GatedDownTapFn)
     g, u = LoraProjectionsFn.apply(x.reshape(-1, hidden), frozen[:2], run, *adapters[:4])  # saves x and xa

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from qtune.kernels import KernelSpec
-from qtune.kernels.dispatch import interpreting, triton_importable
+from qtune.kernels.dispatch import autocast_off, compute_dtype, interpreting, triton_importable
 
 # The 16 NF4 levels as bitsandbytes lists them: quantiles of N(0, 1) normalized to [-1, 1], with an
 # exact zero (QLoRA appendix E).
@@ -100,6 +100,7 @@ class NF4MatmulFn(torch.autograd.Function):
     """y = x Wᵀ + bias with W frozen in NF4 (Triton path); gradients for x and bias only."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x: torch.Tensor, q, bias: torch.Tensor | None) -> torch.Tensor:
         N, K = q.shape
         x2 = x.reshape(-1, K).contiguous()  # (M, K)
@@ -114,6 +115,7 @@ class NF4MatmulFn(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], N)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy: torch.Tensor):
         N, K = ctx.q.shape
         dy2 = dy.reshape(-1, N)  # (M, N)
@@ -140,6 +142,7 @@ def nf4_matmul(x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Te
     if len(q.shape) != 2 or x.shape[-1] != q.shape[1]:
         raise ValueError(f"nf4_matmul: input (..., {x.shape[-1]}) does not match weight {tuple(q.shape)} "
                          "(out_features, in_features)")
+    x = x.to(compute_dtype(x))
     _check_dtype(x.dtype, "nf4_matmul: input")
     if x.device != q.device:
         raise ValueError(f"nf4_matmul: input on {x.device} but weight on {q.device}; move both to one device")
@@ -155,6 +158,9 @@ def _quant_state_signature(double_quant: bool) -> dict:
             "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32"}
 
 
+NO_FP_FUSION = {"enable_fp_fusion": False}  # what both launchers pass (kernels/triton/nf4.py says why)
+
+
 def compile_specs() -> list[KernelSpec]:
     """Every (kernel, dtype, tile) configuration the launchers can pick, with 64/256 blocks."""
     k = _kernels()
@@ -167,7 +173,7 @@ def compile_specs() -> list[KernelSpec]:
                          "n_bytes": "i32", **{c: "constexpr" for c in (*flags, "BLOCK")}}
             specs.append(KernelSpec(f"nf4_dequantize[{tt}, double_quant={double_quant}, BLOCK={k.DEQUANT_BLOCK}]",
                                     k.nf4_dequantize_kernel, signature, {**flags, "BLOCK": k.DEQUANT_BLOCK},
-                                    num_warps=k.NUM_WARPS))
+                                    num_warps=k.NUM_WARPS, options=NO_FP_FUSION))
             for block_m in k.MATMUL_BLOCK_MS[dtype]:
                 tiles = {"BLOCK_M": block_m, "BLOCK_N": k.MATMUL_BLOCK_N, "BLOCK_K": k.MATMUL_BLOCK_K}
                 signature = {"x_ptr": f"*{tt}", **_quant_state_signature(double_quant), "y_ptr": f"*{tt}",
@@ -177,5 +183,5 @@ def compile_specs() -> list[KernelSpec]:
                     f"nf4_matmul_small_m[{tt}, double_quant={double_quant}, BLOCK_M={block_m}, "
                     f"BLOCK_N={k.MATMUL_BLOCK_N}, BLOCK_K={k.MATMUL_BLOCK_K}]",
                     k.nf4_matmul_small_m_kernel, signature, {**flags, **tiles}, num_warps=k.NUM_WARPS,
-                    num_stages=k.MATMUL_NUM_STAGES[dtype]))
+                    num_stages=k.MATMUL_NUM_STAGES[dtype], options=NO_FP_FUSION))
     return specs

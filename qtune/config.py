@@ -9,6 +9,7 @@ of public checkpoints (one line each) so the memory planner can size a model wit
 """
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -130,7 +131,7 @@ class ModelConfig:
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
             head_dim=head_dim, rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            max_position_embeddings=d.get("max_position_embeddings") or 4096,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", model_type in GEMMA_TYPES)),
             model_type=model_type, bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"), torch_dtype=d.get("torch_dtype") or d.get("dtype"),
@@ -198,6 +199,12 @@ class ModelConfig:
         if self.torch_dtype:
             d["torch_dtype"] = self.torch_dtype
         return d
+
+
+def _positive_number(value, source: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{source}: field {key!r} must be a positive number (found {value!r})")
+    return float(value)
 
 
 def _family_fields(d: dict, model_type: str, source: str) -> dict:
@@ -298,10 +305,10 @@ def _rope_fields(d: dict, model_type: str, source: str) -> dict:
         local = sliding.get("rope_theta")
         params = params["full_attention"]
     if isinstance(params, dict):
-        theta = float(params.get("rope_theta", d.get("rope_theta", default_theta)))
+        theta = _positive_number(params.get("rope_theta", d.get("rope_theta", default_theta)), source, "rope_theta")
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
-        theta = float(d.get("rope_theta", default_theta))
+        theta = _positive_number(d.get("rope_theta", default_theta), source, "rope_theta")
         scaling = d.get("rope_scaling")
     partial = (params or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
@@ -309,6 +316,12 @@ def _rope_fields(d: dict, model_type: str, source: str) -> dict:
     if model_type == "gemma3_text":
         local = float(local if local is not None else d.get("rope_local_base_freq", 10000.0))
     if scaling:
+        if not isinstance(scaling, dict):
+            raise ConfigError(f"{source}: rope_scaling must be an object such as {{\"rope_type\": \"linear\", "
+                              f"\"factor\": 2.0}}, or null (found {scaling!r:.60})")
+        for key in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"):
+            if key in scaling:
+                _positive_number(scaling[key], source, f"rope_scaling.{key}")
         scaling = dict(scaling)
         scaling.pop("partial_rotary_factor", None)
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -352,6 +365,6 @@ def read_json(path: Path, error: type[Exception], missing: str):
     if not path.exists():
         raise error(f"{path}: {missing}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from e

@@ -32,20 +32,44 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _NO_DUMMY_PREFIX = bytes([0x1A, 0x02, 0x18, 0x00])
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file qtune cannot use, or a chat template that fails; the message names the file and the fix."""
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); re-download or re-convert the model") from err
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TokenizerError(f"{path}: not valid JSON ({err}); re-download or re-convert the model") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}; re-download or "
+                             "re-convert the model")
+    return data
 
 
-def _token_content(value) -> str | None:
+def _token_content(value, source: Path, key: str) -> str | None:
     """A special token as configs spell it: a string, or an AddedToken dict with a "content" key."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+    content = value.get("content") if isinstance(value, dict) else value
+    if content is not None and not isinstance(content, str):
+        raise TokenizerError(f"{source}: {key} must be a token (a string, or an object with a string 'content'), "
+                             f"got {value!r:.60}")
+    return content
+
+
+def _added_tokens(config: dict, source: Path) -> dict[int, dict]:
+    """tokenizer_config.json's added_tokens_decoder: {"id": {"content": token, "special": bool, ...}}."""
+    declared = config.get("added_tokens_decoder", {})
+    added = {}
+    for i, spec in (declared.items() if isinstance(declared, dict) else [(None, declared)]):
+        if not (isinstance(i, str) and i.isdigit() and isinstance(spec, dict) and isinstance(spec.get("content"), str)
+                and spec["content"] and all(isinstance(spec.get(flag, False), bool) for flag in ("special", "normalized"))):
+            raise TokenizerError(f"{source}: added_tokens_decoder must map token ids (\"32000\") to objects with a "
+                                 f"non-empty string 'content' (and true/false 'special', 'normalized'); found "
+                                 f"{i!r}: {spec!r:.60}")
+        added[int(i)] = spec
+    return added
 
 
 class _HFTokenizerJson:
@@ -54,7 +78,11 @@ class _HFTokenizerJson:
     def __init__(self, path: Path, added_tokens: dict[int, dict]):
         from tokenizers import AddedToken, Tokenizer as RustTokenizer
 
-        self.tok = RustTokenizer.from_file(str(path))
+        try:
+            self.tok = RustTokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises a bare Exception for any file it cannot read
+            raise TokenizerError(f"{path}: not a tokenizer the tokenizers library can read ({err}); re-download "
+                                 "or re-convert the model") from None
         # tokenizer_config.json may declare added tokens that tokenizer.json lacks; transformers adds them too.
         for spec in added_tokens.values():
             if self.tok.token_to_id(spec["content"]) is None:
@@ -68,6 +96,11 @@ class _HFTokenizerJson:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def id_limit(self) -> int:
+        """One past the largest id (ids of added tokens need not follow the vocabulary's without a gap)."""
+        return max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -93,7 +126,11 @@ class _SentencePieceModel:
         import sentencepiece
 
         proto = path.read_bytes()
-        self.sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError as err:
+            raise TokenizerError(f"{path}: not a sentencepiece model ({err}); re-download or re-convert the "
+                                 "model") from None
         self.sp_no_prefix = sentencepiece.SentencePieceProcessor(model_proto=proto + _NO_DUMMY_PREFIX)
         self.legacy = legacy
         n = self.sp.get_piece_size()
@@ -105,7 +142,7 @@ class _SentencePieceModel:
                 self.added.setdefault(self.sp.id_to_piece(i), i)
                 self.special_ids.add(i)
         self.id_to_added = {i: token for token, i in self.added.items()}
-        self.vocab_size = max([n, *[i + 1 for i in self.id_to_added]])
+        self.vocab_size = self.id_limit = max([n, *[i + 1 for i in self.id_to_added]])
         # Longest first, so "<|im_start|>" wins over a shorter token that is its prefix.
         alternatives = sorted(self.added, key=len, reverse=True)
         self.split_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
@@ -178,16 +215,24 @@ def _compile_chat_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
-def _pick_chat_template(model_dir: Path, config: dict) -> str | None:
-    """The template from chat_template.jinja, else tokenizer_config's `chat_template` (a string or named list)."""
+def _pick_chat_template(model_dir: Path, config: dict) -> tuple[str | None, Path]:
+    """The template from chat_template.jinja, else tokenizer_config's `chat_template` (a string or named list),
+    and the file it came from."""
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        return jinja_file.read_text(encoding="utf-8"), jinja_file
+    source = model_dir / "tokenizer_config.json"
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        if not all(isinstance(entry, dict) and {"name", "template"} <= entry.keys() for entry in template):
+            raise TokenizerError(f"{source}: chat_template is a list, so each entry must be an object with "
+                                 "'name' and 'template'")
         named = {entry["name"]: entry["template"] for entry in template}
         template = named.get("default", next(iter(named.values()), None))
-    return template
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{source}: chat_template must be a string (or a list of named templates), got "
+                             f"{type(template).__name__}")
+    return template, source
 
 
 class Tokenizer:
@@ -201,7 +246,7 @@ class Tokenizer:
         self.model_dir = Path(model_dir)
         config = _read_json(self.model_dir / "tokenizer_config.json")
         special_map = _read_json(self.model_dir / "special_tokens_map.json")
-        added_tokens = {int(i): spec for i, spec in config.get("added_tokens_decoder", {}).items()}
+        added_tokens = _added_tokens(config, self.model_dir / "tokenizer_config.json")
         if (self.model_dir / "tokenizer.json").is_file():
             self._backend = _HFTokenizerJson(self.model_dir / "tokenizer.json", added_tokens)
         elif (self.model_dir / "tokenizer.model").is_file():
@@ -211,9 +256,21 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"{self.model_dir}: no tokenizer.json or tokenizer.model; a model directory needs one of them"
             )
+        self._check_fits_embedding()
         self._set_special_tokens(config, special_map)
         self.add_bos_token = bool(config.get("add_bos_token", isinstance(self._backend, _SentencePieceModel)))
-        self.chat_template: str | None = _pick_chat_template(self.model_dir, config)
+        self.chat_template, self.chat_template_file = _pick_chat_template(self.model_dir, config)
+
+    def _check_fits_embedding(self) -> None:
+        """Every id must index a row of the model's embedding (config.json's vocab_size), or the model fails on
+        the first such token with an index error."""
+        rows = _read_json(self.model_dir / "config.json").get("vocab_size")
+        limit = self._backend.id_limit
+        if isinstance(rows, int) and not isinstance(rows, bool) and 0 < rows < limit:
+            raise TokenizerError(
+                f"{self.model_dir}: the tokenizer's ids run up to {limit - 1}, but config.json's vocab_size is {rows} "
+                "(the embedding has that many rows): the tokenizer files and the weights belong to different models; "
+                "put the model's own tokenizer.json / tokenizer.model beside its weights")
 
     def _fallback_ids(self, generation: dict) -> dict[str, int]:
         """Special-token ids for keys the tokenizer configs do not mention at all."""
@@ -235,10 +292,11 @@ class Tokenizer:
         ids: dict[str, int | None] = {}
         for key in SPECIAL_TOKEN_KEYS:
             if key in config or key in special_map:  # an explicit null means "this model has none"
-                content = _token_content(config[key] if key in config else special_map[key])
+                source = self.model_dir / ("tokenizer_config.json" if key in config else "special_tokens_map.json")
+                content = _token_content(config[key] if key in config else special_map[key], source, key)
                 token_id = self._backend.token_to_id(content) if content is not None else None
                 if content is not None and token_id is None:
-                    raise ValueError(
+                    raise TokenizerError(
                         f"{self.model_dir}/tokenizer_config.json: {key}={content!r} is not in the vocabulary"
                     )
             else:
@@ -266,11 +324,11 @@ class Tokenizer:
         ids = self._backend.encode(text)
         if add_bos:
             if self.bos_id is None:
-                raise ValueError(f"{self.model_dir}: add_bos=True but the tokenizer has no bos_token")
+                raise TokenizerError(f"{self.model_dir}: add_bos=True but the tokenizer has no bos_token")
             ids = [self.bos_id, *ids]
         if add_eos:
             if self.eos_id is None:
-                raise ValueError(f"{self.model_dir}: add_eos=True but the tokenizer has no eos_token")
+                raise TokenizerError(f"{self.model_dir}: add_eos=True but the tokenizer has no eos_token")
             ids = [*ids, self.eos_id]
         return ids
 
@@ -289,13 +347,20 @@ class Tokenizer:
         Extra keyword arguments reach the template as variables (e.g. `tools=[...]`).
         """
         if not self.has_chat_template:
-            raise ValueError(
+            raise TokenizerError(
                 f"{self.model_dir}: the tokenizer has no chat template; add `chat_template` to tokenizer_config.json "
                 "or a chat_template.jinja file, or format prompts yourself"
             )
         variables = {"tools": None, "documents": None, **self.special_tokens, **template_vars}
-        template = _compile_chat_template(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        try:
+            template = _compile_chat_template(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        # A syntax error, the template's raise_exception, a sandbox refusal, or a bug in the template's own code
+        # (1 / 0, a list + a number): the template is the model's data, so its failure is the user's error.
+        except Exception as err:
+            raise TokenizerError(f"{self.chat_template_file}: the chat template failed "
+                                 f"({type(err).__name__}: {err}); fix the template or use the model's original "
+                                 "one") from None
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:

@@ -170,7 +170,7 @@ def write_byte_level_tokenizer_gguf(path, smollm2_dir, pre: str, n_tokens: int =
     writer.close()
 
 
-@pytest.mark.parametrize("pre", ["llama-bpe", "gpt2"])
+@pytest.mark.parametrize("pre", ["llama-bpe", "gpt2", "qwen2"])
 def test_byte_level_pre_tokenizers_equal_transformers(pre, smollm2_dir, tmp_path):
     from tokenizers import Tokenizer as RustTokenizer
     from transformers import AutoTokenizer

@@ -1,7 +1,8 @@
 """benchmarks/kernel_report.py compiles the shipped kernels for real GPUs without one, and fails loudly.
 
 The script runs in a subprocess without TRITON_INTERPRET (the test session sets it for the CPU lane), so
-Triton builds real PTX and cubins for sm_80 / sm_86 / sm_89 / sm_90.
+Triton builds real PTX and cubins for sm_75 / sm_80 / sm_86 / sm_89 / sm_90 / sm_120, each configuration in
+the unaligned and the 16-aligned variant the JIT builds.
 """
 
 import importlib.util
@@ -16,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "kernel_report.py"
 KERNEL_MODULES = ("qtune.kernels.nf4", "qtune.kernels.lora", "qtune.kernels.logprobs")
-TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90")
+TARGETS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 MAX_SHARED_BYTES = 99 * 1024
 
 # A kernel module written for this test: one configuration that needs 128 KB of shared memory for its
@@ -58,12 +59,22 @@ def test_every_kernel_compiles_for_every_target_without_spills():
     absent = [m for m in KERNEL_MODULES if importlib.util.find_spec(m) is None]
     assert report["missing"] == absent
     assert report["targets"] == list(TARGETS)
-    logprobs = {name: figs for name, figs in report["kernels"].items()
-                if name.startswith(("logsumexp_partials[", "logit_grad["))}
-    assert len(logprobs) == 12  # two kernels x fp32 / fp16 / bf16 x uncapped / soft-capped, each compiled at least once
-    for kernel in ("logsumexp_partials[", "logit_grad["):  # each kernel on every target
-        covered = {t for name, figs in logprobs.items() if name.startswith(kernel) for t in figs}
-        assert covered == set(TARGETS)
+    kernels = report["kernels"]
+    logprobs = {name: figs for name, figs in kernels.items() if name.startswith(("logsumexp_partials[", "logit_grad["))}
+    # two kernels x (fp32 / fp16 / bf16 tiles + Turing's fp16 / bf16 + sm_120's fp32) x uncapped / soft-capped
+    # x two variants
+    assert len(logprobs) == 2 * 6 * 2 * 2
+    assert sum("SOFTCAP=30.0]" in name for name in logprobs) == 2 * 6 * 2
+    turing = [name for name in logprobs if name.split("[")[1].startswith(("bf16,", "fp16,")) and "BLOCK_V=64," in name]
+    assert len(turing) == 2 * 2 * 2 * 2
+    assert turing and all(set(logprobs[name]) == {"sm_75"} for name in turing)  # Turing tiles only where they run
+    blackwell = [name for name in logprobs if name.split("[")[1].startswith("fp32,") and "stages=1" in name]
+    assert len(blackwell) == 2 * 2 * 2 and all(set(logprobs[name]) == {"sm_120"} for name in blackwell)
+    for kernel in ("logsumexp_partials[", "logit_grad[", "nf4_dequantize[", "nf4_matmul_small_m[", "lora_dropout["):
+        for variant in ("unaligned", "aligned"):  # each kernel in both variants on every target
+            covered = {t for name, figs in kernels.items() if name.startswith(kernel) and name.endswith(variant)
+                       for t in figs}
+            assert covered == set(TARGETS), (kernel, variant, covered)
     for name, per_target in report["kernels"].items():
         for target, figs in per_target.items():
             assert 0 < figs["registers"] <= 255, (name, target, figs)
@@ -80,10 +91,19 @@ def test_oversized_or_broken_configs_fail_the_report(tmp_path):
                               pythonpath=tmp_path)
     assert proc.returncode == 1 and not report["ok"]
     assert report["missing"] == ["report_probe.absent"]
-    big = report["kernels"]["big_dot[M=256,K=128]"]["sm_86"]
+    big = report["kernels"]["big_dot[M=256,K=128] unaligned"]["sm_86"]
     assert big["shared_bytes"] > MAX_SHARED_BYTES
-    assert "error" in report["kernels"]["big_dot[no c_ptr]"]["sm_86"]
+    assert "error" in report["kernels"]["big_dot[no c_ptr] aligned"]["sm_86"]
     failures = "\n".join(report["failures"])
-    assert "big_dot[M=256,K=128] on sm_86: shared memory" in failures
-    assert "big_dot[no c_ptr] on sm_86:" in failures
+    assert "big_dot[M=256,K=128] unaligned on sm_86: shared memory" in failures
+    assert "big_dot[no c_ptr] aligned on sm_86:" in failures
+
+
+def test_report_compiles_what_the_launchers_pass():
+    """The NF4 launchers pass enable_fp_fusion=False; their KernelSpecs must carry it so the report compiles
+    that code, not the fused-multiply-add variant."""
+    from qtune.kernels import nf4
+
+    specs = nf4.compile_specs()
+    assert specs and all(spec.options.get("enable_fp_fusion") is False for spec in specs)
 

@@ -286,3 +286,84 @@ def test_gpu_bf16_error_within_twice_torch_bf16(V):
         torch_err = (t.float() - e).abs().max().item()
         our_err = (o.float() - e).abs().max().item()
         assert our_err <= 2 * torch_err, f"{name}: error {our_err:.3e} vs torch bf16 {torch_err:.3e}"
+
+
+@pytest.mark.parametrize("kernels, dtype", [("torch", torch.bfloat16), ("torch", torch.float16),
+                                            ("triton", torch.float16)])
+def test_autocast_computes_in_its_dtype_like_explicitly_cast_inputs(kernels, dtype):
+    """fp32 hidden and weight under torch.autocast(dtype): the same outputs and gradients (returned in fp32)
+    as inputs cast to `dtype` by hand, so every product inside runs in one explicit dtype."""
+    hidden, weight, targets = make_inputs(21, 32, 200)
+
+    def loss(h, w):
+        logp, entropy = token_logprobs_and_entropy(h, w, targets, chunk_size=8, kernels=kernels)
+        ce, _ = cross_entropy_sum(h, w.detach(), targets, chunk_size=8, kernels=kernels)
+        return (logp * 0.3 + entropy).sum() + ce
+
+    with torch.autocast("cpu", dtype=dtype):
+        value, grad_h, grad_w = grads(loss, hidden, weight)
+    cast_value, cast_h, cast_w = grads(loss, hidden, weight, dtype)
+    assert grad_h.dtype == grad_w.dtype == torch.float32
+    assert_rel_close(value, cast_value, what="value")
+    assert_rel_close(grad_h, cast_h.float(), rtol=1e-2, what="dL/dh")  # cast_h carries one 16-bit rounding
+    assert_rel_close(grad_w, cast_w.float(), rtol=1e-2, what="dL/dw")
+
+
+def fp64_grads(hidden, weight, targets, upstream):
+    """dL/dh and dL/dW of L = sum(upstream · logp) in fp64 from the same (16-bit) values."""
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    (reference_token_logprobs(h, w, targets) * upstream.double()).sum().backward()
+    return h.grad, w.grad
+
+
+def test_trained_lm_head_gradient_sums_chunks_in_fp32():
+    """256 chunks of one token each in fp16: dL/dW is summed in fp32 and rounded once, so it stays within one
+    fp16 rounding of the fp64 sum (a 16-bit running sum, rounded once per chunk, erred 4.5e-3)."""
+    hidden, weight, targets = make_inputs(256, 32, 300, masked_every=1000)
+    hidden, weight = hidden.half(), weight.half()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (token_logprobs(h, w, targets, chunk_size=1, kernels="triton")).sum().backward()
+    _, ref_w = fp64_grads(hidden, weight, targets, torch.ones(256))
+    assert_rel_close(w.grad, ref_w, rtol=1e-3, what="dL/dW")
+
+
+def test_fp16_logit_gradients_do_not_underflow():
+    """A loss averaged over 10^4 tokens gives per-token upstream gradients ~1e-4 and, over a 32000-word
+    vocabulary, logit gradients g · p ~ 3e-9: below fp16's smallest normal (6e-5) and subnormal (6e-8). dL/dh
+    must still be exact to fp16 accuracy (unscaled 16-bit logit gradients erred 11%)."""
+    hidden, weight, targets = make_inputs(24, 32, 32000)
+    hidden, weight = hidden.half(), weight.half()
+    upstream = torch.full((24,), 1e-4)
+    h = hidden.clone().requires_grad_()
+    (token_logprobs(h, weight, targets, kernels="triton") * upstream).sum().backward()
+    ref_h, _ = fp64_grads(hidden, weight, targets, upstream)
+    assert_rel_close(h.grad, ref_h, rtol=1e-3, what="dL/dh")
+
+
+class NewTensorsOfSize(TorchDispatchMode):
+    """Counts buffers of `numel` elements that ops allocate (outputs sharing no input's storage)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() == self.numel and t.untyped_storage().data_ptr() not in inputs:
+                self.count += 1
+        return out
+
+
+def test_cross_entropy_one_pass_holds_one_token_by_hidden_buffer():
+    """The one-pass loss keeps a single (N, D) fp32 buffer: the forward gathers the target rows of the lm_head
+    chunk by chunk (not all N at once) and the backward scales the gradient in place (no second copy)."""
+    N, D, V, chunk = 512, 8, 3 * VOCAB_CHUNK, 64
+    hidden, weight, targets = make_inputs(N, D, V)
+    h = hidden.clone().requires_grad_()
+    with NewTensorsOfSize(N * D) as forward:
+        loss, _ = cross_entropy_sum(h, weight, targets, chunk_size=chunk, kernels="torch")
+    with NewTensorsOfSize(N * D) as backward:
+        (0.5 * loss).backward()
+    assert forward.count == 1 and backward.count == 0

@@ -338,3 +338,77 @@ def test_lora_qkv_bf16_on_gpu_real_sizes():
         x32 = torch.randn(tokens, hidden, device="cuda")
         check_bf16_within_2x_of_torch(lambda x, *ps: lora_qkv(x, *ps, kernels="triton"), lora.reference_lora_qkv,
                                       blocks, x32)
+
+
+def bf16_close(actual, expected):
+    """Agreement at bf16 precision: the two sides round their products in different orders."""
+    assert actual is not None and expected is not None
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("op", ["lora_linear", "lora_mlp"])
+def test_fp32_inputs_under_bf16_autocast_match_autocast_reference(op, nf4, kernels):
+    """fp32 activations and adapters under torch.autocast(bfloat16): the ops compute in bf16 like the plain
+    autograd reference under the same autocast (they used to fail in addmm_ with mixed dtypes)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 19, requires_grad=True)  # 80 rows: NF4 takes the dequantize path (interpreter-safe)
+    if op == "lora_linear":
+        p = make_params(23, 19, bias=True, nf4=nf4)
+        blocks, inputs = [p], [x, p.lora_a, p.lora_b]
+        fused = lambda: lora_linear(x, *p, kernels=kernels)  # noqa: E731
+        reference = lambda: lora.reference_lora_linear(x, *p)  # noqa: E731
+    else:
+        blocks = [make_params(37, 19, nf4=nf4), make_params(37, 19, nf4=nf4), make_params(19, 37, nf4=nf4)]
+        inputs = [x, *adapters(*blocks)]
+        fused = lambda: lora_mlp(x, *blocks, kernels=kernels)  # noqa: E731
+        reference = lambda: lora.reference_lora_mlp(x, *blocks)  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = fused(), reference()
+        assert out.dtype == ref.dtype == torch.bfloat16
+        out_grads, ref_grads = grads([out.float()], inputs), grads([ref.float()], inputs)
+    bf16_close(out, ref)
+    for a, e, t in zip(out_grads, ref_grads, inputs):
+        assert a.dtype == t.dtype  # fp32 leaves get fp32 gradients
+        bf16_close(a, e)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpoint_without_rng_state_recomputes_exactly_with_explicit_seed(kernels, reentrant):
+    """checkpoint(preserve_rng_state=False): the recomputation draws other random numbers, so an op given
+    `seed` must drop with seed + i in forward and recomputation alike; outputs and every gradient equal the
+    reference run with the masks of that seed."""
+    torch.manual_seed(0)
+    x = torch.randn(11, 19, requires_grad=True)
+    gate, up, down = make_params(37, 19), make_params(37, 19), make_params(19, 37)
+    q, k, v = make_params(24, 19), make_params(10, 19), make_params(10, 19)
+    seed = 77
+
+    def block(h):
+        qo, ko, vo = lora_qkv(h, q, k, v, dropout=0.2, kernels=kernels, seed=seed)
+        return lora_mlp(h, gate, up, down, dropout=0.2, kernels=kernels, seed=seed + 3) + qo[:, :19] * ko.sum()
+
+    out = torch.utils.checkpoint.checkpoint(block, x, preserve_rng_state=False, use_reentrant=reentrant)
+    keep = [lora.dropout_keep_mask(seed + i, s, 0.2, "cpu", kernels)
+            for i, s in enumerate([x.shape] * 5 + [(11, 37)])]
+    qr, kr, vr = lora.reference_lora_qkv(x, q, k, v, dropout=0.2, keep_masks=keep[:3])
+    ref = lora.reference_lora_mlp(x, gate, up, down, dropout=0.2, keep_masks=keep[3:]) + qr[:, :19] * kr.sum()
+    close(out, ref)
+    tensors = [x, *adapters(gate, up, down, q, k)]  # v's output is unused: its adapter gets no gradient
+    direction = torch.randn(out.shape)
+    found, expected = [], []
+    for result, into in ((out, found), (ref, expected)):
+        (result * direction).sum().backward()  # .backward, not autograd.grad: the reentrant checkpoint needs it
+        into += [t.grad.clone() for t in tensors]
+        for t in tensors:
+            t.grad = None
+    for a, e in zip(found, expected):
+        close(a, e)
+
+
+def test_seed_out_of_range_is_named():
+    p = make_params(11, 19)
+    with pytest.raises(ValueError, match="seed=-1"):
+        lora_linear(torch.randn(4, 19), *p._replace(dropout=0.1), seed=-1)

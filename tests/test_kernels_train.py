@@ -14,15 +14,21 @@ def tiny_dir(tmp_path_factory):
     return save_tiny("qwen2", tmp_path_factory.mktemp("kt"), seed=3)  # q/k/v biases, tied embeddings, GQA
 
 
-def two_steps(model_dir, kernels: str):
-    model = load_model(model_dir, quantize="nf4", dtype="float32", kernels=kernels)
+def nf4_lora_model(model_dir, kernels: str, dtype: str = "float32", device: str = "cpu"):
+    """The model in NF4 with r=4 adapters on every linear, B drawn non-zero; returns (model, adapter params)."""
+    model = load_model(model_dir, quantize="nf4", dtype=dtype, kernels=kernels, device=device)
     add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), seed=7)
     mark_trainable(model, "default")
     params = lora_parameters(model)
     with torch.no_grad():  # a non-zero B so that every adapter path carries signal from the first step
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))).to(p.device) * 0.05)
+    return model, params
+
+
+def two_steps(model_dir, kernels: str):
+    model, params = nf4_lora_model(model_dir, kernels)
     opt = torch.optim.AdamW(params, lr=1e-2)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 160, (2, 24), generator=g)

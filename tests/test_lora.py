@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qtune.weights.checkpoint import load_model
+from qtune.weights.integrity import MANIFEST
 from qtune.lora import (AdapterError, LoraConfig, LoRALinear, adapter_names, adapters_disabled, add_lora,
                         load_adapter, load_extra_tensors, lora_layers, lora_parameters, mark_trainable,
                         merge_lora_into_dir, save_adapter, set_active_adapter, use_adapter)
@@ -118,6 +119,7 @@ def test_saved_adapter_loads_in_peft_with_equal_logits(tiny_dirs, tmp_path, kind
     assert saved["r"] == cfg.r and saved["use_rslora"] == cfg.rslora and saved["peft_type"] == "LORA"
     query = "qkv_proj" if kind == "phi3" else "q_proj"  # PEFT's names: Phi-3 adapts its fused projection
     assert f"base_model.model.model.layers.0.self_attn.{query}.lora_A.weight" in load_file(out / "adapter_model.safetensors")
+    assert (out / MANIFEST).exists()  # qtune's own file, which PEFT ignores
     ref = peft.PeftModel.from_pretrained(hf_model(tiny_dirs[kind]), out).eval()
     ids = token_ids(1)
     got, want = logits(m, ids), logits(ref, ids)
@@ -133,6 +135,7 @@ def test_peft_adapter_loads_in_qtune_with_equal_logits(tiny_dirs, tmp_path, targ
     ref = peft.get_peft_model(hf_model(tiny_dirs["qwen2"]), peft.LoraConfig(
         r=6, lora_alpha=12, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")).eval()
     ref.save_pretrained(tmp_path / "peft")
+    assert not (tmp_path / "peft" / MANIFEST).exists()  # from elsewhere: read as it is
     m = load_model(tiny_dirs["qwen2"], quantize="none")
     cfg = load_adapter(m, tmp_path / "peft")
     assert cfg.r == 6 and cfg.scale == 2.0
@@ -282,6 +285,8 @@ def test_merge_cli(tiny_dirs, tmp_path):
 
 
 def rewrite(adapter_dir, config_update=None, tensor_update=None):
+    """Edit a saved adapter as another tool would, dropping qtune's manifest (which would refuse the edit)."""
+    (adapter_dir / MANIFEST).unlink()
     cfg_path, w_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     cfg, tensors = json.loads(cfg_path.read_text()), load_file(w_path)
     cfg.update(config_update or {})

@@ -255,3 +255,21 @@ def test_estimate_command(tmp_path):
                                                "llama2-7b", "--device", "cpu"])
     assert json.loads(shaped.output.strip().splitlines()[-1])["peak_bytes"] == \
         estimate(StepShape(shape_config("llama2-7b"), 2, 256, "float32", r=8, optimizer="paged_adamw")).peak_bytes
+
+
+def test_cuda_estimate_counts_the_triton_loss_logit_gradient_buffer():
+    """On CUDA the loss runs the Triton kernels, whose backward holds the logit gradients of 1024 tokens over
+    the whole vocabulary: 1024 x 128,256 x 2 bytes = 262 MB for a Llama-3-8B shape in bf16. `qtune estimate
+    --device cuda` must count it; the CPU path holds 4 MB logit tiles instead."""
+    from qtune.memory.estimate import loss_bytes
+
+    cfg = shape_config("llama3-8b")
+    torch_path = StepShape(cfg, 1, 2048)
+    triton_path = StepShape(cfg, 1, 2048, triton_loss=True)
+    buffer = 1024 * cfg.vocab_size * 2
+    assert buffer > 262e6
+    assert loss_bytes(triton_path) >= buffer + 3 * 2048 * cfg.hidden_size * 2  # + hidden states, copy, norm input
+    assert loss_bytes(triton_path) - loss_bytes(torch_path) > buffer / 2
+    # at 1024 tokens the 262 MB buffer makes the loss the peak (the torch path peaks in the last layer)
+    short = StepShape(cfg, 1, 1024, triton_loss=True)
+    assert estimate(short).peak_at == "loss" and estimate(short).parts["loss"] == loss_bytes(short)

@@ -230,7 +230,7 @@ def test_reward_model_learns_and_eval_prefs_reads_it_back(tiny_dir, learnable_pa
     assert summary["val_pairs"] == 16 and summary["val_accuracy_after"] >= 0.9
     assert summary["val_accuracy_after"] > summary["val_accuracy_before"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "extra_tensors.safetensors"]
+        "adapter_config.json", "adapter_model.safetensors", "extra_tensors.safetensors", "qtune-manifest.json"]
     result = run_cli("eval-prefs", tiny_dir, "--adapter", out / "adapter", "--data", learnable_pairs, "--kind", "reward")
     assert result["n"] == 48 and result["accuracy"] >= 0.9 and result["mean_margin"] > 0
     # the same model with weights +1 and −1 cancels: every pair ties

@@ -1,5 +1,8 @@
 """Bad input to `qtune sft`: each case stops with a message naming the file, line or key and the fix, and
-the checkpoints and metrics of the run being resumed stay byte for byte as they were."""
+the checkpoints and metrics of the run being resumed stay byte for byte as they were.
+
+A resumed run must keep its recipe's data.path (tests/test_error_contract.py checks that), so bad data reaches
+it as new content of the same file."""
 
 import hashlib
 import json
@@ -48,9 +51,9 @@ def run(tmp_path_factory):
     """A finished run with checkpoints, to be --resumed with bad input."""
     root = tmp_path_factory.mktemp("bad_input")
     tiny_dir = save_tiny_with_tokenizer("llama", root / "tiny", seed=2)
-    good = jsonl(root / "good.jsonl", GOOD)
+    jsonl(root / "good.jsonl", GOOD)
     out = root / "run"
-    result = CliRunner().invoke(main, args(tiny_dir, out, good))
+    result = CliRunner().invoke(main, args(tiny_dir, out, jsonl(root / "data.jsonl", GOOD)))
     assert result.exit_code == 0, result.output
     assert (out / "checkpoints" / "step-000002").is_dir()
     return tiny_dir, root, out
@@ -58,14 +61,14 @@ def run(tmp_path_factory):
 
 CASES = {
     "malformed_json_line": ([GOOD[0], GOOD[1], '{"instruction": "x", "output": ', GOOD[2]],
-                            r"bad\.jsonl line 3: not valid JSON"),
+                            r"data\.jsonl line 3: not valid JSON"),
     "missing_field": ([GOOD[0], {"instruction": "Name a colour.", "input": ""}],
-                      r"bad\.jsonl line 2: alpaca record has no 'output' field"),
+                      r"data\.jsonl line 2: alpaca record has no 'output' field"),
     "empty_response": ([GOOD[0], GOOD[1], {"instruction": "Name a colour.", "input": "", "output": "  "}],
-                       r"bad\.jsonl line 3: 'output' is empty"),
+                       r"data\.jsonl line 3: 'output' is empty"),
     "every_example_too_long": ([LONG, LONG], r"no example has a trained token left after truncation to 160 tokens; "
                                              r"raise data.max_seq_len"),
-    "not_a_record": ([GOOD[0], "[1, 2]"], r"bad\.jsonl line 2: expected a JSON object"),
+    "not_a_record": ([GOOD[0], "[1, 2]"], r"data\.jsonl line 2: expected a JSON object"),
 }
 
 
@@ -73,9 +76,12 @@ CASES = {
 def test_bad_data_is_named_and_the_run_is_untouched(run, case):
     tiny_dir, root, out = run
     rows, message = CASES[case]
-    bad = jsonl(root / "bad.jsonl", rows)
+    data = jsonl(root / "data.jsonl", rows)
     before = snapshot(out)
-    result = CliRunner().invoke(main, args(tiny_dir, out, bad, "train.max_steps=4", "--resume"))
+    try:
+        result = CliRunner().invoke(main, args(tiny_dir, out, data, "train.max_steps=4", "--resume"))
+    finally:
+        jsonl(data, GOOD)
     assert result.exit_code == 1
     assert re.search(message, " ".join(result.output.split())), result.output
     assert "Traceback" not in result.output
@@ -86,12 +92,11 @@ def test_bad_data_is_named_and_the_run_is_untouched(run, case):
     ("/no/such/model", "is neither an existing model directory nor a known alias"),
     ("llama-9b", "Known aliases: smollm2-135m"),
 ])
-def test_missing_model_is_named_and_the_run_is_untouched(run, model, message):
+def test_missing_model_is_named_and_nothing_is_written(run, model, message):
     tiny_dir, root, out = run
-    before = snapshot(out)
-    result = CliRunner().invoke(main, args(model, out, root / "good.jsonl", "--resume"))
+    result = CliRunner().invoke(main, args(model, root / "no_model_run", root / "good.jsonl"))
     assert result.exit_code == 1 and message in " ".join(result.output.split())
-    assert snapshot(out) == before
+    assert not (root / "no_model_run").exists() or not any((root / "no_model_run").iterdir())
 
 
 def test_missing_data_file_and_bad_override(run):

@@ -4,13 +4,15 @@ from pathlib import Path
 
 import torch
 
+# 512 positions: the default data.max_seq_len of the reward and DPO recipes (qtune refuses longer sequences than
+# a model has positions for); the default RoPE does not depend on max_position_embeddings, so nothing else changes.
 # Intermediate sizes are deliberately not multiples of 64 (odd blocks), and not multiples of 16 either:
 # bitsandbytes' CPU `dequantize_4bit` (0.50.2) decodes wrongly when the last dimension is a multiple of
 # 16 but not of 64 (e.g. 80 or 96), although its packed bytes are right; real models never have such widths.
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
-                  max_position_embeddings=256, tie_word_embeddings=False),
+                  max_position_embeddings=512, tie_word_embeddings=False),
     "llama3": dict(model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=104, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=500000.0,
                    max_position_embeddings=512, tie_word_embeddings=True, attention_bias=True,
@@ -18,35 +20,36 @@ TINY_CONFIGS = {
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "mistral": dict(model_type="mistral", vocab_size=160, hidden_size=64, intermediate_size=120, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-                    max_position_embeddings=256, sliding_window=4096, tie_word_embeddings=False),
+                    max_position_embeddings=512, sliding_window=4096, tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", vocab_size=160, hidden_size=64, intermediate_size=72, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                  max_position_embeddings=256, tie_word_embeddings=True),
+                  max_position_embeddings=512, tie_word_embeddings=True),
     # Mistral Nemo / Small: head_dim (18) is not hidden / heads (16); no sliding window
     "mistral-nemo": dict(model_type="mistral", vocab_size=160, hidden_size=64, intermediate_size=120,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=18,
-                         rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=256, sliding_window=None,
+                         rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=512, sliding_window=None,
                          tie_word_embeddings=False),
     # Qwen3: q/k norms, explicit head_dim (32, not 64 / 4), tied embeddings like the small sizes
     "qwen3": dict(model_type="qwen3", vocab_size=160, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
-                  rope_theta=1000000.0, max_position_embeddings=256, tie_word_embeddings=True),
+                  rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=True),
     # Gemma 2: window 8 on layers 0 and 2 so that the tests' sequences reach past it; a query scale that is
     # not head_dim; soft-capping low enough for the random weights (attention 0.02, logits 0.5) that tanh bends the values
     "gemma2": dict(model_type="gemma2", vocab_size=160, hidden_size=64, intermediate_size=88, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
-                   max_position_embeddings=256, query_pre_attn_scalar=24, sliding_window=8,
+                   max_position_embeddings=512, query_pre_attn_scalar=24, sliding_window=8,
                    attn_logit_softcapping=0.02, final_logit_softcapping=0.5, tie_word_embeddings=True),
     # Gemma 3: q/k norms, local RoPE base 10000 and global 1e6 with linear scaling, 2 local : 1 global here
     "gemma3": dict(model_type="gemma3_text", vocab_size=160, hidden_size=64, intermediate_size=88,
                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-                   rms_norm_eps=1e-6, max_position_embeddings=256, query_pre_attn_scalar=32, sliding_window=8,
+                   rms_norm_eps=1e-6, max_position_embeddings=512, query_pre_attn_scalar=32, sliding_window=8,
                    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
                    tie_word_embeddings=True),
     # Phi-3 / 3.5 / 4: fused qkv_proj and gate_up_proj; half of each head rotated; LongRoPE with a pre-training
-    # context of 32 so that the tests' long sequences take the long factors and short ones the short factors
+    # context of 32 so that the tests' long sequences take the long factors and short ones the short factors.
+    # 256 positions, not 512: LongRoPE's attention scaling depends on max / original positions (sft-phi3.json)
     "phi3": dict(model_type="phi3", vocab_size=160, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
                  original_max_position_embeddings=32, partial_rotary_factor=0.5, tie_word_embeddings=False,
@@ -57,10 +60,10 @@ TINY_CONFIGS = {
     "qwen3-moe": dict(model_type="qwen3_moe", vocab_size=160, hidden_size=64, intermediate_size=88,
                       moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=256, tie_word_embeddings=False),
+                      rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=False),
     "mixtral": dict(model_type="mixtral", vocab_size=160, hidden_size=64, intermediate_size=40, num_local_experts=4,
                     num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=256, tie_word_embeddings=False),
+                    rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=False),
 }
 
 

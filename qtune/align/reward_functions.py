@@ -13,8 +13,16 @@ Built in:
     exact_answer  1 when the response is exactly the record's "answer" (qtune's generated instruction tasks)
     arithmetic    1 when the first number in the response is the record's "answer"
 
-and two tasks for `arithmetic`, whose prompt files `python -m qtune.align.reward_functions TASK FILE` writes. Their prompts
-read as plain text (data.chat = false) as well as inside a chat turn:
+and, for GRPO's `[[grpo.rewards]]` built-ins (`fn = "answer"`, `"format"`), the answer extractions
+
+    last_number   the last number in the response ("... so 3 + 4 = 7" -> 7)
+    boxed         the content of the last \\boxed{...}
+    answer_tag    the content of the last <answer>...</answer>
+
+with `answer_match` comparing the extracted answer with the record's (as numbers when both are) and
+`format_match` checking a regular expression. Two tasks for `arithmetic`, whose prompt files
+`python -m qtune.align.reward_functions TASK FILE` writes (GRPO reads generated ones, `qtune:arithmetic?...`,
+see qtune/data/tasks.py). Their prompts read as plain text (data.chat = false) as well as inside a chat turn:
 
     addition    "Question: What is 13 + 29?\nAnswer:"                      answer 42
     comparison  "Question: Which number is larger, 17 or 23?\nAnswer:"     answer 23
@@ -80,6 +88,66 @@ def exact_answer(prompt: str, response: str, record: dict) -> float:
         raise ValueError(f"the exact_answer reward needs an 'answer' field in each prompt record; this one has "
                          f"{sorted(record)}")
     return float(response.strip().removesuffix(".").strip() == str(record["answer"]).strip())
+
+
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+BOXED = "\\boxed{"
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in `text` (commas between digit groups allowed), or None."""
+    found = NUMBER.findall(text.replace(",", ""))
+    return found[-1] if found else None
+
+
+def boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} in `text`, braces inside it balanced, or None."""
+    start = text.rfind(BOXED)
+    if start < 0:
+        return None
+    depth, begin = 1, start + len(BOXED)
+    for i in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i]
+    return None
+
+
+def answer_tag(text: str) -> str | None:
+    """The content of the last <answer>...</answer> in `text`, or None."""
+    found = ANSWER_TAG.findall(text)
+    return found[-1] if found else None
+
+
+EXTRACTORS = {"last_number": last_number, "boxed": boxed, "answer_tag": answer_tag}
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").strip())
+    except ValueError:
+        return None
+
+
+def answer_match(response: str, record: dict, extract: str) -> float:
+    """1.0 when the answer extracted from `response` (EXTRACTORS[extract]) equals record["answer"], else 0.0.
+
+    Both are compared as numbers when both read as numbers (so "42.0" matches 42), else as stripped text.
+    """
+    if "answer" not in record:
+        raise ValueError(f"the answer reward needs an 'answer' field in each prompt record; this one has {sorted(record)}")
+    found = EXTRACTORS[extract](response)
+    if found is None:
+        return 0.0
+    got, want = _as_number(found), _as_number(str(record["answer"]))
+    if got is not None and want is not None:
+        return float(got == want)
+    return float(found.strip() == str(record["answer"]).strip())
+
+
+def format_match(response: str, pattern: str) -> float:
+    """1.0 when the regular expression `pattern` matches the whole response (re.DOTALL: '.' spans lines)."""
+    return float(re.fullmatch(pattern, response.strip(), re.DOTALL) is not None)
 
 
 def problems(task: str, n: int, seed: int = 0, max_operand: int = 20) -> list[dict]:

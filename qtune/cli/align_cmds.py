@@ -8,14 +8,14 @@ import typing
 
 import click
 
-from qtune.cli.common import err, load_checked, run_or_explain
+from qtune.cli.common import command, err, load_checked, run_or_explain
 from qtune.recipe.align import DPOSection
 
 # every dpo.loss of paired data; KTO's records are unpaired, so it has no pair accuracy to report
 DPO_EVAL_LOSSES = [loss for loss in typing.get_args(typing.get_type_hints(DPOSection)["loss"]) if loss != "kto"]
 
 
-@click.command()
+@command()
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in output.dir.")
@@ -31,7 +31,7 @@ def reward(recipe, overrides, resume):
     click.echo(json.dumps(run_or_explain(run_reward, r, resume=resume, console=err)))
 
 
-@click.command()
+@command()
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in output.dir.")
@@ -85,7 +85,7 @@ def evaluate_preferences(model_path: str, adapters: list[str], weights: list[flo
             "dropped": stats["dropped"], "skipped": len(skipped)}
 
 
-@click.command("eval-prefs")
+@command("eval-prefs")
 @click.argument("model")
 @click.option("--adapter", "adapters", multiple=True, required=True,
               help="Adapter directory; for --kind reward repeat it to sum several reward models.")

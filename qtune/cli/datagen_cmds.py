@@ -8,7 +8,7 @@ import json
 
 import click
 
-from qtune.cli.common import load_checked
+from qtune.cli.common import command, load_checked
 
 
 def pipeline_command(name: str, default_recipe: str):
@@ -17,21 +17,14 @@ def pipeline_command(name: str, default_recipe: str):
         fn = click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")(fn)
         fn = click.argument("overrides", nargs=-1)(fn)
         fn = click.argument("recipe", required=False, default=default_recipe)(fn)
-        return click.command(name)(fn)
+        return command(name)(fn)
     return decorate
 
 
 def _run(fn, recipe, progress: bool) -> None:
-    """Run a pipeline; user errors become one clear line, Ctrl-C leaves a resumable run behind."""
-    from qtune.weights.checkpoint import CheckpointError
-    from qtune.config import ConfigError
-    from qtune.datagen.seeds import SeedError
-    from qtune.datagen.store import ResumeError
-
+    """Run a pipeline; Ctrl-C leaves a resumable run behind (user errors are explained by `QtuneGroup`)."""
     try:
         report = fn(recipe, progress=progress)
-    except (SeedError, ResumeError, CheckpointError, ConfigError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         click.echo(f"Interrupted. Re-run the same command to resume from {recipe.output.dir}.", err=True)
         raise SystemExit(130) from None

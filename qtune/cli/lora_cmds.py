@@ -7,10 +7,10 @@ import time
 
 import click
 
-from qtune.cli.common import err
+from qtune.cli.common import command, err
 
 
-@click.command()
+@command()
 @click.argument("model")
 @click.argument("adapter", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
@@ -24,16 +24,11 @@ from qtune.cli.common import err
 def merge(model, adapter, out_dir, from_original, dtype, no_double_quant):
     """Fold ADAPTER (a PEFT LoRA directory) into MODEL (a directory or alias); write a plain Hugging Face
     directory to OUT_DIR that transformers, vLLM or llama.cpp's converter load without PEFT."""
-    from qtune.weights.checkpoint import CheckpointError
-    from qtune.config import ConfigError
-    from qtune.lora import AdapterError, merge_lora_into_dir
+    from qtune.lora import merge_lora_into_dir
 
     t0 = time.perf_counter()
-    try:
-        out = merge_lora_into_dir(model, adapter, out_dir, from_original=from_original, dtype=dtype,
-                                  double_quant=not no_double_quant)
-    except (AdapterError, CheckpointError, ConfigError) as e:
-        raise click.ClickException(str(e)) from e
+    out = merge_lora_into_dir(model, adapter, out_dir, from_original=from_original, dtype=dtype,
+                              double_quant=not no_double_quant)
     base = "original 16-bit" if from_original else "dequantized NF4"
     err.print(f"merged {adapter} into the {base} weights of {model}: {out} in {time.perf_counter() - t0:.1f}s")
     click.echo(str(out))

@@ -9,10 +9,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from qtune.cli.common import command
+
 console = Console()
 
 
-@click.command("estimate")
+@command("estimate")
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--gpu-memory", "gpu_memory", default=None, help="Memory budget, e.g. 8GB: propose what fits in it.")
@@ -25,14 +27,10 @@ def estimate(recipe, overrides, gpu_memory, shape, device):
     from qtune.memory.estimate import fit_budget, parse_size, step_shape_from_recipe
     from qtune.memory.tracer import fmt_bytes
     from qtune.recipe.load import load_recipe
-    from qtune.recipe.schema import RecipeError
 
-    try:
-        r = load_recipe(recipe, overrides)
-        s = step_shape_from_recipe(r, device, shape)
-        budget = parse_size(gpu_memory) if gpu_memory else None
-    except (RecipeError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    r = load_recipe(recipe, overrides)
+    s = step_shape_from_recipe(r, device, shape)
+    budget = parse_size(gpu_memory) if gpu_memory else None
     est = predict(s)
     table = Table(title=f"{recipe}: micro-batch {s.micro_batch_size} x {s.seq_len} tokens, {s.dtype}, r={s.r}, "
                         f"checkpointing {'on' if s.gradient_checkpointing else 'off'}", show_edge=False)

@@ -9,7 +9,7 @@ import time
 
 import click
 
-from qtune.cli.common import err, explained
+from qtune.cli.common import command, err
 
 model_options = [
     click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
@@ -49,7 +49,7 @@ def load_for_inference(model_path: str, adapter: str | None, quantize: str, dtyp
     return model, load_tokenizer(model_dir)
 
 
-@click.command()
+@command()
 @click.argument("model")
 @with_model_options
 @click.option("--prompt", required=True, help="The prompt text.")
@@ -61,7 +61,6 @@ def load_for_inference(model_path: str, adapter: str | None, quantize: str, dtyp
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=float, default=0.9, show_default=True, help="1.0 = off.")
 @click.option("--seed", type=int, default=None)
-@explained
 def generate(model, adapter, quantize, dtype, prompt, chat, system, max_new_tokens, greedy, temperature, top_k, top_p, seed):
     """Complete PROMPT with MODEL (a directory or an alias such as smollm2-135m); prints only the completion."""
     from qtune.generate import generate_text
@@ -78,7 +77,7 @@ def generate(model, adapter, quantize, dtype, prompt, chat, system, max_new_toke
     sys.stdout.write(out.text + "\n")
 
 
-@click.command(name="eval")
+@command(name="eval")
 @click.argument("model")
 @with_model_options
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -86,7 +85,6 @@ def generate(model, adapter, quantize, dtype, prompt, chat, system, max_new_toke
 @click.option("--max-seq-len", type=int, default=1024, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N examples.")
-@explained
 def eval_cmd(model, adapter, quantize, dtype, data_path, max_seq_len, batch_size, limit):
     """Mean per-token loss and perplexity of MODEL on the responses of an Alpaca-format file.
 
@@ -101,13 +99,12 @@ def eval_cmd(model, adapter, quantize, dtype, data_path, max_seq_len, batch_size
     click.echo(json.dumps(result))
 
 
-@click.command()
+@command()
 @click.argument("model_dir")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="dtype of the unquantized tensors (default: the checkpoint's torch_dtype).")
 @click.option("--no-double-quant", is_flag=True, help="Keep absmax in fp32 instead of double-quantizing it.")
-@explained
 def quantize(model_dir, out_dir, dtype, no_double_quant):
     """Write an NF4 copy of MODEL_DIR to OUT_DIR in the bitsandbytes 4-bit format (loads 4x smaller afterwards)."""
     from qtune.weights.checkpoint import quantize_checkpoint

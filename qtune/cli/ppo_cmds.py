@@ -1,4 +1,4 @@
-"""RL verbs: `qtune ppo` and `qtune best-of-n`.
+"""RL verbs: `qtune ppo`, `qtune grpo` and `qtune best-of-n`.
 
 Each prints its run summary as one JSON object on the last stdout line; progress goes to stderr.
 """
@@ -7,10 +7,10 @@ import json
 
 import click
 
-from qtune.cli.common import err, load_checked, run_or_explain
+from qtune.cli.common import command, err, load_checked, run_or_explain
 
 
-@click.command()
+@command()
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in output.dir.")
@@ -27,7 +27,25 @@ def ppo(recipe, overrides, resume):
     click.echo(json.dumps(run_or_explain(run_ppo, r, resume=resume, console=err)))
 
 
-@click.command("best-of-n")
+@command("grpo")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in output.dir.")
+def grpo(recipe, overrides, resume):
+    """Critic-free RL (GRPO, Dr GRPO, RLOO; DAPO's fixes) on a LoRA policy with a RECIPE (file or shipped name).
+
+    Groups of sampled responses are scored by reward functions or reward adapters on the same 4-bit base; the
+    reference is the base with adapters off. Overrides look like `grpo.group_size=4 grpo.advantage=rloo`.
+    The last stdout line is the summary: metric, before, after (held-out accuracy), kl, ...
+    """
+    from qtune.recipe.grpo import GRPORecipe
+    from qtune.train.grpo import run_grpo
+
+    r = load_checked(recipe, overrides, GRPORecipe)
+    click.echo(json.dumps(run_or_explain(run_grpo, r, resume=resume, console=err)))
+
+
+@command("best-of-n")
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Reuse the kept samples and continue the SFT run from its newest checkpoint.")
@@ -43,4 +61,4 @@ def best_of_n(recipe, overrides, resume):
     click.echo(json.dumps(run_or_explain(run_best_of_n, r, resume=resume, console=err)))
 
 
-COMMANDS = [ppo, best_of_n]
+COMMANDS = [ppo, grpo, best_of_n]

@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from qtune.cli.common import load_checked
+from qtune.cli.common import QtuneGroup, command, load_checked
 from qtune.recipe.load import find_recipe
 from qtune.recipe.schema import iter_fields
 
@@ -27,7 +27,7 @@ def _model_dir(path: str) -> Path:
     return Path(resolve_model_path(path))
 
 
-@click.command("ls")
+@command("ls")
 def ls_cmd() -> None:
     """List the shipped recipes."""
     from qtune.recipes import shipped_recipes
@@ -43,7 +43,7 @@ def ls_cmd() -> None:
     console.print("Copy one with `qtune cp NAME DEST`, check it with `qtune validate DEST`.")
 
 
-@click.command("cp")
+@command("cp")
 @click.argument("name")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
@@ -77,7 +77,9 @@ def _checks(recipe) -> list[tuple[bool, str]]:
     """(passed, message) for the model and every data path, without loading either."""
     results = []
     try:
-        results.append((True, f"model.path: {_model_dir(recipe.model.path)}"))
+        model_dir = _model_dir(recipe.model.path)
+        results.append((True, f"model.path: {model_dir}"))
+        results += _position_check(recipe, model_dir)
     except ImportError:
         results.append((True, f"model.path: {recipe.model.path!r} is not a directory; alias not checked"))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -95,7 +97,33 @@ def _checks(recipe) -> list[tuple[bool, str]]:
     return results
 
 
-@click.command("validate")
+def _position_check(recipe, model_dir: Path) -> list[tuple[bool, str]]:
+    """Whether the recipe's sequences fit the model's positions (read from config.json, no weights loaded)."""
+    from qtune.config import ConfigError, ModelConfig
+    from qtune.train.common import TrainingError
+    from qtune.train.run import check_positions
+
+    if not (model_dir / "config.json").is_file():
+        return []
+    try:
+        check_positions(recipe, ModelConfig.from_json(model_dir))
+    except (ConfigError, TrainingError) as e:
+        return [(False, str(e))]
+    return []
+
+
+def _code_names(recipe):
+    """(key, "module:function") of every setting naming Python code the run imports: reward_fn keys and the
+    `fn` of tables in a list (GRPO's [[grpo.rewards]])."""
+    for key, value, _ in iter_fields(recipe):
+        if key.endswith("reward_fn") and value:
+            yield key, value
+        for i, item in enumerate(value if isinstance(value, list) else []):
+            if ":" in str(getattr(item, "fn", "")):
+                yield f"{key}[{i}].fn", item.fn
+
+
+@command("validate")
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 def validate_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
@@ -108,10 +136,9 @@ def validate_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
         table.add_row(key, repr(value), doc)
     console.print(table)
     results = _checks(resolved)
-    for key, value, _ in iter_fields(resolved):
-        if key.endswith("reward_fn") and value:
-            console.print(f"[yellow]note[/yellow] {key} = {value!r}: the run imports and calls this Python code "
-                          "(validating imported nothing); use only code you trust", highlight=False)
+    for key, value in _code_names(resolved):
+        console.print(f"[yellow]note[/yellow] {key} = {value!r}: the run imports and calls this Python code "
+                      "(validating imported nothing); use only code you trust", highlight=False)
     for ok, message in results:
         console.print(f"[green]ok[/green]   {message}" if ok else f"[red]FAIL[/red] {message}", highlight=False)
     if not all(ok for ok, _ in results):
@@ -119,7 +146,7 @@ def validate_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
     console.print("[green]Recipe is valid.")
 
 
-@click.group("data")
+@click.group("data", cls=QtuneGroup)
 def data_group() -> None:
     """Inspect training data as a recipe prepares it."""
 
@@ -130,16 +157,13 @@ def data_group() -> None:
 @click.option("-n", "count", default=3, show_default=True, help="Examples to show.")
 def preview_cmd(recipe: str, overrides: tuple[str, ...], count: int) -> None:
     """Show a few training examples of RECIPE with the trained tokens highlighted, plus statistics."""
-    from qtune.data import DataError, build_sft_data
+    from qtune.data import build_sft_data
     from qtune.data.preview import show_preview
     from qtune.tokenizer import load_tokenizer
 
     resolved = load_checked(recipe, overrides)
-    try:
-        tokenizer = load_tokenizer(_model_dir(resolved.model.path))
-        data = build_sft_data(resolved.data, tokenizer, seed=resolved.train.seed)
-    except (DataError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
+    tokenizer = load_tokenizer(_model_dir(resolved.model.path))
+    data = build_sft_data(resolved.data, tokenizer, seed=resolved.train.seed)
     show_preview(data, tokenizer, count, console)
 
 

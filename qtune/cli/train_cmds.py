@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from qtune.cli.common import err, load_checked, run_or_explain
+from qtune.cli.common import command, err, load_checked, run_or_explain
 
 
 def recipe_and_overrides(recipe: str, overrides: tuple[str, ...], default: str) -> tuple[str, tuple[str, ...]]:
@@ -18,7 +18,7 @@ def recipe_and_overrides(recipe: str, overrides: tuple[str, ...], default: str) 
     return recipe, overrides
 
 
-@click.command(context_settings={"ignore_unknown_options": False})
+@command(context_settings={"ignore_unknown_options": False})
 @click.argument("recipe", required=False, default="quickstart")
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in output.dir.")

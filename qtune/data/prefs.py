@@ -29,7 +29,7 @@ import torch
 from qtune.data.batching import DataPosition, epoch_batches
 from qtune.data.prompts import HH_ASSISTANT
 from qtune.data.records import DataError, load_records
-from qtune.data.render import IGNORE, chat_turns
+from qtune.data.render import IGNORE, chat_turns, render_chat
 
 REQUIRED = {"pairs": ("prompt", "chosen", "rejected"), "ranking": ("prompt", "responses"),
             "sharegpt": ("conversations", "chosen", "rejected"), "chat": ("messages", "chosen", "rejected"),
@@ -217,11 +217,11 @@ def _chat_ids(messages: list[dict], responses: list[str], tokenizer, where: str)
     if not tokenizer.has_chat_template:
         raise DataError(f"{where}: chat preferences need a chat template and the model's tokenizer has none; "
                         "give the prompt as raw text instead")
-    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt_text = render_chat(tokenizer, messages, where, add_generation_prompt=True)
     prompt_ids = tokenizer.encode(prompt_text)
     replies = []
     for reply in responses:
-        full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}])
+        full_text = render_chat(tokenizer, messages + [{"role": "assistant", "content": reply}], where)
         ids = tokenizer.encode(full_text)
         if not full_text.startswith(prompt_text) or ids[:len(prompt_ids)] != prompt_ids:
             raise DataError(f"{where}: the chat template renders the prompt differently once a reply follows it, so "

@@ -20,7 +20,7 @@ import numpy as np
 
 from qtune.data.batching import DataPosition
 from qtune.data.records import DataError, load_records
-from qtune.data.render import alpaca_prompt, chat_turns
+from qtune.data.render import alpaca_prompt, chat_turns, render_chat
 
 HH_ASSISTANT = "\n\nAssistant:"
 _SPLIT_STREAM, _ORDER_STREAM = 0, 1  # numpy streams: (seed, 0) the held-out split (as in SFT), (seed, 1, epoch) the order
@@ -88,7 +88,7 @@ def encode_prompt(prompt: str | list[dict], tokenizer, where: str) -> tuple[str,
     if not tokenizer.has_chat_template:
         raise DataError(f"{where}: chat prompts need a chat template and the model's tokenizer has none; set "
                         "data.chat = false (text prompts) or use an instruct model")
-    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    text = render_chat(tokenizer, prompt, where, add_generation_prompt=True)
     return text, tokenizer.encode(text)
 
 

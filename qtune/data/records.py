@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtune.data.tasks import GENERATED_PREFIX, generate_tasks, parse_generated_path
+from qtune.data.tasks import GENERATED_PREFIX, generated_records
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")
 
@@ -121,9 +121,9 @@ def _load_with_datasets(name: str, split: str) -> Records:
 
 
 def _generated(path: str) -> Records:
-    """Records qtune makes itself (`qtune:checkable-tasks?...`, see qtune/data/tasks.py)."""
+    """Records qtune makes itself (`qtune:checkable-tasks?...`, `qtune:arithmetic?...`, see qtune/data/tasks.py)."""
     try:
-        rows = generate_tasks(**parse_generated_path(path))
+        rows = generated_records(path)
     except ValueError as e:
         raise DataError(str(e)) from None
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()

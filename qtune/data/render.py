@@ -9,6 +9,7 @@ that keeps one example from being trained to predict the start of the next.
 import numpy as np
 
 from qtune.data.records import DataError
+from qtune.tokenizer import TokenizerError
 
 IGNORE = -100
 
@@ -121,6 +122,14 @@ def tokenize_alpaca(row: dict, tokenizer, train_on_input: bool, where: str) -> t
     return prompt_ids + response_ids, prompt_labels + response_ids
 
 
+def render_chat(tokenizer, messages: list[dict], where: str, add_generation_prompt: bool = False) -> str:
+    """`messages` through the model's chat template; a template that fails is a DataError naming the record too."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except TokenizerError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
 def _encode_prefix(tokenizer, full_ids: list[int], text: str, where: str, what: str) -> int:
     """Token count of `text`, checking that its tokens begin `full_ids` (the prefix property)."""
     ids = tokenizer.encode(text)
@@ -142,15 +151,15 @@ def tokenize_chat(messages: list[dict], tokenizer, train_on_input: bool, where: 
     if not tokenizer.has_chat_template:
         raise DataError(f"{where}: chat data needs a chat template, and the model's tokenizer has none; "
                         "use an instruct model or set data.format = \"alpaca\" with instruction/output records")
-    full = tokenizer.apply_chat_template(messages)
+    full = render_chat(tokenizer, messages, where)
     ids = tokenizer.encode(full)
     labels = list(ids) if train_on_input else [IGNORE] * len(ids)
     last_end, last_span = 0, []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start_text = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        end_text = tokenizer.apply_chat_template(messages[:i + 1])
+        start_text = render_chat(tokenizer, messages[:i], where, add_generation_prompt=True)
+        end_text = render_chat(tokenizer, messages[:i + 1], where)
         for text, what in ((start_text, f"the prompt of turn {i}"), (end_text, f"the end of turn {i}")):
             if not full.startswith(text):
                 raise DataError(f"{where}: the chat template renders {what} differently from how it appears in the "

@@ -2,6 +2,7 @@
 
     records = generate_tasks(count=800, seed=0)    # chat records, each with its "answer" and "family"
     load_records("qtune:checkable-tasks?count=800&seed=0")   # the same records as a data source
+    load_records("qtune:arithmetic?task=word_problems&count=600&seed=0")   # prompts with numeric answers (RL)
 
 The quickstart trains on these because they need no download and no judge: a held-out example is solved
 when the model's greedy completion equals the answer exactly. Every family is a short instruction whose
@@ -94,16 +95,93 @@ def generate_tasks(count: int, seed: int = 0, families: tuple[str, ...] | list[s
     return records
 
 
+# ----------------------------------------------------------------------------- arithmetic prompts for RL
+# Plain-text prompt records {"prompt", "answer" (an int), "task"} that a verifiable reward checks: the
+# addition task PPO's examples use, and short word problems that take two or three operations. Prompts never
+# repeat within a set, so a held-out split shares no prompt with training.
+
+NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Farah", "Gus", "Hana", "Ivan", "Jo", "Kofi", "Lena", "Mo", "Nia")
+ITEMS = ("apples", "books", "coins", "stamps", "marbles", "pencils", "shells", "cards", "eggs", "stickers")
+
+
+def addition_problem(rng: random.Random, max_operand: int) -> tuple[str, int]:
+    a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
+    return f"Question: What is {a} + {b}?\nAnswer:", a + b
+
+
+def word_problem(rng: random.Random, max_operand: int) -> tuple[str, int]:
+    """Two or three steps of buying, giving away, and sharing equally; every intermediate count is whole and >= 0."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    start, more = rng.randint(2, max_operand), rng.randint(1, max_operand)
+    have = start + more
+    lost = rng.randint(1, have - 1)
+    have -= lost
+    text = f"{name} has {start} {item}, buys {more} more and gives away {lost}."
+    if rng.random() < 0.5:
+        groups = rng.choice([k for k in (2, 3, 4) if have % k == 0] or [1])
+        if groups > 1:
+            text += f" Then {name} shares them equally among {groups} friends."
+            return f"Question: {text} How many {item} does each friend get?\nAnswer:", have // groups
+    times = rng.randint(2, 3)
+    text += f" Then the number of {item} {name} has is multiplied by {times}."
+    return f"Question: {text} How many {item} does {name} have now?\nAnswer:", have * times
+
+
+ARITHMETIC = {"addition": addition_problem, "word_problems": word_problem}
+
+
+def arithmetic_tasks(task: str, count: int, seed: int = 0, max_operand: int = 20) -> list[dict]:
+    """`count` distinct prompt records of an arithmetic task, fixed by (task, count, seed, max_operand)."""
+    if task not in ARITHMETIC:
+        raise ValueError(f"unknown arithmetic task {task!r}; choose from: {', '.join(ARITHMETIC)}")
+    rng = random.Random(f"{task}-{seed}")
+    records, seen = [], set()
+    for _ in range(count * 50):
+        if len(records) == count:
+            return records
+        prompt, answer = ARITHMETIC[task](rng, max_operand)
+        if prompt not in seen:
+            seen.add(prompt)
+            records.append({"prompt": prompt, "answer": answer, "task": task})
+    raise ValueError(f"task {task!r} with max_operand={max_operand} has fewer than {count} distinct prompts; "
+                     "lower count or raise max_operand")
+
+
+def generated_records(path: str) -> list[dict]:
+    """The records a generated data path names: qtune:checkable-tasks?... or qtune:arithmetic?...."""
+    if urlsplit(path).path == "arithmetic":
+        return arithmetic_tasks(**parse_arithmetic_path(path))
+    return generate_tasks(**parse_generated_path(path))
+
+
+def _query(path: str, allowed: set) -> dict:
+    query = {k: v[-1] for k, v in parse_qs(urlsplit(path).query, keep_blank_values=True).items()}
+    if set(query) - allowed:
+        raise ValueError(f"{path}: unknown parameter(s) {sorted(set(query) - allowed)}; allowed: {sorted(allowed)}")
+    return query
+
+
+def parse_arithmetic_path(path: str) -> dict:
+    """"qtune:arithmetic?task=word_problems&count=600&seed=0&max_operand=20" -> arithmetic_tasks kwargs."""
+    query = _query(path, {"task", "count", "seed", "max_operand"})
+    try:
+        kwargs = {"task": query.get("task", "addition"), "count": int(query.get("count", 512)),
+                  "seed": int(query.get("seed", 0)), "max_operand": int(query.get("max_operand", 20))}
+    except ValueError:
+        raise ValueError(f"{path}: count, seed and max_operand must be integers") from None
+    if kwargs["count"] < 1 or kwargs["max_operand"] < 2:
+        raise ValueError(f"{path}: count must be at least 1 and max_operand at least 2")
+    return kwargs
+
+
 def parse_generated_path(path: str) -> dict:
     """"qtune:checkable-tasks?count=800&seed=0&families=reverse_words,last_word" -> generate_tasks kwargs."""
     url = urlsplit(path)
     if url.scheme + ":" != GENERATED_PREFIX or url.path != "checkable-tasks":
-        raise ValueError(f"{path}: unknown generated data; the one qtune makes is "
-                         "qtune:checkable-tasks?count=N&seed=S&families=a,b")
-    query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-    allowed = {"count", "seed", "families"}
-    if set(query) - allowed:
-        raise ValueError(f"{path}: unknown parameter(s) {sorted(set(query) - allowed)}; allowed: {sorted(allowed)}")
+        raise ValueError(f"{path}: unknown generated data; qtune makes "
+                         "qtune:checkable-tasks?count=N&seed=S&families=a,b and "
+                         "qtune:arithmetic?task=addition|word_problems&count=N&seed=S&max_operand=M")
+    query = _query(path, {"count", "seed", "families"})
     try:
         kwargs = {"count": int(query.get("count", 1000)), "seed": int(query.get("seed", 0))}
     except ValueError:

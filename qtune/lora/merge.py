@@ -13,6 +13,7 @@ from qtune.lora.layer import LoRALinear
 from qtune.lora.peft import AdapterError, load_adapter
 from qtune.weights.checkpoint import (DTYPES, atomic_dir, commit_dir, copy_tokenizer_files, load_model, parse_dtype,
                                       resolve, save_state_dict_sharded)
+from qtune.weights.integrity import verify_files
 from qtune.weights.nf4_linear import NF4Linear
 
 
@@ -50,6 +51,7 @@ def merge_lora_into_dir(model_dir, adapter_dir, out_dir, from_original: bool = F
     `double_quant` as in training). `from_original`: W + s · B A from the 16-bit weights. `dtype` of
     the output defaults to the base checkpoint's torch_dtype (bfloat16 when it has none).
     """
+    verify_files(adapter_dir, AdapterError)  # before the base model loads (load_adapter checks again as it reads)
     model_dir = resolve(model_dir)
     cfg = ModelConfig.from_json(model_dir)
     if from_original and "quantization_config" in cfg.extra:

@@ -2,7 +2,8 @@
 
 An adapter is a PEFT directory: `adapter_config.json` and `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, so `peft.PeftModel.from_pretrained` loads
-what qtune saves and the other way round.
+what qtune saves and the other way round. qtune adds `qtune-manifest.json` (each file's SHA-256), which
+PEFT ignores; every read of a file qtune wrote checks it (see qtune/weights/integrity.py).
 """
 
 import json
@@ -20,6 +21,7 @@ from qtune.lora.adapters import (_check_new_name, _wrap, adapter_names, decoder_
                                  set_active_adapter, target_matches)
 from qtune.lora.layer import LoraConfig
 from qtune.weights.checkpoint import atomic_dir, commit_dir
+from qtune.weights.integrity import verify_files, write_manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -78,8 +80,10 @@ def save_adapter(model: nn.Module, out_dir, name: str = "default", base_model_na
                  extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write adapter `name` as a PEFT directory (+ `extra_tensors.safetensors` when `extra_tensors` is given).
 
-    The directory is assembled under a temporary name and renamed into place at the end, so an
-    interrupted save leaves an existing adapter at `out_dir` intact.
+    The directory is assembled under a temporary name, listed in a manifest (`qtune-manifest.json`, the
+    SHA-256 of each file, checked whenever qtune reads the adapter) and renamed into place at the end, so
+    an interrupted save leaves an existing adapter at `out_dir` intact. A failed write (a full disk) leaves
+    nothing behind and is an AdapterError.
     """
     out_dir = Path(out_dir)
     cfg, module_names = _adapter_config(model, name)
@@ -91,7 +95,11 @@ def save_adapter(model: nn.Module, out_dir, name: str = "default", base_model_na
             save_file(extra, str(tmp / EXTRA_WEIGHTS), metadata={"format": "pt"})
         config = peft_config_dict(cfg, module_names, base_model_name_or_path)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        write_manifest(tmp)
         commit_dir(tmp, out_dir)
+    except (OSError, SafetensorError) as e:
+        raise AdapterError(f"{out_dir}: cannot write the adapter ({getattr(e, 'strerror', None) or e}); nothing "
+                           "was written there: free space or choose another directory, then try again") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -100,6 +108,7 @@ def save_adapter(model: nn.Module, out_dir, name: str = "default", base_model_na
 def read_adapter_config(adapter_dir) -> LoraConfig:
     """Parse `adapter_config.json`, refusing PEFT features qtune does not implement."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
+    verify_files(adapter_dir, AdapterError, [ADAPTER_CONFIG])
     d = read_json(path, AdapterError, f"missing; a LoRA adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     if not isinstance(d, dict) or d.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type is {d.get('peft_type') if isinstance(d, dict) else d!r}; "
@@ -120,6 +129,7 @@ def read_adapter_config(adapter_dir) -> LoraConfig:
 def read_adapter_weights(adapter_dir) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module name: (A, B)} from `adapter_model.safetensors`; never reads pickles."""
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    verify_files(adapter_dir, AdapterError, [ADAPTER_WEIGHTS])
     if not path.exists():
         pickle = " (only the pickle adapter_model.bin is there; qtune reads safetensors only)" \
             if (Path(adapter_dir) / "adapter_model.bin").exists() else ""
@@ -183,6 +193,7 @@ def load_adapter(model: nn.Module, adapter_dir, name: str = "default", trainable
 def load_extra_tensors(adapter_dir) -> dict[str, torch.Tensor]:
     """The tensors `save_adapter(..., extra_tensors=...)` stored beside the adapter ({} when none)."""
     path = Path(adapter_dir) / EXTRA_WEIGHTS
+    verify_files(adapter_dir, AdapterError, [EXTRA_WEIGHTS])
     if not path.exists():
         return {}
     try:

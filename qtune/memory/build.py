@@ -30,14 +30,17 @@ def _is_decoder_linear(name: str) -> bool:
 
 
 def random_model(cfg: ModelConfig, dtype: torch.dtype, device="cpu", quantize: str = "nf4", double_quant: bool = True,
-                 seed: int = 0) -> CausalLM:
+                 seed: int = 0, draw_on_device: bool = False) -> CausalLM:
     """A frozen `CausalLM` of shape `cfg` with N(0, 0.02) weights (norms at 1), in eval mode.
 
     quantize="nf4" turns every decoder linear into an `NF4Linear` as soon as its weight is drawn.
+    draw_on_device: draw with a generator on `device` (seconds for an 8B shape on a GPU, where the CPU draw
+    takes minutes); the weights then depend on the device.
     """
     if quantize not in ("nf4", "none"):
         raise ValueError(f"quantize={quantize!r} is not one of nf4, none")
-    generator = torch.Generator().manual_seed(seed)
+    on_device = draw_on_device and torch.device(device).type != "meta"
+    generator = torch.Generator(device=device if on_device else "cpu").manual_seed(seed)
     with torch.device("meta"):
         model = CausalLM(cfg)
     for name, module in list(model.named_modules()):
@@ -78,8 +81,9 @@ def _quantize(w: torch.Tensor, double_quant: bool) -> NF4Weight:
 def _random(shape, dtype, device, generator) -> torch.Tensor:
     if torch.device(device).type == "meta":
         return torch.empty(shape, dtype=dtype, device=device)
-    # Drawn on the CPU generator in fp32 so a seed gives the same weights on every device and dtype.
-    return (torch.randn(shape, generator=generator) * INIT_STD).to(device=device, dtype=dtype)
+    # Drawn in fp32 on the generator's device (the CPU unless draw_on_device): a CPU draw gives the same
+    # weights on every device and dtype.
+    return (torch.randn(shape, generator=generator, device=generator.device) * INIT_STD).to(device=device, dtype=dtype)
 
 
 def add_trainable_lora(model: CausalLM, r: int, targets="all-linear", alpha: float = 16.0, dropout: float = 0.0,

@@ -11,7 +11,8 @@ bytes per element of the compute dtype, L layers, D hidden, I intermediate):
                       the larger of the dequantization temporaries (fp32 levels and product of the largest
                       weight; NF4Linear dequantizes again in backward instead of keeping a dense copy) and
                       the MLP backward's gradient buffers
-    loss              hidden states, their gradient and the fused cross-entropy's logit tiles
+    loss              hidden states, their gradient and the fused cross-entropy's logit tiles (on CUDA the
+                      Triton path's chunk x vocabulary logit-gradient buffer, `triton_loss`)
 
 Without checkpointing every layer's activations are saved during the forward.
 Backward walks the layers from last to first while adapter gradients accumulate and checkpoints are
@@ -56,6 +57,7 @@ class StepShape:
     double_quant: bool = True
     gradient_checkpointing: bool = True
     optimizer: str = "adamw"
+    triton_loss: bool = False  # the loss runs the Triton kernels (CUDA) rather than the plain-torch one-pass path
 
     @property
     def tokens(self) -> int:
@@ -159,6 +161,20 @@ def layer_transient_bytes(s: StepShape) -> int:
     return max(dequant, mlp_backward)
 
 
+def triton_loss_bytes(s: StepShape) -> int:
+    """The loss on CUDA (kernels/triton/logprobs.py): the hidden states, their scored copy and the final norm's
+    saved input in the compute dtype, and the forward's per-split statistics (4 fp32 per token and
+    2048-column vocabulary split). Backward holds dL/dh in fp32, the logit gradients of one chunk of tokens
+    (CE_CHUNK x vocabulary in the compute dtype: 262 MB for Llama-3's 128,256 words in bf16), that chunk's
+    product with the lm_head and its fp32 copy, and at the end dL/dh cast to the compute dtype."""
+    N, D, V, b = s.tokens, s.cfg.hidden_size, s.cfg.vocab_size, s.b
+    chunk = min(N, CE_CHUNK)
+    held = 3 * N * D * b
+    forward = held + 4 * 4 * math.ceil(V / 2048) * N + 3 * 4 * N
+    backward = held + N * D * 4 + chunk * V * b + chunk * D * (b + 4) + N * D * b
+    return max(forward, backward)
+
+
 def loss_bytes(s: StepShape) -> int:
     """The loss: the final norm's saved input, the hidden states and their scored copy, their fp32 copy,
     and the one-pass cross-entropy of a frozen lm_head (`cross_entropy_one_pass_torch`).
@@ -171,6 +187,8 @@ def loss_bytes(s: StepShape) -> int:
     """
     from qtune.kernels.logprobs import VOCAB_CHUNK  # here: the estimator itself needs no torch
 
+    if s.triton_loss:
+        return triton_loss_bytes(s)
     N, D, b = s.tokens, s.cfg.hidden_size, s.b
     chunk = min(VOCAB_CHUNK, s.cfg.vocab_size)
     tile = min(N, CE_CHUNK) * chunk * 4
@@ -274,7 +292,8 @@ def model_config_for(path: str, shape: str | None = None) -> ModelConfig:
 
 
 def step_shape_from_recipe(recipe, device: str = "cuda", shape: str | None = None) -> StepShape:
-    """The StepShape a training recipe runs with on `device` ("cuda": bf16 compute, "cpu": fp32)."""
+    """The StepShape a training recipe runs with on `device` ("cuda": bf16 compute and the Triton loss unless
+    the recipe says kernels = "torch"; "cpu": fp32 and the plain-torch loss)."""
     m = recipe.model
     dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     targets = recipe.lora.target_modules
@@ -282,4 +301,5 @@ def step_shape_from_recipe(recipe, device: str = "cuda", shape: str | None = Non
                      seq_len=recipe.data.max_seq_len, dtype=dtype, r=recipe.lora.r,
                      targets=targets if isinstance(targets, str) else tuple(targets), quantize=m.quantize,
                      double_quant=m.double_quant, gradient_checkpointing=m.gradient_checkpointing,
-                     optimizer=recipe.train.optimizer)
+                     optimizer=recipe.train.optimizer,
+                     triton_loss=device == "cuda" and m.kernels != "torch")

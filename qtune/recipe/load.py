@@ -7,12 +7,13 @@ from pathlib import Path
 from qtune.recipe.schema import RecipeError, _build, _check_values, _Invalid, _set_dotted, parse_override
 from qtune.datagen.config import EvolInstructRecipe, SelfInstructRecipe
 from qtune.recipe.align import BestOfNRecipe, DPORecipe, PPORecipe, RewardRecipe
+from qtune.recipe.grpo import GRPORecipe
 from qtune.recipe.sections import Recipe, SFTRecipe
 from qtune.recipes import shipped_recipes
 
 # Every recipe kind: the value of a recipe file's top-level `kind` -> its schema.
 RECIPE_KINDS: dict[str, type[Recipe]] = {
-    schema.KIND: schema for schema in (SFTRecipe, RewardRecipe, DPORecipe, PPORecipe, BestOfNRecipe,
+    schema.KIND: schema for schema in (SFTRecipe, RewardRecipe, DPORecipe, PPORecipe, GRPORecipe, BestOfNRecipe,
                                        SelfInstructRecipe, EvolInstructRecipe)
 }
 

@@ -268,8 +268,8 @@ def _emit_table(obj, dotted: str, lines: list[str]) -> None:
         elif isinstance(value, list) and value and is_dataclass(value[0]):
             arrays.append((f.name, value))
         else:
-            if docs.get(f.name):
-                lines.append(f"# {docs[f.name]}")
+            # the field's doc as comments, line by line (a doc may span lines)
+            lines += [f"# {line}".rstrip() for line in docs.get(f.name, "").splitlines()]
             lines.append(f"{f.name} = {_toml_value(value)}")
     for name, value in subtables:
         child = f"{dotted}.{name}" if dotted else name

@@ -186,9 +186,16 @@ class TrainSection:
     """Log loss and learning rate every this many steps."""
     save_every: int = 0
     """Save a resumable checkpoint every this many steps; 0 saves only at the end."""
+    collapse_steps: int = 50
+    """Stop a collapsed run: gradient norm exactly 0 (or an SFT loss within collapse_tolerance of ln(vocab_size)) this many steps in a row; 0 = off."""
+    collapse_tolerance: float = 1e-3
+    """How close (in nats) an SFT loss must stay to ln(vocab_size), a uniform guess, to count towards collapse_steps."""
+    log: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics go: metrics.jsonl always, plus TensorBoard (output.dir/tensorboard/) and W&B (extras)."""
 
     def check(self) -> Iterator[tuple[str, str]]:
-        yield from nonnegative(self, "max_steps", "warmup_steps", "save_every", "seed")
+        yield from nonnegative(self, "max_steps", "warmup_steps", "save_every", "seed", "collapse_steps",
+                               "collapse_tolerance")
         yield from positive_ints(self, "epochs", "micro_batch_size", "grad_accum_steps", "log_every")
         yield from positive(self, "lr")
         if not 0 <= self.warmup_ratio < 1:

@@ -42,8 +42,11 @@ def select_best(scores: torch.Tensor) -> torch.Tensor:
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write atomically: a temporary file renamed into place once complete."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file
 
 
 @torch.no_grad()

@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from qtune.kernels.logprobs import cross_entropy_sum
 from qtune.lora import LoraConfig, add_lora, mark_trainable
+from qtune.weights.integrity import fault_point, remove_dead_leftovers, write_manifest
+from qtune.weights.nf4 import import_bitsandbytes
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -49,8 +51,7 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, bet
         raise TrainingError("no trainable parameters: add a LoRA adapter (lora.target_modules) before training")
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
            "paged_adamw8bit": bnb.optim.PagedAdamW8bit}.get(name)
     if cls is None:
@@ -263,8 +264,10 @@ def _tuplify(x):
 class Checkpointer:
     """`output.dir/checkpoints/step-000050/` directories, each complete or absent.
 
-    A checkpoint is written to `.step-000050.tmp`, marked complete last, then renamed; loading takes the
-    newest directory whose marker exists. `keep` bounds how many are kept (oldest deleted after a save).
+    A checkpoint is written to `.step-000050.tmp-PID`, listed in a manifest (`qtune-manifest.json`: each
+    file's SHA-256, checked on --resume), marked complete, then renamed; loading takes the newest directory
+    whose marker exists. `keep` bounds how many are kept (oldest deleted after a save). A write that fails
+    (a full disk) removes its temporary directory and is a TrainingError; the checkpoints before it stay.
     """
 
     def __init__(self, output_dir: Path, keep: int = 2):
@@ -281,19 +284,38 @@ class Checkpointer:
         final = self.dir / f"step-{step:06d}"
         if (final / COMPLETE_MARKER).exists():
             return final
-        for stale in self.dir.glob(".step-*.tmp"):  # left by a process killed while writing
-            shutil.rmtree(stale)
-        tmp = self.dir / f".step-{step:06d}.tmp"
-        tmp.mkdir()
-        write_fn(tmp)
-        (tmp / COMPLETE_MARKER).write_text(str(step))
-        _fsync_dir(tmp)
-        if final.exists():  # an incomplete directory of this step (no marker) is never loaded
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        self.remove_leftovers()
+        tmp = self.dir / f".{final.name}.tmp-{os.getpid()}"
+        try:
+            tmp.mkdir()
+            fault_point("checkpoint-begin")
+            write_fn(tmp)
+            fault_point("checkpoint-payload")
+            (tmp / COMPLETE_MARKER).write_text(str(step))
+            write_manifest(tmp)
+            _fsync_dir(tmp)
+            fault_point("checkpoint-complete")
+            if final.exists():  # an incomplete directory of this step (no marker) is never loaded
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no partial files
+            cause = e if isinstance(e, (OSError, SafetensorError)) else e.__cause__
+            if isinstance(cause, (OSError, SafetensorError)):
+                raise cause from None  # the run names the checkpoint and the way on (Run.writing)
+            raise
+        fault_point("checkpoint-renamed")
         self._prune()
         return final
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete temporary checkpoint directories of processes that were killed while writing them."""
+        removed = remove_dead_leftovers(self.dir)
+        for stale in self.dir.glob(".step-*.tmp"):  # named without a PID by earlier qtune versions
+            shutil.rmtree(stale)
+            removed.append(stale)
+        return removed
 
     def latest(self) -> Path | None:
         if not self.dir.exists():
@@ -305,7 +327,11 @@ class Checkpointer:
         done = sorted((p for p in self.dir.glob("step-*") if (p / COMPLETE_MARKER).exists()),
                       key=lambda p: int(p.name.split("-")[1]))
         for old in done[: max(0, len(done) - self.keep)]:
-            shutil.rmtree(old)
+            # Renamed first: a process killed while deleting leaves a leftover, never a half-deleted step-N.
+            doomed = old.with_name(f".{old.name}.del-{os.getpid()}")
+            os.replace(old, doomed)
+            fault_point("checkpoint-prune")
+            shutil.rmtree(doomed)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -325,13 +351,16 @@ class MetricsLog:
 
     A new run (`resume_step=None`) starts the file afresh; a resumed run keeps the records up to its
     checkpoint's step (rewritten atomically) and appends from there, so the file reads like one run.
+    Attached sinks (`qtune.train.log_sinks`: TensorBoard, W&B) receive every record too.
     """
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
+        self.sinks: list = []
         if resume_step is not None and self.path.exists():
             kept = [r for r in self.read() if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
+            # a killed run's temporary file is removed at the next start
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.path)
         elif resume_step is None and self.path.exists():
@@ -340,6 +369,14 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self, summary: dict | None = None) -> None:
+        """Hand the sinks the run's summary (held-out before / after ...) and close them; metrics.jsonl needs nothing."""
+        for sink in self.sinks:
+            sink.close(summary or {})
+        self.sinks = []
 
     def read(self) -> list[dict]:
         """Every record; a last line cut short by a killed process is ignored."""
@@ -390,12 +427,40 @@ def clip_gradients(params, max_norm: float) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
-def optimizer_step(params, optimizer, scheduler, max_grad_norm: float, loss: float) -> tuple[float, float]:
+def grad_scaler(device, model_dtype: torch.dtype) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for a float16 model on CUDA (pre-Ampere cards, see weights.checkpoint.default_dtype):
+    fp16 activation gradients of a loss averaged over thousands of tokens fall below its smallest normal
+    (6e-5). Elsewhere a disabled scaler, whose calls do nothing."""
+    enabled = torch.device(device).type == "cuda" and model_dtype == torch.float16
+    return torch.amp.GradScaler("cuda", enabled=enabled)
+
+
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
+    """loss.backward(), multiplied by the scaler's current scale when one is enabled."""
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def optimizer_step(params, optimizer, scheduler, max_grad_norm: float, loss: float,
+                   scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
     """Clip the accumulated gradients, step the optimizer and schedule unless the loss or the norm is not
-    finite (the run then stops without applying it), and clear the gradients; returns (grad norm, lr)."""
+    finite (the run then stops without applying it), and clear the gradients; returns (grad norm, lr).
+
+    With an enabled fp16 `scaler` the gradients are unscaled first, and an overflow (inf / nan gradients at
+    the current scale) is fp16's normal course rather than a failure: the scaler skips the step and halves
+    its scale, and the returned norm is 0.0 (nothing was applied)."""
+    scaling = scaler is not None and scaler.is_enabled()
+    if scaling:
+        scaler.unscale_(optimizer)
     grad_norm = clip_gradients(params, max_grad_norm)
     lr = optimizer.param_groups[0]["lr"]
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    if scaling and math.isfinite(loss):
+        scaler.step(optimizer)  # skipped when the unscaled gradients hold inf / nan
+        scaler.update()
+        if not math.isfinite(grad_norm):
+            grad_norm = 0.0
+        else:
+            scheduler.step()
+    elif math.isfinite(loss) and math.isfinite(grad_norm):
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)

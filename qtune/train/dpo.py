@@ -179,8 +179,11 @@ class ReferenceLogprobs:
         """Write atomically: a temporary file renamed into place once complete."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp))
-        os.replace(tmp, path)
+        try:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file
 
     @classmethod
     def load(cls, path: Path) -> "ReferenceLogprobs":
@@ -265,7 +268,7 @@ def validation(model, data, recipe: DPORecipe, device, reference) -> dict:
 # ----------------------------------------------------------------------------- training
 
 def train_step(model, micro: list[dict], params, optimizer, scheduler, recipe: DPORecipe, device, model_dtype,
-               reference: ReferenceLogprobs | None) -> dict:
+               reference: ReferenceLogprobs | None, scaler=None) -> dict:
     """One optimizer step over the micro-batches `micro`: loss, implicit rewards, accuracy, margin, lr, grad norm.
 
     loss = Σ over micro-batches and pairs p of loss(p) / P, P = the pairs (KTO: records) of the whole step, so
@@ -276,11 +279,11 @@ def train_step(model, micro: list[dict], params, optimizer, scheduler, recipe: D
     loss_total, scored = 0.0, []
     for batch in micro:
         out = score_batch(model, common.to_device(batch, device), "train", d, reference, device, model_dtype)
-        (out.losses.sum() / n_items).backward()
+        common.backward(out.losses.sum() / n_items, scaler)
         loss_total += out.losses.sum().item()
         scored.append(out)
     loss = loss_total / n_items
-    grad_norm, lr = common.optimizer_step(params, optimizer, scheduler, recipe.train.max_grad_norm, loss)
+    grad_norm, lr = common.optimizer_step(params, optimizer, scheduler, recipe.train.max_grad_norm, loss, scaler)
     chosen, rejected = torch.cat([s.chosen for s in scored]), torch.cat([s.rejected for s in scored])
     margins = torch.cat([s.margins for s in scored])
     record = {"loss": loss, "chosen_reward": _mean(chosen), "rejected_reward": _mean(rejected),
@@ -304,6 +307,7 @@ def run_dpo(recipe: DPORecipe, resume: bool = False, console=None) -> dict:
     data = build_kto_data(recipe.data, tokenizer, t.seed) if kto else build_preference_data(recipe.data, tokenizer, t.seed)
     run.console.print(data.describe())
     params, model_dtype = lora_parameters(model, ADAPTER), model.model.embed_tokens.weight.dtype
+    scaler = common.grad_scaler(device, model_dtype)
     steps = total_steps(recipe, data.batches_per_epoch(t.micro_batch_size))
     optimizer, scheduler, start_step, position = run.begin(recipe, model, ADAPTER, params, steps)
     reference = precomputed_reference(model, data, recipe, device, run.console) if recipe.dpo.precompute_reference \
@@ -314,8 +318,9 @@ def run_dpo(recipe: DPORecipe, resume: bool = False, console=None) -> dict:
         for step in range(start_step + 1, steps + 1):
             t0, micro = time.perf_counter(), [next(batches) for _ in range(t.grad_accum_steps)]
             out = train_step(model, [b for _, b in micro], params, optimizer, scheduler, recipe, device,
-                             model_dtype, reference)
+                             model_dtype, reference, scaler)
             run.check_finite(step, loss=out["loss"], grad_norm=out["grad_norm"])
+            run.check_collapse(step, out["grad_norm"])
             position = micro[-1][0]
             record = step_record(step, out, t0, position, device)
             if step == steps and data.val:  # the last step's record carries the held-out evaluation

@@ -15,9 +15,8 @@ import socket
 import time
 from pathlib import Path
 
-import psutil
-
 from qtune.train.common import TrainingError
+from qtune.weights.integrity import process_running
 
 LOCK_NAME = ".qtune.lock"
 FRESH_SECONDS = 10.0  # an empty lock this young is another run between creating and writing it
@@ -41,17 +40,19 @@ def _holder_alive(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
         return True
     try:
-        process = psutil.Process(int(holder["pid"]))
-        return process.create_time() <= float(holder["started"]) + 1.0  # a later process reused the PID
-    except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
+        return process_running(int(holder["pid"]), float(holder["started"]))
+    except (KeyError, ValueError, TypeError):
         return False
 
 
 class RunLock:
-    """Held from `acquire` until `release` (or the process exits)."""
+    """Held from `acquire` until `release` (or the process exits). `created`: directories the run made for
+    itself (deepest first), removed on release when still empty, so a run that failed on bad input before
+    writing anything leaves no empty `output.dir` behind."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, created: list[Path] = ()):
         self.path = Path(directory) / LOCK_NAME
+        self.created = list(created)
         self.held = False
 
     def acquire(self, console) -> None:
@@ -88,6 +89,11 @@ class RunLock:
             self.held = False
             self.path.unlink(missing_ok=True)
             _HELD.remove(self)
+            for directory in self.created:
+                try:
+                    directory.rmdir()
+                except OSError:  # not empty (the run wrote its record there) or gone
+                    break
 
     def _fresh(self) -> bool:
         try:

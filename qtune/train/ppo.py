@@ -19,16 +19,14 @@ and scoring in `qtune.train.rollout`.
 """
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from qtune.data.batching import collate
-from qtune.data.prompts import load_prompts, prompt_batches
+from qtune.data.prompts import prompt_batches
 from qtune.data.records import load_records
 from qtune.data.tokenized import tokenize_cached
-from qtune.kernels.logprobs import token_logprobs_and_entropy
 from qtune.lora import (adapters_disabled, add_lora, load_adapter, load_extra_tensors, lora_parameters, save_adapter,
                         set_active_adapter, use_adapter)
 from qtune.align.ppo_losses import (AdaptiveKLController, FixedKLController, approx_kl, clipped_policy_loss,
@@ -36,7 +34,8 @@ from qtune.align.ppo_losses import (AdaptiveKLController, FixedKLController, app
 from qtune.recipe.align import PPORecipe
 from qtune.align.reward_model import ScalarHead
 from qtune.train import common
-from qtune.train.rollout import build_scorer, collate_responses, micro_batches, sample
+from qtune.train.rollout import (build_scorer, collate_responses, load_run_prompts, micro_batches, plot_reward_curve,
+                                 response_hidden, response_logprobs, sample, scatter_rows)
 from qtune.train.run import Run, start_run
 
 POLICY, VALUE = "policy", "value"
@@ -72,29 +71,6 @@ def attach_roles(model, recipe: PPORecipe, pad_id: int, device):
     return scorer, params
 
 
-def response_hidden(model, batch: dict) -> torch.Tensor:
-    """Final hidden states at the positions that predict the response tokens. (S, R, D)"""
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # (S, L, D)
-    rows = torch.arange(len(hidden), device=hidden.device)[:, None]
-    return hidden[rows, batch["response_cols"]]
-
-
-def response_logprobs(model, batch: dict, temperature: float):
-    """log π(y_t | x, y_<t) and the entropy of π(· | x, y_<t) of the active adapter, (S, R) each, 0 off the mask.
-
-    Sampling divided the logits by the temperature, and z / τ = (h / τ) Wᵀ, so dividing the hidden states
-    gives the sampled distribution without materialising any logits.
-    """
-    hidden = response_hidden(model, batch)
-    cap = model.logit_softcap
-    if temperature != 1.0:
-        # logits / T; capped logits too: (cap / T) · tanh((z / T) / (cap / T)) = cap · tanh(z / cap) / T
-        hidden = hidden / temperature
-        cap = None if cap is None else cap / temperature
-    return token_logprobs_and_entropy(hidden, model.output_weight(), batch["targets"], kernels=model.kernels,
-                                      softcap=cap)
-
-
 def response_values(model, batch: dict) -> torch.Tensor:
     """V(x, y_<t) of the active (value) adapter through the value head, (S, R) fp32, 0 off the mask."""
     head = model.get_submodule(VALUE_HEAD)
@@ -103,15 +79,6 @@ def response_values(model, batch: dict) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- rollouts
-
-def _scatter_rows(pieces: list[torch.Tensor], S: int, R: int) -> torch.Tensor:
-    """Micro-batch results (each trimmed to its own response length) laid back into one (S, R) tensor."""
-    out, row = torch.zeros(S, R), 0
-    for piece in pieces:
-        out[row:row + len(piece), :piece.shape[1]] = piece.float().cpu()
-        row += len(piece)
-    return out
-
 
 @torch.no_grad()
 def make_experience(model, scorer, prompts, generations, recipe: PPORecipe, beta: float, device) -> tuple[dict, dict]:
@@ -140,7 +107,7 @@ def make_experience(model, scorer, prompts, generations, recipe: PPORecipe, beta
     model.train(was_training)
     S, R = batch["targets"].shape
     mask = batch["response_mask"].float()
-    old_logp, ref_logp, values = (_scatter_rows(x, S, R) for x in (old, ref, values))
+    old_logp, ref_logp, values = (scatter_rows(x, S, R) for x in (old, ref, values))
     rewards = kl_penalized_rewards(scores, old_logp, ref_logp, mask, beta)
     advantages, returns = gae(rewards, values, mask, p.gamma, p.lam)
     if p.whiten_advantages:
@@ -261,33 +228,6 @@ def iteration_record(step: int, rollout: dict, update: dict, beta: float, kl_ctl
             "peak_memory_bytes": common.peak_memory_bytes(device)}
 
 
-def plot_reward_curve(records: list[dict], path: Path) -> None:
-    """Mean reward and KL per iteration, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in records if "reward" in r]
-    if not rows:
-        return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    steps = [r["step"] for r in rows]
-    left.plot(steps, [r["reward"] for r in rows], label="rollout reward")
-    val = [(r["step"], r["val_reward"]) for r in records if r.get("val_reward") is not None]
-    if val:
-        left.plot(*zip(*val), "o-", label="held-out reward (greedy)")
-    left.set_xlabel("iteration")
-    left.set_ylabel("mean reward")
-    left.legend()
-    right.plot(steps, [r["kl"] for r in rows])
-    right.set_xlabel("iteration")
-    right.set_ylabel("KL to the reference (nats / response)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
@@ -295,9 +235,7 @@ def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
     t, p = recipe.train, recipe.ppo
     run, model, tokenizer, device = start_run(recipe, resume, console)
     scorer, params = attach_roles(model, recipe, tokenizer.pad_id, device)
-    train_prompts, val_prompts, stats = load_prompts(recipe.data, tokenizer, t.seed)
-    run.console.print(f"prompts: {stats['train']} train / {stats['val']} held-out ({stats['format']} records), "
-                      f"{stats['truncated']} truncated to {recipe.data.max_seq_len} tokens")
+    train_prompts, val_prompts = load_run_prompts(run.console, recipe.data, tokenizer, t.seed)
     ptx = PretrainText(recipe.data, tokenizer, t.seed) if p.ptx_coef > 0 else None
     iterations = t.max_steps or max(1, t.epochs * (len(train_prompts) // p.rollout_batch_size))
     updates = iterations * p.ppo_epochs * (p.rollout_batch_size // (t.micro_batch_size * t.grad_accum_steps))
@@ -320,6 +258,7 @@ def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
             batch, rollout = make_experience(model, scorer, prompts, generations, recipe, beta, device)
             update = ppo_epochs(model, batch, recipe, ptx, params, optimizer, scheduler, step, device)
             run.check_finite(step, **update)
+            run.check_collapse(step, update["grad_norm"])
             kl_ctl.update(rollout["kl"], len(prompts))
             record = iteration_record(step, rollout, update, beta, kl_ctl, recipe, scheduler, t0, device)
             after = evaluate_policy(*held_out) if recipe.eval.every and step % recipe.eval.every == 0 else {}
@@ -349,7 +288,8 @@ def finish(run: Run, recipe: PPORecipe, iterations: int, kl_ctl, before: dict, a
     save_adapter(run.model, run.dir / "value", name=VALUE, base_model_name_or_path=recipe.model.path,
                  extra_tensors=run.model.get_submodule(VALUE_HEAD).tensors())
     records = run.metrics.read()
-    plot_reward_curve(records, run.dir / "reward_curve.png")
+    plot_reward_curve(records, run.dir / "reward_curve.png", [("reward", "rollout reward")],
+                      ("val_reward", "held-out reward (greedy)"), "iteration", "KL to the reference (nats / response)")
     rewards = [r["reward"] for r in records if "reward" in r]
     return run.finish({
         "iterations": iterations, "value_adapter": str(run.dir / "value"),

@@ -61,7 +61,7 @@ def reward_loss_sums(model, head, batch: dict, loss: str, lm: bool):
 
 
 def train_step(model, head, micro: list[dict], params, optimizer, scheduler, recipe: RewardRecipe, device,
-               model_dtype) -> dict:
+               model_dtype, scaler=None) -> dict:
     """One optimizer step over the micro-batches `micro`; returns loss, accuracy and margin of its pairs, lr, grad norm.
 
     loss = Σ over micro-batches and elements e of loss(e) / N, N = the elements (pairs, rankings or responses)
@@ -77,12 +77,12 @@ def train_step(model, head, micro: list[dict], params, optimizer, scheduler, rec
         batch = common.to_device(batch, device)
         with common.autocast(device, model_dtype):
             main, lm_sum, rewards = reward_loss_sums(model, head, batch, r.loss, lm)
-        (main / n_main + (r.lm_loss_coef * lm_sum / n_lm if lm else 0.0)).backward()
+        common.backward(main / n_main + (r.lm_loss_coef * lm_sum / n_lm if lm else 0.0), scaler)
         loss_total += main.item()
         lm_total += lm_sum.item() if lm else 0.0
         margins.append((rewards[batch["better"]] - rewards[batch["worse"]]).detach().float())
     loss = loss_total / n_main
-    grad_norm, lr = common.optimizer_step(params, optimizer, scheduler, recipe.train.max_grad_norm, loss)
+    grad_norm, lr = common.optimizer_step(params, optimizer, scheduler, recipe.train.max_grad_norm, loss, scaler)
     margins = torch.cat(margins)
     out = {"loss": loss, "accuracy": float(preference_accuracy(margins).mean()), "margin": float(margins.mean()),
            "lr": lr, "grad_norm": grad_norm, "real_tokens": sum(common.count_tokens(b) for b in micro)}
@@ -104,6 +104,7 @@ def run_reward(recipe: RewardRecipe, resume: bool = False, console=None) -> dict
     data = build_preference_data(recipe.data, tokenizer, t.seed, need_scores=recipe.reward.loss == "mse")
     run.console.print(data.describe())
     params, model_dtype = lora_parameters(model, ADAPTER) + list(head.parameters()), model.model.embed_tokens.weight.dtype
+    scaler = common.grad_scaler(device, model_dtype)
     steps = total_steps(recipe, data.batches_per_epoch(t.micro_batch_size))
     optimizer, scheduler, start_step, position = run.begin(recipe, model, ADAPTER, params, steps)
     val_args = (RewardModel(model, ADAPTER, head), data, t.micro_batch_size, device, e.max_batches)
@@ -117,8 +118,9 @@ def run_reward(recipe: RewardRecipe, resume: bool = False, console=None) -> dict
         for step in range(start_step + 1, steps + 1):
             t0, micro = time.perf_counter(), [next(batches) for _ in range(t.grad_accum_steps)]
             out = train_step(model, head, [b for _, b in micro], params, optimizer, scheduler, recipe, device,
-                             model_dtype)
+                             model_dtype, scaler)
             run.check_finite(step, loss=out["loss"], grad_norm=out["grad_norm"])
+            run.check_collapse(step, out["grad_norm"])
             position = micro[-1][0]
             record = step_record(step, out, t0, position, device)
             if step == steps and data.val:  # the last step's record carries the held-out evaluation

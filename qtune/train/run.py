@@ -1,11 +1,13 @@
-"""The one driver of every training loop: a run's output directory, setup, restore, the stop and checkpoint
-protocol, the non-finite check, progress, metrics and the summary.
+"""The one driver of every training loop: a run's output directory, setup, restore (refusing a changed recipe),
+the stop and checkpoint protocol, the non-finite and collapse checks, progress, metrics and the summary.
 
     output.dir/
       recipe.toml          the resolved recipe (overrides applied)
       metrics.jsonl        one JSON object per logged step (`step`, `loss`, `lr`, ...)
+      resumes.jsonl        one JSON object per --resume that changed the recipe (`step`, `changed`: key -> [old, new])
       checkpoints/step-N/  adapter (PEFT) + trainable tensors + optimizer + scheduler + RNG + data position
       adapter/             the final adapter, PEFT format
+                           (both with qtune-manifest.json, each file's SHA-256, checked when read)
       held_out_before.json the held-out evaluation before training
       loss_curve.png, summary.json
 
@@ -18,6 +20,7 @@ Each loop (`sft.py`, `reward.py`, `dpo.py`, `ppo.py`) reads like nanoGPT's, arou
         for step in range(start_step + 1, steps + 1):
             out = train_step(...)
             run.check_finite(step, loss=out["loss"], grad_norm=out["grad_norm"])
+            run.check_collapse(step, out["grad_norm"], ...)
             ... record, held-out evaluation ...
             run.step_done(record, log=...)
             run.step_end(step, position, stop)   # Ctrl-C: save this step and stop; else save every save_every
@@ -26,8 +29,10 @@ Each loop (`sft.py`, `reward.py`, `dpo.py`, `ppo.py`) reads like nanoGPT's, arou
 """
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -39,14 +44,25 @@ from safetensors import SafetensorError
 
 from qtune.data.batching import DataPosition
 from qtune.lora import save_adapter
-from qtune.recipe.schema import recipe_to_toml
+from qtune.recipe.load import load_recipe
+from qtune.recipe.schema import RecipeError, iter_fields, recipe_to_toml
 from qtune.tokenizer import load_tokenizer
 from qtune.train import common
 from qtune.train.lock import RunLock
+from qtune.train.log_sinks import check_sinks, open_sinks
 from qtune.weights.checkpoint import load_model, resolve
+from qtune.weights.integrity import fault_point, remove_dead_leftovers, verify_files
 
 BEFORE_FILE = "held_out_before.json"
+RESUMES_FILE = "resumes.jsonl"
 SHOWN_NAMES = {"grad_norm": "gradient norm"}  # how the non-finite message names a statistic
+# The recipe keys a resumed run may change: none alters the steps already taken or the ones to come, except by
+# running longer (max_steps, epochs) or with a new peak learning rate (the documented way on after a non-finite
+# loss); output.dir differs when a run directory was moved or copied. Any other difference from the run's
+# recipe.toml is refused. Allowed changes are recorded in resumes.jsonl.
+RESUMABLE_KEYS = ("description", "output.dir", "train.max_steps", "train.epochs", "train.lr", "train.log_every",
+                  "train.save_every", "train.collapse_steps", "train.collapse_tolerance", "train.log",
+                  "data.cache_dir")
 
 
 def load_base_model(model_section, device):
@@ -61,11 +77,86 @@ def load_base_model(model_section, device):
 def start_run(recipe, resume: bool, console: Console | None):
     """Open the run's output directory, seed everything, load the base model: (run, model, tokenizer, device)."""
     device = common.training_device()
+    check_sinks(recipe.train.log)  # a missing TensorBoard / W&B package fails before the run directory is touched
     run = Run(Path(recipe.output.dir), console, resume)
     run.base_model = recipe.model.path
+    if resume:
+        run.resume_changes = resume_changes(run.dir, recipe)
+    run.collapse = CollapseCheck(recipe.train.collapse_steps, recipe.train.collapse_tolerance)
     common.seed_everything(recipe.train.seed)
     model, tokenizer = load_base_model(recipe.model, device)
+    check_positions(recipe, model.config)
     return run, model, tokenizer, device
+
+
+def resume_changes(run_dir: Path, recipe) -> dict[str, list]:
+    """{key: [the run's value, this recipe's value]} for the keys `recipe` changes against the run's recipe.toml;
+    a change outside RESUMABLE_KEYS (data, batch, schedule, optimizer, seed, model, adapter ...) is refused."""
+    saved = run_dir / "recipe.toml"
+    if not saved.is_file():  # a run from before recipe.toml was written first
+        return {}
+    try:
+        before = {key: value for key, value, _ in iter_fields(load_recipe(saved, schema=type(recipe)))}
+    except RecipeError as e:
+        raise common.TrainingError(f"--resume: the run's own recipe cannot be read ({e}); restore {saved}") from None
+    changes = {key: [before.get(key), value] for key, value, _ in iter_fields(recipe) if before.get(key) != value}
+    refused = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items() if key not in RESUMABLE_KEYS]
+    if refused:
+        raise common.TrainingError(
+            f"--resume: this recipe differs from the run's ({saved}) in what decides its course: "
+            + "; ".join(refused) + f". Resume with the run's recipe (only {', '.join(RESUMABLE_KEYS)} may change), "
+            "or start a new run with output.dir=NEW_DIR")
+    return changes
+
+
+def position_limit(config) -> int:
+    """The longest sequence the model's positions cover: max_position_embeddings, or what its RoPE scaling's
+    factor extends the original positions to."""
+    scaling = config.rope_scaling or {}
+    limit = config.max_position_embeddings
+    if scaling.get("factor"):
+        limit = max(limit, int(scaling["factor"] * scaling.get("original_max_position_embeddings", limit)))
+    return limit
+
+
+def check_positions(recipe, config) -> None:
+    """Refuse sequences longer than the model has positions for (RoPE beyond them is extrapolation the model
+    never saw): data.max_seq_len, plus ppo.max_new_tokens for PPO's prompt + response."""
+    data, ppo = getattr(recipe, "data", None), getattr(recipe, "ppo", None)
+    if data is None or not hasattr(data, "max_seq_len"):
+        return
+    length, keys = data.max_seq_len, "data.max_seq_len"
+    if ppo is not None:
+        length, keys = length + ppo.max_new_tokens, "data.max_seq_len + ppo.max_new_tokens"
+    limit = position_limit(config)
+    if length > limit:
+        raise common.TrainingError(
+            f"{keys} = {length} is longer than the {limit} positions of {recipe.model.path} (its config.json's "
+            f"max_position_embeddings{', extended by its rope_scaling' if config.rope_scaling else ''}); lower it to "
+            f"at most {limit}, or use a model whose rope_scaling covers {length} tokens")
+
+
+class CollapseCheck:
+    """A run that has died without a NaN: the gradient norm exactly 0, or the loss pinned at ln(vocab_size) (the
+    loss of a uniform guess over the vocabulary, for language-model losses), for `steps` steps in a row."""
+
+    def __init__(self, steps: int, tolerance: float):
+        self.steps, self.tolerance = steps, tolerance
+        self.zero_grad = self.pinned = 0  # consecutive steps so far
+
+    def update(self, grad_norm: float, loss: float | None = None, uniform_loss: float | None = None) -> str | None:
+        """Count this step; the reason when the run has collapsed, else None."""
+        self.zero_grad = self.zero_grad + 1 if grad_norm == 0 else 0
+        near = uniform_loss is not None and abs(loss - uniform_loss) <= self.tolerance
+        self.pinned = self.pinned + 1 if near else 0
+        if not self.steps:
+            return None
+        if self.zero_grad >= self.steps:
+            return f"the gradient norm has been exactly 0 for {self.zero_grad} steps"
+        if self.pinned >= self.steps:
+            return (f"the loss has stayed within {self.tolerance} of ln(vocab_size) = {uniform_loss:.4f} (a uniform "
+                    f"guess) for {self.pinned} steps")
+        return None
 
 
 def total_steps(recipe, batches_per_epoch: int) -> int:
@@ -106,9 +197,20 @@ class Run:
         if resume and self.checkpointer.latest() is None:
             raise common.TrainingError(f"--resume: no complete checkpoint under {self.checkpointer.dir}; "
                                        "run without --resume to start")
+        # Directories this run creates are removed again if it fails before writing anything into them.
+        created = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.lock = RunLock(self.dir)
+        self.lock = RunLock(self.dir, created)
         self.lock.acquire(self.console)  # before anything in the directory is written
+        # What runs killed while writing left (no live run writes here: the lock is ours).
+        removed = remove_dead_leftovers(self.dir) + self.checkpointer.remove_leftovers()
+        if removed:
+            names = ", ".join(p.name for p in removed)
+            self.console.print(f"[yellow]note[/yellow] removed what a killed run left: {names}")
+        if resume:  # checked now, before the base model loads, rather than when `restore` reads it
+            ckpt = self.checkpointer.latest()
+            verify_files(ckpt, common.TrainingError,
+                         fix=f"delete {ckpt} to resume from the checkpoint before it (if one is left)")
         self.resume = resume
         self.restored: dict = {}  # trainer.json of the checkpoint the run resumed from
         # A resumed run opens its metrics in `restore`, keeping the records up to the checkpoint's step.
@@ -119,13 +221,25 @@ class Run:
         self.base_model = ""
         self.model = self.name = self.optimizer = self.scheduler = None
         self.save_every = 0
+        self.resume_changes: dict[str, list] = {}  # keys a --resume changed (see RESUMABLE_KEYS)
+        self.collapse = CollapseCheck(0, 0.0)
 
     # ---- setup -------------------------------------------------------------------------------------
     def write_recipe(self, text: str) -> None:
         """Write the resolved recipe as `recipe.toml` (atomically)."""
-        tmp = self.dir / ".recipe.toml.tmp"
-        tmp.write_text(text)
-        tmp.replace(self.dir / "recipe.toml")
+        self._write_atomically("recipe.toml", text)
+
+    def _write_atomically(self, name: str, text: str) -> None:
+        """`name` in the run directory is the old file or the new one, never half of one: the text goes to
+        `.NAME.tmp-PID` (a leftover the next start removes if this process is killed) and is renamed over it."""
+        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
+        with self.writing(self.dir / name):
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, self.dir / name)
+            except OSError:
+                tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+                raise
 
     def show_data_stats(self, stats: dict) -> None:
         line = (f"data: {stats['train_examples']} train / {stats['val_examples']} held-out examples, "
@@ -148,6 +262,12 @@ class Run:
         self.model, self.name, self.optimizer, self.scheduler = model, name, optimizer, scheduler
         self.save_every = t.save_every
         start_step, position = self.restore() if self.resume else (0, DataPosition())
+        if self.resume_changes:  # the record says from which step the run went on with which changes
+            with (self.dir / RESUMES_FILE).open("a") as f:
+                f.write(json.dumps({"step": start_step, "changed": self.resume_changes}) + "\n")
+            self.console.print("resumed with " + ", ".join(f"{k} = {new!r} (was {old!r})"
+                                                           for k, (old, new) in self.resume_changes.items()))
+        self.metrics.sinks = open_sinks(t.log, self.dir, start_step if self.resume else None, dataclasses.asdict(recipe))
         self.write_recipe(recipe_to_toml(recipe))
         return optimizer, scheduler, start_step, position
 
@@ -214,6 +334,19 @@ class Run:
             f"{self.checkpointer.latest() or 'none (no checkpoint was saved yet)'}; lower train.lr or "
             "check the data, then continue with --resume")
 
+    def check_collapse(self, step: int, grad_norm: float, loss: float | None = None,
+                       uniform_loss: float | None = None) -> None:
+        """Stop a run that has collapsed (see CollapseCheck and train.collapse_steps) before this step is saved,
+        as check_finite does; `uniform_loss` = ln(vocab_size) for language-model losses."""
+        reason = self.collapse.update(grad_norm, loss, uniform_loss)
+        if reason is None:
+            return
+        raise common.TrainingError(
+            f"{reason} (steps {step - self.collapse.steps + 1}-{step}): the run has collapsed and stops; this step is "
+            f"not saved. The last checkpoint is {self.checkpointer.latest() or 'none (no checkpoint was saved yet)'} "
+            "(one from before the collapse began is good); lower train.lr or check the data, then continue with "
+            "--resume (train.collapse_steps = 0 turns this check off)")
+
     def step_end(self, step: int, position: DataPosition, stop: common.GracefulStop, **trainer) -> None:
         """After a completed step: on a Ctrl-C request save it and stop (KeyboardInterrupt), else save it every
         train.save_every steps. `trainer` adds entries to the checkpoint's trainer.json."""
@@ -249,7 +382,7 @@ class Run:
                                  tps=f"{record['tokens_per_s']:.0f}",
                                  mem=f"{record['peak_memory_bytes'] / 2**30:.2f} GB")
         if log:
-            self.metrics.write(record)
+            self.log(record)
             if not self.console.is_terminal:  # a log file or CI: no live bar, so one line per logged step
                 self.console.print(f"step {record['step']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
                                    f"{record['tokens_per_s']:.0f} tok/s" +
@@ -257,20 +390,37 @@ class Run:
 
     def save_before(self, result: dict) -> None:
         """Keep the held-out evaluation made before training (`held_out_before.json`), for the summary and resume."""
-        (self.dir / BEFORE_FILE).write_text(json.dumps(result, indent=2))
+        self._write_atomically(BEFORE_FILE, json.dumps(result, indent=2))
 
     def load_before(self) -> dict:
         path = self.dir / BEFORE_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
+        try:
+            return json.loads(path.read_text()) if path.exists() else {}
+        except ValueError as e:
+            raise common.TrainingError(f"{path}: unreadable ({e}); delete it to go on without the held-out "
+                                       "result before training in the summary") from None
 
     def log(self, record: dict) -> None:
         """Append a record (e.g. an evaluation) to metrics.jsonl."""
-        self.metrics.write(record)
+        with self.writing(self.metrics.path):
+            self.metrics.write(record)
 
     def stop_progress(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+    @contextlib.contextmanager
+    def writing(self, target: Path):
+        """A failed write of `target` (a full disk, a directory made read-only) as a TrainingError naming it."""
+        try:
+            yield
+        except (OSError, SafetensorError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            latest = self.checkpointer.latest()
+            then = f"continue with --resume (from {latest})" if latest else "run again (no checkpoint was saved yet)"
+            raise common.TrainingError(f"{target}: cannot write it ({reason}); free space on that disk or make it "
+                                       f"writable, then {then}") from None
 
     def save_checkpoint(self, step: int, position: DataPosition, **trainer) -> Path:
         """Write checkpoints/step-N atomically, with the RNG states of this moment; `trainer` adds entries
@@ -278,12 +428,14 @@ class Run:
         def write(tmp: Path):
             save_adapter(self.model, tmp / "adapter", name=self.name, base_model_name_or_path=self.base_model)
             common.save_state(tmp, "trainable", {n: p.detach() for n, p in _trainable(self.model).items()})
+            fault_point("checkpoint-state")
             common.save_state(tmp, "optimizer", self.optimizer.state_dict())
             common.save_state(tmp, "rng", common.rng_state())
             (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
             (tmp / "trainer.json").write_text(json.dumps({"step": step, "position": position.to_dict(), **trainer}))
 
-        return self.checkpointer.save(step, write)
+        with self.writing(self.checkpointer.dir / f"step-{step:06d}"):
+            return self.checkpointer.save(step, write)
 
     # ---- the end ------------------------------------------------------------------------------------
     def show_comparison(self, name: str, before: float, after: float, samples: list[tuple[str, ...]] = ()) -> None:
@@ -304,8 +456,9 @@ class Run:
     def finish(self, summary: dict, extra_tensors: dict | None = None) -> dict:
         """Write the final adapter (with `extra_tensors`, e.g. a reward head), loss_curve.png and summary.json;
         print the summary table; return it."""
-        adapter = save_adapter(self.model, self.dir / "adapter", name=self.name,
-                               base_model_name_or_path=str(self.base_model), extra_tensors=extra_tensors)
+        with self.writing(self.dir / "adapter"):
+            adapter = save_adapter(self.model, self.dir / "adapter", name=self.name,
+                                   base_model_name_or_path=str(self.base_model), extra_tensors=extra_tensors)
         records = self.metrics.read()
         losses = [r["loss"] for r in records if "loss" in r]
         before = self.load_before().get("val_loss")
@@ -315,7 +468,8 @@ class Run:
                    "peak_memory_bytes": max((r.get("peak_memory_bytes", 0) for r in records), default=0)}
         plot_loss_curve(([{"step": 0, "val_loss": before}] if before is not None else []) + records,
                         self.dir / "loss_curve.png")
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self._write_atomically("summary.json", json.dumps(summary, indent=2))
+        self.metrics.close(summary)
         table = Table(title=f"run finished: {self.dir}")
         table.add_column("")
         table.add_column("value")

@@ -8,6 +8,7 @@ number of trained tokens of the *whole step*, so the gradient is that of the mea
 token of the step, whatever the split into micro-batches (batch 1 x accumulation 4 = batch 4 x 1).
 """
 
+import math
 import time
 
 from qtune.data.sft import build_sft_data
@@ -48,7 +49,7 @@ def headline(result: dict) -> str | None:
 
 
 def train_step(model, micro: list[dict], params, optimizer, scheduler, max_grad_norm: float, device,
-               model_dtype) -> dict:
+               model_dtype, scaler=None) -> dict:
     """One optimizer step over the micro-batches `micro`; returns loss, the step's learning rate, grad norm, tokens.
 
     loss = sum over micro-batches m and trained tokens i of CE(m, i) / N, N = trained tokens of the step.
@@ -58,10 +59,10 @@ def train_step(model, micro: list[dict], params, optimizer, scheduler, max_grad_
     for batch in micro:
         with common.autocast(device, model_dtype):
             loss_sum, _ = common.lm_loss_sum(model, common.to_device(batch, device))
-        (loss_sum / max(n_tokens, 1)).backward()
+        common.backward(loss_sum / max(n_tokens, 1), scaler)
         loss_total += loss_sum.item()
     loss = loss_total / max(n_tokens, 1)
-    grad_norm, lr = common.optimizer_step(params, optimizer, scheduler, max_grad_norm, loss)
+    grad_norm, lr = common.optimizer_step(params, optimizer, scheduler, max_grad_norm, loss, scaler)
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
             "real_tokens": sum(common.count_tokens(b) for b in micro)}
 
@@ -77,7 +78,9 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, console=None) -> dict:
     data = build_sft_data(recipe.data, tokenizer, seed=t.seed)
     run.show_data_stats(data.stats)
     params, model_dtype = lora_parameters(model, ADAPTER), model.model.embed_tokens.weight.dtype
+    scaler = common.grad_scaler(device, model_dtype)
     steps = total_steps(recipe, data.batches_per_epoch(t.micro_batch_size))
+    uniform_loss = math.log(model.config.vocab_size)  # cross-entropy of a uniform guess: a collapsed model's loss
     optimizer, scheduler, start_step, position = run.begin(recipe, model, ADAPTER, params, steps)
     if start_step == 0:
         with run.console.status("held-out evaluation before training"):
@@ -88,8 +91,9 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, console=None) -> dict:
         for step in range(start_step + 1, steps + 1):
             t0, micro = time.perf_counter(), [next(batches) for _ in range(t.grad_accum_steps)]
             out = train_step(model, [b for _, b in micro], params, optimizer, scheduler, t.max_grad_norm, device,
-                             model_dtype)
+                             model_dtype, scaler)
             run.check_finite(step, loss=out["loss"], grad_norm=out["grad_norm"])
+            run.check_collapse(step, out["grad_norm"], out["loss"], uniform_loss)
             position = micro[-1][0]
             record = step_record(step, out, t0, position, device)
             if step == steps:  # the last step's record carries the held-out evaluation after training

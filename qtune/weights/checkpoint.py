@@ -6,6 +6,7 @@ Pre-quantized bitsandbytes 4-bit checkpoints (what `qtune quantize` and transfor
 directly. Only safetensors are read: nothing is ever unpickled.
 """
 
+import glob
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from torch import nn
 from qtune.config import ModelConfig
 from qtune.model import CausalLM
 from qtune.weights.hub import resolve_model_path
+from qtune.weights.integrity import fault_point, remove_dead_leftovers
 from qtune.weights.nf4 import FLOAT_DTYPES, NF4_CODE, VALID_BLOCKSIZES, NF4Weight, quantize_nf4
 from qtune.weights.nf4_linear import NF4Linear
 
@@ -35,9 +37,22 @@ class CheckpointError(ValueError):
     """A model directory qtune cannot load; the message names the file and what is wrong."""
 
 
+def cuda_compute_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """bfloat16 on compute capability 8.0 and above (Ampere on), float16 below (T4, RTX 20xx, V100).
+
+    Below 8.0 there are no bf16 tensor cores: Triton emits no tensor-core code for bf16 there and torch's bf16
+    matmuls are emulated. fp16's narrow range is why training in it uses a gradient scaler
+    (qtune.train.common.grad_scaler).
+    """
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
 def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """bfloat16 on CUDA, float32 on CPU (CPU bf16 matmul is slow)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """The CUDA device's `cuda_compute_dtype`, float32 on CPU (CPU bf16 matmul is slow)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return cuda_compute_dtype(torch.cuda.get_device_capability(device))
 
 
 def parse_dtype(name: str | torch.dtype | None, device="cpu") -> torch.dtype:
@@ -230,9 +245,13 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
 
 
 def atomic_dir(out_dir: Path) -> Path:
-    """A fresh temporary sibling of `out_dir`; `commit_dir` renames it into place when complete."""
+    """A fresh temporary sibling `.NAME.tmp-PID` of `out_dir`; `commit_dir` renames it into place when complete.
+
+    Leftovers of an earlier write of `out_dir` by a process that was killed are cleaned up first.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(out_dir.parent, glob.escape(out_dir.name))
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -241,12 +260,19 @@ def atomic_dir(out_dir: Path) -> Path:
 
 
 def commit_dir(tmp: Path, out_dir: Path) -> None:
-    """Move a completed temporary directory into place; an existing `out_dir` is replaced only now."""
+    """Move a completed temporary directory into place; an existing `out_dir` is replaced only now (and put
+    back if the move fails)."""
     out_dir = Path(out_dir)
+    fault_point("commit-ready")
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         out_dir.rename(old)
-        tmp.rename(out_dir)
+        fault_point("commit-swap")
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            old.rename(out_dir)
+            raise
         shutil.rmtree(old)
     else:
         tmp.rename(out_dir)
@@ -297,18 +323,21 @@ def quantize_checkpoint(model_dir, out_dir, dtype=None, double_quant: bool = Tru
         if name not in tensors and not (name == "lm_head.weight" and cfg.tie_word_embeddings):
             tensors[name] = p.detach()
     tmp = atomic_dir(Path(out_dir))
-    save_state_dict_sharded(tensors, tmp)
-    config = cfg.to_dict()
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    config["quantization_config"] = {
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": double_quant,
-        "bnb_4bit_compute_dtype": config["torch_dtype"], "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": ["lm_head"],
-    }
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    copy_tokenizer_files(model_dir, tmp)
-    commit_dir(tmp, Path(out_dir))
+    try:
+        save_state_dict_sharded(tensors, tmp)
+        config = cfg.to_dict()
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        config["quantization_config"] = {
+            "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": double_quant,
+            "bnb_4bit_compute_dtype": config["torch_dtype"], "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": ["lm_head"],
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copy_tokenizer_files(model_dir, tmp)
+        commit_dir(tmp, Path(out_dir))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when committed; a failed write leaves nothing
     return Path(out_dir)
 
 

@@ -43,9 +43,10 @@ BLOCK_TENSORS = {
     "ffn_down.weight": "mlp.down_proj.weight",
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",  # Qwen2
+    "attn_q.bias": "self_attn.q_proj.bias",  # Qwen2; Llama with attention_bias
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "attn_q_norm.weight": "self_attn.q_norm.weight",  # Qwen3, Gemma 3
     "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
@@ -98,11 +99,10 @@ class GGUFFile:
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row order: per head, rows (0, d/2, 1, d/2+1, ...) back to (0, 1, ..., d-1).
 
-    llama.cpp wrote w.reshape(n_head, 2, d/2, in).swapaxes(1, 2); this is its inverse.
+    llama.cpp wrote w.reshape(n_head, 2, d/2, in).swapaxes(1, 2); this is its inverse. A bias (1-D) works too.
     """
-    out_features, in_features = w.shape
-    head_dim = out_features // n_head
-    return w.reshape(n_head, head_dim // 2, 2, in_features).swapaxes(1, 2).reshape(out_features, in_features)
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, head_dim // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
 def _float32_repr(value: float) -> float:
@@ -111,14 +111,15 @@ def _float32_repr(value: float) -> float:
 
 
 def llama_config(g: GGUFFile, dtype: torch.dtype) -> dict:
-    """config.json of LlamaForCausalLM from the GGUF metadata."""
+    """config.json fields every architecture shares (those of LlamaForCausalLM) from the GGUF metadata."""
     n_head = g.arch("attention.head_count")
     hidden = g.arch("embedding_length")
     tensor_names = {t.name for t in g.reader.tensors}
     vocab_size = g.arch("vocab_size", None) or len(g.get("tokenizer.ggml.tokens"))
+    model_type, hf_class = ARCHITECTURES[g.architecture]
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_class],
+        "model_type": model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": g.arch("feed_forward_length"),
@@ -131,7 +132,7 @@ def llama_config(g: GGUFFile, dtype: torch.dtype) -> dict:
         "rope_theta": _float32_repr(g.arch("rope.freq_base", 10000.0)),
         "max_position_embeddings": g.arch("context_length"),
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": False,
+        "attention_bias": "blk.0.attn_output.bias" in tensor_names,
         "mlp_bias": False,
         "bos_token_id": g.get("tokenizer.ggml.bos_token_id", None),
         "eos_token_id": g.get("tokenizer.ggml.eos_token_id", None),
@@ -147,8 +148,6 @@ def llama_config(g: GGUFFile, dtype: torch.dtype) -> dict:
 def model_config(g: GGUFFile, dtype: torch.dtype) -> dict:
     """config.json for the file's architecture: the Llama fields, then what each other family adds."""
     config = llama_config(g, dtype)
-    model_type, cls = ARCHITECTURES[g.architecture]
-    config.update(model_type=model_type, architectures=[cls])
     if g.architecture in ("gemma2", "gemma3"):
         layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
         big = layers == GEMMA_27B_LAYERS[g.architecture]
@@ -274,9 +273,9 @@ def llama_state_dict(g: GGUFFile, config: dict, dtype: torch.dtype) -> dict[str,
         if name is None:
             raise ValueError(f"{g.path}: tensor {tensor.name!r} has no {config['architectures'][0]} counterpart")
         w = _dequantize(g, tensor)
-        if llama and name.endswith("q_proj.weight"):
+        if llama and ".q_proj." in name:  # weights and biases alike
             w = unpermute_qk(w, config["num_attention_heads"])
-        elif llama and name.endswith("k_proj.weight"):
+        elif llama and ".k_proj." in name:
             w = unpermute_qk(w, config["num_key_value_heads"])
         elif gemma and name.endswith("norm.weight"):
             w = w - 1
@@ -311,6 +310,8 @@ LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2's: Llama 3's with every digit on its own.
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 BYTE_LEVEL_REGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 BYTE_LEVEL_NO_REGEX = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
 
@@ -332,6 +333,13 @@ PRE_TOKENIZERS = {
             ],
         }
         for name in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe")
+    },
+    "qwen2": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+            BYTE_LEVEL_NO_REGEX,
+        ],
     },
 }
 
@@ -476,7 +484,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
     if g.architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{g.path}: architecture {g.architecture!r} is not supported; this converter handles "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (llama: Llama, SmolLM, Mistral)"
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (llama: Llama, SmolLM, Mistral-v0.1-style models)"
         )
     config = model_config(g, dtype)
     state = llama_state_dict(g, config, dtype)

@@ -17,6 +17,7 @@ quant_type="nf4", compress_statistics=...)` bit for bit; tests/test_quant.py che
 import functools
 import logging
 import math
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -206,18 +207,41 @@ def _use_bnb_kernel(q: "NF4Weight", dtype: torch.dtype) -> bool:
 @functools.cache
 def _bnb_ops():
     """torch.ops.bitsandbytes once bitsandbytes is imported, or None if it cannot be."""
-    # its import warns about an optional AVX-512 GEMV package that qtune never calls
-    log = logging.getLogger("bitsandbytes")
-    level = log.level
-    log.setLevel(logging.ERROR)
     try:
-        import bitsandbytes  # noqa: F401  (registers the ops)
-
+        import_bitsandbytes()  # registers the ops
         return torch.ops.bitsandbytes
     except Exception:  # an install without a working bitsandbytes falls back to the torch ops
         return None
+
+
+def import_bitsandbytes():
+    """The bitsandbytes module, imported so that it cannot download code (qtune's only way to import it).
+
+    On CPUs with AVX-512 BF16, bitsandbytes 0.50's CPU backend calls `kernels.get_kernel(...)` while it is
+    imported whenever a package named `kernels` is installed, which fetches compiled code from the Hugging
+    Face Hub and runs it. qtune uses none of those kernels, so during that first import `kernels` is made
+    unimportable (bitsandbytes then keeps its bundled library) and restored right after.
+    """
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    hidden = sys.modules.get("kernels", _ABSENT)
+    sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)  # it warns that the hub kernel did not load: qtune never wanted it
+    try:
+        import bitsandbytes
+
+        return bitsandbytes
     finally:
         log.setLevel(level)
+        if hidden is _ABSENT:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = hidden
+
+
+_ABSENT = object()
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:

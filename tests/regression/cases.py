@@ -6,6 +6,7 @@
     reward  recipes/reward.toml     shared/data/hh_rlhf/harmless-base_test.jsonl.gz       reward.json
     dpo     recipes/dpo.toml        shared/data/llamafactory/dpo_en_demo.json             dpo.json
     ppo     recipes/ppo.toml        16 built-in addition problems (reward_functions)      ppo.json
+    grpo    recipes/grpo.toml       24 generated addition problems (qtune:arithmetic)     grpo.json
 
 `run_case(name, work_dir)` runs `qtune <verb> <recipe>` in a subprocess on a tiny model of tests/tiny.py
 (Llama unless the case names another family; random weights, seeded; the small BPE tokenizer) and returns the values the reference pins down: the
@@ -14,7 +15,7 @@ of its summary. tests/test_<case>_regression.py compares a fresh run with the co
 
 The references are written by one script only, regenerate.py beside this file:
 
-    python tests/regression/regenerate.py sft|reward|dpo|ppo|sft-qwen3|...|all
+    python tests/regression/regenerate.py sft|reward|dpo|ppo|grpo|sft-qwen3|...|all
 
 Run it only when a change is meant to change the numbers (a new tokenizer rule, a different loss
 normalisation, sampling ...), and say in the commit that rewrites a file why its numbers changed.
@@ -103,6 +104,19 @@ CASES = {
                 step_keys=("reward", "kl", "beta", "response_length", "policy_loss", "value_loss", "clip_frac",
                            "value_clip_frac", "entropy", "approx_kl", "grad_norm", "value", "return", "tokens"),
                 summary_keys=("val_reward_before", "val_reward_after")),
+    # The tiny model never writes the right sum, so the answer reward would drop every group: a format reward
+    # (a vowel anywhere in the response) splits its random text instead. Two minibatches and two passes per step
+    # exercise log π_old, clipping and the KL term.
+    "grpo": Case("grpo", "grpo",
+                 ("data.path=qtune:arithmetic?task=addition&count=24&seed=0", "data.val_size=4", "lora.r=4",
+                  'grpo.rewards=[{fn="format", pattern=".*[aeiou].*"}, {fn="length", weight=-0.5}]',
+                  "grpo.group_size=4", "grpo.rollout_batch_size=8", "grpo.max_new_tokens=4", "grpo.num_iterations=2",
+                  "grpo.generation_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2",
+                  "train.max_steps=3", "train.lr=1e-2", "train.save_every=0", "eval.every=0"),
+                 step_keys=("reward", "reward_0_format", "reward_1_length", "dropped_groups", "completion_length",
+                            "loss", "kl", "clip_low_frac", "clip_high_frac", "entropy", "ratio_first", "grad_norm",
+                            "tokens"),
+                 summary_keys=("before", "after")),
 }
 FAMILIES = ("qwen3", "gemma2", "gemma3", "mistral-nemo", "phi3", "qwen3-moe", "mixtral")  # beyond Llama (issue #16)
 # SFT on each family: the quickstart for two steps, its held-out evaluation shortened too.

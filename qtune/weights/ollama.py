@@ -1,0 +1,91 @@
+"""Ollama `Modelfile` for an exported GGUF: FROM, TEMPLATE, SYSTEM, PARAMETER stop.
+
+Ollama renders prompts with Go templates, not the Jinja chat template inside the GGUF, so each chat
+format qtune's families use is written here once in Go-template syntax (over Ollama's `.Messages`, with
+`.Role` and `.Content`). A template's default system prompt (ChatML templates insert one when the
+conversation has none) becomes the SYSTEM line, which Ollama puts first when a request has no system turn.
+BOS is not in the Go templates: llama.cpp adds it itself when the file's add_bos_token says so.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from qtune.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """One chat format: how to recognise its Jinja template and how Ollama writes it."""
+
+    marker: str
+    """A string only this format's Jinja templates contain."""
+    template: str
+    """The Go template; `{eos}` stands for the tokenizer's EOS token."""
+
+
+# The chat formats of the families qtune trains, one row each.
+CHAT_FORMATS = {
+    # Qwen2, SmolLM2 and every other ChatML model.
+    "chatml": ChatFormat("<|im_start|>", "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+                                         "{{ end }}<|im_start|>assistant\n"),
+    # Llama 3 Instruct.
+    "llama3": ChatFormat("<|start_header_id|>", "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>"
+                                                "\n\n{{ .Content }}<|eot_id|>{{ end }}"
+                                                "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    # Mistral / Llama 2 Instruct: [INST] user turns, assistant turns closed by EOS.
+    "mistral": ChatFormat("[INST]", '{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
+                                    '{{ else if eq .Role "assistant" }}{{ .Content }}{eos}{{ end }}{{ end }}'),
+}
+
+
+def chat_format(tok: Tokenizer) -> ChatFormat | None:
+    """The row of CHAT_FORMATS the tokenizer's chat template follows, None when none does."""
+    template = tok.chat_template or ""
+    return next((f for f in CHAT_FORMATS.values() if f.marker in template), None)
+
+
+def default_system_prompt(tok: Tokenizer) -> str | None:
+    """The system prompt the Jinja template inserts when a conversation has none (None when it inserts none).
+
+    The template renders a conversation with a probe system turn and one without; the text that stands
+    where the probe stood in the first is the default."""
+    probe, user = "\x00qtune-probe\x00", [{"role": "user", "content": "Hi"}]
+    try:
+        with_probe = tok.apply_chat_template([{"role": "system", "content": probe}, *user])
+    except jinja2.TemplateError:  # a template that refuses system turns (Mistral's) has no default either
+        return None
+    before, after = with_probe.split(probe)
+    without = tok.apply_chat_template(user)
+    if without.startswith(before) and without.endswith(after) and len(without) > len(before) + len(after):
+        return without[len(before):len(without) - len(after)]
+    return None
+
+
+def modelfile_text(tok: Tokenizer, gguf_name: str, stop_tokens: list[str]) -> str:
+    """The Modelfile for the GGUF file `gguf_name` (next to it) of a model with tokenizer `tok`."""
+    fmt = chat_format(tok)
+    if fmt is None:
+        raise ValueError(f"{tok.model_dir}: its chat template is none of the formats qtune writes for Ollama "
+                         f"({', '.join(CHAT_FORMATS)}); write the Modelfile's TEMPLATE by hand")
+    template = fmt.template.replace("{eos}", tok.special_tokens.get("eos_token", ""))
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    system = default_system_prompt(tok)
+    if system is not None:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f'PARAMETER stop "{token}"' for token in stop_tokens]
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(text: str, gguf_path: Path) -> Path:
+    """Write `text` as `Modelfile` beside `gguf_path` (all or nothing) and return its path."""
+    path = Path(gguf_path).parent / "Modelfile"
+    tmp = path.with_name(f".Modelfile.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
