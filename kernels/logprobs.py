@@ -262,7 +262,8 @@ class LogprobsEntropyFn(torch.autograd.Function):
         else:
             grad_h, grad_w = logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy,
                                                    ctx.chunk_size, need_weight, ctx.softcap)
-        return grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        return grad_h.to(hidden.dtype), grad_w, None, None, None, None, None
 
 
 logprobs_entropy = LogprobsEntropyFn.apply
@@ -356,8 +357,9 @@ def cross_entropy_sum(hidden, weight, targets, ignore_index=-100, chunk_size=102
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Both kernels in every dtype the op launches them with, each with its shipped block configuration,
-    uncapped and with Gemma 2's final-logit soft-cap (30)."""
+    """Both kernels in every dtype the op launches them with, each with its shipped block configuration (BLOCKS,
+    and ARCH_BLOCKS' tiles on the capabilities they take over), uncapped and with Gemma 2's final-logit
+    soft-cap (30): SOFTCAP is a constexpr, so each is its own compiled kernel."""
     k = _kernels()
     specs = []
     configs = [(dtype, cfg, (span,)) for span, table in k.ARCH_BLOCKS for dtype, cfg in table.items()]
