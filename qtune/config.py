@@ -314,7 +314,8 @@ def _rope_fields(d: dict, model_type: str, source: str) -> dict:
     if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
         raise ConfigError(f"{source}: field 'partial_rotary_factor' must be a number in (0, 1] (found {partial!r})")
     if model_type == "gemma3_text":
-        local = float(local if local is not None else d.get("rope_local_base_freq", 10000.0))
+        key = "rope_parameters.sliding_attention.rope_theta" if local is not None else "rope_local_base_freq"
+        local = _positive_number(local if local is not None else d.get("rope_local_base_freq", 10000.0), source, key)
     if scaling:
         if not isinstance(scaling, dict):
             raise ConfigError(f"{source}: rope_scaling must be an object such as {{\"rope_type\": \"linear\", "

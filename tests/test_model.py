@@ -253,6 +253,11 @@ def test_gemma3_image_text_checkpoint_loads_its_language_model(tmp_path, capfd):
     ({"model_type": "phi3", "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0]}},
      "longrope needs 'original_max_position_embeddings'"),
     ({"model_type": "phi3", "partial_rotary_factor": 0}, "'partial_rotary_factor' must be a number in (0, 1]"),
+    ({"model_type": "gemma3_text", "rope_local_base_freq": -1.0}, "field 'rope_local_base_freq' must be a positive"),
+    ({"model_type": "gemma3_text", "rope_parameters": {"full_attention": {"rope_theta": 1e6},
+                                                       "sliding_attention": {"rope_theta": "10000"}}},
+     "field 'rope_parameters.sliding_attention.rope_theta' must be a positive number"),
+    ({"model_type": "qwen3", "rope_theta": 0}, "field 'rope_theta' must be a positive number"),
 ])
 def test_unsupported_family_settings_name_the_field(tmp_path, change, expected):
     (tmp_path / "config.json").write_text(json.dumps({**GOOD_CONFIG, **change}))
