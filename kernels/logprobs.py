@@ -356,18 +356,28 @@ def cross_entropy_sum(hidden, weight, targets, ignore_index=-100, chunk_size=102
     return -logp.sum(), count
 
 
-def compile_specs() -> list[KernelSpec]:
-    """Both kernels in every dtype the op launches them with, each with its shipped block configuration (BLOCKS,
-    and ARCH_BLOCKS' tiles on the capabilities they take over), uncapped and with Gemma 2's final-logit
-    soft-cap (30): SOFTCAP is a constexpr, so each is its own compiled kernel."""
-    k = _kernels()
-    specs = []
-    configs = [(dtype, cfg, (span,)) for span, table in k.ARCH_BLOCKS for dtype, cfg in table.items()]
+def _launched_tiles(k, softcap: float) -> list[tuple]:
+    """(dtype, Blocks, capability ranges) of every tile configuration launched, as `blocks_for` picks them."""
+    capped = k.SOFTCAP_BLOCKS if softcap else {}
+    configs = [(dtype, cfg, ((0, 1000),)) for dtype, cfg in capped.items()]
+    configs += [(dtype, cfg, (span,)) for span, table in k.ARCH_BLOCKS for dtype, cfg in table.items()
+                if dtype not in capped]
     for dtype, cfg in k.BLOCKS.items():  # everywhere an exception does not take over
+        if dtype in capped:
+            continue
         taken = sorted(span for span, table in k.ARCH_BLOCKS if dtype in table)
         edges = [0, *(edge for span in taken for edge in span), 1000]
         configs.append((dtype, cfg, tuple((low, high) for low, high in zip(edges[::2], edges[1::2]) if low < high)))
-    for (dtype, cfg, capabilities), cap in ((item, cap) for item in configs for cap in (0.0, 30.0)):
+    return configs
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Both kernels in every dtype the op launches them with, each with its shipped block configuration (BLOCKS,
+    and ARCH_BLOCKS' tiles on the capabilities they take over), uncapped and with Gemma 2's final-logit
+    soft-cap (30; SOFTCAP_BLOCKS' tiles): SOFTCAP is a constexpr, so each is its own compiled kernel."""
+    k = _kernels()
+    specs = []
+    for (dtype, cfg, capabilities), cap in ((item, cap) for cap in (0.0, 30.0) for item in _launched_tiles(k, cap)):
         ty = TRITON_TYPES[dtype]
         tiles = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d}
         sizes = {"M": "i32", "V": "i32", "D": "i32"}

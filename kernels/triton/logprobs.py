@@ -135,14 +135,25 @@ ARCH_BLOCKS = (
 )
 
 
+# Soft-capped logits (tanh per logit) take more registers: BLOCKS' fp32 tiles then spill (the forward 24 B on
+# sm_90, the gradient 20 B on sm_75), and so do one-stage and 32-row ones somewhere in sm_75..sm_120; 16-row
+# tiles on 4 warps do not. They take over on every capability.
+SOFTCAP_BLOCKS = {
+    torch.float32: Blocks(block_n=16, block_v=64, block_d=32, vocab_split=1024, num_warps=4, num_stages=2),
+}
+
+
 @functools.cache
 def _capability(device_index: int) -> int:
     major, minor = torch.cuda.get_device_capability(device_index)
     return 10 * major + minor
 
 
-def blocks_for(hidden: torch.Tensor) -> Blocks:
-    """The tiles for hidden's dtype on hidden's device: an ARCH_BLOCKS exception where one applies, else BLOCKS."""
+def blocks_for(hidden: torch.Tensor, softcap=None) -> Blocks:
+    """The tiles for hidden's dtype on hidden's device: SOFTCAP_BLOCKS for capped logits, else an ARCH_BLOCKS
+    exception where one applies, else BLOCKS."""
+    if softcap and hidden.dtype in SOFTCAP_BLOCKS:
+        return SOFTCAP_BLOCKS[hidden.dtype]
     if hidden.is_cuda:
         capability = _capability(hidden.device.index or 0)
         for (low, high), table in ARCH_BLOCKS:
@@ -156,7 +167,7 @@ def logsumexp_partials(hidden, weight, targets, tokens, softcap=None):
     over each VOCAB_SPLIT-wide vocabulary slice (M > 0); the rows are read through the index, not copied.
     `softcap`: statistics of the capped logits cap · tanh(z / cap)."""
     (_, D), V, M = hidden.shape, weight.shape[0], tokens.numel()
-    cfg = blocks_for(hidden)
+    cfg = blocks_for(hidden, softcap)
     n_splits = triton.cdiv(V, cfg.vocab_split)
     m, s, t, z_target = torch.empty(4, n_splits, M, device=hidden.device, dtype=torch.float32)
     grid = (triton.cdiv(M, cfg.block_n), n_splits)
@@ -171,7 +182,7 @@ def logit_grad_triton(hidden, weight, targets, tokens, lse, mean_logit, grad_log
     """dL/dz (M, V) in the input dtype for the rows `tokens` of hidden, recomputing the logits tile by tile.
     lse, mean_logit and the gradients are the (M,) values of those rows."""
     D, V, M = hidden.shape[1], weight.shape[0], tokens.numel()
-    cfg = blocks_for(hidden)
+    cfg = blocks_for(hidden, softcap)
     grad_z = torch.empty(M, V, device=hidden.device, dtype=hidden.dtype)
     grid = (triton.cdiv(M, cfg.block_n), triton.cdiv(V, cfg.block_v))
     logit_grad_kernel[grid](
