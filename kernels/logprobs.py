@@ -31,6 +31,10 @@ input dtype: 262 MB for 1024 tokens of a 128256 vocabulary in bf16) and lets cuB
 the plain-torch path holds at most two chunk_size x VOCAB_CHUNK fp32 tiles (4 MB each at the defaults)
 and one chunk_size x D product. On a CPU its products run through oneDNN (kernels/cpu/linear.py).
 
+Soft-capped logits (Gemma 2, `softcap` = cap): every formula above reads c = cap · tanh(z / cap) for z, and
+the chain rule adds one factor, dL/dz = dL/dc · (1 − (c / cap)²). Both paths apply it tile by tile; the
+one-pass cross-entropy below does not cover it, so capped losses take the recomputing path.
+
 Masked tokens (ignore_index) cost the Triton path nothing: its kernels read the scored rows through an
 index. The torch path computes them and zeroes them, since gathering rows would copy them.
 
@@ -50,19 +54,25 @@ VOCAB_CHUNK = 1024  # vocabulary columns per step of the plain-torch path (4 MB 
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
+def reference_softcap(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """c = cap · tanh(z / cap) (Gemma 2's final logits); z itself when softcap is None."""
+    return z if softcap is None else torch.tanh(z / softcap) * softcap
+
+
 def reference_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             ignore_index: int = -100) -> torch.Tensor:
-    """The spec: log_softmax over the full (N, V) logits, gathered at the targets; 0 for masked tokens."""
-    logp = torch.log_softmax(hidden @ weight.T, dim=-1)  # (N, V)
+                             ignore_index: int = -100, softcap: float | None = None) -> torch.Tensor:
+    """The spec: log_softmax over the full (N, V) logits (soft-capped when `softcap`), gathered at the
+    targets; 0 for masked tokens."""
+    logp = torch.log_softmax(reference_softcap(hidden @ weight.T, softcap), dim=-1)  # (N, V)
     valid = targets != ignore_index
     picked = logp.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)  # (N,)
     return torch.where(valid, picked, 0.0)
 
 
 def reference_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                            ignore_index: int = -100) -> torch.Tensor:
-    """The spec for the entropy of softmax(h @ W^T) per token; 0 for masked tokens."""
-    logp = torch.log_softmax(hidden @ weight.T, dim=-1)  # (N, V)
+                            ignore_index: int = -100, softcap: float | None = None) -> torch.Tensor:
+    """The spec for the entropy of softmax(h @ W^T) (soft-capped when `softcap`) per token; 0 for masked tokens."""
+    logp = torch.log_softmax(reference_softcap(hidden @ weight.T, softcap), dim=-1)  # (N, V)
     entropy = -(logp.exp() * logp).sum(-1)  # (N,)
     return torch.where(targets != ignore_index, entropy, 0.0)
 
@@ -83,7 +93,12 @@ def _kernels():
     return logprobs
 
 
-def logsumexp_stats_triton(hidden, weight, targets, valid):
+def _cap_inplace(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """z ← cap · tanh(z / cap) in z's own storage (a local logit tile)."""
+    return z if softcap is None else z.div_(softcap).tanh_().mul_(softcap)
+
+
+def logsumexp_stats_triton(hidden, weight, targets, valid, softcap=None):
     """(lse, E[z], target logit), each (N,) fp32 and 0 where not `valid`, from the fused Triton forward kernel.
 
     Only the valid rows are computed: the kernel reads them through an index, so nothing is copied."""
@@ -91,11 +106,12 @@ def logsumexp_stats_triton(hidden, weight, targets, valid):
     stats = torch.zeros(3, hidden.shape[0], device=hidden.device, dtype=torch.float32)
     if tokens.numel() == 0:
         return stats.unbind(0)
-    stats[:, tokens] = torch.stack(_merge_partials(*_kernels().logsumexp_partials(hidden, weight, targets, tokens)))
+    partials = _kernels().logsumexp_partials(hidden, weight, targets, tokens, softcap)
+    stats[:, tokens] = torch.stack(_merge_partials(*partials))
     return stats.unbind(0)
 
 
-def logsumexp_stats_torch(hidden, weight, targets, chunk_size):
+def logsumexp_stats_torch(hidden, weight, targets, chunk_size, softcap=None):
     """The same statistics in plain torch for all N rows: VOCAB_CHUNK-wide slices play the kernel's splits.
 
     Masked rows are computed too (and zeroed by the caller): slicing rows is free, while gathering the
@@ -108,7 +124,7 @@ def logsumexp_stats_torch(hidden, weight, targets, chunk_size):
         w = weight[v0:v0 + VOCAB_CHUNK].float()  # (Vc, D)
         for n0 in range(0, N, chunk_size):
             rows = slice(n0, n0 + chunk_size)
-            z = linear(h[rows], w)  # (C, Vc) fp32: the only logits alive
+            z = _cap_inplace(linear(h[rows], w), softcap)  # (C, Vc) fp32: the only logits alive
             m[k, rows] = z.max(dim=1).values
             e = (z - m[k, rows, None]).exp_()  # (C, Vc)
             s[k, rows] = e.sum(1)
@@ -120,7 +136,8 @@ def logsumexp_stats_torch(hidden, weight, targets, chunk_size):
     return _merge_partials(m, s, t, z_target)
 
 
-def logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy, chunk_size, need_weight):
+def logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy, chunk_size, need_weight,
+                          softcap=None):
     """dL/dh (N, D) fp32 and dL/dW (V, D) in W's dtype (or None), recomputing (C, VOCAB_CHUNK) logit tiles.
     Masked rows must come with zero grad_logp and grad_entropy."""
     N, V = hidden.shape[0], weight.shape[0]
@@ -132,13 +149,16 @@ def logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, g
         grad_w_chunk = torch.zeros_like(w) if need_weight else None  # fp32 sum over all tokens, rounded once
         for n0 in range(0, N, chunk_size):
             rows = slice(n0, n0 + chunk_size)
-            z = linear(h[rows], w)  # (C, Vc)
+            z = _cap_inplace(linear(h[rows], w), softcap)  # (C, Vc)
+            cap_grad = None if softcap is None else 1 - (z / softcap).square_()  # dc/dz
             p = (z - lse[rows, None]).exp_()
             # dz = p (g_H (E[z] - z) - g) + g onehot(y), computed in z's storage (a local temporary)
             grad_z = z.sub_(mean_logit[rows, None]).mul_(-grad_entropy[rows, None]).sub_(grad_logp[rows, None]).mul_(p)
             local = targets[rows] - v0
             hit = ((local >= 0) & (local < w.shape[0])).nonzero().squeeze(1)
             grad_z.index_put_((hit, local[hit]), grad_logp[rows][hit], accumulate=True)
+            if cap_grad is not None:
+                grad_z.mul_(cap_grad)
             grad_h[rows].add_(matmul(grad_z, w))  # a row slice of grad_h, in place
             if need_weight:
                 grad_w_chunk.addmm_(grad_z.T, h[rows])
@@ -216,14 +236,15 @@ class LogprobsEntropyFn(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, triton_kernels):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, triton_kernels, softcap):
         valid = targets != ignore_index  # (N,)
         if triton_kernels:
-            lse, mean_logit, z_target = logsumexp_stats_triton(hidden, weight, targets, valid)
+            lse, mean_logit, z_target = logsumexp_stats_triton(hidden, weight, targets, valid, softcap)
         else:
-            lse, mean_logit, z_target = logsumexp_stats_torch(hidden, weight, targets, chunk_size)
+            lse, mean_logit, z_target = logsumexp_stats_torch(hidden, weight, targets, chunk_size, softcap)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_logit)
         ctx.ignore_index, ctx.chunk_size, ctx.triton_kernels = ignore_index, chunk_size, triton_kernels
+        ctx.softcap = softcap
         return torch.where(valid, z_target - lse, 0.0), torch.where(valid, lse - mean_logit, 0.0)
 
     @staticmethod
@@ -236,17 +257,21 @@ class LogprobsEntropyFn(torch.autograd.Function):
         need_weight = ctx.needs_input_grad[1]
         if ctx.triton_kernels:
             grad_h, grad_w = _kernels().logits_backward_triton(hidden, weight, targets, valid, lse, mean_logit,
-                                                               grad_logp, grad_entropy, ctx.chunk_size, need_weight)
+                                                               grad_logp, grad_entropy, ctx.chunk_size, need_weight,
+                                                               ctx.softcap)
         else:
             grad_h, grad_w = logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, grad_entropy,
-                                                   ctx.chunk_size, need_weight)
-        return grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+                                                   ctx.chunk_size, need_weight, ctx.softcap)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        return grad_h.to(hidden.dtype), grad_w, None, None, None, None, None
 
 
 logprobs_entropy = LogprobsEntropyFn.apply
 
 
-def _check_inputs(hidden, weight, targets, ignore_index, chunk_size):
+def _check_inputs(hidden, weight, targets, ignore_index, chunk_size, softcap=None):
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be (..., D) and (V, D)")
     if hidden.shape[:-1] != targets.shape:
@@ -284,7 +309,8 @@ def _use_triton_kernels(kernels: str, hidden: torch.Tensor) -> bool:
                      "cast the inputs or use kernels='torch'")
 
 
-def token_logprobs_and_entropy(hidden, weight, targets, ignore_index=-100, chunk_size=1024, kernels="auto"):
+def token_logprobs_and_entropy(hidden, weight, targets, ignore_index=-100, chunk_size=1024, kernels="auto",
+                               softcap=None):
     """Per-token log p(target) and entropy of softmax(hidden @ weight^T), both differentiable, both fp32.
 
     hidden (..., D) and weight (V, D) share one dtype; targets (...) are token ids, `ignore_index` marks tokens
@@ -292,24 +318,25 @@ def token_logprobs_and_entropy(hidden, weight, targets, ignore_index=-100, chunk
     logits are never materialised: `chunk_size` tokens are handled per step (the torch path holds
     chunk_size x VOCAB_CHUNK fp32 logits, the Triton backward chunk_size x V logit gradients in the input
     dtype). kernels="auto" | "triton" | "torch" picks the implementation (see qtune.kernels.dispatch).
+    `softcap`: the logits are cap · tanh(z / cap) (Gemma 2's final_logit_softcapping), or plain when None.
     """
     hidden, weight = _autocast_inputs(hidden, weight)
-    _check_inputs(hidden, weight, targets, ignore_index, chunk_size)
+    _check_inputs(hidden, weight, targets, ignore_index, chunk_size, softcap)
     triton_kernels = _use_triton_kernels(kernels, hidden)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (N, D)
     flat_targets = targets.reshape(-1).long().contiguous()  # (N,)
     logp, entropy = logprobs_entropy(flat_hidden, weight.contiguous(), flat_targets, ignore_index, chunk_size,
-                                     triton_kernels)
+                                     triton_kernels, None if softcap is None else float(softcap))
     return logp.reshape(targets.shape), entropy.reshape(targets.shape)
 
 
-def token_logprobs(hidden, weight, targets, ignore_index=-100, chunk_size=1024, kernels="auto"):
+def token_logprobs(hidden, weight, targets, ignore_index=-100, chunk_size=1024, kernels="auto", softcap=None):
     """Per-token log p(target) under softmax(hidden @ weight^T): fp32, 0 for masked tokens, differentiable
     with respect to hidden and weight. Shapes and arguments as in `token_logprobs_and_entropy`."""
-    return token_logprobs_and_entropy(hidden, weight, targets, ignore_index, chunk_size, kernels)[0]
+    return token_logprobs_and_entropy(hidden, weight, targets, ignore_index, chunk_size, kernels, softcap)[0]
 
 
-def cross_entropy_sum(hidden, weight, targets, ignore_index=-100, chunk_size=1024, kernels="auto"):
+def cross_entropy_sum(hidden, weight, targets, ignore_index=-100, chunk_size=1024, kernels="auto", softcap=None):
     """(sum of -log p(target) over unmasked tokens as a differentiable fp32 scalar, number of unmasked tokens).
 
     Returning the sum and the count lets a training step normalise by the target tokens of all its
@@ -317,7 +344,7 @@ def cross_entropy_sum(hidden, weight, targets, ignore_index=-100, chunk_size=102
     """
     count = (targets != ignore_index).sum()
     hidden, weight = _autocast_inputs(hidden, weight)
-    one_pass = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+    one_pass = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and softcap is None
                 and not _use_triton_kernels(kernels, hidden))
     if one_pass:  # QLoRA's frozen lm_head on the plain-torch path: dL/dh during the forward
         _check_inputs(hidden, weight, targets, ignore_index, chunk_size)  # token_logprobs checks the other path
@@ -325,33 +352,47 @@ def cross_entropy_sum(hidden, weight, targets, ignore_index=-100, chunk_size=102
         loss = CrossEntropySumFn.apply(flat_hidden, weight.contiguous(), targets.reshape(-1).long().contiguous(),
                                        ignore_index, chunk_size)
         return loss, count
-    logp = token_logprobs(hidden, weight, targets, ignore_index, chunk_size, kernels)
+    logp = token_logprobs(hidden, weight, targets, ignore_index, chunk_size, kernels, softcap)
     return -logp.sum(), count
 
 
-def compile_specs() -> list[KernelSpec]:
-    """Both kernels in every dtype the op launches them with, each with its shipped block configuration."""
-    k = _kernels()
-    specs = []
-    configs = [(dtype, cfg, (span,)) for span, table in k.ARCH_BLOCKS for dtype, cfg in table.items()]
+def _launched_tiles(k, softcap: float) -> list[tuple]:
+    """(dtype, Blocks, capability ranges) of every tile configuration launched, as `blocks_for` picks them."""
+    capped = k.SOFTCAP_BLOCKS if softcap else {}
+    configs = [(dtype, cfg, ((0, 1000),)) for dtype, cfg in capped.items()]
+    configs += [(dtype, cfg, (span,)) for span, table in k.ARCH_BLOCKS for dtype, cfg in table.items()
+                if dtype not in capped]
     for dtype, cfg in k.BLOCKS.items():  # everywhere an exception does not take over
+        if dtype in capped:
+            continue
         taken = sorted(span for span, table in k.ARCH_BLOCKS if dtype in table)
         edges = [0, *(edge for span in taken for edge in span), 1000]
         configs.append((dtype, cfg, tuple((low, high) for low, high in zip(edges[::2], edges[1::2]) if low < high)))
-    for dtype, cfg, capabilities in configs:
+    return configs
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Both kernels in every dtype the op launches them with, each with its shipped block configuration (BLOCKS,
+    and ARCH_BLOCKS' tiles on the capabilities they take over), uncapped and with Gemma 2's final-logit
+    soft-cap (30; SOFTCAP_BLOCKS' tiles): SOFTCAP is a constexpr, so each is its own compiled kernel."""
+    k = _kernels()
+    specs = []
+    for (dtype, cfg, capabilities), cap in ((item, cap) for cap in (0.0, 30.0) for item in _launched_tiles(k, cap)):
         ty = TRITON_TYPES[dtype]
         tiles = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d}
         sizes = {"M": "i32", "V": "i32", "D": "i32"}
         inputs = {"h_ptr": f"*{ty}", "w_ptr": f"*{ty}", "y_ptr": "*i64", "token_ptr": "*i64"}
         tag = f"{ty},BLOCK_N={cfg.block_n},BLOCK_V={cfg.block_v},BLOCK_D={cfg.block_d},stages={cfg.num_stages}"
+        constexprs = {**{k: "constexpr" for k in tiles}, "SOFTCAP": "constexpr"}
         partials = {name: "*fp32" for name in ("max_ptr", "sumexp_ptr", "zsum_ptr", "target_ptr")}
         specs.append(KernelSpec(
-            f"logsumexp_partials[{tag},VOCAB_SPLIT={cfg.vocab_split}]", k.logsumexp_partials_kernel,
-            {**inputs, **partials, **sizes, **{k: "constexpr" for k in tiles}, "VOCAB_SPLIT": "constexpr"},
-            {**tiles, "VOCAB_SPLIT": cfg.vocab_split}, cfg.num_warps, cfg.num_stages, capabilities=capabilities))
+            f"logsumexp_partials[{tag},VOCAB_SPLIT={cfg.vocab_split},SOFTCAP={cap}]", k.logsumexp_partials_kernel,
+            {**inputs, **partials, **sizes, **constexprs, "VOCAB_SPLIT": "constexpr"},
+            {**tiles, "VOCAB_SPLIT": cfg.vocab_split, "SOFTCAP": cap}, cfg.num_warps, cfg.num_stages,
+            capabilities=capabilities))
         stats = {name: "*fp32" for name in ("lse_ptr", "mean_logit_ptr", "grad_logp_ptr", "grad_entropy_ptr")}
         specs.append(KernelSpec(
-            f"logit_grad[{tag}]", k.logit_grad_kernel,
-            {**inputs, **stats, "grad_z_ptr": f"*{ty}", **sizes, **{k: "constexpr" for k in tiles}},
-            tiles, cfg.num_warps, cfg.num_stages, capabilities=capabilities))
+            f"logit_grad[{tag},SOFTCAP={cap}]", k.logit_grad_kernel,
+            {**inputs, **stats, "grad_z_ptr": f"*{ty}", **sizes, **constexprs},
+            {**tiles, "SOFTCAP": cap}, cfg.num_warps, cfg.num_stages, capabilities=capabilities))
     return specs

@@ -5,7 +5,8 @@
 Three ops share one forward/backward recipe per projection:
 - `lora_linear`: one projection.
 - `lora_qkv`: q, k, v projections of the same input; x is saved once.
-- `lora_mlp`: the Llama SwiGLU block down(silu(gate(x)) * up(x)); saves x, g = gate(x), u = up(x).
+- `lora_mlp`: the gated MLP down(act(gate(x)) * up(x)) with act = silu (SwiGLU: Llama, Qwen, Mistral) or
+  tanh-approximated GELU (GeGLU: Gemma); saves x, g = gate(x), u = up(x).
 
 What backward keeps and what it recomputes (the point of fusing):
 - The base weight is never saved in a dequantized form: backward dequantizes it again (on the
@@ -22,7 +23,7 @@ What backward keeps and what it recomputes (the point of fusing):
   adapter its own mask as separate dropout modules would, and its own p (`LoraParams.dropout`, unless
   the call passes one p for all). A checkpointed call recomputes the same masks only if it gets the same
   seed: pass `seed` where the checkpoint does not restore the RNG state (`preserve_rng_state=False`).
-- The MLP recomputes h = silu(g) * u in backward instead of saving it.
+- The MLP recomputes h = act(g) * u in backward instead of saving it.
 
 The `@triton.jit` kernels and their launchers live in kernels/triton/lora.py, imported only when one
 runs: triton is optional, and this file imports without it.
@@ -90,6 +91,26 @@ def reference_swiglu_backward(dh, g, u) -> tuple[torch.Tensor, torch.Tensor]:
     return dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
 
 
+GELU_C = (2.0 / torch.pi) ** 0.5  # √(2/π) of the tanh approximation
+
+
+def reference_geglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """h = gelu_tanh(g) · u, gelu_tanh(g) = ½ g (1 + tanh(√(2/π) (g + 0.044715 g³)))."""
+    return F.gelu(g, approximate="tanh") * u
+
+
+def reference_geglu_backward(dh, g, u) -> tuple[torch.Tensor, torch.Tensor]:
+    """dg = dh · u · (½ (1 + t) + ½ g (1 − t²) √(2/π) (1 + 3 · 0.044715 g²)), du = dh · gelu_tanh(g),
+    with t = tanh(√(2/π) (g + 0.044715 g³))."""
+    t = torch.tanh(GELU_C * (g + 0.044715 * g ** 3))
+    dgelu = 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * g * g)
+    return dh * u * dgelu, dh * 0.5 * g * (1 + t)
+
+
+GATED = {"silu": (reference_swiglu, reference_swiglu_backward), "gelu_pytorch_tanh": (reference_geglu,
+                                                                                      reference_geglu_backward)}
+
+
 def _reference_projection(x, p: LoraParams, dropout, training, keep_mask):
     """One projection with p = `dropout`, or its own p.dropout when `dropout` is None."""
     p_drop = p.dropout if dropout is None else dropout
@@ -97,13 +118,13 @@ def _reference_projection(x, p: LoraParams, dropout, training, keep_mask):
 
 
 def reference_lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: float | None = None,
-                       training: bool = True, keep_masks=(None, None, None)) -> torch.Tensor:
-    """out = down(silu(gate(x)) · up(x)); keep_masks fixes the (gate, up, down) dropout masks.
+                       training: bool = True, keep_masks=(None, None, None), activation: str = "silu") -> torch.Tensor:
+    """out = down(act(gate(x)) · up(x)), act one of GATED; keep_masks fixes the (gate, up, down) dropout masks.
 
     `dropout` None: each projection's own p.dropout; a float: that p for all three."""
     g = _reference_projection(x, gate, dropout, training, keep_masks[0])
     u = _reference_projection(x, up, dropout, training, keep_masks[1])
-    return _reference_projection(reference_swiglu(g, u), down, dropout, training, keep_masks[2])
+    return _reference_projection(GATED[activation][0](g, u), down, dropout, training, keep_masks[2])
 
 
 def reference_lora_qkv(x, q: LoraParams, k: LoraParams, v: LoraParams, dropout: float | None = None,
@@ -183,6 +204,32 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, triton_path: bool) -> torch.Tensor:
     return F.silu(g).mul_(u)  # one (N, I) buffer instead of reference_swiglu's two
 
 
+def geglu(g: torch.Tensor, u: torch.Tensor, triton_path: bool) -> torch.Tensor:
+    """h = gelu_tanh(g) · u."""
+    if triton_path:
+        return _kernels().launch_geglu(g, u)
+    return F.gelu(g, approximate="tanh").mul_(u)
+
+
+def geglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, triton_path: bool):
+    """Returns (dg, du), dg being `dh` overwritten in place (as in `swiglu_backward_inplace`)."""
+    if triton_path:
+        return _kernels().launch_geglu_backward_inplace(dh, g, u)
+    dg, du = reference_geglu_backward(dh, g, u)
+    return dh.copy_(dg), du
+
+
+def gated(g: torch.Tensor, u: torch.Tensor, run) -> torch.Tensor:
+    """h = act(g) · u for the run's activation."""
+    return (swiglu if run.activation == "silu" else geglu)(g, u, run.triton_path)
+
+
+def gated_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, run):
+    """(dg, du) of `gated`, dg written over dh."""
+    backward = swiglu_backward_inplace if run.activation == "silu" else geglu_backward_inplace
+    return backward(dh, g, u, run.triton_path)
+
+
 def swiglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, triton_path: bool):
     """Returns (dg, du), dg being `dh` overwritten in place (a backward temporary nothing else reads)."""
     if triton_path:
@@ -202,6 +249,7 @@ class _Run(NamedTuple):
     dropouts: tuple[float, ...]
     seed: int
     triton_path: bool
+    activation: str = "silu"  # the MLP's gate activation (a key of GATED)
 
 
 def _dropped(x: torch.Tensor, run: _Run, i: int) -> torch.Tensor:
@@ -296,8 +344,8 @@ class LoraProjectionsFn(torch.autograd.Function):
         return dx, None, None, *grads
 
 
-class SwiGLUDownTapFn(torch.autograd.Function):
-    """The SwiGLU block's middle: h = silu(g) · u, and the down adapter's "tap".
+class GatedDownTapFn(torch.autograd.Function):
+    """The gated MLP's middle: h = act(g) · u, and the down adapter's "tap".
 
     Saves g, u and down's (N, r) xa = dropout(h) A_downᵀ (not h: backward recomputes it from g and u).
     Returns h and, when down has an adapter, the adapter's output s · xa B_downᵀ, which `BaseProductFn`
@@ -314,7 +362,7 @@ class SwiGLUDownTapFn(torch.autograd.Function):
     @autocast_off
     def forward(ctx, g, u, frozen_down, run, *adapter):
         down = _with_adapters((frozen_down,), adapter)[0] if adapter else frozen_down
-        h = swiglu(g, u, run.triton_path)  # (N, I)
+        h = gated(g, u, run)  # (N, I)
         xa = None if down.lora_a is None else _dropped(h, run, 2) @ down.lora_a.to(h.dtype).t()  # (N, r)
         ctx.save_for_backward(g, u, *([] if xa is None else [xa]), *adapter)
         ctx.frozen, ctx.run = frozen_down, run
@@ -330,12 +378,12 @@ class SwiGLUDownTapFn(torch.autograd.Function):
         if rest:
             xa, lora_a, lora_b = rest
             down = ctx.frozen._replace(lora_a=lora_a, lora_b=lora_b)
-            h = swiglu(g, u, run.triton_path)  # recomputed for dA only
+            h = gated(g, u, run)  # recomputed for dA only
             dyb, d_a, d_b = _adapter_backward(dout.contiguous(), h, xa, down, run, 2)
             del h
             _add_adapter_dx(dh, dyb, down, run, 2)  # dh is BaseProductFn's fresh dY W, read by nothing else
             grads = [d_a, d_b]
-        dg, du = swiglu_backward_inplace(dh.contiguous(), g, u, run.triton_path)  # (N, I) each
+        dg, du = gated_backward_inplace(dh.contiguous(), g, u, run)  # (N, I) each
         return dg, du, None, None, *grads
 
 
@@ -440,11 +488,15 @@ def lora_qkv(x, q: LoraParams, k: LoraParams, v: LoraParams, dropout: float | No
 
 
 def lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: float | None = None,
-             training: bool = True, kernels: str = "auto", seed: int | None = None) -> torch.Tensor:
-    """Llama SwiGLU MLP down(silu(gate(x)) · up(x)) over x (..., H) with LoRA on each projection.
+             training: bool = True, kernels: str = "auto", activation: str = "silu",
+             seed: int | None = None) -> torch.Tensor:
+    """Gated MLP down(act(gate(x)) · up(x)) over x (..., H) with LoRA on each projection; activation "silu"
+    (SwiGLU) or "gelu_pytorch_tanh" (GeGLU).
 
     `dropout` None gives each projection its own p.dropout; a float applies that p to all three. `seed` as in
     `lora_qkv`."""
+    if activation not in GATED:
+        raise ValueError(f"lora_mlp: activation {activation!r} is not one of {', '.join(GATED)}")
     hidden = x.shape[-1]
     _check_projection("lora_mlp", "gate", gate, hidden)
     _check_projection("lora_mlp", "up", up, hidden)
@@ -454,10 +506,11 @@ def lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: flo
     _check_projection("lora_mlp", "down", down, intermediate)
     x = x.to(compute_dtype(x))
     frozen, run, adapters = _prepare("lora_mlp", (gate, up, down), dropout, training, kernels, x, seed)
-    # three nodes so that a checkpoint's recomputation stops before the down product (SwiGLUDownTapFn)
+    run = run._replace(activation=activation)
+    # three nodes so that a checkpoint's recomputation stops before the down product (GatedDownTapFn)
     g, u = LoraProjectionsFn.apply(x.reshape(-1, hidden), frozen[:2], run, *adapters[:4])  # saves x and xa
     down_adapter = [] if down.lora_a is None else adapters[4:]
-    h, tap = SwiGLUDownTapFn.apply(g, u, frozen[2], run, *down_adapter)  # saves g, u and down's xa
+    h, tap = GatedDownTapFn.apply(g, u, frozen[2], run, *down_adapter)  # saves g, u and down's xa
     out = BaseProductFn.apply(h, tap, frozen[2], run)  # saves nothing
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -481,6 +534,11 @@ def compile_specs() -> list[KernelSpec]:
             KernelSpec(f"swiglu_forward[{ty},BLOCK={n}]", k.swiglu_forward_kernel,
                        {"g_ptr": ptr, "u_ptr": ptr, "h_ptr": ptr, **scalars, "BLOCK": "constexpr"}, block, warps),
             KernelSpec(f"swiglu_backward_inplace[{ty},BLOCK={n}]", k.swiglu_backward_inplace_kernel,
+                       {"dh_ptr": ptr, "g_ptr": ptr, "u_ptr": ptr, "du_ptr": ptr, **scalars, "BLOCK": "constexpr"},
+                       block, warps),
+            KernelSpec(f"geglu_forward[{ty},BLOCK={n}]", k.geglu_forward_kernel,
+                       {"g_ptr": ptr, "u_ptr": ptr, "h_ptr": ptr, **scalars, "BLOCK": "constexpr"}, block, warps),
+            KernelSpec(f"geglu_backward_inplace[{ty},BLOCK={n}]", k.geglu_backward_inplace_kernel,
                        {"dh_ptr": ptr, "g_ptr": ptr, "u_ptr": ptr, "du_ptr": ptr, **scalars, "BLOCK": "constexpr"},
                        block, warps),
         ]

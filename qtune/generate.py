@@ -102,7 +102,7 @@ def _generate_batch(model, prompts, s: Sampling, stop_ids: set, stop_strings: tu
     out_ids: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     for step in range(s.max_new_tokens):
-        tok = next_token(model.lm_head(hidden), s, gen)  # (B_active,)
+        tok = next_token(model.logits(hidden), s, gen)  # (B_active,)
         done = []
         for j, (r, t) in enumerate(zip(rows.tolist(), tok.tolist())):
             out_ids[r].append(t)

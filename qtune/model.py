@@ -1,16 +1,29 @@
-"""The Llama family in one file: Llama-2, Llama-3/3.1, Mistral, SmolLM2, Qwen2.
+"""The decoder families in one file: Llama-2, Llama-3/3.1, Mistral (Nemo, Small), SmolLM2, Qwen2, Qwen3,
+Gemma 2, Gemma 3 (text) and Phi-3/3.5/4.
 
 RMSNorm -> attention (RoPE in Hugging Face's `rotate_half` layout, grouped-query heads, SDPA) -> RMSNorm
 -> SwiGLU MLP, repeated; then a final RMSNorm and the output projection. Parameter names match Hugging
 Face's (`model.layers.0.self_attn.q_proj.weight`, ...) so checkpoints and PEFT adapters load without
 renaming, and the RoPE layout matches so adapters need no permutation.
 
+What the other families change, each a ModelConfig switch:
+- Qwen3, Gemma 3 (`qk_norm`): an RMSNorm over each head of q and k, before RoPE.
+- Gemma (`gemma_norms`): norms scale by (1 + w) in fp32; the attention and MLP outputs are normalised too
+  before joining the residual (four norms a layer); embeddings are multiplied by sqrt(D) rounded to the
+  model's dtype; the MLP gate is tanh-approximated GELU (GeGLU, `hidden_act`).
+- Gemma 2: attention scores and final logits are soft-capped, s -> cap · tanh(s / cap).
+- `layer_types`: sliding-window layers (Gemma 2: every other one; Gemma 3: five of six, with their own
+  RoPE base `rope_local_theta`).
+- Mixtral, Qwen3-MoE (`num_experts`): the MLP is a mixture of experts; a router picks each token's top-k
+  experts and their weights, and each expert runs once over all the tokens routed to it.
+- Phi-3 (`fused_projections`): q, k, v come from one `qkv_proj` and gate, up from one `gate_up_proj`, as
+  its checkpoints store them (so PEFT adapters on those modules load unchanged); RoPE may rotate only part
+  of each head and use LongRoPE (qtune/rope.py).
+
 Masks: `attention_mask` (B, T) holds 0 for padding and a positive *segment id* for real tokens. A token
 attends to earlier tokens of the same segment only, so one tensor expresses both padding (all ids 1) and
 packing (ids 1, 2, 3 ... for the examples sharing a row).
 """
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -18,25 +31,30 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qtune.config import ModelConfig
+from qtune.rope import apply_rope, longrope_past_original, rope_attention_scale, rope_cos_sin, rope_inv_freq
 from qtune.kernels.cpu.attention import cpu_attention
 from qtune.kernels.dispatch import check_mode, use_triton
 from qtune.kernels.lora import LoraParams, lora_mlp, lora_qkv
 
 
 class RMSNormFn(torch.autograd.Function):
-    """y = w · (x r) with r = 1 / sqrt(mean(x²) + eps), normalised in fp32 and rounded to x's dtype before
-    the weight like the reference implementation. Saves x itself and r (one fp32 number per row).
+    """y = (w + offset) · (x r) with r = 1 / sqrt(mean(x²) + eps) and offset 0 (Llama) or 1 (Gemma). Llama
+    rounds x r to x's dtype before the weight; Gemma multiplies by (1 + w) in fp32 and rounds once, as each
+    reference implementation does. Saves x itself and r (one fp32 number per row).
 
-    Backward in closed form, with x̂ = x r and g = dy · w:
+    Backward in closed form, with x̂ = x r and g = dy · (w + offset):
         dx = r (g − x̂ · mean(g x̂)),     dw = Σ_rows dy · x̂
     (autograd through the forward's six ops took 3.1 ms per (1024, 576) fp32 backward on a CPU, this 1.6 ms).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, offset):
         xf = x.float()
         r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1) fp32
         ctx.save_for_backward(x, weight, r)
+        ctx.offset = offset
+        if offset:
+            return (xf * r * (weight.float() + offset)).to(x.dtype)
         return weight * (xf * r).to(x.dtype)
 
     @staticmethod
@@ -45,61 +63,23 @@ class RMSNormFn(torch.autograd.Function):
         x_hat = x.float() * r  # (..., D) fp32
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            g = grad_y.float() * weight.float()
+            g = grad_y.float() * (weight.float() + ctx.offset)
             grad_x = g.sub_(x_hat * (g * x_hat).mean(-1, keepdim=True)).mul_(r).to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (grad_y * x_hat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """y = x / sqrt(mean(x²) + eps) · (w + offset): offset 0 for Llama, 1 for Gemma (whose w starts at 0)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x):
-        # y = x / sqrt(mean(x^2) + eps) * w
-        return RMSNormFn.apply(x, self.weight, self.eps)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d), with Llama-3.1 / linear scaling applied when configured. (d/2,)"""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
-    scaling = cfg.rope_scaling
-    if not scaling:
-        return inv_freq
-    factor = float(scaling["factor"])
-    if scaling["rope_type"] == "linear":
-        return inv_freq / factor
-    # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, the band between blended
-    # (Meta's reference `apply_scaling` in llama-models).
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old_len = float(scaling["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, blended, scaled)
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos and sin tables for the given positions, each (B, 1, T, head_dim)."""
-    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].to(position_ids.device)  # (B, T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    # RoPE in the half-split layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-    return x * cos + rotate_half(x) * sin
+        return RMSNormFn.apply(x, self.weight, self.eps, self.offset)
 
 
 class KVCache:
@@ -125,6 +105,26 @@ class KVCache:
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
         self.segments = self.segments.index_select(0, rows)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's soft-capping: cap · tanh(x / cap), smooth and bounded by ±cap; x itself when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def softcapped_attention(q, k, v, mask, scale: float, cap: float):
+    """Attention with soft-capped scores (Gemma 2), which no fused attention kernel offers:
+    softmax(cap · tanh(scale · q kᵀ / cap) + mask) v. q (B, H, T, d), k and v (B, H_kv, S, d) -> (B, T, H, d).
+    It holds the (B, H, T, S) scores, as transformers' eager attention does."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, d)
+    scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * scale, cap)  # (B, H, T, S)
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril_(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v).transpose(1, 2)
 
 
 def attention_mask_4d(segments_q, segments_k, offset: int, window: int | None):
@@ -161,31 +161,50 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         D = cfg.hidden_size
-        self.q_proj = nn.Linear(D, self.n_head * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        if cfg.fused_projections:
+            self.qkv_proj = nn.Linear(D, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(D, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, D, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            offset = 1.0 if cfg.gemma_norms else 0.0
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset)
+        # softmax(c · q kᵀ): c = d^-1/2, or Gemma's query_pre_attn_scalar^-1/2
+        self.scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
+        self.window = cfg.layer_window(layer_idx)  # picks the layer's mask and (Gemma 3) its RoPE table
         self.intermediate_size = cfg.intermediate_size  # bounds the scores block attention may save
         self.kernels = "auto"  # "triton" routes q/k/v through the fused QLoRA op (see kernels/dispatch.py)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if fused_path(self.kernels, x, *projections):
+        if hasattr(self, "qkv_proj"):  # Phi-3: rows of q, then k, then v
+            q, k, v = self.qkv_proj(x).split([self.n_head * self.head_dim, *[self.n_kv * self.head_dim] * 2], -1)
+        elif fused_path(self.kernels, x, self.q_proj, self.k_proj, self.v_proj):
             # one fused QLoRA op for the three projections: x is saved once, NF4 weights are recomputed
+            projections = (self.q_proj, self.k_proj, self.v_proj)
             q, k, v = lora_qkv(x, *map(fused_params, projections), training=self.training, kernels=self.kernels)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)  # over each head's d features
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, d)
-        if q.is_cuda:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        if self.softcap is not None:
+            y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)  # (B, T, H, d)
+        elif q.is_cuda:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                enable_gqa=self.n_head > self.n_kv).transpose(1, 2)  # (B, T, H, d)
         else:
+            if self.scale != self.head_dim ** -0.5:  # the CPU kernels scale by d^-1/2: fold the rest into q
+                q = q * (self.scale * self.head_dim ** 0.5)
             y = cpu_attention(q, k, v, mask, cache, self.intermediate_size)  # (B, T, H, d)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
@@ -193,31 +212,100 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        if cfg.fused_projections:
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.activation = cfg.hidden_act
         self.kernels = "auto"  # "triton" runs the whole block as one fused QLoRA op
 
     def forward(self, x):
-        # SwiGLU: down(silu(gate x) * up x)
+        # SwiGLU: down(silu(gate x) * up x); GeGLU: down(gelu_tanh(gate x) * up x)
+        if hasattr(self, "gate_up_proj"):  # Phi-3: gate rows, then up rows
+            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(gate_activation(g, self.activation) * u)
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if fused_path(self.kernels, x, *projections):
             # the fused block saves x, gate x and up x only and recomputes the rest in backward
-            return lora_mlp(x, *map(fused_params, projections), training=self.training, kernels=self.kernels)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return lora_mlp(x, *map(fused_params, projections), training=self.training, kernels=self.kernels,
+                            activation=self.activation)
+        return self.down_proj(gate_activation(self.gate_proj(x), self.activation) * self.up_proj(x))
+
+
+def gate_activation(g: torch.Tensor, activation: str) -> torch.Tensor:
+    """silu(g) = g σ(g), or GELU with the tanh approximation 0.5 g (1 + tanh(√(2/π) (g + 0.044715 g³)))."""
+    return F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
+
+
+class Expert(nn.Module):
+    """One expert's gated MLP; Mixtral names its projections w1 (gate), w3 (up) and w2 (down)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, I = cfg.hidden_size, cfg.moe_intermediate_size
+        self.names = ("w1", "w3", "w2") if cfg.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        for name, (n_out, n_in) in zip(self.names, ((I, D), (I, D), (D, I))):
+            setattr(self, name, nn.Linear(n_in, n_out, bias=False))
+        self.activation = cfg.hidden_act
+
+    def forward(self, x):
+        gate, up, down = (getattr(self, name) for name in self.names)
+        return down(gate_activation(gate(x), self.activation) * up(x))
+
+
+class SparseMoE(nn.Module):
+    """Mixture of experts: p = softmax(router(x)) in fp32; each token goes to its top-k experts, weighted by
+    their p (renormalised to sum to 1 with norm_topk_prob); out = Σ_k p_k · expert_k(x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_experts))
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])  # (N, D)
+        p = torch.softmax(self.gate(h), dim=-1, dtype=torch.float32)  # (N, E)
+        weights, chosen = p.topk(self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(h)
+        for e in chosen.unique().tolist():  # tokens grouped by expert: one product per expert, no token loop
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, self.experts[e](h[token]) * weights[token, slot, None])
+        return out.view_as(x)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        D, eps, offset = cfg.hidden_size, cfg.rms_norm_eps, 1.0 if cfg.gemma_norms else 0.0
+        self.input_layernorm = RMSNorm(D, eps, offset)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.post_attention_layernorm = RMSNorm(D, eps, offset)
+        if cfg.gemma_norms:
+            self.pre_feedforward_layernorm = RMSNorm(D, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(D, eps, offset)
+        if cfg.model_type == "mixtral":  # its checkpoints' name for the block
+            self.block_sparse_moe = SparseMoE(cfg)
+        else:
+            self.mlp = SparseMoE(cfg) if cfg.num_experts else MLP(cfg)
+
+    @property
+    def ffn(self) -> nn.Module:
+        """The feed-forward block: `mlp`, or Mixtral's `block_sparse_moe`."""
+        return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
     def forward(self, x, cos, sin, mask, cache=None):
+        if hasattr(self, "pre_feedforward_layernorm"):
+            # Gemma: each block's output is normalised too before it joins the residual stream
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.ffn(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.ffn(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
@@ -225,7 +313,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, 1.0 if cfg.gemma_norms else 0.0)
 
 
 class CausalLM(nn.Module):
@@ -238,13 +326,29 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.set_rope_tables("cpu")
         self.gradient_checkpointing = False
         self.kernels = "auto"  # the kernel choice every layer and loss of this model uses; see set_kernels
+        self.logit_softcap = cfg.final_logit_softcapping  # Gemma 2: the losses cap logits as forward() does
+
+    def set_rope_tables(self, device) -> None:
+        """(Re)build the RoPE inverse frequencies on `device` (a model built on the meta device has none):
+        `rope_inv_freq`, `rope_local_inv_freq` for Gemma 3's sliding layers, `rope_long_inv_freq` for LongRoPE."""
+        self.register_buffer("rope_inv_freq", rope_inv_freq(self.config).to(device), persistent=False)
+        if self.config.rope_local_theta is not None:
+            local = rope_inv_freq(self.config, local=True).to(device)
+            self.register_buffer("rope_local_inv_freq", local, persistent=False)
+        if self.config.rope_scaling and self.config.rope_scaling["rope_type"] == "longrope":
+            long = rope_inv_freq(self.config, long=True).to(device)
+            self.register_buffer("rope_long_inv_freq", long, persistent=False)
 
     def output_weight(self) -> torch.Tensor:
         """The (V, D) output projection (the embedding matrix when tied), for fused log-prob losses."""
         return self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of final hidden states (..., D), soft-capped where the model is (Gemma 2)."""
+        return softcap(self.lm_head(hidden), self.logit_softcap)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, kv_cache: KVCache | None = None):
         """Final normalised hidden states (B, T, D).
@@ -257,9 +361,19 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
-        mask = self._mask(input_ids, attention_mask, kv_cache)
+        if self.config.gemma_norms:
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)  # sqrt(D) rounded to x's dtype
+        # LongRoPE switches to its long table once any position passes the pre-training context
+        freq = self.rope_long_inv_freq if longrope_past_original(self.config, position_ids) else self.rope_inv_freq
+        rope = {None: rope_cos_sin(freq, position_ids, x.dtype, rope_attention_scale(self.config))}
+        masks = {None: self._mask(input_ids, attention_mask, kv_cache, None)}
+        if self.config.sliding_window is not None:
+            local_freq = getattr(self, "rope_local_inv_freq", self.rope_inv_freq)
+            rope[self.config.sliding_window] = rope_cos_sin(local_freq, position_ids, x.dtype)
+            masks[self.config.sliding_window] = self._mask(input_ids, attention_mask, kv_cache,
+                                                           self.config.sliding_window)
         for layer in self.model.layers:
+            (cos, sin), mask = rope[layer.self_attn.window], masks[layer.self_attn.window]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
             else:
@@ -270,10 +384,9 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: KVCache | None = None):
         """Logits (B, T, V)."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache))
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache))
 
-    def _mask(self, input_ids, attention_mask, kv_cache):
-        window = self.config.sliding_window
+    def _mask(self, input_ids, attention_mask, kv_cache, window):
         T = input_ids.shape[1]
         if kv_cache is None:
             if attention_mask is None and (window is None or T <= window):

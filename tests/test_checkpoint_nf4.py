@@ -22,7 +22,7 @@ def fp32_reference_path(model):
     return model
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "mistral-nemo", "qwen3", "gemma2", "gemma3", "phi3"])
 def tiny_dir(request, tmp_path_factory):
     return save_tiny(request.param, tmp_path_factory.mktemp(request.param))
 
@@ -37,7 +37,9 @@ def hf_nf4(path):
 
 def test_quantize_on_load_matches_bitsandbytes(tiny_dir):
     ours = load_model(tiny_dir, quantize="nf4", dtype="float32")
-    assert sum(isinstance(m, NF4Linear) for m in ours.modules()) == 7 * 2
+    config = json.loads((tiny_dir / "config.json").read_text())
+    per_layer = 4 if config["model_type"] == "phi3" else 7  # Phi-3 fuses q/k/v and gate/up
+    assert sum(isinstance(m, NF4Linear) for m in ours.modules()) == per_layer * config["num_hidden_layers"]
     ids = torch.randint(3, 160, (2, 13))
     with torch.no_grad():
         ref = hf_nf4(tiny_dir)(ids).logits
@@ -84,3 +86,30 @@ def test_existing_output_survives_a_failed_quantize(tmp_path):
     with pytest.raises(Exception):
         quantize_checkpoint(tmp_path / "missing-model", out)
     assert (out / "keep.txt").read_text() == "earlier result"
+
+
+@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
+def test_mixture_of_experts_nf4_equals_bitsandbytes_dequantized_weights(tmp_path, kind):
+    """transformers keeps experts as fused 3-D parameters, which bitsandbytes does not quantize; so the reference
+    is transformers on the checkpoint with every quantized weight (experts one by one, attention) replaced by
+    bitsandbytes' NF4 round trip (double quantization) of it."""
+    from safetensors.torch import load_file, save_file
+
+    from qtune.weights.checkpoint import is_quantizable
+
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    src = save_tiny(kind, tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    quantized = [k for k in tensors if is_quantizable(k)]
+    assert sum(".experts." in k for k in quantized) == 2 * 3 * 4  # layers x projections x experts
+    for k in quantized:
+        tensors[k] = bnb_f.dequantize_4bit(*bnb_f.quantize_4bit(tensors[k], quant_type="nf4", compress_statistics=True))
+    (tmp_path / "ref").mkdir()
+    save_file(tensors, tmp_path / "ref" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "ref" / "config.json").write_text((src / "config.json").read_text())
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ref", dtype=torch.float32).eval()
+    ours = load_model(src, quantize="nf4", dtype="float32")
+    assert sum(isinstance(m, NF4Linear) for m in ours.modules()) == len(quantized)
+    ids = torch.randint(3, 160, (2, 13))
+    with torch.no_grad():
+        assert (ref(ids).logits - ours(ids)).abs().max().item() <= 1e-4

@@ -407,3 +407,95 @@ def test_convert_into_writes_complete_directory(tiny_gguf, tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json", hub.MARKER_FILE} <= names
     assert os.listdir(dest.parent) == ["tiny"]
+
+
+# --- the other architectures: a tiny transformers model written as GGUF with the gguf package's names -------
+
+FAMILY_ARCHS = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "gemma2": gguf.MODEL_ARCH.GEMMA2,
+                "gemma3": gguf.MODEL_ARCH.GEMMA3, "phi3": gguf.MODEL_ARCH.PHI3}
+
+
+def write_family_gguf(path, kind, sp_model_path):
+    """A tiny transformers model of `kind` (tests/tiny.py, the sentencepiece vocabulary) written as llama.cpp's
+    converter writes it: the gguf package's tensor names, no Q/K permutation (these families use the half-split
+    rotation in llama.cpp too), Gemma's norms stored as 1 + w, F32 tensors. Returns the transformers model."""
+    import sentencepiece
+    from transformers import AutoModelForCausalLM
+    from tiny import hf_config
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_model_path))
+    n = sp.get_piece_size()
+    cfg = hf_config(kind)
+    cfg.vocab_size = n
+    if kind.startswith("gemma"):  # GGUF has no query_pre_attn_scalar: llama.cpp takes head_dim below 27B
+        cfg.query_pre_attn_scalar = cfg.head_dim
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if kind.startswith("gemma") or name.endswith(".bias") else 1.0))
+    arch = FAMILY_ARCHS[kind]
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if kind != "phi3":  # llama.cpp's Phi-3 converter writes neither (heads are hidden / heads wide)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if kind.startswith("gemma"):
+        writer.add_sliding_window(cfg.sliding_window)
+    if kind == "gemma2":
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if kind == "gemma3":
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    if kind == "phi3":  # partial rotation, and LongRoPE's factors as tensors
+        writer.add_rope_dimension_count(int(head_dim * rope["partial_rotary_factor"]))
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    writer.add_token_scores([sp.get_score(i) for i in range(n)])
+    writer.add_token_types([gguf.TokenType.CONTROL if sp.is_control(i) else gguf.TokenType.UNKNOWN if sp.is_unknown(i)
+                            else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.NORMAL for i in range(n)])
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    for name, w in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        stored = w + 1 if kind.startswith("gemma") and name.endswith("norm.weight") else w
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), stored.numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+@pytest.mark.parametrize("kind", list(FAMILY_ARCHS))
+def test_family_gguf_converts_to_the_same_model(kind, tmp_path, sp_model_path):
+    """The converted directory gives the original model's logits in qtune and in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from qtune.weights.checkpoint import load_model
+
+    original = write_family_gguf(tmp_path / f"{kind}.gguf", kind, sp_model_path)
+    out = convert_gguf(tmp_path / f"{kind}.gguf", tmp_path / "hf")
+    ids = torch.randint(3, 32000, (2, 40), generator=torch.Generator().manual_seed(0))  # past Phi-3's 32
+    with torch.no_grad():
+        want = original(ids).logits
+        assert (load_model(out, quantize="none")(ids) - want).abs().max().item() <= 1e-4
+        theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert (theirs(ids).logits - want).abs().max().item() <= 1e-4

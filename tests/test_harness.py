@@ -111,6 +111,20 @@ def test_loglikelihood_equals_transformers_with_peft(backend, reference):
         assert logp == pytest.approx(reference_logprob(reference, ctx + cont, len(cont)), abs=1e-4)
 
 
+def test_loglikelihood_of_a_soft_capped_family_equals_transformers(tmp_path):
+    """Gemma 2 caps its final logits (tiny: at 0.5, where tanh bends them): the scores are of the capped logits."""
+    from qtune.train.harness import QtuneLM
+
+    model_dir = save_tiny_with_tokenizer("gemma2", tmp_path / "gemma2")
+    backend = QtuneLM(pretrained=str(model_dir), quantize="none", dtype="float32", batch_size=2)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pairs = [("Colour of the sky?", " blue"), ("One", " two three four")]
+    got = backend.loglikelihood(instances("loglikelihood", pairs))
+    for (context, continuation), (logp, _) in zip(pairs, got):
+        ctx, cont = backend.encode_pair(context, continuation)
+        assert logp == pytest.approx(reference_logprob(reference, ctx + cont, len(cont)), abs=1e-4)
+
+
 def test_rolling_loglikelihood_scores_every_token_after_the_prefix(backend, reference):
     text = "A short document whose every token is scored."
     [got] = backend.loglikelihood_rolling(instances("loglikelihood_rolling", [(text,)]))

@@ -61,10 +61,14 @@ def test_every_kernel_compiles_for_every_target_without_spills():
     assert report["targets"] == list(TARGETS)
     kernels = report["kernels"]
     logprobs = {name: figs for name, figs in kernels.items() if name.startswith(("logsumexp_partials[", "logit_grad["))}
-    # two kernels x (fp32 / fp16 / bf16 tiles + Turing's fp16 / bf16 + sm_120's fp32) x two variants
-    assert len(logprobs) == 2 * 6 * 2
+    # two kernels x two variants x (uncapped: fp32 / fp16 / bf16 tiles + Turing's fp16 / bf16 + sm_120's fp32;
+    # soft-capped: the same but one fp32 tile everywhere)
+    assert len(logprobs) == 2 * 2 * (6 + 5)
+    capped = [name for name in logprobs if "SOFTCAP=30.0]" in name]
+    assert len(capped) == 2 * 2 * 5
+    assert sum(name.split("[")[1].startswith("fp32,") for name in capped) == 2 * 2
     turing = [name for name in logprobs if name.split("[")[1].startswith(("bf16,", "fp16,")) and "BLOCK_V=64," in name]
-    assert len(turing) == 2 * 2 * 2
+    assert len(turing) == 2 * 2 * 2 * 2
     assert turing and all(set(logprobs[name]) == {"sm_75"} for name in turing)  # Turing tiles only where they run
     blackwell = [name for name in logprobs if name.split("[")[1].startswith("fp32,") and "stages=1" in name]
     assert len(blackwell) == 2 * 2 and all(set(logprobs[name]) == {"sm_120"} for name in blackwell)

@@ -79,6 +79,58 @@ def test_outputs_and_gradients_match_reference(shape, kernels):
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "N{}-D{}-V{}-chunk{}".format(*s))
+def test_soft_capped_logits_match_reference(shape, kernels):
+    """Gemma 2's final-logit soft-capping c = cap · tanh(z / cap) inside the fused ops: outputs and gradients
+    against the capped full-logits reference, which differs clearly from the uncapped one."""
+    N, D, V, chunk = shape
+    cap = 1.5  # the random logits reach about ±10 here, so tanh bends most of them
+    hidden, weight, targets = make_inputs(N, D, V, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    weight_logp, weight_entropy = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    h64, w64 = hidden.double(), weight.double()
+    logp, entropy = token_logprobs_and_entropy(hidden, weight, targets, chunk_size=chunk, kernels=kernels, softcap=cap)
+    assert_rel_close(logp, reference_token_logprobs(h64, w64, targets, softcap=cap), what="logp")
+    assert_rel_close(entropy, reference_token_entropy(h64, w64, targets, softcap=cap), what="entropy")
+    assert (logp - reference_token_logprobs(h64, w64, targets)).abs().max() > 1.0
+
+    def ours(h, w):
+        lp, ent = token_logprobs_and_entropy(h, w, targets, chunk_size=chunk, kernels=kernels, softcap=cap)
+        return (lp * weight_logp).sum() + (ent * weight_entropy).sum()
+
+    def reference(h, w):
+        return ((reference_token_logprobs(h, w, targets, softcap=cap) * weight_logp.double()).sum()
+                + (reference_token_entropy(h, w, targets, softcap=cap) * weight_entropy.double()).sum())
+
+    def ce_reference(h, w):
+        return F.cross_entropy(torch.tanh(h @ w.T / cap) * cap, targets, ignore_index=-100, reduction="sum")
+
+    for name, mine, ref in (("logp + entropy", ours, reference), ("cross_entropy_sum", lambda h, w: cross_entropy_sum(
+            h, w, targets, chunk_size=chunk, kernels=kernels, softcap=cap)[0], ce_reference)):
+        value, grad_h, grad_w = grads(mine, hidden, weight)
+        ref_value, ref_grad_h, ref_grad_w = grads(ref, hidden, weight, torch.float64)
+        assert_rel_close(value, ref_value, what=f"{name} value")
+        assert_rel_close(grad_h, ref_grad_h, what=f"{name} dL/dhidden")
+        assert_rel_close(grad_w, ref_grad_w, what=f"{name} dL/dweight")
+    # a frozen weight (QLoRA's lm_head) skips the one-pass cross-entropy, which has no capped form
+    h = hidden.clone().requires_grad_()
+    loss = cross_entropy_sum(h, weight, targets, chunk_size=chunk, kernels=kernels, softcap=cap)[0]
+    loss.backward()
+    assert_rel_close(h.grad, grads(ce_reference, hidden, weight, torch.float64)[1], what="frozen-weight dL/dhidden")
+
+
+def test_temperature_on_capped_logits_is_a_rescaled_cap():
+    """PPO samples from capped logits / T: with h / T and cap / T the op computes exactly that
+    ((cap / T) tanh((z / T) / (cap / T)) = cap tanh(z / cap) / T), which train/ppo.py relies on."""
+    hidden, weight, targets = make_inputs(9, 16, 50, seed=4)
+    cap, temperature = 2.0, 0.7
+    want = torch.log_softmax(torch.tanh(hidden.double() @ weight.double().T / cap) * cap / temperature, -1)
+    want = torch.where(targets != -100, want.gather(1, targets.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    got = token_logprobs(hidden / temperature, weight, targets, kernels="torch", softcap=cap / temperature)
+    assert_rel_close(got, want, what="logp at temperature")
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 def test_cross_entropy_count_and_all_masked_batch(kernels):
     hidden, weight, targets = make_inputs(9, 16, 50)
     _, count = cross_entropy_sum(hidden, weight, targets, kernels=kernels)

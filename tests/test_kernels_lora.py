@@ -126,15 +126,16 @@ def test_lora_qkv_matches_reference(kernels, dropout, nf4):
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("nf4", [False, True])
-def test_lora_mlp_matches_reference(kernels, dropout, nf4):
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
+def test_lora_mlp_matches_reference(kernels, dropout, nf4, activation):
     torch.manual_seed(0)
     x = torch.randn(2, 7, 19, requires_grad=True)  # (B, T, H)
     gate, up, down = make_params(37, 19, nf4=nf4), make_params(37, 19, nf4=nf4), make_params(19, 37, nf4=nf4)
     torch.manual_seed(SEED)
-    out = lora_mlp(x, gate, up, down, dropout=dropout, kernels=kernels)
+    out = lora_mlp(x, gate, up, down, dropout=dropout, kernels=kernels, activation=activation)
     masks = drawn_masks(kernels, [x.shape, x.shape, (14, 37)], dropout)
     masks[2] = None if masks[2] is None else masks[2].view(2, 7, 37)
-    ref = lora.reference_lora_mlp(x, gate, up, down, dropout=dropout, keep_masks=masks)
+    ref = lora.reference_lora_mlp(x, gate, up, down, dropout=dropout, keep_masks=masks, activation=activation)
     check_same([out], [ref], [x, *adapters(gate, up, down)])
 
 
@@ -231,17 +232,20 @@ def test_dropout_mask_rate_scale_and_independence(kernels):
     close(lora.lora_dropout(x, 5, p, kernels == "triton"), x * keep / (1 - p))
 
 
-def test_swiglu_kernels_match_autograd():
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
+def test_gated_activation_kernels_match_autograd(activation):
+    """SwiGLU and GeGLU (Gemma's MLP): torch's own activation through autograd is the reference."""
     torch.manual_seed(0)
     g, u, dh = (torch.randn(7, 131) * 3 for _ in range(3))
     g.requires_grad_(), u.requires_grad_()
-    h = F.silu(g) * u
+    h = (F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")) * u
     dg_ref, du_ref = torch.autograd.grad(h, (g, u), dh)
     g, u = g.detach(), u.detach()
-    close(lora.reference_swiglu_backward(dh, g, u)[0], dg_ref)
+    close(lora.GATED[activation][1](dh, g, u)[0], dg_ref)
     for triton_path in (True, False):
-        close(lora.swiglu(g, u, triton_path), h.detach())
-        dg, du = lora.swiglu_backward_inplace(dh.clone(), g, u, triton_path)
+        run = lora._Run((0.0, 0.0, 0.0), 0, triton_path, activation)
+        close(lora.gated(g, u, run), h.detach())
+        dg, du = lora.gated_backward_inplace(dh.clone(), g, u, run)
         close(dg, dg_ref)
         close(du, du_ref)
 

@@ -22,12 +22,13 @@ from tiny import save_tiny
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 TOL = 1e-4
+FAMILIES = ("qwen3", "gemma2", "gemma3", "mistral-nemo", "phi3", "qwen3-moe", "mixtral")  # the families beyond Llama / Qwen2 (issue #16)
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {kind: save_tiny(kind, root / kind) for kind in ("llama", "llama3", "qwen2")}
+    return {kind: save_tiny(kind, root / kind) for kind in ("llama", "llama3", "qwen2", *FAMILIES)}
 
 
 def hf_model(path):
@@ -88,7 +89,24 @@ CASES = [  # kind, config
     ("llama", LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))),
     ("llama3", LoraConfig(r=8, alpha=16, target_modules="all-linear")),
     ("qwen2", LoraConfig(r=4, alpha=6, target_modules="all-linear", rslora=True)),
+    ("qwen3", LoraConfig(r=4, alpha=8, target_modules="all-linear")),
+    ("gemma2", LoraConfig(r=4, alpha=8, target_modules="all-linear")),
+    ("gemma3", LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))),
+    ("mistral-nemo", LoraConfig(r=4, alpha=8, target_modules="all-linear")),
+    ("phi3", LoraConfig(r=4, alpha=8, target_modules=("qkv_proj", "gate_up_proj", "down_proj"))),
+    ("qwen3-moe", LoraConfig(r=4, alpha=8, target_modules="all-linear")),  # attention only, as in PEFT
+    ("mixtral", LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))),
 ]
+
+
+@pytest.mark.parametrize("kind, expert_names", [("qwen3-moe", ("gate_proj", "up_proj", "down_proj")),
+                                                ("mixtral", ("w1", "w2", "w3"))])
+def test_all_linear_spares_experts_and_router_and_naming_them_adapts_every_expert(tiny_dirs, kind, expert_names):
+    m = load_model(tiny_dirs[kind], quantize="none")
+    attention = add_lora(m, LoraConfig(r=2, target_modules="all-linear"), name="attn")
+    assert len(attention) == 2 * 4 and not any(".experts." in n or n.endswith(".gate") for n in attention)
+    experts = add_lora(m, LoraConfig(r=2, target_modules=expert_names), name="experts")
+    assert len(experts) == 2 * 4 * 3 and all(".experts." in n for n in experts)  # layers x experts x projections
 
 
 @pytest.mark.parametrize("kind,cfg", CASES, ids=[c[0] for c in CASES])
@@ -99,7 +117,8 @@ def test_saved_adapter_loads_in_peft_with_equal_logits(tiny_dirs, tmp_path, kind
     out = save_adapter(m, tmp_path / "adapter", base_model_name_or_path=str(tiny_dirs[kind]))
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["r"] == cfg.r and saved["use_rslora"] == cfg.rslora and saved["peft_type"] == "LORA"
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in load_file(out / "adapter_model.safetensors")
+    query = "qkv_proj" if kind == "phi3" else "q_proj"  # PEFT's names: Phi-3 adapts its fused projection
+    assert f"base_model.model.model.layers.0.self_attn.{query}.lora_A.weight" in load_file(out / "adapter_model.safetensors")
     assert (out / MANIFEST).exists()  # qtune's own file, which PEFT ignores
     ref = peft.PeftModel.from_pretrained(hf_model(tiny_dirs[kind]), out).eval()
     ids = token_ids(1)
@@ -186,11 +205,12 @@ def test_gradients_reach_only_the_active_adapter(tiny_dirs, tmp_path):
     assert max_diff(logits(m, ids), logits(ref, ids)) <= TOL
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
-def test_triton_route_matches_torch_route(tiny_dirs, quantize):
+@pytest.mark.parametrize("kind, quantize", [("qwen2", "none"), ("qwen2", "nf4"), ("gemma2", "nf4"), ("qwen3", "nf4")])
+def test_triton_route_matches_torch_route(tiny_dirs, kind, quantize):
+    """Gemma 2 takes the fused GeGLU block and soft-capped attention, Qwen3 its q/k norms."""
     if quantize == "nf4":
         pytest.importorskip("qtune.kernels.nf4")
-    m = load_model(tiny_dirs["qwen2"], quantize=quantize)
+    m = load_model(tiny_dirs[kind], quantize=quantize)
     add_lora(m, LoraConfig(r=4, target_modules=("q_proj", "down_proj")))
     randomise(m)
     ids = token_ids(6, (1, 5))
@@ -206,12 +226,13 @@ def test_triton_route_matches_torch_route(tiny_dirs, quantize):
     assert all(max_diff(a, b) <= 1e-5 for a, b in zip(g_t, g_k))
 
 
-def test_merge_from_original_equals_base_plus_adapter(tiny_dirs, tmp_path):
-    m = load_model(tiny_dirs["qwen2"], quantize="none")
+@pytest.mark.parametrize("kind", ["qwen2", *FAMILIES])
+def test_merge_from_original_equals_base_plus_adapter(tiny_dirs, tmp_path, kind):
+    m = load_model(tiny_dirs[kind], quantize="none")
     add_lora(m, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     randomise(m)
     save_adapter(m, tmp_path / "adapter")
-    out = merge_lora_into_dir(tiny_dirs["qwen2"], tmp_path / "adapter", tmp_path / "merged", from_original=True,
+    out = merge_lora_into_dir(tiny_dirs[kind], tmp_path / "adapter", tmp_path / "merged", from_original=True,
                               dtype="float32")
     merged = hf_model(out)
     ids = token_ids(7)

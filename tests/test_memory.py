@@ -45,6 +45,43 @@ def test_param_counts_equal_transformers(shape):
     assert (counts.total, counts.linear) == (total, linear)
 
 
+NEW_SHAPES = ["qwen3-8b", "qwen3-14b", "qwen3-30b-a3b", "gemma-2-9b", "gemma-3-12b", "phi-4", "mistral-nemo-12b",
+              "llama3.1-8b", "mixtral-8x7b"]
+
+
+@pytest.mark.parametrize("shape", NEW_SHAPES)
+def test_param_counts_of_the_named_shapes_equal_transformers(shape):
+    """Each family's own transformers class built on the meta device, all layers: Gemma's four norms and
+    Qwen3's q/k norms, every expert of a mixture of experts (and its router), Phi-4's fused projections."""
+    transformers = pytest.importorskip("transformers")
+    cfg = shape_config(shape)
+    d = {k: v for k, v in cfg.to_dict().items() if k != "architectures"}
+    hf_cfg = transformers.AutoConfig.for_model(**d)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    total = sum(p.numel() for p in hf.parameters())  # tied weights are listed once
+    assert param_counts(cfg).total == total
+
+
+def test_mixture_of_experts_estimate_keeps_all_experts_and_runs_top_k():
+    """Qwen3-30B-A3B: all 128 experts resident in NF4, activations of 8; it fits a 24 GB card (Unsloth quotes
+    17.5 GB) but not a 16 GB one."""
+    cfg = shape_config("qwen3-30b-a3b")
+    s = StepShape(cfg, 1, 2048)
+    expert_weights = cfg.num_hidden_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    assert estimate(s).parts["weights"] > expert_weights / 2  # NF4: half a byte each
+    dense_top_k = ModelConfig.from_dict({**cfg.to_dict(), "model_type": "qwen3", "intermediate_size": 8 * 768})
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj")  # what "all-linear" adapts on a mixture of experts
+    dense = estimate(StepShape(dense_top_k, 1, 2048, targets=attention)).parts["layer_saved"]
+    assert estimate(s).parts["layer_saved"] == pytest.approx(dense, rel=0.01)
+    assert fit_budget(s, parse_size("24GB"))["fits"] and not fit_budget(s, parse_size("16GB"))["fits"]
+
+
+def test_fused_phi3_targets_count_as_the_projections_they_stack():
+    assert target_names(["qkv_proj", "o_proj"]) == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert target_names(["gate_up_proj"]) == ("gate_proj", "up_proj")
+
+
 def test_llama2_7b_regimes_hand_computed():
     cfg = shape_config("llama2-7b")
     P = 6_738_415_616  # Llama-2-7B's published parameter count

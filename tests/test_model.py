@@ -174,3 +174,126 @@ def test_rmsnorm_closed_form_backward_equals_autograd(dtype):
     for ours, ref in ((x_ours.grad, x64.grad), (norm.weight.grad, w64.grad)):
         assert ours.dtype == dtype
         assert (ours.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def _without(feature):
+    """A change that switches one family feature off in a loaded model."""
+    def apply(model):
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            if feature == "logit_softcap":
+                model.logit_softcap = None
+            elif feature == "attention_softcap":
+                attn.softcap = None
+            elif feature == "sliding_window":
+                attn.window = None
+            elif feature == "qk_norm":
+                del attn.q_norm, attn.k_norm
+            elif feature == "local_rope":
+                model.rope_local_inv_freq = model.rope_inv_freq
+            elif feature == "long_rope":
+                model.rope_long_inv_freq = model.rope_inv_freq
+    return apply
+
+
+@pytest.mark.parametrize("kind, feature", [
+    ("gemma2", "logit_softcap"), ("gemma2", "attention_softcap"), ("gemma2", "sliding_window"),
+    ("gemma3", "sliding_window"), ("gemma3", "local_rope"), ("gemma3", "qk_norm"), ("qwen3", "qk_norm"),
+    ("phi3", "long_rope")])
+def test_each_family_feature_is_exercised(tmp_path, kind, feature):
+    """The tiny configs make every feature matter, so the logit comparisons above could fail without it."""
+    d = save_tiny(kind, tmp_path / kind)
+    ours = load_model(d, quantize="none", dtype="float32")
+    ids = torch.randint(3, 160, (2, 40), generator=torch.Generator().manual_seed(5))  # past Phi-3's 32
+    with torch.no_grad():
+        full = ours(ids)
+        _without(feature)(ours)
+        assert (ours(ids) - full).abs().max().item() > 1e-3
+
+
+def test_gemma3_image_text_checkpoint_loads_its_language_model(tmp_path, capfd):
+    from tiny import hf_config
+
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=hf_config("gemma3").to_dict(), vision_config=vision.to_dict(),
+                                    mm_tokens_per_image=4, image_token_index=150, boi_token_index=151,
+                                    eoi_token_index=152)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, quantize="none", dtype="float32")
+    assert "vision tower" in capfd.readouterr().err
+    ids = torch.randint(3, 140, (2, 20))
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - ours(ids)).abs().max().item() <= 1e-4
+    # `qtune quantize` writes the language model alone, as a gemma3_text directory
+    from qtune.weights.checkpoint import quantize_checkpoint
+
+    out = quantize_checkpoint(tmp_path, tmp_path / "nf4", dtype="float32")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gemma3_text"
+    with torch.no_grad():
+        assert torch.equal(load_model(out)(ids), load_model(tmp_path, quantize="nf4", dtype="float32")(ids))
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"model_type": "phi4"}, "model_type 'phi4' is not supported (supported: llama, mistral, qwen2, qwen3, gemma2"),
+    ({"final_logit_softcapping": 30.0}, "field 'final_logit_softcapping' is a Gemma setting"),
+    ({"model_type": "gemma2", "attn_logit_softcapping": "50"}, "'attn_logit_softcapping' must be a positive number"),
+    ({"model_type": "gemma2", "hidden_activation": "relu"}, "hidden_activation 'relu' is not supported"),
+    ({"model_type": "gemma2", "layer_types": ["full_attention"]}, "'layer_types' must list one of"),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "use_bidirectional_attention=true"),
+    ({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0}, "Gemma 3 does not soft-cap attention"),
+    ({"model_type": "gemma3", "vocab_size": 5}, "needs a 'text_config' object"),
+    ({"model_type": "qwen3", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+    ({"model_type": "phi3", "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0]}},
+     "longrope needs 'original_max_position_embeddings'"),
+    ({"model_type": "phi3", "partial_rotary_factor": 0}, "'partial_rotary_factor' must be a number in (0, 1]"),
+    ({"model_type": "gemma3_text", "rope_local_base_freq": -1.0}, "field 'rope_local_base_freq' must be a positive"),
+    ({"model_type": "gemma3_text", "rope_parameters": {"full_attention": {"rope_theta": 1e6},
+                                                       "sliding_attention": {"rope_theta": "10000"}}},
+     "field 'rope_parameters.sliding_attention.rope_theta' must be a positive number"),
+    ({"model_type": "qwen3", "rope_theta": 0}, "field 'rope_theta' must be a positive number"),
+])
+def test_unsupported_family_settings_name_the_field(tmp_path, change, expected):
+    (tmp_path / "config.json").write_text(json.dumps({**GOOD_CONFIG, **change}))
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_json(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and expected in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "gemma3", "mistral-nemo", "phi3", "qwen3-moe", "mixtral"])
+def test_config_round_trips_through_to_dict(kind, tmp_path):
+    """What merge and quantize write back describes the same model to qtune and to transformers."""
+    d = save_tiny(kind, tmp_path / kind)
+    cfg = ModelConfig.from_json(d)
+    again = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    hf = transformers.AutoConfig.for_model(**cfg.to_dict())
+    theirs = transformers.AutoConfig.from_pretrained(d)
+    for key in ("layer_types", "sliding_window", "head_dim", "query_pre_attn_scalar", "final_logit_softcapping",
+                "attn_logit_softcapping", "rope_parameters", "tie_word_embeddings", "num_local_experts",
+                "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"):
+        if key == "head_dim" and getattr(theirs, key, None) is None:
+            continue  # Phi3Config and MixtralConfig leave it to be hidden / heads
+        assert getattr(hf, key, None) == getattr(theirs, key, None), key
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_training_loss_equals_transformers_loss_with_soft_capped_logits(tmp_path, kernels):
+    """SFT's fused loss caps Gemma 2's logits inside the op as transformers' forward does before its loss."""
+    from qtune.train.common import lm_loss_sum
+
+    d = save_tiny("gemma2", tmp_path / "gemma2")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ours = load_model(d, quantize="none", dtype="float32", kernels=kernels)
+    ids = torch.randint(3, 160, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        loss_sum, count = lm_loss_sum(ours, {"input_ids": ids, "labels": ids})
+        assert abs(loss_sum.item() / count - hf(ids, labels=ids).loss.item()) <= 1e-5
+        ours.logit_softcap = None
+        assert abs(lm_loss_sum(ours, {"input_ids": ids, "labels": ids})[0].item() - loss_sum.item()) > 1e-3

@@ -107,6 +107,22 @@ def test_response_logprobs_match_full_logits_for_each_role(tiny_dir):
         assert not torch.allclose(logp, ref_logp)  # the policy adapter is live, the reference is the bare base
 
 
+def test_response_logprobs_of_a_soft_capped_family_match_full_logits(tmp_path):
+    """Gemma 2 (final logits capped at 0.5 in the tiny model): PPO and GRPO score the capped logits, also when
+    a temperature divides them."""
+    model = load_model(save_tiny_with_tokenizer("gemma2", tmp_path / "gemma2"), quantize="none").eval()
+    assert model.logit_softcap is not None
+    prompts, responses = random_sequences(model.config.vocab_size)
+    batch = collate_responses(prompts, responses, pad_id=0)
+    for temperature in (1.0, 0.7):
+        with torch.no_grad():
+            logp, entropy = response_logprobs(model, batch, temperature)
+            want_logp, want_entropy = full_logit_reference(model, prompts, responses, temperature)
+        for s, r in enumerate(responses):
+            torch.testing.assert_close(logp[s, :len(r)].double(), want_logp[s], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(entropy[s, :len(r)].double(), want_entropy[s], atol=1e-5, rtol=1e-5)
+
+
 def test_four_roles_share_one_base_and_value_starts_as_the_reward_model(tiny_dir, reward_dir):
     model = load_model(tiny_dir, quantize="nf4")
     nf4_before = sum(isinstance(m, NF4Linear) for m in model.modules())

@@ -1,4 +1,4 @@
-"""Tiny random Llama-family checkpoints written by transformers (the independent reference), for tests."""
+"""Tiny random checkpoints of every supported family, written by transformers (the independent reference)."""
 
 from pathlib import Path
 
@@ -24,6 +24,46 @@ TINY_CONFIGS = {
     "qwen2": dict(model_type="qwen2", vocab_size=160, hidden_size=64, intermediate_size=72, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
                   max_position_embeddings=512, tie_word_embeddings=True),
+    # Mistral Nemo / Small: head_dim (18) is not hidden / heads (16); no sliding window
+    "mistral-nemo": dict(model_type="mistral", vocab_size=160, hidden_size=64, intermediate_size=120,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=18,
+                         rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=512, sliding_window=None,
+                         tie_word_embeddings=False),
+    # Qwen3: q/k norms, explicit head_dim (32, not 64 / 4), tied embeddings like the small sizes
+    "qwen3": dict(model_type="qwen3", vocab_size=160, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                  rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=True),
+    # Gemma 2: window 8 on layers 0 and 2 so that the tests' sequences reach past it; a query scale that is
+    # not head_dim; soft-capping low enough for the random weights (attention 0.02, logits 0.5) that tanh bends the values
+    "gemma2": dict(model_type="gemma2", vocab_size=160, hidden_size=64, intermediate_size=88, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+                   max_position_embeddings=512, query_pre_attn_scalar=24, sliding_window=8,
+                   attn_logit_softcapping=0.02, final_logit_softcapping=0.5, tie_word_embeddings=True),
+    # Gemma 3: q/k norms, local RoPE base 10000 and global 1e6 with linear scaling, 2 local : 1 global here
+    "gemma3": dict(model_type="gemma3_text", vocab_size=160, hidden_size=64, intermediate_size=88,
+                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                   rms_norm_eps=1e-6, max_position_embeddings=512, query_pre_attn_scalar=32, sliding_window=8,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                   tie_word_embeddings=True),
+    # Phi-3 / 3.5 / 4: fused qkv_proj and gate_up_proj; half of each head rotated; LongRoPE with a pre-training
+    # context of 32 so that the tests' long sequences take the long factors and short ones the short factors.
+    # 256 positions, not 512: LongRoPE's attention scaling depends on max / original positions (sft-phi3.json)
+    "phi3": dict(model_type="phi3", vocab_size=160, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
+                 original_max_position_embeddings=32, partial_rotary_factor=0.5, tie_word_embeddings=False,
+                 rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                  "short_factor": [1.0, 1.3, 2.1, 3.4], "long_factor": [1.5, 4.0, 9.0, 20.0],
+                                  "original_max_position_embeddings": 32}),
+    # Mixtures of experts: 4 experts of width 40, 2 per token; Qwen3-MoE renormalises the top-2 weights
+    "qwen3-moe": dict(model_type="qwen3_moe", vocab_size=160, hidden_size=64, intermediate_size=88,
+                      moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=False),
+    "mixtral": dict(model_type="mixtral", vocab_size=160, hidden_size=64, intermediate_size=40, num_local_experts=4,
+                    num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=False),
 }
 
 
@@ -32,12 +72,16 @@ def hf_config(kind: str):
 
     d = dict(TINY_CONFIGS[kind])
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[d.pop("model_type")]
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig,
+           "phi3": transformers.Phi3Config, "qwen3_moe": transformers.Qwen3MoeConfig,
+           "mixtral": transformers.MixtralConfig}[d.pop("model_type")]
     return cls(**d, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def make_hf_model(kind: str, seed: int = 0):
-    """A randomly initialised transformers model (fp32, eval mode) with non-trivial norms and biases."""
+    """A randomly initialised transformers model (fp32, eval mode) with non-trivial norms and biases (Gemma's
+    norm weights, which multiply 1 + w, around 0)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -45,7 +89,8 @@ def make_hf_model(kind: str, seed: int = 0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
+                offset = 1.0 if name.endswith("norm.weight") and "gemma" not in model.config.model_type else 0.0
+                p.copy_(torch.randn_like(p) * 0.1 + offset)
     return model.eval()
 
 

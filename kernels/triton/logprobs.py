@@ -26,9 +26,17 @@ def _logit_tile(h_ptr, w_ptr, tokens, rows_ok, cols, V, D,
 
 
 @triton.jit
+def _softcap(z, SOFTCAP: tl.constexpr):
+    """c = cap · tanh(z / cap), tanh written as 2 σ(2x) − 1; z itself when SOFTCAP is 0 (no capping)."""
+    if SOFTCAP > 0:
+        z = SOFTCAP * (2.0 * tl.sigmoid(2.0 * z / SOFTCAP) - 1.0)
+    return z
+
+
+@triton.jit
 def logsumexp_partials_kernel(h_ptr, w_ptr, y_ptr, token_ptr, max_ptr, sumexp_ptr, zsum_ptr, target_ptr, M, V, D,
                               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                              VOCAB_SPLIT: tl.constexpr):
+                              VOCAB_SPLIT: tl.constexpr, SOFTCAP: tl.constexpr):
     """Online log-sum-exp statistics of BLOCK_N of the M scored tokens over one VOCAB_SPLIT-wide vocabulary slice.
 
     token_ptr lists the rows of h that are scored (masked tokens are skipped). Writes, per scored token and
@@ -47,7 +55,7 @@ def logsumexp_partials_kernel(h_ptr, w_ptr, y_ptr, token_ptr, max_ptr, sumexp_pt
     v_start = split * VOCAB_SPLIT
     for v0 in range(v_start, tl.minimum(v_start + VOCAB_SPLIT, V), BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        z = _logit_tile(h_ptr, w_ptr, tokens, rows_ok, cols, V, D, BLOCK_N, BLOCK_V, BLOCK_D)
+        z = _softcap(_logit_tile(h_ptr, w_ptr, tokens, rows_ok, cols, V, D, BLOCK_N, BLOCK_V, BLOCK_D), SOFTCAP)
         in_vocab = cols[None, :] < V
         z = tl.where(in_vocab, z, float("-inf"))
         # m' = max(m, max_j z_j); rescale the running sums by exp(m - m'). The first tile of a slice is never
@@ -68,14 +76,16 @@ def logsumexp_partials_kernel(h_ptr, w_ptr, y_ptr, token_ptr, max_ptr, sumexp_pt
 
 @triton.jit
 def logit_grad_kernel(h_ptr, w_ptr, y_ptr, token_ptr, lse_ptr, mean_logit_ptr, grad_logp_ptr, grad_entropy_ptr,
-                      grad_z_ptr, M, V, D, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                      grad_z_ptr, M, V, D, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                      SOFTCAP: tl.constexpr):
     """Recompute one (BLOCK_N, BLOCK_V) logit tile of M scored tokens (rows token_ptr of h; per-token inputs
-    and the (M, V) output are indexed 0..M-1) and write dL/dz = g (onehot - p) + g_H p (E[z] - z)."""
+    and the (M, V) output are indexed 0..M-1) and write dL/dz = g (onehot - p) + g_H p (E[z] - z), times
+    dc/dz = 1 - (c / cap)² when the logits z are soft-capped to c."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     rows_ok = rows < M
     tokens = tl.load(token_ptr + rows, mask=rows_ok, other=0)
-    z = _logit_tile(h_ptr, w_ptr, tokens, rows_ok, cols, V, D, BLOCK_N, BLOCK_V, BLOCK_D)
+    z = _softcap(_logit_tile(h_ptr, w_ptr, tokens, rows_ok, cols, V, D, BLOCK_N, BLOCK_V, BLOCK_D), SOFTCAP)
     y = tl.load(y_ptr + tokens, mask=rows_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=rows_ok, other=0.0)
     mean_logit = tl.load(mean_logit_ptr + rows, mask=rows_ok, other=0.0)
@@ -84,6 +94,8 @@ def logit_grad_kernel(h_ptr, w_ptr, y_ptr, token_ptr, lse_ptr, mean_logit_ptr, g
     p = tl.exp(z - lse[:, None])  # (BLOCK_N, BLOCK_V)
     grad_z = p * (g_entropy[:, None] * (mean_logit[:, None] - z) - g[:, None])
     grad_z += tl.where(cols[None, :] == y[:, None], g[:, None], 0.0)
+    if SOFTCAP > 0:
+        grad_z *= 1.0 - (z / SOFTCAP) * (z / SOFTCAP)
     mask = rows_ok[:, None] & (cols[None, :] < V)
     tl.store(grad_z_ptr + rows[:, None] * V + cols[None, :], grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
 
@@ -123,14 +135,25 @@ ARCH_BLOCKS = (
 )
 
 
+# Soft-capped logits (tanh per logit) take more registers: BLOCKS' fp32 tiles then spill (the forward 24 B on
+# sm_90, the gradient 20 B on sm_75), and so do one-stage and 32-row ones somewhere in sm_75..sm_120; 16-row
+# tiles on 4 warps do not. They take over on every capability.
+SOFTCAP_BLOCKS = {
+    torch.float32: Blocks(block_n=16, block_v=64, block_d=32, vocab_split=1024, num_warps=4, num_stages=2),
+}
+
+
 @functools.cache
 def _capability(device_index: int) -> int:
     major, minor = torch.cuda.get_device_capability(device_index)
     return 10 * major + minor
 
 
-def blocks_for(hidden: torch.Tensor) -> Blocks:
-    """The tiles for hidden's dtype on hidden's device: an ARCH_BLOCKS exception where one applies, else BLOCKS."""
+def blocks_for(hidden: torch.Tensor, softcap=None) -> Blocks:
+    """The tiles for hidden's dtype on hidden's device: SOFTCAP_BLOCKS for capped logits, else an ARCH_BLOCKS
+    exception where one applies, else BLOCKS."""
+    if softcap and hidden.dtype in SOFTCAP_BLOCKS:
+        return SOFTCAP_BLOCKS[hidden.dtype]
     if hidden.is_cuda:
         capability = _capability(hidden.device.index or 0)
         for (low, high), table in ARCH_BLOCKS:
@@ -139,39 +162,41 @@ def blocks_for(hidden: torch.Tensor) -> Blocks:
     return BLOCKS[hidden.dtype]
 
 
-def logsumexp_partials(hidden, weight, targets, tokens):
+def logsumexp_partials(hidden, weight, targets, tokens, softcap=None):
     """(m, s, t, z_target), each (n_splits, M) fp32: the kernel's statistics of the M rows `tokens` of hidden
-    over each VOCAB_SPLIT-wide vocabulary slice (M > 0); the rows are read through the index, not copied."""
+    over each VOCAB_SPLIT-wide vocabulary slice (M > 0); the rows are read through the index, not copied.
+    `softcap`: statistics of the capped logits cap · tanh(z / cap)."""
     (_, D), V, M = hidden.shape, weight.shape[0], tokens.numel()
-    cfg = blocks_for(hidden)
+    cfg = blocks_for(hidden, softcap)
     n_splits = triton.cdiv(V, cfg.vocab_split)
     m, s, t, z_target = torch.empty(4, n_splits, M, device=hidden.device, dtype=torch.float32)
     grid = (triton.cdiv(M, cfg.block_n), n_splits)
     logsumexp_partials_kernel[grid](
         hidden, weight, targets, tokens, m, s, t, z_target, M, V, D,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, VOCAB_SPLIT=cfg.vocab_split,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SOFTCAP=softcap or 0.0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return m, s, t, z_target
 
 
-def logit_grad_triton(hidden, weight, targets, tokens, lse, mean_logit, grad_logp, grad_entropy):
+def logit_grad_triton(hidden, weight, targets, tokens, lse, mean_logit, grad_logp, grad_entropy, softcap=None):
     """dL/dz (M, V) in the input dtype for the rows `tokens` of hidden, recomputing the logits tile by tile.
     lse, mean_logit and the gradients are the (M,) values of those rows."""
     D, V, M = hidden.shape[1], weight.shape[0], tokens.numel()
-    cfg = blocks_for(hidden)
+    cfg = blocks_for(hidden, softcap)
     grad_z = torch.empty(M, V, device=hidden.device, dtype=hidden.dtype)
     grid = (triton.cdiv(M, cfg.block_n), triton.cdiv(V, cfg.block_v))
     logit_grad_kernel[grid](
         hidden, weight, targets, tokens, lse, mean_logit, grad_logp, grad_entropy, grad_z, M, V, D,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, SOFTCAP=softcap or 0.0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return grad_z
 
 
 def logits_backward_triton(hidden, weight, targets, valid, lse, mean_logit, grad_logp, grad_entropy, chunk_size,
-                           need_weight):
+                           need_weight, softcap=None):
     """dL/dh (N, D) fp32 and dL/dW (V, D) fp32 (or None): Triton writes dz for `chunk_size` valid rows at a
-    time, cuBLAS does the two matmuls. Rows that are not valid get zero gradient.
+    time, cuBLAS does the two matmuls. Rows that are not valid get zero gradient; `softcap`: the gradient
+    through capped logits.
 
     dz is linear in the upstream gradients (g, g_H), so they enter divided by `scale` (their largest magnitude
     over 2^10) and the products are multiplied back: the 16-bit dz then spans ~1e-3..1e3 instead of g · p,
@@ -186,7 +211,7 @@ def logits_backward_triton(hidden, weight, targets, valid, lse, mean_logit, grad
     for start in range(0, tokens.numel(), chunk_size):
         rows = tokens[start:start + chunk_size]  # (C,)
         grad_z = logit_grad_triton(hidden, weight, targets, rows, lse[rows], mean_logit[rows], grad_logp[rows],
-                                   grad_entropy[rows])  # (C, V), scaled by 1 / scale
+                                   grad_entropy[rows], softcap)  # (C, V), scaled by 1 / scale
         grad_h[rows] = (grad_z @ weight).float().mul_(scale)
         if need_weight:
             grad_w.add_((grad_z.T @ hidden[rows]).float().mul_(scale))

@@ -71,6 +71,39 @@ def swiglu_backward_inplace_kernel(dh_ptr, g_ptr, u_ptr, du_ptr, n_elements, BLO
     tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=in_bounds)
 
 
+@triton.jit
+def _tanh(x):
+    """tanh(x) = 2 σ(2x) − 1 (the interpreter and every Triton version have sigmoid)."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def geglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_elements, BLOCK: tl.constexpr):
+    """h = gelu_tanh(g) · u = ½ g (1 + tanh(√(2/π) (g + 0.044715 g³))) · u."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n_elements
+    g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+    h = 0.5 * g * (1.0 + t) * u
+    tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def geglu_backward_inplace_kernel(dh_ptr, g_ptr, u_ptr, du_ptr, n_elements, BLOCK: tl.constexpr):
+    """dg = dh · u · (½ (1 + t) + ½ g (1 − t²) √(2/π) (1 + 3 · 0.044715 g²)) written over dh (a temporary
+    nothing reads afterwards, as in the SwiGLU kernel); du = dh · gelu_tanh(g)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n_elements
+    dh = tl.load(dh_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+    dgelu = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+    tl.store(dh_ptr + offs, (dh * u * dgelu).to(dh_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(du_ptr + offs, (dh * 0.5 * g * (1.0 + t)).to(du_ptr.dtype.element_ty), mask=in_bounds)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def _grid(n: int) -> tuple[int]:
@@ -105,4 +138,20 @@ def launch_swiglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.T
     assert dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()
     du = torch.empty_like(u)
     swiglu_backward_inplace_kernel[_grid(g.numel())](dh, g, u, du, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return dh, du
+
+
+def launch_geglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """h = gelu_tanh(g) · u into a new tensor."""
+    g, u = g.contiguous(), u.contiguous()
+    h = torch.empty_like(g)
+    geglu_forward_kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return h
+
+
+def launch_geglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
+    """(dg, du), dg written over `dh`."""
+    assert dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()
+    du = torch.empty_like(u)
+    geglu_backward_inplace_kernel[_grid(g.numel())](dh, g, u, du, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return dh, du

@@ -46,9 +46,11 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def target_matches(name: str, targets: tuple[str, ...] | str) -> bool:
-    """PEFT's matching rule: "all-linear", a regular expression over the full name, or name suffixes."""
+    """PEFT's matching rule: "all-linear", a regular expression over the full name, or name suffixes.
+    "all-linear" leaves a mixture of experts' experts and router alone (as PEFT does on transformers' MoE
+    models, whose experts are not linear modules); naming their projections adapts them."""
     if targets == "all-linear":
-        return True
+        return ".experts." not in name and not name.endswith((".mlp.gate", ".block_sparse_moe.gate"))
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)

@@ -13,7 +13,10 @@ NF4 storage (QLoRA appendix, bitsandbytes' layout): codes n/2 bytes; double quan
 absmax per 64-value block, one fp32 scale per 256 blocks, a 256-entry fp32 code and an fp32 offset (about
 0.127 bit per parameter of constants, instead of 0.5 bit with fp32 absmax).
 
-Layers kept in 16 bits under QLoRA (embeddings, lm_head, norms) are counted as weights in the compute dtype.
+Layers kept in 16 bits under QLoRA (embeddings, lm_head, norms, a mixture of experts' router) are counted as
+weights in the compute dtype. A mixture of experts keeps every expert resident (each MLP name below stands
+for `num_experts` copies of the expert's shape) while each token runs only its top-k of them; "all-linear"
+adapts attention only there, and experts get adapters when the targets name gate/up/down_proj.
 """
 
 import math
@@ -22,13 +25,18 @@ from dataclasses import dataclass, fields
 from qtune.config import ModelConfig
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_NAMES = LINEAR_NAMES[:4]
+# Other families' names for these projections: Phi-3's fused ones, Mixtral's experts.
+FUSED_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+               "w1": ("gate_proj",), "w3": ("up_proj",), "w2": ("down_proj",)}
 REGIMES = ("full", "lora16", "qlora")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each linear layer of one decoder layer, by its Hugging Face name."""
-    D, I = cfg.hidden_size, cfg.intermediate_size
+    """(out_features, in_features) of each linear layer of one decoder layer (of one expert, for the MLP
+    of a mixture of experts), by its Hugging Face name."""
+    D, I = cfg.hidden_size, cfg.moe_intermediate_size or cfg.intermediate_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     return {"q_proj": (q, D), "k_proj": (kv, D), "v_proj": (kv, D), "o_proj": (D, q),
             "gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
@@ -48,24 +56,35 @@ class ParamCounts:
         return self.linear + self.embedding + self.lm_head + self.other
 
 
+def copies(cfg: ModelConfig, name: str) -> int:
+    """How many of linear `name` one layer holds: `num_experts` for an expert's MLP projection, else 1."""
+    return cfg.num_experts if cfg.num_experts and name not in ATTENTION_NAMES else 1
+
+
 def param_counts(cfg: ModelConfig) -> ParamCounts:
     shapes = linear_shapes(cfg)
-    per_layer = sum(o * i for o, i in shapes.values())
+    per_layer = sum(copies(cfg, n) * o * i for n, (o, i) in shapes.items())
     bias = 0
     if cfg.qkv_bias:
         bias += sum(shapes[n][0] for n in ("q_proj", "k_proj", "v_proj"))
     if cfg.o_bias:
         bias += shapes["o_proj"][0]
     L, D, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
-    norms = L * 2 * D + D  # two RMSNorms per layer and the final one
+    norms = L * (4 if cfg.gemma_norms else 2) * D + D  # two RMSNorms per layer (Gemma: four) and the final one
+    norms += L * 2 * cfg.head_dim if cfg.qk_norm else 0
+    router = L * D * cfg.num_experts
     return ParamCounts(linear=L * per_layer, embedding=V * D, lm_head=0 if cfg.tie_word_embeddings else V * D,
-                       other=norms + L * bias)
+                       other=norms + L * bias + router)
 
 
-def target_names(targets) -> tuple[str, ...]:
-    """The linear kinds a LoRA `target_modules` setting adapts ("all-linear" or a list of names)."""
+def target_names(targets, moe: bool = False) -> tuple[str, ...]:
+    """The linear kinds a LoRA `target_modules` setting adapts ("all-linear" or a list of names); "all-linear"
+    on a mixture of experts (`moe`) is the attention projections."""
     if targets == "all-linear":
-        return LINEAR_NAMES
+        return ATTENTION_NAMES if moe else LINEAR_NAMES
+    # Phi-3's fused projections count as the projections they stack (one adapter each there, so its A
+    # matrices are counted two or three times: a slight over-estimate); Mixtral's w1/w3/w2 as gate/up/down
+    targets = [part for t in targets for part in FUSED_NAMES.get(t, (t,))]
     unknown = [t for t in targets if t not in LINEAR_NAMES]
     if unknown:
         raise ValueError(f"LoRA targets {unknown} are not linear layers of a Llama block ({', '.join(LINEAR_NAMES)})")
@@ -75,7 +94,8 @@ def target_names(targets) -> tuple[str, ...]:
 def lora_param_count(cfg: ModelConfig, r: int, targets="all-linear") -> int:
     """Trainable parameters: A (r, in) and B (out, r) on every targeted linear of every layer."""
     shapes = linear_shapes(cfg)
-    return cfg.num_hidden_layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in target_names(targets))
+    return cfg.num_hidden_layers * sum(copies(cfg, n) * r * (shapes[n][0] + shapes[n][1])
+                                       for n in target_names(targets, bool(cfg.num_experts)))
 
 
 def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256) -> tuple[int, int]:
@@ -91,9 +111,9 @@ def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True, neste
 def nf4_model_nbytes(cfg: ModelConfig, double_quant: bool = True) -> tuple[int, int]:
     """(codes, constants) over all quantized linears of the model."""
     codes = consts = 0
-    for o, i in linear_shapes(cfg).values():
+    for name, (o, i) in linear_shapes(cfg).items():
         c, k = nf4_nbytes(o * i, double_quant=double_quant)
-        codes, consts = codes + c, consts + k
+        codes, consts = codes + copies(cfg, name) * c, consts + copies(cfg, name) * k
     return codes * cfg.num_hidden_layers, consts * cfg.num_hidden_layers
 
 
@@ -114,11 +134,12 @@ def lora_state_nbytes(cfg: ModelConfig, r: int, targets="all-linear", optimizer:
     """fp32 adapter weights, their gradients and the optimizer state, in bytes."""
     shapes = linear_shapes(cfg)
     weights = grads = state = 0
-    for name in target_names(targets):
+    for name in target_names(targets, bool(cfg.num_experts)):
         o, i = shapes[name]
         for numel in (r * i, o * r):  # A, B
-            weights, grads = weights + 4 * numel, grads + 4 * numel
-            state += adam_state_nbytes(numel, optimizer)
+            n = copies(cfg, name)
+            weights, grads = weights + 4 * n * numel, grads + 4 * n * numel
+            state += n * adam_state_nbytes(numel, optimizer)
     L = cfg.num_hidden_layers
     return {"adapter_weights": L * weights, "adapter_grads": L * grads, "optimizer_state": L * state}
 

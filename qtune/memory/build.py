@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from qtune.config import ModelConfig
 from qtune.lora import lora_parameters
 from qtune.memory.tracer import nbytes_of
-from qtune.model import CausalLM, rope_inv_freq
+from qtune.model import CausalLM
 from qtune.recipe.sections import LoRASection
 from qtune.train.common import ADAPTER, attach_adapter
 from qtune.weights.nf4 import NF4Weight, quantize_nf4
@@ -60,7 +60,7 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device="cpu", quantize: s
             setattr(module, p_name, nn.Parameter(value, requires_grad=False))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.register_buffer("rope_inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
+    model.set_rope_tables(device)
     return model.requires_grad_(False).eval()
 
 

@@ -19,6 +19,11 @@ Backward walks the layers from last to first while adapter gradients accumulate 
 freed, so the peak is taken at the first and at the last layer processed, whichever is higher. The
 numbers are for qtune's plain-torch path (what runs on a CPU and what the tracer replays); on a GPU the
 fused Triton path saves less (it recomputes the SwiGLU product and keeps K and V unrepeated).
+
+Family differences: Gemma's two extra norms per layer and Qwen3 / Gemma 3's q/k norms save their inputs;
+Gemma 2's soft-capped attention runs as plain matrix products that save the (T x T) scores and
+probabilities of every head; a mixture of experts runs each token through its top-k experts, so its MLP
+activations are those of a dense MLP k experts wide (plus the router's logits).
 """
 
 import math
@@ -84,17 +89,26 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     from qtune.kernels.cpu.attention import saved_scores_per_token  # here: the estimator itself needs no torch
 
     cfg, N, b = s.cfg, s.tokens, s.b
-    D, I, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    D, I, H = cfg.hidden_size, active_intermediate(cfg), cfg.num_attention_heads
     q, kv = H * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     # Without a mask (the step's unpadded batch) SDPA takes K and V unrepeated (enable_gqa); a padded or packed
     # batch on a CPU repeats them up to H heads, which adds 2 b (q - kv) per token to this estimate.
     shapes = linear_shapes(cfg)
-    adapted = target_names(s.targets)
+    adapted = target_names(s.targets, bool(cfg.num_experts))
     per_token = 0 if first_layer else 4  # norm 1: 1/rms (x itself is the layer's input)
     if set(adapted) & {"q_proj", "k_proj", "v_proj"}:
         per_token += b * D  # normed input, kept for dA of q / k / v
+    if cfg.qk_norm:
+        per_token += b * (q + kv) + 4 * (H + cfg.num_key_value_heads)  # q and k before their norms, 1/rms
+    if cfg.gemma_norms:
+        per_token += 2 * (b * D + 4)  # the attention and MLP outputs before their norms, 1/rms
+    if cfg.num_experts:
+        per_token += 4 * cfg.num_experts  # router logits
     scores = saved_scores_per_token(H, s.seq_len)
-    if s.dtype == "float32" and scores <= I:
+    if cfg.attn_logit_softcapping is not None:
+        # q, k and v repeated to H heads; the capped scores and the probabilities (fp32 and cast) of every key
+        per_token += 3 * b * q + H * s.seq_len * (2 * b + 4)
+    elif s.dtype == "float32" and scores <= I:
         # CPU fp32 block attention (kernels/cpu/attention.py): scaled q, k, v and the probabilities of
         # each causal query block; its output is already in o_proj's layout
         per_token += b * q + 2 * b * kv + 4 * scores
@@ -111,6 +125,11 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     # A and B cast to a 16-bit compute dtype are saved as such (fp32 adapters are used as they are)
     casts = sum(s.r * sum(shapes[n]) for n in adapted) * b if b < 4 else 0
     return N * per_token + casts
+
+
+def active_intermediate(cfg) -> int:
+    """The MLP width one token runs through: intermediate_size, or top-k experts of a mixture of experts."""
+    return cfg.num_experts_per_tok * cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
 
 
 def dequant_bytes(out_features: int, in_features: int, b: int) -> int:
@@ -137,8 +156,8 @@ def layer_transient_bytes(s: StepShape) -> int:
     three gradients join the three saved by SiLU and the product.
     """
     dequant = max(dequant_bytes(o, i, s.b) for o, i in linear_shapes(s.cfg).values()) if s.quantize == "nf4" else 0
-    gradients = 2 if "down_proj" in target_names(s.targets) else 3
-    mlp_backward = gradients * s.b * s.tokens * s.cfg.intermediate_size
+    gradients = 2 if "down_proj" in target_names(s.targets, bool(s.cfg.num_experts)) else 3
+    mlp_backward = gradients * s.b * s.tokens * active_intermediate(s.cfg)
     return max(dequant, mlp_backward)
 
 

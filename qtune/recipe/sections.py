@@ -7,7 +7,9 @@ from typing import Iterator, Literal
 from qtune.recipe.schema import nonnegative, positive, positive_ints
 
 # The linear layers of a Llama-family decoder block, by their Hugging Face names.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "qkv_proj", "gate_up_proj",  # Phi-3's fused projections
+                "w1", "w2", "w3")  # Mixtral's experts (gate, down, up)
 
 
 # ----------------------------------------------------------------------------- sections

@@ -113,7 +113,8 @@ def lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     hidden = model.hidden_states(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     targets = shifted_targets(batch["labels"], batch.get("attention_mask"))
     keep = targets != -100  # only positions that carry a loss enter the vocabulary projection
-    loss_sum, count = cross_entropy_sum(hidden[keep], model.output_weight(), targets[keep], kernels=model.kernels)
+    loss_sum, count = cross_entropy_sum(hidden[keep], model.output_weight(), targets[keep], kernels=model.kernels,
+                                        softcap=model.logit_softcap)
     return loss_sum, int(count)
 
 

@@ -47,7 +47,8 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # (S, T, D)
     targets = common.shifted_targets(batch["labels"])  # (S, T): position t predicts token t + 1
     keep = targets != IGNORE
-    logp = token_logprobs(hidden[keep], model.output_weight(), targets[keep], kernels=model.kernels)  # (n_response,)
+    logp = token_logprobs(hidden[keep], model.output_weight(), targets[keep], kernels=model.kernels,
+                          softcap=model.logit_softcap)  # (n_response,)
     rows = keep.nonzero()[:, 0]  # the sequence of each kept token, in the same row-major order
     return torch.zeros(len(targets), device=logp.device, dtype=torch.float32).index_add(0, rows, logp)
 

@@ -68,8 +68,10 @@ class QtuneLM(LM):
             ids, targets, segments = ids.to(device), targets.to(device), segments.to(device)
             hidden = self.model.hidden_states(ids, attention_mask=segments)  # (B, T, D)
             weight = self.model.output_weight()
-            logp = token_logprobs(hidden, weight, targets, kernels=self.model.kernels)  # (B, T), 0 where masked
+            logp = token_logprobs(hidden, weight, targets, kernels=self.model.kernels,
+                                  softcap=self.model.logit_softcap)  # (B, T), 0 where masked
             scored = targets != -100
+            # soft-capping is monotonic: the greedy token is the argmax of the plain logits
             greedy = (hidden[scored] @ weight.T).argmax(-1) == targets[scored]
             per_row = scored.sum(1).tolist()
             for b, chunk in enumerate(greedy.split(per_row)):

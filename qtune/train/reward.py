@@ -55,7 +55,8 @@ def reward_loss_sums(model, head, batch: dict, loss: str, lm: bool):
     if lm:
         targets = chosen_targets(batch)
         keep = targets != IGNORE  # only the chosen replies' tokens enter the vocabulary projection
-        lm_sum, _ = cross_entropy_sum(hidden[keep], model.output_weight(), targets[keep], kernels=model.kernels)
+        lm_sum, _ = cross_entropy_sum(hidden[keep], model.output_weight(), targets[keep], kernels=model.kernels,
+                                      softcap=model.logit_softcap)
     return main, lm_sum, rewards
 
 

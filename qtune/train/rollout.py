@@ -95,9 +95,13 @@ def response_logprobs(model, batch: dict, temperature: float):
     gives the sampled distribution without materialising any logits.
     """
     hidden = response_hidden(model, batch)
+    cap = model.logit_softcap
     if temperature != 1.0:
+        # logits / T; capped logits too: (cap / T) · tanh((z / T) / (cap / T)) = cap · tanh(z / cap) / T
         hidden = hidden / temperature
-    return token_logprobs_and_entropy(hidden, model.output_weight(), batch["targets"], kernels=model.kernels)
+        cap = None if cap is None else cap / temperature
+    return token_logprobs_and_entropy(hidden, model.output_weight(), batch["targets"], kernels=model.kernels,
+                                      softcap=cap)
 
 
 def scatter_rows(pieces: list[torch.Tensor], S: int, R: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qtune.config import ModelConfig
-from qtune.model import CausalLM, rope_inv_freq
+from qtune.model import CausalLM
 from qtune.weights.hub import resolve_model_path
 from qtune.weights.integrity import fault_point, remove_dead_leftovers
 from qtune.weights.nf4 import FLOAT_DTYPES, NF4_CODE, VALID_BLOCKSIZES, NF4Weight, quantize_nf4
@@ -91,8 +91,9 @@ def shard_files(model_dir: Path) -> list[Path]:
 
 
 def is_quantizable(name: str) -> bool:
-    """Linear weights inside the decoder layers are quantized; embeddings, norms and lm_head stay 16-bit."""
-    return name.startswith("model.layers.") and name.endswith("_proj.weight")
+    """Linear weights inside the decoder layers (experts included, Mixtral's w1/w2/w3 too) are quantized;
+    embeddings, norms, a router and lm_head stay 16-bit."""
+    return name.startswith("model.layers.") and (name.endswith("_proj.weight") or ".experts." in name)
 
 
 def resolve(path: str | Path) -> Path:
@@ -127,7 +128,7 @@ def load_model(path, quantize: str = "nf4", dtype=None, kernels: str = "auto", d
                               f"e.g. {missing[:3]} (does config.json match these weights?)")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.register_buffer("rope_inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
+    model.set_rope_tables(device)
     model.requires_grad_(False)
     model.set_kernels(kernels)
     return model.eval()
@@ -141,33 +142,52 @@ def _load_file(model, file, expected, loaded, quantize, dtype, double_quant, dev
                               "copy or download it again") from None
 
 
+# Gemma 3 image-text checkpoints keep the language model under these prefixes (transformers writes the
+# first pair, its in-memory module names are the second); the vision tower and projector are not loaded.
+MULTIMODAL_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                       ("model.language_model.", "model."))
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _model_key(key: str, multimodal: bool) -> str | None:
+    """The name of checkpoint tensor `key` in CausalLM, or None for a tensor that is not loaded."""
+    if not multimodal:
+        return key
+    for theirs, ours in MULTIMODAL_PREFIXES:
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    return None if key.startswith(VISION_PREFIXES) else key
+
+
 def _read_file(model, file, expected, loaded, quantize, dtype, double_quant, device):
+    multimodal = model.config.multimodal_text
     with safe_open(str(file), framework="pt", device="cpu") as f:
         keys = list(f.keys())
         prequantized = {k[: -len(NF4_STATE_SUFFIX)] for k in keys if k.endswith(NF4_STATE_SUFFIX)}
-        for key in keys:
-            if key.startswith("model.layers.") and ".weight." in key:
-                continue  # quantization statistics, consumed with their weight below
+        for file_key in keys:
+            key = _model_key(file_key, multimodal)
+            if key is None or (key.startswith("model.layers.") and ".weight." in key):
+                continue  # a vision tensor, or quantization statistics consumed with their weight below
             if key not in expected:
                 if key.endswith("rotary_emb.inv_freq"):
                     continue
-                raise CheckpointError(f"{file}: unexpected tensor {key!r}; is config.json (model_type, layer count, "
-                                      "tie_word_embeddings) right for this checkpoint?")
+                raise CheckpointError(f"{file}: unexpected tensor {file_key!r}; is config.json (model_type, layer "
+                                      "count, tie_word_embeddings) right for this checkpoint?")
             prefix = key[: -len(".weight")]
-            if prefix in prequantized:
-                state = {k: f.get_tensor(k) for k in keys if k == key or k.startswith(key + ".")}
-                q = nf4_from_hf_state(prefix, state, source=str(file)).to(device)
+            if file_key[: -len(".weight")] in prequantized:
+                state = {k: f.get_tensor(k) for k in keys if k == file_key or k.startswith(file_key + ".")}
+                q = nf4_from_hf_state(file_key[: -len(".weight")], state, source=str(file)).to(device)
                 _swap_in(model, prefix, q)
             elif is_quantizable(key) and quantize == "nf4":
-                w = f.get_tensor(key)
-                _check_shape(file, key, tuple(w.shape), tuple(expected[key].shape))
+                w = f.get_tensor(file_key)
+                _check_shape(file, file_key, tuple(w.shape), tuple(expected[key].shape))
                 q = quantize_nf4(w.to(device=device, dtype=dtype), double_quant=double_quant)
                 del w
                 release_freed_memory()
                 _swap_in(model, prefix, q)
             else:
-                t = f.get_tensor(key)
-                _check_shape(file, key, tuple(t.shape), tuple(expected[key].shape))
+                t = f.get_tensor(file_key)
+                _check_shape(file, file_key, tuple(t.shape), tuple(expected[key].shape))
                 _set_tensor(model, key, t.to(device=device, dtype=dtype))
             loaded.add(key)
 

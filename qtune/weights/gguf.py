@@ -1,12 +1,15 @@
-"""GGUF (llama.cpp) -> Hugging Face model directory, for Llama-architecture (and Qwen2) models.
+"""GGUF (llama.cpp) -> Hugging Face model directory: Llama-architecture models (Llama, SmolLM, Mistral), Qwen2,
+Qwen3, Gemma 2, Gemma 3 and Phi-3.
 
     convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "models/smollm2")  # config.json, model.safetensors, tokenizer ...
 
-Weights are dequantized with the `gguf` package. Two things llama.cpp changes on the way in are undone:
+Weights are dequantized with the `gguf` package. What llama.cpp changes on the way in is undone:
   - dims: GGUF lists a tensor's shape innermost-first; the reader already gives numpy arrays row-major, so
     a weight comes back (out_features, in_features) as in PyTorch.
-  - Q/K rows: llama.cpp rotates adjacent pairs (x0, x1), (x2, x3) ... while HF's `rotate_half` rotates
-    (x_i, x_{i + d/2}). Its converter therefore interleaves each head's two row halves; we put them back.
+  - Q/K rows (llama architecture only): llama.cpp rotates adjacent pairs (x0, x1), (x2, x3) ... there,
+    while HF's `rotate_half` rotates (x_i, x_{i + d/2}). Its converter therefore interleaves each head's two
+    row halves; we put them back. Qwen and Gemma use the half-split ("NeoX") rotation in llama.cpp too.
+  - Gemma's norm weights: llama.cpp stores 1 + w (its norm multiplies by the weight); we subtract the 1.
 The tokenizer becomes a `tokenizer.json` built from the vocabulary, merges and token types in the file.
 """
 
@@ -18,9 +21,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-# GGUF architecture -> (HF model_type, HF class); Qwen2 is Llama with q/k/v biases and no Q/K row permutation.
-HF_ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+# GGUF architecture -> Hugging Face model_type and class.
+ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                 "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "phi3": ("phi3", "Phi3ForCausalLM")}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 # GGUF tensor name -> Hugging Face LlamaForCausalLM parameter name ("{i}" is the layer index).
 GLOBAL_TENSORS = {
@@ -38,11 +43,26 @@ BLOCK_TENSORS = {
     "ffn_down.weight": "mlp.down_proj.weight",
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_q.bias": "self_attn.q_proj.bias",  # Qwen2; Llama with attention_bias
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # Qwen3, Gemma 3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
+# Gemma's four norms a layer: llama.cpp's ffn_norm is the norm before the MLP there.
+GEMMA_BLOCK_TENSORS = {
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+# Phi-3's fused projections: llama.cpp's ffn_up holds gate and up stacked, as gate_up_proj does.
+PHI3_BLOCK_TENSORS = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
+# LongRoPE's per-frequency factors travel as tensors; they become config["rope_scaling"].
+ROPE_FACTOR_TENSORS = ("rope_factors_short.weight", "rope_factors_long.weight")
+# llama.cpp tells the Gemma sizes apart by layer count and scales queries of the 27B ones by
+# (hidden / heads)^-1/2 instead of head_dim^-1/2 (transformers: query_pre_attn_scalar).
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,12 +111,12 @@ def _float32_repr(value: float) -> float:
 
 
 def llama_config(g: GGUFFile, dtype: torch.dtype) -> dict:
-    """config.json of LlamaForCausalLM from the GGUF metadata."""
+    """config.json fields every architecture shares (those of LlamaForCausalLM) from the GGUF metadata."""
     n_head = g.arch("attention.head_count")
     hidden = g.arch("embedding_length")
     tensor_names = {t.name for t in g.reader.tensors}
     vocab_size = g.arch("vocab_size", None) or len(g.get("tokenizer.ggml.tokens"))
-    model_type, hf_class = HF_ARCHITECTURES[g.architecture]
+    model_type, hf_class = ARCHITECTURES[g.architecture]
     config = {
         "architectures": [hf_class],
         "model_type": model_type,
@@ -123,6 +143,46 @@ def llama_config(g: GGUFFile, dtype: torch.dtype) -> dict:
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
     return config
+
+
+def model_config(g: GGUFFile, dtype: torch.dtype) -> dict:
+    """config.json for the file's architecture: the Llama fields, then what each other family adds."""
+    config = llama_config(g, dtype)
+    if g.architecture in ("gemma2", "gemma3"):
+        layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+        big = layers == GEMMA_27B_LAYERS[g.architecture]
+        config.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                      query_pre_attn_scalar=config["hidden_size"] // heads if big else config["head_dim"],
+                      sliding_window=g.arch("attention.sliding_window"),
+                      final_logit_softcapping=g.arch("final_logit_softcapping", None))
+    if g.architecture == "gemma2":
+        config["attn_logit_softcapping"] = g.arch("attn_logit_softcapping", None)
+    if g.architecture == "phi3":
+        _phi3_fields(g, config)
+    if g.architecture == "gemma3":
+        config["rope_local_base_freq"] = 10000.0  # llama.cpp's fixed base of the sliding layers
+        # one sliding-or-not flag per layer, or every n-th layer global (llama.cpp's default n: 6)
+        pattern = g.arch("attention.sliding_window_pattern", 6)
+        if isinstance(pattern, int):
+            config["sliding_window_pattern"] = pattern
+        else:
+            config["layer_types"] = ["sliding_attention" if flag else "full_attention" for flag in pattern]
+    return config
+
+
+def _phi3_fields(g: GGUFFile, config: dict) -> None:
+    """Phi-3: heads of hidden / heads features of which rope.dimension_count rotate; LongRoPE from the
+    rope_factors tensors and the pre-training context length; an optional sliding window."""
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    rotary = g.arch("rope.dimension_count", head_dim)
+    config.update(head_dim=head_dim, partial_rotary_factor=rotary / head_dim,
+                  sliding_window=g.arch("attention.sliding_window", None))
+    factors = {t.name: _dequantize(g, t).tolist() for t in g.reader.tensors if t.name in ROPE_FACTOR_TENSORS}
+    if factors:
+        config["rope_scaling"] = {"rope_type": "longrope", "short_factor": factors["rope_factors_short.weight"],
+                                  "long_factor": factors["rope_factors_long.weight"],
+                                  "original_max_position_embeddings": g.arch("rope.scaling.original_context_length")}
+        config["original_max_position_embeddings"] = config["rope_scaling"]["original_max_position_embeddings"]
 
 
 def llama3_rope_scaling(rope_factors: torch.Tensor, theta: float, head_dim: int) -> dict:
@@ -172,12 +232,14 @@ def _rope_scaling(g: GGUFFile, config: dict) -> dict | None:
     raise ValueError(f"{g.path}: rope scaling type {kind!r} is not supported (supported: linear, yarn)")
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
     if gguf_name in GLOBAL_TENSORS:
         return GLOBAL_TENSORS[gguf_name]
+    block = {**BLOCK_TENSORS, **GEMMA_BLOCK_TENSORS} if architecture.startswith("gemma") else BLOCK_TENSORS
+    block = {**block, **PHI3_BLOCK_TENSORS} if architecture == "phi3" else block
     parts = gguf_name.split(".", 2)  # "blk", "{i}", "attn_q.weight"
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in BLOCK_TENSORS:
-        return f"model.layers.{int(parts[1])}.{BLOCK_TENSORS[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in block:
+        return f"model.layers.{int(parts[1])}.{block[parts[2]]}"
     return None
 
 
@@ -199,25 +261,42 @@ def _dequantize(g: GGUFFile, tensor) -> torch.Tensor:
 
 
 def llama_state_dict(g: GGUFFile, config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, dequantized, renamed to HF names, Q/K rows un-permuted, cast to `dtype`."""
+    """Every tensor of the file, dequantized, renamed to HF names, cast to `dtype`: Q/K rows un-permuted
+    (llama architecture), Gemma's stored 1 + w norms back to w. The names must be exactly the tensors the
+    config's model has."""
     state = {}
+    llama, gemma = g.architecture == "llama", g.architecture.startswith("gemma")
     for tensor in g.reader.tensors:
-        if tensor.name == "rope_freqs.weight":  # became config["rope_scaling"]; HF recomputes it
+        if tensor.name in ("rope_freqs.weight", *ROPE_FACTOR_TENSORS):  # became config["rope_scaling"]
             continue
-        name = _hf_name(tensor.name)
+        name = _hf_name(tensor.name, g.architecture)
         if name is None:
-            raise ValueError(f"{g.path}: tensor {tensor.name!r} has no LlamaForCausalLM counterpart")
+            raise ValueError(f"{g.path}: tensor {tensor.name!r} has no {config['architectures'][0]} counterpart")
         w = _dequantize(g, tensor)
-        if g.architecture == "llama" and ".q_proj." in name:
+        if llama and ".q_proj." in name:  # weights and biases alike
             w = unpermute_qk(w, config["num_attention_heads"])
-        elif g.architecture == "llama" and ".k_proj." in name:
+        elif llama and ".k_proj." in name:
             w = unpermute_qk(w, config["num_key_value_heads"])
+        elif gemma and name.endswith("norm.weight"):
+            w = w - 1
         state[name] = w.to(dtype).contiguous()
-    biases = 4 if config["attention_bias"] else 3 if config["model_type"] == "qwen2" else 0
-    expected = 2 + (9 + biases) * config["num_hidden_layers"] + (0 if config["tie_word_embeddings"] else 1)
-    if len(state) != expected:
-        raise ValueError(f"{g.path}: found {len(state)} tensors, a Llama with this config has {expected}")
+    expected = _expected_tensors(config)
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{g.path}: the tensors do not match a {config['architectures'][0]} of this config "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
     return state
+
+
+def _expected_tensors(config: dict) -> set[str]:
+    """The parameter names of the model `config` describes, from the model itself built on the meta device."""
+    from qtune.config import ModelConfig
+    from qtune.model import CausalLM
+
+    with torch.device("meta"):
+        model = CausalLM(ModelConfig.from_dict(config, source="the GGUF metadata"))
+    names = set(model.state_dict())
+    return names - {"lm_head.weight"} if config["tie_word_embeddings"] else names
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------
@@ -397,7 +476,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a Hugging Face directory for a Llama-architecture GGUF and return its path.
+    """Write a Hugging Face directory for a GGUF of a supported architecture and return its path.
 
     Files: config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
     """
@@ -405,9 +484,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
     if g.architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{g.path}: architecture {g.architecture!r} is not supported; this converter handles "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama, SmolLM, Mistral-v0.1-style and Qwen2 models)"
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (llama: Llama, SmolLM, Mistral-v0.1-style models)"
         )
-    config = llama_config(g, dtype)
+    config = model_config(g, dtype)
     state = llama_state_dict(g, config, dtype)
     tokenizer_json, tokenizer_config, generation_config = gguf_tokenizer_files(g)
     out_dir = Path(out_dir)

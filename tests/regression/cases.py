@@ -2,24 +2,26 @@
 
     case    recipe                  data                                                  reference
     sft     recipes/quickstart.toml the quickstart's own generated tasks                  sft.json
+    sft-<family>  the same, two steps on each tiny family beyond Llama (FAMILIES below)  sft-<family>.json
     reward  recipes/reward.toml     shared/data/hh_rlhf/harmless-base_test.jsonl.gz       reward.json
     dpo     recipes/dpo.toml        shared/data/llamafactory/dpo_en_demo.json             dpo.json
     ppo     recipes/ppo.toml        16 built-in addition problems (reward_functions)      ppo.json
     grpo    recipes/grpo.toml       24 generated addition problems (qtune:arithmetic)     grpo.json
 
-`run_case(name, work_dir)` runs `qtune <verb> <recipe>` in a subprocess on the tiny model of tests/tiny.py
-(random weights, seeded; the small BPE tokenizer) and returns the values the reference pins down: the
+`run_case(name, work_dir)` runs `qtune <verb> <recipe>` in a subprocess on a tiny model of tests/tiny.py
+(Llama unless the case names another family; random weights, seeded; the small BPE tokenizer) and returns the values the reference pins down: the
 per-step values the run logs (losses, accuracies, margins, lr, gradient norms ...) and the held-out results
 of its summary. tests/test_<case>_regression.py compares a fresh run with the committed file.
 
 The references are written by one script only, regenerate.py beside this file:
 
-    python tests/regression/regenerate.py sft|reward|dpo|ppo|grpo|all
+    python tests/regression/regenerate.py sft|reward|dpo|ppo|grpo|sft-qwen3|...|all
 
 Run it only when a change is meant to change the numbers (a new tokenizer rule, a different loss
 normalisation, sampling ...), and say in the commit that rewrites a file why its numbers changed.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -55,15 +57,19 @@ class Case:
     """Values pinned from the run summary (the JSON object on the last stdout line)."""
     data: str = ""
     """The data file, named in the reference as `data.path=<data>`; empty: the recipe's own data."""
+    kind: str = TINY_KIND
+    """The tiny model (a key of tests/tiny.py's TINY_CONFIGS)."""
+    name: str = ""
+    """The reference file's name, <name>.json; empty: the verb's."""
 
     @property
     def reference(self) -> Path:
-        return Path(__file__).with_name(f"{self.verb}.json")
+        return Path(__file__).with_name(f"{self.name or self.verb}.json")
 
     def command(self) -> str:
         """The case as the reference records it, the run's own paths written as <placeholders>."""
         data = [f"data.path=<{self.data}>"] if self.data else []
-        return " ".join([f"qtune {self.verb} {self.recipe} model.path=<tests/tiny.py {TINY_KIND}, seed {TINY_SEED}>",
+        return " ".join([f"qtune {self.verb} {self.recipe} model.path=<tests/tiny.py {self.kind}, seed {TINY_SEED}>",
                          *data, *self.overrides])
 
 
@@ -112,6 +118,25 @@ CASES = {
                             "tokens"),
                  summary_keys=("before", "after")),
 }
+FAMILIES = ("qwen3", "gemma2", "gemma3", "mistral-nemo", "phi3", "qwen3-moe", "mixtral")  # beyond Llama (issue #16)
+# SFT on each family: the quickstart for two steps, its held-out evaluation shortened too.
+CASES.update({f"sft-{kind}": Case("sft", "quickstart",
+                                  ("train.max_steps=2", "train.save_every=0", "data.val_size=4", "data.cache_dir=",
+                                   "eval.exact_match=2", "eval.max_new_tokens=2"),
+                                  step_keys=("loss", "lr", "grad_norm", "tokens"),
+                                  summary_keys=("val_loss_before", "val_loss_after"), kind=kind, name=f"sft-{kind}")
+              for kind in FAMILIES})
+
+
+def two_step_case(verb: str, kind: str) -> Case:
+    """The `verb` regression case (reward, dpo) cut to two steps on the tiny model of `kind`: a smoke run of
+    the family through the CLI, not pinned by a reference."""
+    case = CASES[verb]
+    overrides = [o for o in case.overrides if not o.startswith(("train.max_steps=", "train.save_every=", "eval.every="))]
+    return dataclasses.replace(case, kind=kind, name=f"{verb}-{kind}",
+                               overrides=(*overrides, "train.max_steps=2", "train.save_every=0", "eval.every=0"))
+
+
 DATA_FILES = {"shared/data/hh_rlhf/harmless-base_test.jsonl.gz": HH_HARMLESS,
               "shared/data/llamafactory/dpo_en_demo.json": DPO_DEMO}
 
@@ -125,10 +150,11 @@ def case_data(case: Case, work_dir: Path) -> list[str]:
     return []
 
 
-def run_case(name: str, work_dir: Path) -> dict:
-    """Run case `name` in `work_dir`; the values its reference pins down, step values first, summary values last."""
-    case = CASES[name]
-    tiny_dir = save_tiny_with_tokenizer(TINY_KIND, work_dir / "tiny", seed=TINY_SEED)
+def run_case(name: str | Case, work_dir: Path) -> dict:
+    """Run case `name` (or the case itself) in `work_dir`; the values its reference pins down, step values
+    first, summary values last."""
+    case = CASES[name] if isinstance(name, str) else name
+    tiny_dir = save_tiny_with_tokenizer(case.kind, work_dir / "tiny", seed=TINY_SEED)
     out = work_dir / "run"
     command = [sys.executable, "-c", "from qtune.cli import main; main()", case.verb, case.recipe,
                f"model.path={tiny_dir}", *case_data(case, work_dir), f"output.dir={out}", *case.overrides]

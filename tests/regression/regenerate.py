@@ -1,6 +1,6 @@
 """Rewrite the committed recipe regression values: the only script that changes tests/regression/*.json.
 
-    python tests/regression/regenerate.py sft|reward|dpo|ppo|grpo|all
+    python tests/regression/regenerate.py sft|reward|dpo|ppo|grpo|sft-qwen3|...|all
 
 Each named case (see cases.py) runs once through the CLI and its file is rewritten with the values, the
 command and the torch / transformers versions. Run it only when a change is meant to change the numbers
