@@ -159,10 +159,7 @@ def grpo_update(model, batch: dict, recipe: GRPORecipe, params, optimizer, sched
         for start in range(0, S, minibatch):
             sums = grpo_minibatch(model, batch, torch.arange(start, min(start + minibatch, S)), recipe, device)
             first = sums["ratio"] if first is None else first
-            sums["grad_norm"] = common.clip_gradients(params, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            sums["grad_norm"], _ = common.optimizer_step(params, optimizer, scheduler, t.max_grad_norm, sums["loss"])
             totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
             updates += 1
     return {**{k: v / updates for k, v in totals.items()}, "ratio_first": first, "updates": updates,

@@ -186,10 +186,8 @@ def ppo_epochs(model, batch: dict, recipe: PPORecipe, ptx, params, optimizer, sc
         order = torch.randperm(S, generator=generator)
         for start in range(0, S, minibatch):
             sums = ppo_minibatch(model, batch, order[start:start + minibatch], recipe, ptx, (step, epoch, start), device)
-            sums["grad_norm"] = common.clip_gradients(params, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = sums["policy_loss"] + sums["value_loss"]
+            sums["grad_norm"], _ = common.optimizer_step(params, optimizer, scheduler, t.max_grad_norm, loss)
             totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
             updates += 1
     return {k: v / updates for k, v in totals.items()}
