@@ -125,33 +125,37 @@ def launch_lora_dropout_accumulate_inplace(acc: torch.Tensor, x: torch.Tensor, s
                                                              num_warps=NUM_WARPS)
 
 
-def launch_swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """h = silu(g) · u into a new tensor."""
+def _launch_gated(kernel, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """h = act(g) · u into a new tensor, `kernel` being the activation's forward kernel."""
     g, u = g.contiguous(), u.contiguous()
     h = torch.empty_like(g)
-    swiglu_forward_kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return h
+
+
+def _launch_gated_backward_inplace(kernel, dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
+    """(dg, du) of h = act(g) · u, dg written over `dh` by the activation's backward `kernel`."""
+    assert dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()
+    du = torch.empty_like(u)
+    kernel[_grid(g.numel())](dh, g, u, du, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return dh, du
+
+
+def launch_swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """h = silu(g) · u into a new tensor."""
+    return _launch_gated(swiglu_forward_kernel, g, u)
 
 
 def launch_swiglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
     """(dg, du), dg written over `dh`."""
-    assert dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()
-    du = torch.empty_like(u)
-    swiglu_backward_inplace_kernel[_grid(g.numel())](dh, g, u, du, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return dh, du
+    return _launch_gated_backward_inplace(swiglu_backward_inplace_kernel, dh, g, u)
 
 
 def launch_geglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """h = gelu_tanh(g) · u into a new tensor."""
-    g, u = g.contiguous(), u.contiguous()
-    h = torch.empty_like(g)
-    geglu_forward_kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return h
+    return _launch_gated(geglu_forward_kernel, g, u)
 
 
 def launch_geglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
     """(dg, du), dg written over `dh`."""
-    assert dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()
-    du = torch.empty_like(u)
-    geglu_backward_inplace_kernel[_grid(g.numel())](dh, g, u, du, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return dh, du
+    return _launch_gated_backward_inplace(geglu_backward_inplace_kernel, dh, g, u)

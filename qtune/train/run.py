@@ -61,8 +61,7 @@ SHOWN_NAMES = {"grad_norm": "gradient norm"}  # how the non-finite message names
 # loss); output.dir differs when a run directory was moved or copied. Any other difference from the run's
 # recipe.toml is refused. Allowed changes are recorded in resumes.jsonl.
 RESUMABLE_KEYS = ("description", "output.dir", "train.max_steps", "train.epochs", "train.lr", "train.log_every",
-                  "train.save_every", "train.collapse_steps", "train.collapse_tolerance", "train.log",
-                  "data.cache_dir")
+                  "train.save_every", "train.collapse_steps", "train.collapse_tolerance", "train.log", "data.cache_dir")
 
 
 def load_base_model(model_section, device):
@@ -338,8 +337,7 @@ class Run:
                        uniform_loss: float | None = None) -> None:
         """Stop a run that has collapsed (see CollapseCheck and train.collapse_steps) before this step is saved,
         as check_finite does; `uniform_loss` = ln(vocab_size) for language-model losses."""
-        reason = self.collapse.update(grad_norm, loss, uniform_loss)
-        if reason is None:
+        if (reason := self.collapse.update(grad_norm, loss, uniform_loss)) is None:
             return
         raise common.TrainingError(
             f"{reason} (steps {step - self.collapse.steps + 1}-{step}): the run has collapsed and stops; this step is "
