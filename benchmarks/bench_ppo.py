@@ -88,7 +88,7 @@ def memory_child(case: str, settings: dict) -> dict:
     """One memory case, run in its own process; returns its peak and tensor sizes."""
     import torch
 
-    from qtune.lora import adapters_disabled, lora_parameters, use_adapter
+    from qtune.lora import adapters_disabled, adapter_parameters, use_adapter
     from qtune.recipe.load import load_recipe
     from qtune.train import common
     from qtune.train.ppo import (
@@ -116,7 +116,7 @@ def memory_child(case: str, settings: dict) -> dict:
             response_logprobs(model, _batch(prompts, gens), 1.0)
         return {**result, "peak_bytes": meter.read()}
     scorer, params = attach_roles(model, recipe, tokenizer.pad_id, device)
-    result["roles_bytes"] = {name: tensor_bytes(lora_parameters(model, name)) for name in ("reward", "policy", "value")}
+    result["roles_bytes"] = {name: tensor_bytes(adapter_parameters(model, name)) for name in ("reward", "policy", "value")}
     result["roles_bytes"]["heads"] = tensor_bytes(model.get_submodule(VALUE_HEAD).parameters()) + \
         tensor_bytes(scorer.reward_model.head.parameters())
     with use_adapter(model, "policy"):
@@ -152,7 +152,8 @@ def _batch(prompts, generations) -> dict:
 def make_reward_model(model_path: str, quantize: str, out: Path) -> Path:
     """A reward model directory as `qtune reward` writes it (random adapter and head: only its size matters here)."""
     from qtune.weights.checkpoint import load_model
-    from qtune.lora import LoraConfig, add_lora, save_adapter
+    from qtune.lora import LoraConfig, add_lora
+    from qtune.peft import save_adapter
     from qtune.align.reward_model import ScalarHead
 
     model = load_model(model_path, quantize=quantize)
@@ -279,7 +280,8 @@ def answer_rates(model, tokenizer, prompts, seed: int) -> dict:
 def run_best_of_n_bench(args, work: Path) -> dict:
     from qtune.recipe.align import PromptDataSection
     from qtune.weights.checkpoint import load_model
-    from qtune.lora import adapters_disabled, load_adapter, use_adapter
+    from qtune.lora import adapters_disabled, use_adapter
+    from qtune.peft import load_adapter
     from qtune.recipe.load import load_recipe
     from qtune.tokenizer import load_tokenizer
     from qtune.train.best_of_n import run_best_of_n

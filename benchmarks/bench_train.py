@@ -57,14 +57,14 @@ def step_fn(model_dir, kernels, device, batch, seq, rank, compiled=False):
     import torch
 
     from qtune.weights.checkpoint import load_model
-    from qtune.lora import LoraConfig, add_lora, lora_parameters, mark_trainable
+    from qtune.lora import LoraConfig, add_lora, adapter_parameters, mark_trainable
     from qtune.train.common import lm_loss_sum
 
     model = load_model(model_dir, quantize="nf4", kernels=kernels, device=device)
     model.gradient_checkpointing = True
     add_lora(model, LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear"), seed=0)
     mark_trainable(model, "default")
-    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    opt = torch.optim.AdamW(adapter_parameters(model), lr=1e-4)
     model.train()
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     b = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from tiny import save_tiny_with_tokenizer
 
 from qtune.cli import main
-from qtune.lora import LoraConfig, add_lora, save_adapter
+from qtune.lora import LoraConfig, add_lora
+from qtune.peft import save_adapter
 from qtune.weights.checkpoint import load_model
 
 

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer as HFTokenizer
 
 from qtune.cli.export_cmds import COMMANDS
-from qtune.lora import LoraConfig, add_lora, lora_parameters, merge_lora_into_dir, save_adapter
+from qtune.lora import LoraConfig, add_lora, adapter_parameters
+from qtune.peft import merge_adapter_into_dir, save_adapter
 from qtune.weights.checkpoint import load_model
 from qtune.weights.gguf import unpermute_qk
 from qtune.weights.gguf_export import permute_qk
@@ -43,7 +44,7 @@ def trained(tmp_path_factory):
         add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), seed=0)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            for p in lora_parameters(model):
+            for p in adapter_parameters(model):
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)  # B != 0, as after training
         out[family] = (model_dir, save_adapter(model, root / f"{family}-adapter"))
     return out
@@ -80,7 +81,7 @@ def hf_logits(model, ids):
 @pytest.mark.parametrize("type_name", ["f16", "q8_0"])
 def test_transformers_gguf_loader_gives_the_merged_models_logits(trained, exported, tmp_path, family, type_name):
     model_dir, adapter = trained[family]
-    merged = merge_lora_into_dir(model_dir, adapter, tmp_path / "merged", dtype="float32")
+    merged = merge_adapter_into_dir(model_dir, adapter, tmp_path / "merged", dtype="float32")
     reference = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     path = exported[family, type_name]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,

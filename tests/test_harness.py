@@ -11,7 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qtune.lora import LoraConfig, add_lora, lora_parameters, save_adapter
+from qtune.lora import LoraConfig, add_lora, adapter_parameters
+from qtune.peft import save_adapter
 from qtune.weights.checkpoint import load_model
 from tiny import save_tiny_with_tokenizer
 
@@ -70,7 +71,7 @@ def model_and_adapter(tmp_path_factory):
     add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in lora_parameters(model):
+        for p in adapter_parameters(model):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model_dir, save_adapter(model, root / "adapter")
 

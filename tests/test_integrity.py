@@ -20,7 +20,8 @@ from rich.console import Console
 from tiny import save_tiny_with_tokenizer
 
 from qtune.cli import main
-from qtune.lora import AdapterError, LoraConfig, add_lora, load_extra_tensors, save_adapter
+from qtune.lora import AdapterError, LoraConfig, add_lora
+from qtune.peft import load_extra_tensors, save_adapter
 from qtune.train.lock import LOCK_NAME
 from qtune.train.run import Run
 from qtune.weights.checkpoint import load_model

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qtune.weights.checkpoint import load_model
-from qtune.lora import LoraConfig, add_lora, lora_parameters, mark_trainable
+from qtune.lora import LoraConfig, add_lora, adapter_parameters, mark_trainable
 from qtune.train.common import lm_loss_sum
 from tiny import save_tiny
 
@@ -19,7 +19,7 @@ def nf4_lora_model(model_dir, kernels: str, dtype: str = "float32", device: str 
     model = load_model(model_dir, quantize="nf4", dtype=dtype, kernels=kernels, device=device)
     add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), seed=7)
     mark_trainable(model, "default")
-    params = lora_parameters(model)
+    params = adapter_parameters(model)
     with torch.no_grad():  # a non-zero B so that every adapter path carries signal from the first step
         for n, p in model.named_parameters():
             if "lora_B" in n:

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from qtune.weights.checkpoint import load_model
 from qtune.weights.integrity import MANIFEST
-from qtune.lora import (AdapterError, LoraConfig, LoRALinear, adapter_names, adapters_disabled, add_lora,
-                        load_adapter, load_extra_tensors, lora_layers, lora_parameters, mark_trainable,
-                        merge_lora_into_dir, save_adapter, set_active_adapter, use_adapter)
+from qtune.lora import (AdapterError, LoraConfig, LoRALinear, adapter_names, adapter_parameters, adapters_disabled,
+                        add_lora, lora_layers, mark_trainable, set_active_adapter, use_adapter)
+from qtune.peft import load_adapter, load_extra_tensors, merge_adapter_into_dir, save_adapter
 from tiny import save_tiny
 
 transformers = pytest.importorskip("transformers")
@@ -43,7 +43,7 @@ def randomise(model, name=None, seed=1, std=0.05):
     """Give the adapter a non-zero B (as training would) so it changes the output."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in lora_parameters(model, name):
+        for p in adapter_parameters(model, name):
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
@@ -72,7 +72,7 @@ def test_seeded_init_is_reproducible_and_leaves_global_rng_alone(tiny_dirs):
     def init(seed):
         m = load_model(tiny_dirs["llama"], quantize="none")
         add_lora(m, LoraConfig(r=4), seed=seed)
-        return [p.detach().clone() for p in lora_parameters(m)]
+        return [p.detach().clone() for p in adapter_parameters(m)]
 
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
@@ -188,16 +188,16 @@ def test_gradients_reach_only_the_active_adapter(tiny_dirs, tmp_path):
     add_lora(m, LoraConfig(r=3, target_modules=("q_proj",)), name="b", seed=1)
     mark_trainable(m, "a")
     set_active_adapter(m, "a")
-    trainable = {id(p) for p in lora_parameters(m, "a")}
+    trainable = {id(p) for p in adapter_parameters(m, "a")}
     assert {id(p) for p in m.parameters() if p.requires_grad} == trainable
-    opt = torch.optim.SGD(lora_parameters(m, "a"), lr=0.5)
+    opt = torch.optim.SGD(adapter_parameters(m, "a"), lr=0.5)
     ids = token_ids(5, (2, 9))
     for _ in range(3):  # a few SGD steps make B non-zero, as training does
         loss = torch.nn.functional.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert all(m_p.grad is not None for m_p in lora_parameters(m, "a"))
+    assert all(m_p.grad is not None for m_p in adapter_parameters(m, "a"))
     assert all(p.grad is None for n, p in m.named_parameters() if id(p) not in trainable)
     # The trained adapter still equals PEFT's view of it.
     save_adapter(m, tmp_path / "a", name="a")
@@ -220,7 +220,7 @@ def test_triton_route_matches_torch_route(tiny_dirs, kind, quantize):
         m.zero_grad()
         out = m(ids)
         out.square().mean().backward()
-        results.append((out.detach(), [p.grad.clone() for p in lora_parameters(m)]))
+        results.append((out.detach(), [p.grad.clone() for p in adapter_parameters(m)]))
     (y_t, g_t), (y_k, g_k) = results
     assert max_diff(y_t, y_k) <= TOL
     assert all(max_diff(a, b) <= 1e-5 for a, b in zip(g_t, g_k))
@@ -232,7 +232,7 @@ def test_merge_from_original_equals_base_plus_adapter(tiny_dirs, tmp_path, kind)
     add_lora(m, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     randomise(m)
     save_adapter(m, tmp_path / "adapter")
-    out = merge_lora_into_dir(tiny_dirs[kind], tmp_path / "adapter", tmp_path / "merged", from_original=True,
+    out = merge_adapter_into_dir(tiny_dirs[kind], tmp_path / "adapter", tmp_path / "merged", from_original=True,
                               dtype="float32")
     merged = hf_model(out)
     ids = token_ids(7)
@@ -245,7 +245,7 @@ def test_merge_default_uses_dequantized_nf4(tiny_dirs, tmp_path):
     add_lora(m, LoraConfig(r=4, alpha=8, target_modules=("q_proj", "down_proj")))
     randomise(m)
     save_adapter(m, tmp_path / "adapter")
-    out = merge_lora_into_dir(tiny_dirs["llama"], tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    out = merge_adapter_into_dir(tiny_dirs["llama"], tmp_path / "adapter", tmp_path / "merged", dtype="float32")
     ids = token_ids(8)
     assert max_diff(logits(hf_model(out), ids), logits(m, ids)) <= TOL
     # Independently: merged = bitsandbytes' dequantized NF4 weight + s · B A
@@ -359,4 +359,4 @@ def test_interrupted_save_keeps_existing_adapter_and_extras_round_trip(tiny_dirs
     m2 = load_model(tiny_dirs["llama"], quantize="none")
     load_adapter(m2, out, name="reloaded", trainable=True)
     assert isinstance(m2.model.layers[0].self_attn.q_proj, LoRALinear)
-    assert all(p.requires_grad for p in lora_parameters(m2, "reloaded"))
+    assert all(p.requires_grad for p in adapter_parameters(m2, "reloaded"))

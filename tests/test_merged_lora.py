@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from qtune.config import ModelConfig
 from qtune.kernels.lora import reference_lora_linear
-from qtune.lora import LoraConfig, add_lora, lora_layers, lora_parameters, mark_trainable
+from qtune.lora import LoraConfig, add_lora, lora_layers, adapter_parameters, mark_trainable
 from qtune.memory.build import random_model
 from qtune.kernels.cpu.merged_lora import merged_lora_linear
 from qtune.weights.nf4 import quantize_nf4
@@ -58,7 +58,7 @@ def tiny_lora_model(dropout: float):
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear"), seed=0)
     mark_trainable(model, "default")
     with torch.no_grad():
-        for p in lora_parameters(model):
+        for p in adapter_parameters(model):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
     return model.train()
 
@@ -106,7 +106,7 @@ def test_checkpoint_recomputes_everything_but_the_down_product(dropout):
         loss = model(ids).float().logsumexp(-1).sum()
         with CountProducts() as counter:
             loss.backward()
-        grads[checkpointing] = [p.grad.clone() for p in lora_parameters(model)]
+        grads[checkpointing] = [p.grad.clone() for p in adapter_parameters(model)]
         base_products[checkpointing] = sum(rank not in shape for shape in counter.shapes)  # adapters' have r
     assert base_products[True] - base_products[False] == 6 * layers
     for with_ckpt, without in zip(grads[True], grads[False]):
@@ -149,7 +149,7 @@ def test_fused_gpu_ops_also_recompute_everything_but_the_down_product(dropout, m
         calls.clear()
         loss.backward()
         recomputed[checkpointing] = list(calls)
-        grads[checkpointing] = [p.grad.clone() for p in lora_parameters(model)]
+        grads[checkpointing] = [p.grad.clone() for p in adapter_parameters(model)]
         assert forward_calls == 7 * layers
     assert recomputed[False] == []
     assert len(recomputed[True]) == 6 * layers and (64, 128) not in recomputed[True]  # down is (64, 128)

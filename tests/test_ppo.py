@@ -9,7 +9,8 @@ from tiny import save_tiny_with_tokenizer
 from qtune.weights.checkpoint import load_model
 from qtune.data.batching import DataPosition
 from qtune.data.records import DataError
-from qtune.lora import LoraConfig, adapters_disabled, add_lora, lora_layers, save_adapter, use_adapter
+from qtune.lora import LoraConfig, adapters_disabled, add_lora, lora_layers, use_adapter
+from qtune.peft import save_adapter
 from qtune.weights.nf4_linear import NF4Linear
 from qtune.recipe.align import PPORecipe, PPOSection, PromptDataSection
 from qtune.recipe.sections import TrainSection

@@ -16,7 +16,8 @@ from tiny import save_tiny_with_tokenizer
 from qtune.weights.checkpoint import load_model
 from qtune.cli.align_cmds import COMMANDS
 from qtune.data.prefs import TokenizedPreference, collate_preferences, load_preferences, tokenize_preferences
-from qtune.lora import LoraConfig, add_lora, lora_layers, save_adapter
+from qtune.lora import LoraConfig, add_lora, lora_layers
+from qtune.peft import save_adapter
 from qtune.align.reward_model import CombinedReward, RewardModel, ScalarHead, evaluate_reward, load_reward_model
 from qtune.tokenizer import load_tokenizer
 from qtune.train.reward import indifferent_validation

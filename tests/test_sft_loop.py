@@ -21,7 +21,7 @@ from tiny import save_tiny_with_tokenizer
 
 from qtune.cli import main
 from qtune.data.sft import build_sft_data
-from qtune.lora import load_adapter
+from qtune.peft import load_adapter
 from qtune.recipe.load import load_recipe
 from qtune.tokenizer import load_tokenizer
 from qtune.train.common import Checkpointer

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qtune.lora import adapter_names, load_adapter, load_extra_tensors, use_adapter
+from qtune.lora import adapter_names, use_adapter
+from qtune.peft import load_adapter, load_extra_tensors
 from qtune.align.preference_losses import pairwise_loss, preference_accuracy
 
 HEAD_PREFIX = "score"

@@ -57,7 +57,7 @@ def evaluate_preferences(model_path: str, adapters: list[str], weights: list[flo
     """
     from qtune.weights.checkpoint import load_model, resolve
     from qtune.data.prefs import fixed_batches, load_preferences, tokenize_preferences
-    from qtune.lora import load_adapter
+    from qtune.peft import load_adapter
     from qtune.align.reward_model import CombinedReward, evaluate_reward, load_reward_model
     from qtune.tokenizer import load_tokenizer
     from qtune.train.common import training_device

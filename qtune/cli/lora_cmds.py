@@ -24,10 +24,10 @@ from qtune.cli.common import command, err
 def merge(model, adapter, out_dir, from_original, dtype, no_double_quant):
     """Fold ADAPTER (a PEFT LoRA directory) into MODEL (a directory or alias); write a plain Hugging Face
     directory to OUT_DIR that transformers, vLLM or llama.cpp's converter load without PEFT."""
-    from qtune.lora import merge_lora_into_dir
+    from qtune.peft import merge_adapter_into_dir
 
     t0 = time.perf_counter()
-    out = merge_lora_into_dir(model, adapter, out_dir, from_original=from_original, dtype=dtype,
+    out = merge_adapter_into_dir(model, adapter, out_dir, from_original=from_original, dtype=dtype,
                               double_quant=not no_double_quant)
     base = "original 16-bit" if from_original else "dequantized NF4"
     err.print(f"merged {adapter} into the {base} weights of {model}: {out} in {time.perf_counter() - t0:.1f}s")

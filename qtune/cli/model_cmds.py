@@ -42,7 +42,7 @@ def load_for_inference(model_path: str, adapter: str | None, quantize: str, dtyp
     t0 = time.perf_counter()
     model = load_model(model_dir, quantize=quantize, dtype=dtype, device=device_name())
     if adapter:
-        from qtune.lora import load_adapter
+        from qtune.peft import load_adapter
 
         load_adapter(model, adapter)
     err.print(f"[dim]loaded {model_dir} ({quantize}) in {time.perf_counter() - t0:.1f}s[/dim]")

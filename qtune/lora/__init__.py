@@ -11,21 +11,24 @@ model's output unchanged. A layer can carry several *named* adapters of differen
 at a time (PPO keeps its policy, value and reward adapters on one 4-bit base) and `adapters_disabled`
 runs the bare base (DPO's reference model).
 
+Saving and loading an adapter of any method, merging and the other methods are in qtune/peft/.
 On disk an adapter is a PEFT directory: `adapter_config.json` and `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, so `peft.PeftModel.from_pretrained` loads
 what qtune saves and the other way round.
 
 The layer is in `layer.py`; attaching, switching and training in `adapters.py`; PEFT files in
-`peft.py`; merging in `merge.py`. This package re-exports their public names.
+`peft.py`; folding into the weights in `merge.py`; what every adapter-carrying module has in `host.py`.
+This package re-exports their public names.
 """
 
 # ruff: noqa: F401  (the package's public names, re-exported)
 from qtune.lora.layer import (LoraConfig, LoRALinear)
-from qtune.lora.adapters import (BASE_LINEARS, lora_layers, adapter_names, active_adapter, decoder_linears,
+from qtune.lora.host import AdapterHost
+from qtune.lora.adapters import (BASE_LINEARS, lora_layers, adapter_hosts, adapter_names, adapter_method,
+                                 active_adapter, decoder_linears,
                                  target_matches, add_lora, set_active_adapter, adapters_disabled, use_adapter,
-                                 lora_parameters, mark_trainable)
-from qtune.lora.peft import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXTRA_WEIGHTS, KEY_PREFIX, KEY_PATTERN,
-                             UNSUPPORTED_PEFT_FIELDS, AdapterError, adapter_state_dict, peft_config_dict,
-                             save_adapter, read_adapter_config, read_adapter_weights, load_adapter,
-                             load_extra_tensors)
-from qtune.lora.merge import (merged_state_dict, merge_lora_into_dir)
+                                 adapter_parameters, mark_trainable)
+from qtune.lora.peft import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX, KEY_PATTERN, UNSUPPORTED_PEFT_FIELDS,
+                             AdapterError, adapter_state_dict, peft_config_dict, read_adapter_config,
+                             read_adapter_weights)
+from qtune.lora.merge import merged_state_dict

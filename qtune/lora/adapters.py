@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from qtune.lora.host import AdapterHost
 from qtune.lora.layer import LoraConfig, LoRALinear
 from qtune.weights.nf4_linear import NF4Linear
 
@@ -24,17 +25,32 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def adapter_hosts(model: nn.Module) -> dict[str, AdapterHost]:
+    """Every module of `model` that carries adapters (of any PEFT method), by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterHost)}
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters present on `model`, in the order they were added."""
     names: dict[str, None] = {}
-    for layer in lora_layers(model).values():
-        names.update(dict.fromkeys(layer.lora_A))
+    for host in adapter_hosts(model).values():
+        names.update(dict.fromkeys(host.methods))
     return list(names)
+
+
+def adapter_method(model: nn.Module, name: str) -> str:
+    """The PEFT method adapter `name` uses ("lora", "dora", "prefix", ...)."""
+    methods = {host.methods[name] for host in adapter_hosts(model).values() if name in host.methods}
+    if not methods:
+        raise ValueError(f"no adapter {name!r} on this model (adapters: {adapter_names(model)})")
+    if len(methods) > 1:
+        raise ValueError(f"adapter {name!r} mixes methods {sorted(methods)}; one adapter has one method")
+    return methods.pop()
 
 
 def active_adapter(model: nn.Module) -> str | None:
     """The active adapter's name (None when adapters are disabled or there are none)."""
-    return next((layer.active for layer in lora_layers(model).values()), None)
+    return next((host.active for host in adapter_hosts(model).values()), None)
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -100,20 +116,20 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
     """Make adapter `name` active in every layer (a layer without it runs its base); None disables all."""
     if name is not None and name not in adapter_names(model):
         raise ValueError(f"no adapter named {name!r} on this model; it has {adapter_names(model)}")
-    for layer in lora_layers(model).values():
-        layer.active = name
+    for host in adapter_hosts(model).values():
+        host.active = name
 
 
 @contextmanager
 def _swapped_active(model: nn.Module, name: str | None):
-    layers = list(lora_layers(model).values())
-    saved = [layer.active for layer in layers]
+    hosts = list(adapter_hosts(model).values())
+    saved = [host.active for host in hosts]
     set_active_adapter(model, name)
     try:
         yield model
     finally:
-        for layer, active in zip(layers, saved):
-            layer.active = active
+        for host, active in zip(hosts, saved):
+            host.active = active
 
 
 def adapters_disabled(model: nn.Module):
@@ -128,19 +144,19 @@ def use_adapter(model: nn.Module, name: str):
     return _swapped_active(model, name)
 
 
-def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
-    """A and B of every layer carrying adapter `name` (default: the active adapter)."""
+def adapter_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """Every tensor adapter `name` (default: the active adapter) trains, whatever its method: A and B of each
+    LoRA layer, a prefix's embeddings, IA3's vectors ..."""
     name = name if name is not None else active_adapter(model)
     if name is None or name not in adapter_names(model):
         raise ValueError(f"no adapter {name!r} on this model (adapters: {adapter_names(model)}); "
                          "name one or activate one with set_active_adapter")
-    return [p for layer in lora_layers(model).values() if name in layer.lora_A
-            for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+    return [p for host in adapter_hosts(model).values() for p in host.adapter_parameters(name)]
 
 
 def mark_trainable(model: nn.Module, name: str) -> None:
     """Only adapter `name`'s parameters require grad; every other parameter of `model` is frozen."""
-    params = lora_parameters(model, name)
+    params = adapter_parameters(model, name)
     model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)

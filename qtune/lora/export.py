@@ -4,7 +4,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from qtune.lora.merge import merge_lora_into_dir
+from qtune.peft import merge_adapter_into_dir
 from qtune.weights.checkpoint import resolve
 from qtune.tokenizer import load_tokenizer
 from qtune.weights.gguf_check import RoundTrip, check_round_trip, end_of_turn_id
@@ -42,7 +42,7 @@ def export_gguf(model, out_path, type_name: str = "f16", adapter_dir=None, from_
         source = model_dir
         if adapter_dir is not None:
             # fp32, so the file rounds the merged weights once, to the requested type.
-            source = merge_lora_into_dir(model_dir, adapter_dir, Path(tmp) / "merged", from_original=from_original,
+            source = merge_adapter_into_dir(model_dir, adapter_dir, Path(tmp) / "merged", from_original=from_original,
                                          dtype="float32", double_quant=double_quant)
         try:
             write_gguf(source, partial, type_name)

@@ -20,6 +20,7 @@ from qtune.kernels.cpu.linear import frozen_linear
 from qtune.kernels.cpu.merged_lora import merged_lora_linear, merged_path_applies
 from qtune.kernels.dispatch import use_triton
 from qtune.kernels.lora import LoraParams, lora_linear
+from qtune.lora.host import AdapterHost
 from qtune.weights.nf4_linear import NF4Linear
 
 
@@ -56,7 +57,7 @@ class LoraConfig:
         return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterHost):
     """A frozen base linear (`nn.Linear` or `NF4Linear`) plus named low-rank adapters, one active at a time.
 
     Attribute names follow PEFT's (`base_layer`, `lora_A[name]`, `lora_B[name]`), each adapter matrix an
@@ -72,7 +73,6 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.configs: dict[str, LoraConfig] = {}
-        self.active: str | None = None
         self.kernels = getattr(base_layer, "kernels", "auto")
 
     def add_adapter(self, name: str, cfg: LoraConfig, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
@@ -83,6 +83,10 @@ class LoRALinear(nn.Module):
         self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.scaling[name] = cfg.scale
         self.configs[name] = cfg
+        self.methods[name] = "lora"
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.lora_A[name].weight, self.lora_B[name].weight] if name in self.lora_A else []
 
     def base_weight(self):
         """The frozen weight as `qtune.kernels.lora.lora_linear` takes it: a dense tensor or an NF4Weight."""

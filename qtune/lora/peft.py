@@ -2,30 +2,26 @@
 
 An adapter is a PEFT directory: `adapter_config.json` and `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, so `peft.PeftModel.from_pretrained` loads
-what qtune saves and the other way round. qtune adds `qtune-manifest.json` (each file's SHA-256), which
+what qtune saves and the other way round. Writing and reading a directory, whatever the method, is
+qtune/peft/io.py; this module is LoRA's part of it. qtune adds `qtune-manifest.json` (each file's SHA-256), which
 PEFT ignores; every read of a file qtune wrote checks it (see qtune/weights/integrity.py).
 """
 
-import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qtune.config import read_json
-from qtune.lora.adapters import (_check_new_name, _wrap, adapter_names, decoder_linears, lora_layers, lora_parameters,
-                                 set_active_adapter, target_matches)
+from qtune.lora.adapters import (_check_new_name, _wrap, adapter_names, adapter_parameters, decoder_linears, lora_layers,
+                                 target_matches)
 from qtune.lora.layer import LoraConfig
-from qtune.weights.checkpoint import atomic_dir, commit_dir
-from qtune.weights.integrity import verify_files, write_manifest
+from qtune.weights.integrity import verify_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-EXTRA_WEIGHTS = "extra_tensors.safetensors"  # heads that travel with an adapter (reward, value); not PEFT's
 KEY_PREFIX = "base_model.model."
 KEY_PATTERN = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
@@ -41,7 +37,7 @@ class AdapterError(ValueError):
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under PEFT's on-disk keys (`base_model.model.<module>.lora_A.weight`)."""
-    lora_parameters(model, name)  # fails clearly on an unknown name
+    adapter_parameters(model, name)  # fails clearly on an unknown name
     tensors = {}
     for module_name, layer in lora_layers(model).items():
         if name in layer.lora_A:
@@ -50,8 +46,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return tensors
 
 
-def _adapter_config(model: nn.Module, name: str) -> tuple[LoraConfig, list[str]]:
-    """The adapter's config and the names of the layers carrying it."""
+def adapter_config(model: nn.Module, name: str) -> tuple[LoraConfig, list[str]]:
+    """A LoRA adapter's config and the names of the layers carrying it."""
     carriers = {n: layer for n, layer in lora_layers(model).items() if name in layer.lora_A}
     if not carriers:
         raise ValueError(f"no adapter {name!r} on this model (adapters: {adapter_names(model)})")
@@ -76,43 +72,12 @@ def peft_config_dict(cfg: LoraConfig, module_names: list[str], base_model_name_o
     }
 
 
-def save_adapter(model: nn.Module, out_dir, name: str = "default", base_model_name_or_path: str = "",
-                 extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write adapter `name` as a PEFT directory (+ `extra_tensors.safetensors` when `extra_tensors` is given).
-
-    The directory is assembled under a temporary name, listed in a manifest (`qtune-manifest.json`, the
-    SHA-256 of each file, checked whenever qtune reads the adapter) and renamed into place at the end, so
-    an interrupted save leaves an existing adapter at `out_dir` intact. A failed write (a full disk) leaves
-    nothing behind and is an AdapterError.
-    """
-    out_dir = Path(out_dir)
-    cfg, module_names = _adapter_config(model, name)
-    tmp = atomic_dir(out_dir)
-    try:
-        save_file(adapter_state_dict(model, name), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if extra_tensors:
-            extra = {k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}
-            save_file(extra, str(tmp / EXTRA_WEIGHTS), metadata={"format": "pt"})
-        config = peft_config_dict(cfg, module_names, base_model_name_or_path)
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        write_manifest(tmp)
-        commit_dir(tmp, out_dir)
-    except (OSError, SafetensorError) as e:
-        raise AdapterError(f"{out_dir}: cannot write the adapter ({getattr(e, 'strerror', None) or e}); nothing "
-                           "was written there: free space or choose another directory, then try again") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def read_adapter_config(adapter_dir) -> LoraConfig:
-    """Parse `adapter_config.json`, refusing PEFT features qtune does not implement."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    verify_files(adapter_dir, AdapterError, [ADAPTER_CONFIG])
-    d = read_json(path, AdapterError, f"missing; a LoRA adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+def lora_config_from_dict(d, path: Path) -> LoraConfig:
+    """The LoraConfig an `adapter_config.json` (read from `path`) describes, refusing PEFT features qtune does
+    not implement."""
     if not isinstance(d, dict) or d.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type is {d.get('peft_type') if isinstance(d, dict) else d!r}; "
-                           "only LoRA adapters (peft_type 'LORA') are supported")
+                           "only LoRA adapters (peft_type 'LORA') are supported here")
     for key in UNSUPPORTED_PEFT_FIELDS:
         if d.get(key):
             raise AdapterError(f"{path}: {key}={d[key]!r} is a PEFT feature qtune does not support "
@@ -126,29 +91,47 @@ def read_adapter_config(adapter_dir) -> LoraConfig:
         raise AdapterError(f"{path}: invalid LoRA settings ({e})") from e
 
 
-def read_adapter_weights(adapter_dir) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module name: (A, B)} from `adapter_model.safetensors`; never reads pickles."""
+def lora_pairs(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (A, B)} from an adapter's tensors under PEFT's keys (read from `path`)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = KEY_PATTERN.fullmatch(key)
+        if m is None:
+            raise AdapterError(f"{path}: unexpected tensor {key!r}; a LoRA adapter holds only "
+                               f"'{KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' keys")
+        pairs.setdefault(m[1], {})[m[2]] = tensor
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{path}: {module} has lora_{''.join(pair)} but not both lora_A and lora_B")
+    return {module: (pair["A"], pair["B"]) for module, pair in pairs.items()}
+
+
+def read_adapter_config(adapter_dir) -> LoraConfig:
+    """Parse a LoRA directory's `adapter_config.json` (checked against its manifest)."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    verify_files(adapter_dir, AdapterError, [ADAPTER_CONFIG])
+    d = read_json(path, AdapterError, f"missing; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    return lora_config_from_dict(d, path)
+
+
+def read_adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of `adapter_model.safetensors` (checked against the manifest); never reads pickles."""
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     verify_files(adapter_dir, AdapterError, [ADAPTER_WEIGHTS])
     if not path.exists():
         pickle = " (only the pickle adapter_model.bin is there; qtune reads safetensors only)" \
             if (Path(adapter_dir) / "adapter_model.bin").exists() else ""
         raise AdapterError(f"{path}: missing{pickle}")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                m = KEY_PATTERN.fullmatch(key)
-                if m is None:
-                    raise AdapterError(f"{path}: unexpected tensor {key!r}; a LoRA adapter holds only "
-                                       f"'{KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' keys")
-                pairs.setdefault(m[1], {})[m[2]] = f.get_tensor(key)
+            return {key: f.get_tensor(key) for key in f.keys()}
     except SafetensorError as e:
         raise AdapterError(f"{path}: not a readable safetensors file ({e})") from e
-    for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(f"{path}: {module} has lora_{''.join(pair)} but not both lora_A and lora_B")
-    return {module: (pair["A"], pair["B"]) for module, pair in pairs.items()}
+
+
+def read_adapter_weights(adapter_dir) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (A, B)} from a LoRA directory's `adapter_model.safetensors`."""
+    return lora_pairs(read_adapter_tensors(adapter_dir), Path(adapter_dir) / ADAPTER_WEIGHTS)
 
 
 def _check_fits(model, path: Path, cfg: LoraConfig, weights: dict, base_name) -> None:
@@ -171,32 +154,14 @@ def _check_fits(model, path: Path, cfg: LoraConfig, weights: dict, base_name) ->
                            f"{' and more' if len(missing) > 3 else ''}, which have no weights in the file{hint})")
 
 
-def load_adapter(model: nn.Module, adapter_dir, name: str = "default", trainable: bool = False) -> LoraConfig:
-    """Attach the PEFT adapter in `adapter_dir` as adapter `name` (made active) and return its config.
-
-    Its parameters require grad only with `trainable=True` (to continue training it).
-    """
-    adapter_dir = Path(adapter_dir)
-    cfg = read_adapter_config(adapter_dir)
-    weights = read_adapter_weights(adapter_dir)
-    base_name = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    _check_fits(model, adapter_dir / ADAPTER_WEIGHTS, cfg, weights, base_name)
+def attach_saved_lora(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], path: Path,
+                      name: str) -> LoraConfig:
+    """Attach the LoRA adapter saved in directory `path` (its `adapter_config.json` as `config`, its tensors) as
+    adapter `name`, after checking it fits the model."""
+    cfg = lora_config_from_dict(config, path / ADAPTER_CONFIG)
+    weights = lora_pairs(tensors, path / ADAPTER_WEIGHTS)
+    _check_fits(model, path / ADAPTER_WEIGHTS, cfg, weights, config.get("base_model_name_or_path"))
     _check_new_name(model, name)
     for module, (a, b) in weights.items():
         _wrap(model, module).add_adapter(name, cfg, a, b)
-    set_active_adapter(model, name)
-    for p in lora_parameters(model, name):
-        p.requires_grad_(trainable)
     return cfg
-
-
-def load_extra_tensors(adapter_dir) -> dict[str, torch.Tensor]:
-    """The tensors `save_adapter(..., extra_tensors=...)` stored beside the adapter ({} when none)."""
-    path = Path(adapter_dir) / EXTRA_WEIGHTS
-    verify_files(adapter_dir, AdapterError, [EXTRA_WEIGHTS])
-    if not path.exists():
-        return {}
-    try:
-        return load_file(str(path))
-    except SafetensorError as e:
-        raise AdapterError(f"{path}: not a readable safetensors file ({e})") from None

@@ -14,10 +14,10 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from qtune.config import ModelConfig
-from qtune.lora import lora_parameters
+from qtune.lora import adapter_parameters
 from qtune.memory.tracer import nbytes_of
 from qtune.model import CausalLM
-from qtune.recipe.sections import LoRASection
+from qtune.recipe.sections import LoRASection, TrainRecipe
 from qtune.train.common import ADAPTER, attach_adapter
 from qtune.weights.nf4 import NF4Weight, quantize_nf4
 from qtune.weights.nf4_linear import NF4Linear
@@ -91,8 +91,8 @@ def add_trainable_lora(model: CausalLM, r: int, targets="all-linear", alpha: flo
     """Attach one fp32 LoRA adapter (B = 0) to `targets`, make only it trainable, return its parameters."""
     if isinstance(targets, list):
         targets = tuple(targets)  # in the order given (a list would be sorted)
-    attach_adapter(model, LoRASection(r=r, alpha=alpha, dropout=dropout, target_modules=targets), seed)
-    return lora_parameters(model, ADAPTER)
+    attach_adapter(model, TrainRecipe(lora=LoRASection(r=r, alpha=alpha, dropout=dropout, target_modules=targets)), seed)
+    return adapter_parameters(model, ADAPTER)
 
 
 def random_batch(cfg: ModelConfig, batch_size: int, seq_len: int, device="cpu", seed: int = 0) -> dict:

@@ -227,6 +227,9 @@ class PPORecipe(TrainRecipe):
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from super().check()
+        if self.peft.method != "lora":
+            yield "peft.method", (f"PPO trains LoRA adapters (its policy is switched with the others on one base); "
+                                  f"{self.peft.method!r} is for sft, dpo and reward: set method = \"lora\"")
         minibatch = self.train.micro_batch_size * self.train.grad_accum_steps
         if self.ppo.rollout_batch_size % minibatch:
             yield "ppo.rollout_batch_size", (f"{self.ppo.rollout_batch_size} is not a multiple of the minibatch "

@@ -133,6 +133,9 @@ class GRPORecipe(TrainRecipe):
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from super().check()
+        if self.peft.method != "lora":
+            yield "peft.method", (f"GRPO trains LoRA adapters (its policy is switched with the others on one base); "
+                                  f"{self.peft.method!r} is for sft, dpo and reward: set method = \"lora\"")
         minibatch = self.train.micro_batch_size * self.train.grad_accum_steps
         if self.grpo.rollout_batch_size % minibatch:
             yield "grpo.rollout_batch_size", (f"{self.grpo.rollout_batch_size} is not a multiple of the minibatch "

@@ -4,6 +4,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
+from qtune.recipe.peft import PeftSection
 from qtune.recipe.schema import nonnegative, positive, positive_ints
 
 # The linear layers of a Llama-family decoder block, by their Hugging Face names.
@@ -46,9 +47,16 @@ class LoRASection:
     """Layers that get adapters: "all-linear" or a list such as ["q_proj", "v_proj"]."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r."""
+    b_lr_ratio: float = 1.0
+    """LoRA+ (Hayou et al. 2024): B learns this many times faster than A (the paper suggests 16); 1 = plain."""
+    init: Literal["default", "pissa", "loftq"] = "default"
+    """Adapter init: "default" (B = 0), "pissa" (W's top singular components) or "loftq" (quantise / SVD steps)."""
+    loftq_iter: int = 1
+    """LoftQ's alternating steps (init = "loftq")."""
 
     def check(self) -> Iterator[tuple[str, str]]:
-        yield from positive_ints(self, "r")
+        yield from positive_ints(self, "r", "loftq_iter")
+        yield from positive(self, "b_lr_ratio")
         yield from positive(self, "alpha")
         if not 0 <= self.dropout < 1:
             yield "dropout", f"must be in [0, 1), got {self.dropout}"
@@ -265,6 +273,8 @@ class Recipe:
 class TrainRecipe(Recipe):
     """A fine-tuning run: model, adapters, data, optimisation, evaluation, output."""
 
+    peft: PeftSection = field(default_factory=PeftSection)
+    """The parameter-efficient method (default LoRA, as [lora] describes)."""
     lora: LoRASection = field(default_factory=LoRASection)
     """The LoRA adapters."""
     data: DataSection = field(default_factory=DataSection)

@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from qtune import peft
 from qtune.kernels.logprobs import cross_entropy_sum
-from qtune.lora import LoraConfig, add_lora, mark_trainable
 from qtune.weights.integrity import fault_point, remove_dead_leftovers, write_manifest
 from qtune.weights.nf4 import import_bitsandbytes
 
@@ -91,16 +91,10 @@ def shifted_targets(labels: torch.Tensor, segments: torch.Tensor | None = None) 
     return targets
 
 
-def lora_config(lora) -> LoraConfig:
-    """The `LoraConfig` a recipe's [lora] section (or anything with its fields) describes."""
-    return LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
-                      rslora=lora.rslora)
-
-
-def attach_adapter(model, lora, seed: int) -> None:
-    """A fresh adapter `ADAPTER` (B = 0), the only trainable parameters, as `lora` (a [lora] section) says."""
-    add_lora(model, lora_config(lora), name=ADAPTER, seed=seed)
-    mark_trainable(model, ADAPTER)
+def attach_adapter(model, recipe, seed: int) -> None:
+    """A fresh adapter `ADAPTER`, the only trainable parameters, as the recipe's `[peft]` (and `[lora]`)
+    sections say."""
+    peft.attach(model, recipe, ADAPTER, seed)
 
 
 def lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:

@@ -28,7 +28,7 @@ from qtune.data.kto import build_kto_data
 from qtune.data.prefs import build_preference_data, fixed_batches
 from qtune.data.render import IGNORE
 from qtune.kernels.logprobs import token_logprobs
-from qtune.lora import adapters_disabled, lora_parameters
+from qtune.lora import adapters_disabled, adapter_parameters
 from qtune.recipe.align import DPORecipe, DPOSection
 from qtune.train import common
 from qtune.train.common import ADAPTER, attach_adapter
@@ -302,11 +302,11 @@ def run_dpo(recipe: DPORecipe, resume: bool = False, console=None) -> dict:
     """
     t, e = recipe.train, recipe.eval
     run, model, tokenizer, device = start_run(recipe, resume, console)
-    attach_adapter(model, recipe.lora, t.seed)
+    attach_adapter(model, recipe, t.seed)
     kto = recipe.dpo.loss == "kto"
     data = build_kto_data(recipe.data, tokenizer, t.seed) if kto else build_preference_data(recipe.data, tokenizer, t.seed)
     run.console.print(data.describe())
-    params, model_dtype = lora_parameters(model, ADAPTER), model.model.embed_tokens.weight.dtype
+    params, model_dtype = adapter_parameters(model, ADAPTER), model.model.embed_tokens.weight.dtype
     scaler = common.grad_scaler(device, model_dtype)
     steps = total_steps(recipe, data.batches_per_epoch(t.micro_batch_size))
     optimizer, scheduler, start_step, position = run.begin(recipe, model, ADAPTER, params, steps)

@@ -26,7 +26,8 @@ from qtune.align.grpo_losses import (clipped_surrogate, group_advantages, inform
                                      overlong_penalty)
 from qtune.data.prompts import prompt_batches
 from qtune.generate import generate
-from qtune.lora import adapters_disabled, add_lora, lora_parameters, set_active_adapter, use_adapter
+from qtune.lora import adapters_disabled, add_lora, adapter_parameters, set_active_adapter, use_adapter
+from qtune.peft import lora_config
 from qtune.recipe.grpo import GRPORecipe
 from qtune.train import common
 from qtune.train.rollout import (RewardError, build_reward_scorers, collate_responses, load_run_prompts, micro_batches,
@@ -45,9 +46,9 @@ def attach_policy(model, recipe: GRPORecipe, pad_id: int, device) -> tuple[list,
     """
     g, t = recipe.grpo, recipe.train
     scorers = build_reward_scorers(g.rewards, model, pad_id, t.micro_batch_size, g.max_new_tokens, device)
-    add_lora(model, common.lora_config(recipe.lora), name=POLICY, seed=t.seed)
+    add_lora(model, lora_config(recipe.lora), name=POLICY, seed=t.seed)
     model.requires_grad_(False)  # reward adapters and heads stay frozen
-    params = lora_parameters(model, POLICY)
+    params = adapter_parameters(model, POLICY)
     for p in params:
         p.requires_grad_(True)
     set_active_adapter(model, POLICY)

@@ -15,7 +15,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from qtune.generate import generate
 from qtune.kernels.logprobs import token_logprobs
-from qtune.lora import load_adapter
+from qtune.peft import load_adapter
 from qtune.tokenizer import load_tokenizer
 from qtune.train.common import training_device
 from qtune.weights.checkpoint import load_model, resolve

@@ -27,8 +27,8 @@ from qtune.data.batching import collate
 from qtune.data.prompts import prompt_batches
 from qtune.data.records import load_records
 from qtune.data.tokenized import tokenize_cached
-from qtune.lora import (adapters_disabled, add_lora, load_adapter, load_extra_tensors, lora_parameters, save_adapter,
-                        set_active_adapter, use_adapter)
+from qtune.lora import adapters_disabled, add_lora, adapter_parameters, set_active_adapter, use_adapter
+from qtune.peft import load_adapter, load_extra_tensors, lora_config, save_adapter
 from qtune.align.ppo_losses import (AdaptiveKLController, FixedKLController, approx_kl, clipped_policy_loss,
                                     clipped_value_loss, gae, kl_penalized_rewards, masked_mean, whiten)
 from qtune.recipe.align import PPORecipe
@@ -54,7 +54,7 @@ def attach_roles(model, recipe: PPORecipe, pad_id: int, device):
     scorer = build_scorer(p, model, pad_id, recipe.train.micro_batch_size, device)
     if p.reward_model:
         scorer.reward_model.head.requires_grad_(False)
-    cfg = common.lora_config(lora)
+    cfg = lora_config(lora)
     add_lora(model, cfg, name=POLICY, seed=seed)
     if p.reward_model and p.init_value_from_reward:
         load_adapter(model, p.reward_model, name=VALUE)
@@ -64,7 +64,7 @@ def attach_roles(model, recipe: PPORecipe, pad_id: int, device):
         head = ScalarHead(model.config.hidden_size, seed=seed)
     model.add_module(VALUE_HEAD, head.to(device))
     model.requires_grad_(False)
-    params = lora_parameters(model, POLICY) + lora_parameters(model, VALUE) + list(head.parameters())
+    params = adapter_parameters(model, POLICY) + adapter_parameters(model, VALUE) + list(head.parameters())
     for q in params:
         q.requires_grad_(True)
     set_active_adapter(model, POLICY)

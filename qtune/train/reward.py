@@ -15,7 +15,7 @@ from qtune.align.reward_model import RewardModel, ScalarHead, evaluate_reward
 from qtune.data.prefs import build_preference_data
 from qtune.data.render import IGNORE
 from qtune.kernels.logprobs import cross_entropy_sum
-from qtune.lora import lora_parameters
+from qtune.lora import adapter_parameters
 from qtune.recipe.align import RewardRecipe
 from qtune.train import common
 from qtune.train.common import ADAPTER, attach_adapter
@@ -98,12 +98,12 @@ def run_reward(recipe: RewardRecipe, resume: bool = False, console=None) -> dict
     """
     t, e = recipe.train, recipe.eval
     run, model, tokenizer, device = start_run(recipe, resume, console)
-    attach_adapter(model, recipe.lora, t.seed)
+    attach_adapter(model, recipe, t.seed)
     head = ScalarHead(model.config.hidden_size, seed=t.seed, device=device, init=recipe.reward.head_init)
     model.add_module(HEAD_MODULE, head)
     data = build_preference_data(recipe.data, tokenizer, t.seed, need_scores=recipe.reward.loss == "mse")
     run.console.print(data.describe())
-    params, model_dtype = lora_parameters(model, ADAPTER) + list(head.parameters()), model.model.embed_tokens.weight.dtype
+    params, model_dtype = adapter_parameters(model, ADAPTER) + list(head.parameters()), model.model.embed_tokens.weight.dtype
     scaler = common.grad_scaler(device, model_dtype)
     steps = total_steps(recipe, data.batches_per_epoch(t.micro_batch_size))
     optimizer, scheduler, start_step, position = run.begin(recipe, model, ADAPTER, params, steps)

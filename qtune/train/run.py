@@ -43,7 +43,7 @@ from rich.table import Table
 from safetensors import SafetensorError
 
 from qtune.data.batching import DataPosition
-from qtune.lora import save_adapter
+from qtune.peft import save_adapter
 from qtune.recipe.load import load_recipe
 from qtune.recipe.schema import RecipeError, iter_fields, recipe_to_toml
 from qtune.tokenizer import load_tokenizer

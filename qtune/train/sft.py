@@ -12,7 +12,7 @@ import math
 import time
 
 from qtune.data.sft import build_sft_data
-from qtune.lora import lora_parameters
+from qtune.lora import adapter_parameters
 from qtune.recipe.sections import SFTRecipe
 from qtune.train import common
 from qtune.train.common import ADAPTER, attach_adapter
@@ -74,10 +74,10 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, console=None) -> dict:
     """
     t, e = recipe.train, recipe.eval
     run, model, tokenizer, device = start_run(recipe, resume, console)
-    attach_adapter(model, recipe.lora, t.seed)
+    attach_adapter(model, recipe, t.seed)
     data = build_sft_data(recipe.data, tokenizer, seed=t.seed)
     run.show_data_stats(data.stats)
-    params, model_dtype = lora_parameters(model, ADAPTER), model.model.embed_tokens.weight.dtype
+    params, model_dtype = adapter_parameters(model, ADAPTER), model.model.embed_tokens.weight.dtype
     scaler = common.grad_scaler(device, model_dtype)
     steps = total_steps(recipe, data.batches_per_epoch(t.micro_batch_size))
     uniform_loss = math.log(model.config.vocab_size)  # cross-entropy of a uniform guess: a collapsed model's loss

@@ -1,0 +1,102 @@
+"""The parameter-efficient methods qtune trains, one `PeftMethod` each, by the name a recipe's `[peft] method`
+uses, and how a saved adapter directory says which one it holds (`adapter_config.json`'s `peft_type`).
+
+A method attaches a fresh adapter to a model, describes it for `adapter_config.json`, lists its tensors
+under the on-disk keys, and attaches a saved adapter again. Everything else (which adapter is active,
+what trains, DPO's "adapters off" reference, checkpoints, resume) is the same for every method and lives
+in qtune/lora/adapters.py and the training driver.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qtune.lora.layer import LoraConfig
+from qtune.lora import peft as lora_format
+from qtune.lora.adapters import add_lora, mark_trainable
+from qtune.lora.peft import AdapterError
+
+
+class PeftMethod:
+    """One method. Subclasses set the class attributes and implement the four methods."""
+
+    name: str = ""
+    """The recipe's `[peft] method` value."""
+    peft_type: str = ""
+    """`adapter_config.json`'s `peft_type` for this method (PEFT's name, or qtune's own where PEFT lacks it)."""
+    not_foldable: str = ""
+    """Empty when `qtune merge` can fold the adapter into the weights; otherwise why not, and what to do."""
+
+    def attach(self, model: nn.Module, recipe, name: str, seed: int) -> None:
+        """Attach a fresh adapter `name` as the recipe's `[peft]` and `[lora]` sections describe it, leaving the
+        model's output unchanged where the method allows (LoRA's B = 0) and the adapter active."""
+        raise NotImplementedError
+
+    def config_dict(self, model: nn.Module, name: str) -> dict:
+        """`adapter_config.json` for adapter `name`, as PEFT writes it for this method."""
+        raise NotImplementedError
+
+    def state_dict(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s tensors under the on-disk keys (PEFT's where PEFT has the method)."""
+        raise NotImplementedError
+
+    def load(self, model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], path: Path, name: str):
+        """Attach the saved adapter (`config` from `adapter_config.json`, `tensors` from the weights file in
+        directory `path`) as adapter `name` and return its settings (the method's config object); refuse with an
+        AdapterError naming the file when it does not fit."""
+        raise NotImplementedError
+
+
+def lora_config(lora) -> LoraConfig:
+    """The `LoraConfig` a recipe's [lora] section (or anything with its fields) describes."""
+    return LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                      rslora=lora.rslora)
+
+
+class LoRAMethod(PeftMethod):
+    """LoRA (Hu et al. 2021) with rsLoRA scaling; the recipe's `[lora]` section."""
+
+    name, peft_type = "lora", "LORA"
+
+    def attach(self, model, recipe, name, seed):
+        add_lora(model, lora_config(recipe.lora), name=name, seed=seed)
+
+    def config_dict(self, model, name):
+        return lora_format.peft_config_dict(*lora_format.adapter_config(model, name))
+
+    def state_dict(self, model, name):
+        return lora_format.adapter_state_dict(model, name)
+
+    def load(self, model, config, tensors, path, name):
+        return lora_format.attach_saved_lora(model, config, tensors, path, name)
+
+
+METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(),)}
+"""Every method, by its recipe name."""
+
+
+def method_named(name: str) -> PeftMethod:
+    """The method a recipe's `[peft] method` names."""
+    if name not in METHODS:
+        raise ValueError(f"[peft] method {name!r} is not one qtune trains; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_for_config(config: dict, path: Path) -> PeftMethod:
+    """The method that reads an adapter whose `adapter_config.json` (at `path`) is `config`."""
+    peft_type = config.get("peft_type", "LORA")
+    for method in METHODS.values():
+        if method.peft_type == peft_type:
+            return method
+    known = sorted({m.peft_type for m in METHODS.values()})
+    raise AdapterError(f"{path}: peft_type is {peft_type!r}; qtune reads adapters of type {', '.join(known)}")
+
+
+def attach(model: nn.Module, recipe, name: str, seed: int) -> PeftMethod:
+    """Attach a fresh adapter `name` of the recipe's `[peft] method` (shaped by its `[peft]` and `[lora]`
+    sections), active and the only thing that trains; returns the method."""
+    method = method_named(recipe.peft.method)
+    method.attach(model, recipe, name, seed)
+    mark_trainable(model, name)
+    return method

@@ -1,0 +1,136 @@
+"""The `[peft]` section: which parameter-efficient method a training recipe uses, and each method's settings.
+
+`method = "lora"` (the default) keeps today's meaning: the `[lora]` section describes the adapter. DoRA and
+AdaLoRA are LoRA variants and read `[lora]` too (AdaLoRA's ranks come from `[peft.adalora]`); the others
+have their own sub-table, `[peft.<method>]`. Defaults follow each method's paper.
+"""
+
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+from qtune.recipe.schema import positive, positive_ints
+
+PEFT_METHODS = ("lora", "dora", "adalora", "ia3", "adapter", "prefix", "prompt", "p_tuning")
+
+
+@dataclass
+class IA3Section:
+    target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    """Layers rescaled by a learned vector (IA3, Liu et al. 2022): keys, values and the feed-forward block."""
+    feedforward_modules: list[str] = field(default_factory=lambda: ["down_proj"])
+    """Of target_modules, those whose input (the feed-forward activation) is rescaled instead of their output."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.target_modules:
+            yield "target_modules", "the list is empty; name at least one layer (e.g. [\"k_proj\", \"v_proj\"])"
+        for name in self.feedforward_modules:
+            if name not in self.target_modules:
+                yield "feedforward_modules", f"{name!r} is not in target_modules {self.target_modules}"
+
+
+@dataclass
+class BottleneckSection:
+    size: int = 64
+    """Bottleneck width m of each adapter: down-projection D -> m, non-linearity, up-projection m -> D."""
+    placement: Literal["serial", "parallel"] = "serial"
+    """"serial" (after the block, with a residual; Houlsby et al. 2019) or "parallel" (beside it; He et al. 2022)."""
+    after: Literal["both", "attention", "feed_forward"] = "both"
+    """Which sub-blocks of each decoder layer get an adapter (Houlsby: both)."""
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+    """The non-linearity between the two projections."""
+    scale: float = 1.0
+    """Factor on the adapter's output before it joins the residual stream."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from positive_ints(self, "size")
+        yield from positive(self, "scale")
+
+
+@dataclass
+class PrefixSection:
+    num_virtual_tokens: int = 20
+    """Prefix length: trainable key/value positions added in front of every layer's attention (10-100)."""
+    projection: bool = True
+    """Train the prefix through Li & Liang's reparameterisation MLP (folded away when saved)."""
+    encoder_hidden_size: int = 512
+    """Hidden width of that MLP."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from positive_ints(self, "num_virtual_tokens", "encoder_hidden_size")
+
+
+@dataclass
+class PromptSection:
+    num_virtual_tokens: int = 20
+    """Trainable virtual-token embeddings prepended to the input (Lester et al. 2021)."""
+    init_text: str = ""
+    """Initialise them from the embeddings of this text's tokens (repeated to length); empty: random."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from positive_ints(self, "num_virtual_tokens")
+
+
+@dataclass
+class PTuningSection:
+    num_virtual_tokens: int = 20
+    """Virtual tokens produced by the prompt encoder (Liu et al. 2021)."""
+    encoder: Literal["mlp", "lstm"] = "mlp"
+    """The prompt encoder: an MLP, or a bidirectional LSTM followed by an MLP."""
+    encoder_hidden_size: int = 128
+    """Hidden width of the prompt encoder."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from positive_ints(self, "num_virtual_tokens", "encoder_hidden_size")
+
+
+@dataclass
+class AdaLoRASection:
+    init_r: int = 12
+    """Initial rank of every adapted matrix (AdaLoRA, Zhang et al. 2023)."""
+    target_r: int = 8
+    """Average rank per matrix once the budget has been pruned."""
+    tinit: int = 0
+    """Steps of warm-up before any singular value is pruned."""
+    tfinal: int = 0
+    """Steps at the end with the final budget fixed."""
+    delta_t: int = 1
+    """Steps between two budget allocations."""
+    beta1: float = 0.85
+    """Smoothing of the importance scores (exponential moving average)."""
+    beta2: float = 0.85
+    """Smoothing of their uncertainty."""
+    orth_reg_weight: float = 0.5
+    """Weight of the orthogonality regulariser on P and Q."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from positive_ints(self, "init_r", "target_r", "delta_t")
+        if self.target_r > self.init_r:
+            yield "target_r", f"must be <= init_r ({self.init_r}), got {self.target_r}"
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                yield name, f"must be in [0, 1), got {getattr(self, name)}"
+        if self.tinit < 0 or self.tfinal < 0:
+            yield "tinit", "tinit and tfinal must be >= 0"
+        if self.orth_reg_weight < 0:
+            yield "orth_reg_weight", f"must be >= 0, got {self.orth_reg_weight}"
+
+
+@dataclass
+class PeftSection:
+    method: Literal["lora", "dora", "adalora", "ia3", "adapter", "prefix", "prompt", "p_tuning"] = "lora"
+    """The parameter-efficient method ("lora" as [lora] says; "adapter" = bottleneck adapters)."""
+    ia3: IA3Section = field(default_factory=IA3Section)
+    """IA3's settings (method = "ia3")."""
+    adapter: BottleneckSection = field(default_factory=BottleneckSection)
+    """Bottleneck adapters' settings (method = "adapter")."""
+    prefix: PrefixSection = field(default_factory=PrefixSection)
+    """Prefix tuning's settings (method = "prefix")."""
+    prompt: PromptSection = field(default_factory=PromptSection)
+    """Prompt tuning's settings (method = "prompt")."""
+    p_tuning: PTuningSection = field(default_factory=PTuningSection)
+    """P-tuning's settings (method = "p_tuning")."""
+    adalora: AdaLoRASection = field(default_factory=AdaLoRASection)
+    """AdaLoRA's rank budget (method = "adalora"; the rest comes from [lora])."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        return iter(())
