@@ -128,8 +128,9 @@ def reference_passes(model, batch: dict, recipe: GRPORecipe, needs_old: bool, de
 
 # ----------------------------------------------------------------------------- the update
 
-def grpo_minibatch(model, batch: dict, rows: torch.Tensor, recipe: GRPORecipe, device) -> dict:
-    """Accumulate the gradients of one minibatch (rows of the rollout batch); returns its token-mean statistics."""
+def grpo_minibatch(model, batch: dict, rows: torch.Tensor, recipe: GRPORecipe, device, scaler=None) -> dict:
+    """Accumulate the gradients of one minibatch (rows of the rollout batch); returns its token-mean statistics.
+    An fp16 model on CUDA scales the backward by the `scaler`'s loss scale (common.grad_scaler)."""
     g = recipe.grpo
     normalization = "constant" if g.advantage == "dr_grpo" else g.loss_normalization
     n_tokens = int(batch["response_mask"][rows].sum())
@@ -142,14 +143,14 @@ def grpo_minibatch(model, batch: dict, rows: torch.Tensor, recipe: GRPORecipe, d
         loss, low, high = clipped_surrogate(logp, old, piece["advantages"], g.clip_low, g.clip_high)
         kl = k3_kl(logp, piece["ref_logp"]) if g.beta > 0 else torch.zeros_like(logp)
         loss = loss + g.beta * kl
-        (loss * loss_weights(mask, normalization, n_tokens, len(rows), g.max_new_tokens)).sum().backward()
+        common.backward((loss * loss_weights(mask, normalization, n_tokens, len(rows), g.max_new_tokens)).sum(), scaler)
         for name, x in (("loss", loss), ("kl", kl), ("clip_low_frac", low), ("clip_high_frac", high),
                         ("entropy", entropy), ("ratio", torch.exp(logp - old))):
             sums[name] += float((x.detach() * mask).sum()) / n_tokens
     return sums
 
 
-def grpo_update(model, batch: dict, recipe: GRPORecipe, params, optimizer, scheduler, device) -> dict:
+def grpo_update(model, batch: dict, recipe: GRPORecipe, params, optimizer, scheduler, device, scaler=None) -> dict:
     """num_iterations passes over the rollout batch in order, one optimizer step per minibatch; mean statistics
     (ratio_first: the token-mean ratio of the first minibatch, 1 by construction)."""
     t = recipe.train
@@ -158,9 +159,10 @@ def grpo_update(model, batch: dict, recipe: GRPORecipe, params, optimizer, sched
     totals, updates, first = {}, 0, None
     for _ in range(recipe.grpo.num_iterations):
         for start in range(0, S, minibatch):
-            sums = grpo_minibatch(model, batch, torch.arange(start, min(start + minibatch, S)), recipe, device)
+            sums = grpo_minibatch(model, batch, torch.arange(start, min(start + minibatch, S)), recipe, device, scaler)
             first = sums["ratio"] if first is None else first
-            sums["grad_norm"], _ = common.optimizer_step(params, optimizer, scheduler, t.max_grad_norm, sums["loss"])
+            sums["grad_norm"], _ = common.optimizer_step(params, optimizer, scheduler, t.max_grad_norm, sums["loss"],
+                                                         scaler)
             totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
             updates += 1
     return {**{k: v / updates for k, v in totals.items()}, "ratio_first": first, "updates": updates,
@@ -247,6 +249,7 @@ def run_grpo(recipe: GRPORecipe, resume: bool = False, console=None) -> dict:
     updates = steps * g.num_iterations * (g.rollout_batch_size // (t.micro_batch_size * t.grad_accum_steps))
     optimizer, scheduler, start_step, position = run.begin(recipe, model, POLICY, params, updates)
     held_out = (model, scorers, val_prompts, tokenizer, recipe)
+    scaler = common.grad_scaler(device, model.model.embed_tokens.weight.dtype)
     with reward_errors_stop(run):
         before = held_out_accuracy(*held_out) if start_step == 0 else run.load_before()
     if start_step == 0:
@@ -260,7 +263,8 @@ def run_grpo(recipe: GRPORecipe, resume: bool = False, console=None) -> dict:
             position, indices = next(batches)
             batch, rollout_stats = rollout(model, scorers, [train_prompts[i] for i in indices], tokenizer, recipe,
                                            step, device)
-            update = grpo_update(model, batch, recipe, params, optimizer, scheduler, device) if batch else no_update()
+            update = grpo_update(model, batch, recipe, params, optimizer, scheduler, device, scaler) if batch \
+                else no_update()
             run.check_finite(step, loss=update["loss"], grad_norm=update["grad_norm"], kl=update["kl"])
             if batch:  # a step whose groups were all dropped made no update: its zero gradient is no collapse
                 run.check_collapse(step, update["grad_norm"])

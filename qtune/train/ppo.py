@@ -141,12 +141,13 @@ class PretrainText:
 
 
 def ppo_minibatch(model, batch: dict, rows: torch.Tensor, recipe: PPORecipe, ptx: PretrainText | None, key: tuple,
-                  device) -> dict:
+                  device, scaler=None) -> dict:
     """Accumulate the gradients of one minibatch (rows of the rollout batch); returns summed statistics.
 
     Each role runs its backward while its own adapter is active: gradient checkpointing re-runs a layer's
     forward during the backward pass, and would otherwise re-run it with whichever adapter is active then.
-    Losses are divided by the minibatch's response tokens, so accumulation equals one large batch.
+    Losses are divided by the minibatch's response tokens, so accumulation equals one large batch. An fp16 model
+    on CUDA scales every backward by the `scaler`'s loss scale (common.grad_scaler).
     """
     p, t = recipe.ppo, recipe.train
     n_tokens = float(batch["response_mask"][rows].sum())
@@ -158,17 +159,17 @@ def ppo_minibatch(model, batch: dict, rows: torch.Tensor, recipe: PPORecipe, ptx
         with use_adapter(model, POLICY):
             logp, entropy = response_logprobs(model, piece, p.temperature)
             pg, clipped = clipped_policy_loss(logp, piece["old_logp"], piece["advantages"], p.clip_range)
-            ((pg * mask).sum() / n_tokens).backward()
+            common.backward((pg * mask).sum() / n_tokens, scaler)
             if ptx is not None:
                 # PPO-ptx (InstructGPT eq. 2): + γ E_pretrain[log π(x)], i.e. γ times the mean token cross-entropy
                 loss_sum, count = common.lm_loss_sum(model, common.to_device(ptx.batch(t.micro_batch_size, *key, k),
                                                                              device))
-                (p.ptx_coef * loss_sum / max(count, 1) / t.grad_accum_steps).backward()
+                common.backward(p.ptx_coef * loss_sum / max(count, 1) / t.grad_accum_steps, scaler)
                 sums["ptx_loss"] += loss_sum.item() / max(count, 1) / t.grad_accum_steps
         with use_adapter(model, VALUE):
             vf, vf_clipped = clipped_value_loss(response_values(model, piece), piece["values"], piece["returns"],
                                                 p.clip_range_value)
-            (p.vf_coef * (vf * mask).sum() / n_tokens).backward()
+            common.backward(p.vf_coef * (vf * mask).sum() / n_tokens, scaler)
         for name, x in (("policy_loss", pg), ("value_loss", vf), ("clip_frac", clipped),
                         ("value_clip_frac", vf_clipped), ("entropy", entropy),
                         ("approx_kl", approx_kl(logp, piece["old_logp"]))):
@@ -176,7 +177,8 @@ def ppo_minibatch(model, batch: dict, rows: torch.Tensor, recipe: PPORecipe, ptx
     return sums
 
 
-def ppo_epochs(model, batch: dict, recipe: PPORecipe, ptx, params, optimizer, scheduler, step: int, device) -> dict:
+def ppo_epochs(model, batch: dict, recipe: PPORecipe, ptx, params, optimizer, scheduler, step: int, device,
+               scaler=None) -> dict:
     """ppo_epochs passes over the rollout batch in shuffled minibatches, one optimizer step each; mean statistics."""
     p, t = recipe.ppo, recipe.train
     S, minibatch = len(batch["input_ids"]), t.micro_batch_size * t.grad_accum_steps
@@ -185,9 +187,10 @@ def ppo_epochs(model, batch: dict, recipe: PPORecipe, ptx, params, optimizer, sc
     for epoch in range(p.ppo_epochs):
         order = torch.randperm(S, generator=generator)
         for start in range(0, S, minibatch):
-            sums = ppo_minibatch(model, batch, order[start:start + minibatch], recipe, ptx, (step, epoch, start), device)
+            sums = ppo_minibatch(model, batch, order[start:start + minibatch], recipe, ptx, (step, epoch, start), device,
+                                 scaler)
             loss = sums["policy_loss"] + sums["value_loss"]
-            sums["grad_norm"], _ = common.optimizer_step(params, optimizer, scheduler, t.max_grad_norm, loss)
+            sums["grad_norm"], _ = common.optimizer_step(params, optimizer, scheduler, t.max_grad_norm, loss, scaler)
             totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
             updates += 1
     return {k: v / updates for k, v in totals.items()}
@@ -239,6 +242,7 @@ def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
     updates = iterations * p.ppo_epochs * (p.rollout_batch_size // (t.micro_batch_size * t.grad_accum_steps))
     optimizer, scheduler, start_step, position = run.begin(recipe, model, POLICY, params, updates)
     kl_ctl = kl_controller(p, run.restored.get("kl_controller"))
+    scaler = common.grad_scaler(device, model.model.embed_tokens.weight.dtype)
     held_out = (model, scorer, val_prompts, tokenizer, p.max_new_tokens, p.rollout_batch_size)
     before = evaluate_policy(*held_out) if start_step == 0 else {}
     if before:
@@ -254,7 +258,7 @@ def run_ppo(recipe: PPORecipe, resume: bool = False, console=None) -> dict:
                 generations = sample(model, prompts, tokenizer, p.max_new_tokens, p.temperature,
                                      seed=t.seed * 1_000_003 + step, batch_size=p.rollout_batch_size)
             batch, rollout = make_experience(model, scorer, prompts, generations, recipe, beta, device)
-            update = ppo_epochs(model, batch, recipe, ptx, params, optimizer, scheduler, step, device)
+            update = ppo_epochs(model, batch, recipe, ptx, params, optimizer, scheduler, step, device, scaler)
             run.check_finite(step, **update)
             run.check_collapse(step, update["grad_norm"])
             kl_ctl.update(rollout["kl"], len(prompts))
