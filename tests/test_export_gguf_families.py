@@ -247,3 +247,28 @@ def test_llama31_rope_freqs_export(tmp_path):
     without = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, config=transformers.LlamaConfig(**unscaled), dtype=torch.float32).eval()
     assert (hf_logits(without, ids) - want_logits).abs().max() > 5 * tolerance  # the scaling matters here
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_only_applied_the_llama_cpp_way_equals_the_merge(trained, tmp_path, family):
+    """llama.cpp's --lora adds alpha / r · B A to the base file's tensors (Phi-3: to the fused attn_qkv and
+    ffn_up; the MoE families: qtune's "all-linear" adapts their attention, Mixtral's with Q/K rows permuted);
+    that equals the merged export (f32 from the original weights)."""
+    from test_export_gguf import gguf_tensors
+
+    model_dir, adapter = trained[family]
+    runs = {"base": ["--type", "f32"], "merged": ["--type", "f32", "--adapter", adapter, "--from-original"],
+            "lora": ["--adapter", adapter, "--adapter-only"]}
+    for name, args in runs.items():
+        result = cli("export-gguf", model_dir, tmp_path / f"{name}.gguf", *args)
+        assert result.exit_code == 0, result.output
+    alpha = field(gguf.GGUFReader(tmp_path / "lora.gguf"), "adapter.lora.alpha")
+    base, merged, lora = (gguf_tensors(tmp_path / f"{n}.gguf") for n in ("base", "merged", "lora"))
+    adapted = {name.removesuffix(".lora_a") for name in lora if name.endswith(".lora_a")}
+    assert adapted and adapted <= set(base)
+    for name, w in base.items():
+        if name in adapted:
+            a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
+            w = w + alpha / a.shape[0] * b @ a
+        torch.testing.assert_close(w, merged[name], rtol=1e-5, atol=1e-6, msg=name)
+
