@@ -272,3 +272,21 @@ def test_adapter_only_applied_the_llama_cpp_way_equals_the_merge(trained, tmp_pa
             w = w + alpha / a.shape[0] * b @ a
         torch.testing.assert_close(w, merged[name], rtol=1e-5, atol=1e-6, msg=name)
 
+
+
+def test_an_adapter_on_the_experts_merges_into_the_export_but_has_no_lora_file(trained, tmp_path):
+    """Adapting every expert (naming gate_proj / up_proj / down_proj) merges into the stacked expert tensors
+    (the round trip passes); as a GGUF LoRA file it is refused by name, nothing written."""
+    model_dir = trained["qwen3-moe"][0]
+    model = load_model(model_dir, quantize="none", dtype=torch.float32)
+    add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]), seed=0)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    result = cli("export-gguf", model_dir, tmp_path / "merged.gguf", "--adapter", adapter, "--type", "q8_0")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "lora.gguf"
+    result = cli("export-gguf", model_dir, out, "--adapter", adapter, "--adapter-only")
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "is an expert" in result.output
+    assert not out.exists()
