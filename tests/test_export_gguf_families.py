@@ -15,7 +15,6 @@ from click.testing import CliRunner
 
 import tiny
 from qtune.cli.export_cmds import COMMANDS
-from qtune.lora import LoraConfig, add_lora, lora_parameters, save_adapter
 from qtune.weights.checkpoint import load_model
 from qtune.weights.gguf import convert_gguf
 
@@ -71,13 +70,7 @@ def trained(tmp_path_factory):
     out = {}
     for family in FAMILIES:
         model_dir = save_variant(family, root / family, **GEMMA_AS_LLAMA_CPP.get(family, {}))
-        model = load_model(model_dir, quantize="none", dtype=torch.float32)
-        add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), seed=0)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in lora_parameters(model):
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        out[family] = (model_dir, save_adapter(model, root / f"{family}-adapter"))
+        out[family] = (model_dir, tiny.save_trained_adapter(model_dir, root / f"{family}-adapter"))
     return out
 
 
@@ -278,12 +271,7 @@ def test_an_adapter_on_the_experts_merges_into_the_export_but_has_no_lora_file(t
     """Adapting every expert (naming gate_proj / up_proj / down_proj) merges into the stacked expert tensors
     (the round trip passes); as a GGUF LoRA file it is refused by name, nothing written."""
     model_dir = trained["qwen3-moe"][0]
-    model = load_model(model_dir, quantize="none", dtype=torch.float32)
-    add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]), seed=0)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
-    adapter = save_adapter(model, tmp_path / "adapter")
+    adapter = tiny.save_trained_adapter(model_dir, tmp_path / "adapter", ["gate_proj", "up_proj", "down_proj"])
     result = cli("export-gguf", model_dir, tmp_path / "merged.gguf", "--adapter", adapter, "--type", "q8_0")
     assert result.exit_code == 0, result.output
     out = tmp_path / "lora.gguf"
