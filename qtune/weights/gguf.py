@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from qtune.weights.gguf_layout import (BLOCK_TENSORS, GEMMA_27B_LAYERS, GEMMA_BLOCK_TENSORS, GEMMA3_LOCAL_THETA,
-                                       GLOBAL_TENSORS, PHI3_BLOCK_TENSORS, ROPE_FACTOR_TENSORS, SUPPORTED_ARCHITECTURES,
-                                       moe_tensors, reader_architecture)
+from qtune.weights.gguf_layout import (BLOCK_TENSORS, GEMMA_BLOCK_TENSORS, GEMMA3_LOCAL_THETA, GLOBAL_TENSORS,
+                                       PHI3_BLOCK_TENSORS, ROPE_FACTOR_TENSORS, SLIDING_PATTERN, SUPPORTED_ARCHITECTURES,
+                                       llama_cpp_query_scalar, moe_tensors, reader_architecture)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,10 +112,10 @@ def model_config(g: GGUFFile, dtype: torch.dtype) -> dict:
     """config.json for the file's architecture: the Llama fields, then what each other family adds."""
     config = llama_config(g, dtype)
     if g.architecture in ("gemma2", "gemma3"):
-        layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
-        big = layers == GEMMA_27B_LAYERS[g.architecture]
+        scalar = llama_cpp_query_scalar(g.architecture, config["num_hidden_layers"], config["hidden_size"],
+                                        config["num_attention_heads"], config["head_dim"])
         config.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
-                      query_pre_attn_scalar=config["hidden_size"] // heads if big else config["head_dim"],
+                      query_pre_attn_scalar=scalar,
                       sliding_window=g.arch("attention.sliding_window"),
                       final_logit_softcapping=g.arch("final_logit_softcapping", None))
     if g.architecture == "gemma2":
@@ -127,7 +127,7 @@ def model_config(g: GGUFFile, dtype: torch.dtype) -> dict:
     if g.architecture == "gemma3":
         config["rope_local_base_freq"] = GEMMA3_LOCAL_THETA  # llama.cpp's fixed base of the sliding layers
         # one sliding-or-not flag per layer, or every n-th layer global (llama.cpp's default n: 6)
-        pattern = g.arch("attention.sliding_window_pattern", 6)
+        pattern = g.arch("attention.sliding_window_pattern", SLIDING_PATTERN["gemma3"])
         if isinstance(pattern, int):
             config["sliding_window_pattern"] = pattern
         else:

@@ -134,10 +134,9 @@ def expert_key(hf_name: str) -> tuple[str, int] | None:
     return ".".join(parts[:at + 1] + parts[at + 2:]), int(parts[at + 1])
 
 
-def llama_cpp_query_scalar(cfg, arch: str) -> float:
+def llama_cpp_query_scalar(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> int:
     """The query_pre_attn_scalar llama.cpp uses for a Gemma of this shape (it stores none)."""
-    big = cfg.num_hidden_layers == GEMMA_27B_LAYERS[arch]
-    return cfg.hidden_size // cfg.num_attention_heads if big else cfg.head_dim
+    return hidden // heads if layers == GEMMA_27B_LAYERS[arch] else head_dim
 
 
 def llama_cpp_layer_types(cfg, arch: str) -> tuple[str, ...]:
@@ -161,9 +160,11 @@ def unsupported(cfg, arch: GGUFArchitecture, tensor_kinds) -> str | None:
         return "norm_topk_prob is false, but llama.cpp's qwen3moe always renormalises the top-k routing weights"
     if arch.name not in ("gemma2", "gemma3"):
         return None
-    if cfg.query_pre_attn_scalar != llama_cpp_query_scalar(cfg, arch.name):
+    scalar = llama_cpp_query_scalar(arch.name, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                                    cfg.head_dim)
+    if cfg.query_pre_attn_scalar != scalar:
         return (f"query_pre_attn_scalar is {cfg.query_pre_attn_scalar}, but llama.cpp scales the queries of a "
-                f"{cfg.num_hidden_layers}-layer {arch.name} by {llama_cpp_query_scalar(cfg, arch.name)}^-1/2")
+                f"{cfg.num_hidden_layers}-layer {arch.name} by {scalar}^-1/2")
     if cfg.sliding_window is None or tuple(cfg.layer_types) != llama_cpp_layer_types(cfg, arch.name):
         return (f"the sliding layers ({list(cfg.layer_types) or 'none'}) are not llama.cpp's fixed pattern for "
                 f"{arch.name} (every layer but each {SLIDING_PATTERN[arch.name]}th slides)")
