@@ -178,12 +178,14 @@ def test_transformers_gguf_loader_gives_the_models_logits(tmp_path, family):
     (dict(query_pre_attn_scalar=16, layer_types=["full_attention"] * 3), "sliding layers"),
 ])
 def test_a_gemma_setting_llama_cpp_fixes_otherwise_is_refused_by_name(tmp_path, change, named):
+    """Refused before the adapter is merged, naming the model's own config.json; nothing is written."""
     model_dir = save_variant("gemma2", tmp_path / "model", **change)
+    adapter = tiny.save_trained_adapter(model_dir, tmp_path / "adapter")
     out = tmp_path / "out" / "m.gguf"
-    result = cli("export-gguf", model_dir, out)
+    result = cli("export-gguf", model_dir, "--adapter", adapter, out)
     assert result.exit_code == 1 and result.output.startswith("Error: ") and result.output.count("\n") == 1
-    assert named in result.output and "config.json" in result.output
-    assert not out.exists()
+    assert named in result.output and str(model_dir / "config.json") in result.output
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
 def test_qwen3_moe_without_renormalised_routing_is_refused(tmp_path):
