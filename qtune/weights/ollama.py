@@ -24,8 +24,11 @@ class ChatFormat:
     """The Go template; `{eos}` stands for the tokenizer's EOS token."""
 
 
-# The chat formats of the families qtune trains, one row each.
+# The chat formats of the families qtune trains, one row each; the first whose marker the template contains wins.
 CHAT_FORMATS = {
+    # Phi-4: ChatML's tokens, role and text separated by <|im_sep|> instead of a newline.
+    "phi4": ChatFormat("<|im_sep|>", "{{- range .Messages }}<|im_start|>{{ .Role }}<|im_sep|>{{ .Content }}<|im_end|>"
+                                     "{{ end }}<|im_start|>assistant<|im_sep|>"),
     # Qwen2, SmolLM2 and every other ChatML model.
     "chatml": ChatFormat("<|im_start|>", "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
                                          "{{ end }}<|im_start|>assistant\n"),
@@ -36,6 +39,12 @@ CHAT_FORMATS = {
     # Mistral / Llama 2 Instruct: [INST] user turns, assistant turns closed by EOS.
     "mistral": ChatFormat("[INST]", '{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
                                     '{{ else if eq .Role "assistant" }}{{ .Content }}{eos}{{ end }}{{ end }}'),
+    # Gemma 2 Instruct: the assistant's role is "model", every turn closed by <end_of_turn> (no system turns).
+    "gemma": ChatFormat("<start_of_turn>", '{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model'
+                                           '{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}'
+                                           "<start_of_turn>model\n"),
+    # Phi-3 / 3.5 Instruct: <|role|> headers, every turn closed by <|end|>.
+    "phi3": ChatFormat("<|end|>", "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n"),
 }
 
 
