@@ -174,8 +174,17 @@ def test_modelfile_renders_like_the_chat_template(tmp_path, template, conversati
     assert ollama_render(modelfile_text(tok, "m.gguf", []), messages) == want
 
 
-def test_unknown_chat_format_is_refused(tmp_path):
-    tok = tokenizer_with(tmp_path, "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    # Gemma 3 folds the system turn into the first user turn, which the Gemma 2 Go template does not
+    "{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{{ '<start_of_turn>' + message['role'] + '\n' + (first_user_prefix if loop.first else '') + message['content'] "
+    "+ '<end_of_turn>\n' }}{%- endfor -%}",
+], ids=["plain", "gemma3"])
+def test_unknown_chat_format_is_refused(tmp_path, template):
+    tok = tokenizer_with(tmp_path, template)
     with pytest.raises(ValueError, match="none of the formats"):
         modelfile_text(tok, "m.gguf", [])
 

@@ -22,6 +22,8 @@ class ChatFormat:
     """A string only this format's Jinja templates contain."""
     template: str
     """The Go template; `{eos}` stands for the tokenizer's EOS token."""
+    unlike: str | None = None
+    """A string that rules the format out although the marker is there (a variant this template does not write)."""
 
 
 # The chat formats of the families qtune trains, one row each; the first whose marker the template contains wins.
@@ -42,7 +44,8 @@ CHAT_FORMATS = {
     # Gemma 2 Instruct: the assistant's role is "model", every turn closed by <end_of_turn> (no system turns).
     "gemma": ChatFormat("<start_of_turn>", '{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model'
                                            '{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}'
-                                           "<start_of_turn>model\n"),
+                                           "<start_of_turn>model\n",
+                        unlike="first_user_prefix"),  # Gemma 3's, which folds the system turn into the first user turn
     # Phi-3 / 3.5 Instruct: <|role|> headers, every turn closed by <|end|>.
     "phi3": ChatFormat("<|end|>", "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n"),
 }
@@ -51,7 +54,8 @@ CHAT_FORMATS = {
 def chat_format(tok: Tokenizer) -> ChatFormat | None:
     """The row of CHAT_FORMATS the tokenizer's chat template follows, None when none does."""
     template = tok.chat_template or ""
-    return next((f for f in CHAT_FORMATS.values() if f.marker in template), None)
+    return next((f for f in CHAT_FORMATS.values() if f.marker in template and not (f.unlike and f.unlike in template)),
+                None)
 
 
 def default_system_prompt(tok: Tokenizer) -> str | None:
