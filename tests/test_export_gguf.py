@@ -14,10 +14,11 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer as HFTokenizer
 
 from qtune.cli.export_cmds import COMMANDS
-from qtune.lora import merge_lora_into_dir
+from qtune.lora import LoraConfig, add_lora, lora_parameters, merge_lora_into_dir, save_adapter
+from qtune.weights.checkpoint import load_model
 from qtune.weights.gguf import unpermute_qk
 from qtune.weights.gguf_export import permute_qk
-from tiny import save_tiny_with_tokenizer, save_trained_adapter
+from tiny import save_tiny_with_tokenizer
 
 transformers = pytest.importorskip("transformers")
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -38,7 +39,13 @@ def trained(tmp_path_factory):
     out = {}
     for family in FAMILIES:
         model_dir = save_tiny_with_tokenizer(family, root / family)
-        out[family] = (model_dir, save_trained_adapter(model_dir, root / f"{family}-adapter"))
+        model = load_model(model_dir, quantize="none", dtype=torch.float32)
+        add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), seed=0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in lora_parameters(model):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)  # B != 0, as after training
+        out[family] = (model_dir, save_adapter(model, root / f"{family}-adapter"))
     return out
 
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tiny import save_tiny_with_tokenizer, save_trained_adapter
+from qtune.lora import LoraConfig, add_lora, lora_parameters, save_adapter
+from qtune.weights.checkpoint import load_model
+from tiny import save_tiny_with_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
 peft = pytest.importorskip("peft")
@@ -65,7 +67,13 @@ def offline(monkeypatch):
 def model_and_adapter(tmp_path_factory):
     root = tmp_path_factory.mktemp("harness")
     model_dir = save_tiny_with_tokenizer("llama", root / "model")
-    return model_dir, save_trained_adapter(model_dir, root / "adapter")
+    model = load_model(model_dir, quantize="none", dtype=torch.float32)
+    add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model_dir, save_adapter(model, root / "adapter")
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,11 @@ def architecture(cfg: ModelConfig, source) -> GGUFArchitecture:
     return arch
 
 
+def exportable_architecture(model_dir: Path) -> GGUFArchitecture:
+    """`architecture` of the Hugging Face directory `model_dir`, errors naming its config.json."""
+    return architecture(ModelConfig.from_json(model_dir), model_dir / "config.json")
+
+
 def model_arch(arch: GGUFArchitecture):
     """The gguf package's MODEL_ARCH member of `arch`."""
     import gguf
