@@ -34,6 +34,28 @@ MISTRAL = (
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
+# google/gemma-2-*-it, microsoft/Phi-3-mini-*-instruct and microsoft/phi-4, as their tokenizer_config.json write them.
+GEMMA2 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+PHI3 = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI4 = (
+    "{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + "
+    "message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + "
+    "message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'assistant') %}{{'<|im_start|>assistant<|im_sep|>'"
+    " + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
 
 SYSTEM = {"role": "system", "content": "Answer briefly."}
 TURNS = [
@@ -138,21 +160,31 @@ def tokenizer_with(tmp_path, template):
     return load_tokenizer(make_tokenizer_dir(tmp_path / "tok", chat_template=template, add_bos=template != CHATML))
 
 
-@pytest.mark.parametrize("template", [CHATML, LLAMA3, MISTRAL], ids=["chatml", "llama3", "mistral"])
+@pytest.mark.parametrize("template", [CHATML, LLAMA3, MISTRAL, GEMMA2, PHI3, PHI4],
+                         ids=["chatml", "llama3", "mistral", "gemma2", "phi3", "phi4"])
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 def test_modelfile_renders_like_the_chat_template(tmp_path, template, conversation):
     tok = tokenizer_with(tmp_path, template)
     messages = CONVERSATIONS[conversation]
-    if template == MISTRAL and messages[0]["role"] == "system":
-        pytest.skip("Mistral's template refuses system turns")
+    if template in (MISTRAL, GEMMA2) and messages[0]["role"] == "system":
+        pytest.skip("Mistral's and Gemma 2's templates refuse system turns")
     want = tok.apply_chat_template(messages, add_generation_prompt=True)
     if tok.add_bos_token:  # llama.cpp adds BOS itself, so the Go template leaves it out
         want = want.removeprefix(tok.special_tokens["bos_token"])
     assert ollama_render(modelfile_text(tok, "m.gguf", []), messages) == want
 
 
-def test_unknown_chat_format_is_refused(tmp_path):
-    tok = tokenizer_with(tmp_path, "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    # Gemma 3 folds the system turn into the first user turn, which the Gemma 2 Go template does not
+    "{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{{ '<start_of_turn>' + message['role'] + '\n' + (first_user_prefix if loop.first else '') + message['content'] "
+    "+ '<end_of_turn>\n' }}{%- endfor -%}",
+], ids=["plain", "gemma3"])
+def test_unknown_chat_format_is_refused(tmp_path, template):
+    tok = tokenizer_with(tmp_path, template)
     with pytest.raises(ValueError, match="none of the formats"):
         modelfile_text(tok, "m.gguf", [])
 

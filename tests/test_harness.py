@@ -6,6 +6,7 @@ from the reference log-likelihoods.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -170,3 +171,87 @@ def test_unknown_task_and_missing_package_are_one_error_line(model_and_adapter, 
     result = CliRunner().invoke(group, args, catch_exceptions=False)
     assert result.exit_code == 1 and result.output == "Error: lm-evaluation-harness is not installed; install it " \
                                                       "with: pip install 'qtune[eval]'\n"
+
+
+RECORDS = [
+    {"instruction": "Name the colour of the sky.", "input": "", "output": "The sky is blue on a clear day."},
+    {"instruction": "Add the two numbers.", "input": "2 and 3", "output": "Five, since 2 + 3 = 5."},
+    {"instruction": "Say hello.", "input": "", "output": "Hello, and welcome!"},
+]
+LL_TASK = """task: qtune_tiny_loglikelihood
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{continuation}}}}"
+metric_list:
+  - metric: perplexity
+"""
+
+
+def test_loglikelihoods_equal_qtune_eval_on_the_same_examples(model_and_adapter, backend, tmp_path):
+    """`qtune eval` scores each Alpaca record's response and EOS after its prompt (mean loss over those tokens);
+    lm-eval, through `qtune eval-harness` and a local loglikelihood task over the same (prompt, response + EOS)
+    pairs, reports perplexity = exp(-mean log-likelihood per document). Both CLIs, same adapter, same sums."""
+    from qtune.cli.eval_cmds import COMMANDS as HARNESS
+    from qtune.cli.model_cmds import COMMANDS as MODEL
+    from qtune.data.render import alpaca_prompt, tokenize_alpaca
+
+    model_dir, adapter = model_and_adapter
+    group = __import__("click").Group("qtune", commands={c.name: c for c in HARNESS + MODEL})
+    common = ["--adapter", str(adapter), "--quantize", "none", "--dtype", "float32"]
+    eos = backend.tok.decode([backend.tok.eos_id], skip_special=False)
+    pairs, own = [], []
+    for i, record in enumerate(RECORDS):
+        pairs.append({"context": alpaca_prompt(record), "continuation": record["output"] + eos})
+        ctx, cont = backend.encode_pair(pairs[-1]["context"], pairs[-1]["continuation"])
+        ids, labels = tokenize_alpaca(record, backend.tok, train_on_input=False, where="record")
+        assert ctx + cont == ids and cont == [t for t in labels if t != -100]  # the same tokens are scored
+        data = tmp_path / f"record{i}.jsonl"
+        data.write_text(json.dumps(record) + "\n")
+        result = CliRunner().invoke(group, ["eval", str(model_dir), *common, "--data", str(data)],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        scored = json.loads(result.stdout.strip().splitlines()[-1])
+        assert scored["tokens"] == len(cont)
+        own.append(-scored["loss"] * scored["tokens"])  # the record's summed log-likelihood
+    docs = tmp_path / "pairs.jsonl"
+    docs.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "ll.yaml").write_text(LL_TASK.format(data=docs))
+    result = CliRunner().invoke(group, ["eval-harness", str(model_dir), *common, "--tasks", "qtune_tiny_loglikelihood",
+                                        "--include-path", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    perplexity = json.loads(result.stdout.strip().splitlines()[-1])["qtune_tiny_loglikelihood"]["perplexity,none"]
+    assert -math.log(perplexity) == pytest.approx(sum(own) / len(own), rel=1e-5)
+    # and one document at a time, through the backend lm-eval calls
+    got = backend.loglikelihood(instances("loglikelihood", [(p["context"], p["continuation"]) for p in pairs]))
+    assert [logp for logp, _ in got] == pytest.approx(own, rel=1e-5)
+
+
+DISCOVERY = """
+import sys
+from lm_eval.api.registry import get_model
+try:
+    get_model("qtune")
+    print("found", "qtune" in sys.modules)
+except ValueError:
+    import qtune.train.harness
+    print("not found;", get_model("qtune").__name__)
+"""
+
+
+def test_lm_eval_does_not_discover_installed_backends_so_qtune_registers_on_import():
+    """README ("Use your model elsewhere"): the installed lm-eval fills its model registry from its own table
+    and from modules already imported, never from installed packages, so `lm_eval --model qtune` typed
+    directly cannot find the backend; importing qtune.train.harness (as `qtune eval-harness` does) registers
+    it. A fresh interpreter that has not imported qtune shows both. If this fails with "found", lm-eval has
+    learnt plugin discovery: wire qtune into it and update the README."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", DISCOVERY], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "not found; QtuneLM"

@@ -117,3 +117,18 @@ def save_tiny_with_tokenizer(kind: str, out_dir: Path, seed: int = 0) -> Path:
         TINY_CONFIGS[kind] = saved
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def save_trained_adapter(model_dir: Path, out_dir: Path, target_modules="all-linear", seed: int = 1) -> Path:
+    """A LoRA adapter (r 4, alpha 8) for the model in `model_dir` whose B is not zero, as after training."""
+    from qtune.lora import LoraConfig, add_lora
+    from qtune.peft import save_adapter
+    from qtune.weights.checkpoint import load_model
+
+    model = load_model(model_dir, quantize="none", dtype=torch.float32)
+    add_lora(model, LoraConfig(r=4, alpha=8, target_modules=target_modules), seed=0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):  # the adapter's: the base is frozen
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return save_adapter(model, out_dir)

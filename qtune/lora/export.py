@@ -8,7 +8,7 @@ from qtune.peft import merge_adapter_into_dir
 from qtune.weights.checkpoint import resolve
 from qtune.tokenizer import load_tokenizer
 from qtune.weights.gguf_check import RoundTrip, check_round_trip, end_of_turn_id
-from qtune.weights.gguf_export import ExportError, parse_type, write_gguf
+from qtune.weights.gguf_export import ExportError, exportable_architecture, parse_type, write_gguf
 from qtune.weights.ollama import modelfile_text, write_modelfile
 
 
@@ -35,6 +35,7 @@ def export_gguf(model, out_path, type_name: str = "f16", adapter_dir=None, from_
     """
     parse_type(type_name)  # a type the gguf package cannot write fails before anything loads
     model_dir, out_path = resolve(model), Path(out_path)
+    exportable_architecture(model_dir)  # so does a family setting llama.cpp would run differently
     modelfile = ollama_modelfile(model_dir, out_path) if ollama else None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")

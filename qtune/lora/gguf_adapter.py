@@ -16,7 +16,8 @@ import torch
 from qtune.config import ModelConfig
 from qtune.lora.peft import read_adapter_config, read_adapter_weights
 from qtune.weights.checkpoint import resolve
-from qtune.weights.gguf_export import ExportError, architecture, gguf_tensor_name, permute_qk
+from qtune.weights.gguf_export import ExportError, architecture, gguf_tensor_name, permute_qk, tensor_names
+from qtune.weights.gguf_layout import expert_key
 
 
 def export_gguf_adapter(model, adapter_dir, out_path) -> Path:
@@ -26,6 +27,7 @@ def export_gguf_adapter(model, adapter_dir, out_path) -> Path:
     model_dir, out_path = resolve(model), Path(out_path)
     cfg = ModelConfig.from_json(model_dir)
     arch = architecture(cfg, model_dir / "config.json")
+    names = tensor_names(arch, cfg)
     lora = read_adapter_config(adapter_dir)
     pairs = read_adapter_weights(adapter_dir)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +38,11 @@ def export_gguf_adapter(model, adapter_dir, out_path) -> Path:
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora.scale * lora.r)
         for module, (a, b) in sorted(pairs.items()):
-            name = gguf_tensor_name(f"{module}.weight")
+            if expert_key(f"{module}.weight"):
+                raise ExportError(f"{adapter_dir}: {module!r} is an expert; llama.cpp stacks each projection of all "
+                                  "experts into one tensor, which a GGUF LoRA file cannot adapt per expert here: "
+                                  "export the merged model (without --adapter-only) instead")
+            name = gguf_tensor_name(f"{module}.weight", names)
             if name is None:
                 raise ExportError(f"{adapter_dir}: adapted module {module!r} has no GGUF counterpart")
             b = b.to(torch.float32)

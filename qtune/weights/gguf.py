@@ -1,5 +1,5 @@
-"""GGUF (llama.cpp) -> Hugging Face model directory: Llama-architecture models (Llama, SmolLM, Mistral), Qwen2,
-Qwen3, Gemma 2, Gemma 3 and Phi-3.
+"""GGUF (llama.cpp) -> Hugging Face model directory: Llama-architecture models (Llama, SmolLM, Mistral, Mixtral),
+Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 and Phi-3.
 
     convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "models/smollm2")  # config.json, model.safetensors, tokenizer ...
 
@@ -10,6 +10,8 @@ Weights are dequantized with the `gguf` package. What llama.cpp changes on the w
     while HF's `rotate_half` rotates (x_i, x_{i + d/2}). Its converter therefore interleaves each head's two
     row halves; we put them back. Qwen and Gemma use the half-split ("NeoX") rotation in llama.cpp too.
   - Gemma's norm weights: llama.cpp stores 1 + w (its norm multiplies by the weight); we subtract the 1.
+  - experts (Mixtral, Qwen3-MoE): one 3-D tensor per projection holds every expert; we split it.
+The family tables are in `qtune.weights.gguf_layout`.
 The tokenizer becomes a `tokenizer.json` built from the vocabulary, merges and token types in the file.
 """
 
@@ -21,48 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-# GGUF architecture -> Hugging Face model_type and class.
-ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-                 "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
-                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "phi3": ("phi3", "Phi3ForCausalLM")}
-SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
-
-# GGUF tensor name -> Hugging Face LlamaForCausalLM parameter name ("{i}" is the layer index).
-GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-BLOCK_TENSORS = {
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",  # Qwen2; Llama with attention_bias
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",  # Qwen3, Gemma 3
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-}
-# Gemma's four norms a layer: llama.cpp's ffn_norm is the norm before the MLP there.
-GEMMA_BLOCK_TENSORS = {
-    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
-    "post_attention_norm.weight": "post_attention_layernorm.weight",
-    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
-}
-# Phi-3's fused projections: llama.cpp's ffn_up holds gate and up stacked, as gate_up_proj does.
-PHI3_BLOCK_TENSORS = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
-# LongRoPE's per-frequency factors travel as tensors; they become config["rope_scaling"].
-ROPE_FACTOR_TENSORS = ("rope_factors_short.weight", "rope_factors_long.weight")
-# llama.cpp tells the Gemma sizes apart by layer count and scales queries of the 27B ones by
-# (hidden / heads)^-1/2 instead of head_dim^-1/2 (transformers: query_pre_attn_scalar).
-GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+from qtune.weights.gguf_layout import (BLOCK_TENSORS, GEMMA_BLOCK_TENSORS, GEMMA3_LOCAL_THETA, GLOBAL_TENSORS,
+                                       PHI3_BLOCK_TENSORS, ROPE_FACTOR_TENSORS, SLIDING_PATTERN, SUPPORTED_ARCHITECTURES,
+                                       llama_cpp_query_scalar, moe_tensors, reader_architecture)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,7 +79,7 @@ def llama_config(g: GGUFFile, dtype: torch.dtype) -> dict:
     hidden = g.arch("embedding_length")
     tensor_names = {t.name for t in g.reader.tensors}
     vocab_size = g.arch("vocab_size", None) or len(g.get("tokenizer.ggml.tokens"))
-    model_type, hf_class = ARCHITECTURES[g.architecture]
+    model_type, hf_class = reader_architecture(g.architecture, g.arch("expert_count", 0))
     config = {
         "architectures": [hf_class],
         "model_type": model_type,
@@ -149,20 +112,22 @@ def model_config(g: GGUFFile, dtype: torch.dtype) -> dict:
     """config.json for the file's architecture: the Llama fields, then what each other family adds."""
     config = llama_config(g, dtype)
     if g.architecture in ("gemma2", "gemma3"):
-        layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
-        big = layers == GEMMA_27B_LAYERS[g.architecture]
+        scalar = llama_cpp_query_scalar(g.architecture, config["num_hidden_layers"], config["hidden_size"],
+                                        config["num_attention_heads"], config["head_dim"])
         config.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
-                      query_pre_attn_scalar=config["hidden_size"] // heads if big else config["head_dim"],
+                      query_pre_attn_scalar=scalar,
                       sliding_window=g.arch("attention.sliding_window"),
                       final_logit_softcapping=g.arch("final_logit_softcapping", None))
     if g.architecture == "gemma2":
         config["attn_logit_softcapping"] = g.arch("attn_logit_softcapping", None)
     if g.architecture == "phi3":
         _phi3_fields(g, config)
+    if config["model_type"] in ("mixtral", "qwen3_moe"):
+        _expert_fields(g, config)
     if g.architecture == "gemma3":
-        config["rope_local_base_freq"] = 10000.0  # llama.cpp's fixed base of the sliding layers
+        config["rope_local_base_freq"] = GEMMA3_LOCAL_THETA  # llama.cpp's fixed base of the sliding layers
         # one sliding-or-not flag per layer, or every n-th layer global (llama.cpp's default n: 6)
-        pattern = g.arch("attention.sliding_window_pattern", 6)
+        pattern = g.arch("attention.sliding_window_pattern", SLIDING_PATTERN["gemma3"])
         if isinstance(pattern, int):
             config["sliding_window_pattern"] = pattern
         else:
@@ -175,14 +140,26 @@ def _phi3_fields(g: GGUFFile, config: dict) -> None:
     rope_factors tensors and the pre-training context length; an optional sliding window."""
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     rotary = g.arch("rope.dimension_count", head_dim)
+    # llama.cpp's converter writes a window of 0 for "none" (Phi-4)
     config.update(head_dim=head_dim, partial_rotary_factor=rotary / head_dim,
-                  sliding_window=g.arch("attention.sliding_window", None))
+                  sliding_window=g.arch("attention.sliding_window", None) or None)
     factors = {t.name: _dequantize(g, t).tolist() for t in g.reader.tensors if t.name in ROPE_FACTOR_TENSORS}
     if factors:
         config["rope_scaling"] = {"rope_type": "longrope", "short_factor": factors["rope_factors_short.weight"],
                                   "long_factor": factors["rope_factors_long.weight"],
                                   "original_max_position_embeddings": g.arch("rope.scaling.original_context_length")}
         config["original_max_position_embeddings"] = config["rope_scaling"]["original_max_position_embeddings"]
+
+
+def _expert_fields(g: GGUFFile, config: dict) -> None:
+    """Mixtral: `num_local_experts` experts of feed_forward_length; Qwen3-MoE: `num_experts` of
+    expert_feed_forward_length, top-k weights always renormalised (llama.cpp's qwen3moe does)."""
+    experts, used = g.arch("expert_count"), g.arch("expert_used_count")
+    if config["model_type"] == "mixtral":
+        config.update(architectures=["MixtralForCausalLM"], num_local_experts=experts, num_experts_per_tok=used)
+    else:
+        config.update(num_experts=experts, num_experts_per_tok=used, norm_topk_prob=True,
+                      moe_intermediate_size=g.arch("expert_feed_forward_length"))
 
 
 def llama3_rope_scaling(rope_factors: torch.Tensor, theta: float, head_dim: int) -> dict:
@@ -262,17 +239,21 @@ def _dequantize(g: GGUFFile, tensor) -> torch.Tensor:
 
 def llama_state_dict(g: GGUFFile, config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor of the file, dequantized, renamed to HF names, cast to `dtype`: Q/K rows un-permuted
-    (llama architecture), Gemma's stored 1 + w norms back to w. The names must be exactly the tensors the
+    (llama architecture), Gemma's stored 1 + w norms back to w, stacked experts split. The names must be exactly the tensors the
     config's model has."""
     state = {}
     llama, gemma = g.architecture == "llama", g.architecture.startswith("gemma")
     for tensor in g.reader.tensors:
         if tensor.name in ("rope_freqs.weight", *ROPE_FACTOR_TENSORS):  # became config["rope_scaling"]
             continue
+        w = _dequantize(g, tensor)
+        experts = moe_tensors(tensor.name, w, config["model_type"])
+        if experts is not None:  # Mixtral, Qwen3-MoE: the router, or one projection of every expert
+            state.update((name, e.to(dtype).contiguous()) for name, e in experts.items())
+            continue
         name = _hf_name(tensor.name, g.architecture)
         if name is None:
             raise ValueError(f"{g.path}: tensor {tensor.name!r} has no {config['architectures'][0]} counterpart")
-        w = _dequantize(g, tensor)
         if llama and ".q_proj." in name:  # weights and biases alike
             w = unpermute_qk(w, config["num_attention_heads"])
         elif llama and ".k_proj." in name:
@@ -484,7 +465,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
     if g.architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{g.path}: architecture {g.architecture!r} is not supported; this converter handles "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (llama: Llama, SmolLM, Mistral-v0.1-style models)"
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (llama: Llama, SmolLM, Mistral, Mixtral)"
         )
     config = model_config(g, dtype)
     state = llama_state_dict(g, config, dtype)

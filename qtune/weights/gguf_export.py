@@ -2,17 +2,16 @@
 
     write_gguf("merged/", "model.gguf", "q8_0")
 
-The inverse of `qtune.weights.gguf` (the reader): HF names become llama.cpp names, each head's Q/K rows
-are interleaved for llama.cpp's "llama" architecture (it rotates adjacent pairs, HF's `rotate_half` rotates
-(x_i, x_{i+d/2})), 1-D tensors stay F32 and 2-D ones take the requested type, quantized by the gguf
-package's reference quantisers. The tokenizer (vocabulary, merges, token types, special ids, end-of-turn
+The inverse of `qtune.weights.gguf` (the reader): HF names become llama.cpp names through the gguf
+package's own name map, laid out per family as `qtune.weights.gguf_layout` describes (Q/K rows interleaved
+for "llama", Gemma's norms as 1 + w, experts stacked, RoPE scalings as metadata or tensors); a setting llama.cpp
+would run differently is refused. 1-D tensors stay F32 and the others take the requested type, quantized by
+the gguf package's reference quantisers. The tokenizer (vocabulary, merges, token types, special ids, end-of-turn
 token, add_bos_token) and the Jinja chat template travel in the metadata.
 """
 
 import dataclasses
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,34 +19,13 @@ import torch
 from safetensors import safe_open
 
 from qtune.config import ModelConfig
-from qtune.model import rope_inv_freq
+from qtune.rope import rope_attention_scale, rope_inv_freq, rotary_dim
 from qtune.tokenizer import load_tokenizer
 from qtune.weights.checkpoint import CheckpointError, shard_files
 from qtune.weights.gguf_check import FLOAT_TYPES, QUANT_TOLERANCE, end_of_turn_id
-from qtune.weights.gguf import (BLOCK_TENSORS, BYTE, CONTROL, GLOBAL_TENSORS, NORMAL, PRE_TOKENIZERS, UNKNOWN, UNUSED,
-                                USER_DEFINED)
-
-
-@dataclass(frozen=True)
-class GGUFArchitecture:
-    """How llama.cpp names and lays out one Hugging Face `model_type`."""
-
-    name: str
-    """`general.architecture`, the prefix of the model's metadata keys."""
-    permute_qk: bool
-    """llama.cpp's "llama" rotates adjacent pairs, so each head's Q/K rows are interleaved."""
-
-
-# HF model_type -> llama.cpp architecture: a new family is one row here (and one in the reader's tables).
-ARCHITECTURES = {
-    "llama": GGUFArchitecture("llama", permute_qk=True),
-    "mistral": GGUFArchitecture("llama", permute_qk=True),  # llama.cpp's own converter writes Mistral as llama
-    "qwen2": GGUFArchitecture("qwen2", permute_qk=False),
-}
-
-GGUF_NAMES = {hf: name for name, hf in GLOBAL_TENSORS.items()}
-GGUF_BLOCK_NAMES = {hf: name for name, hf in BLOCK_TENSORS.items()}
-LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+from qtune.weights.gguf import BYTE, CONTROL, NORMAL, PRE_TOKENIZERS, UNKNOWN, UNUSED, USER_DEFINED
+from qtune.weights.gguf_layout import (EXPORT_ARCHITECTURES, ROPE_FACTOR_TENSORS, GGUFArchitecture, expert_key,
+                                       unsupported)
 
 
 class ExportError(ValueError):
@@ -85,20 +63,44 @@ def parse_type(name: str):
 
 
 def architecture(cfg: ModelConfig, source) -> GGUFArchitecture:
-    if cfg.model_type not in ARCHITECTURES:
-        raise ExportError(f"{source}: model_type {cfg.model_type!r} has no GGUF layout here "
-                          f"(exported: {', '.join(ARCHITECTURES)})")
-    return ARCHITECTURES[cfg.model_type]
+    """The llama.cpp layout of `cfg`'s family, or an ExportError naming `source` and what llama.cpp would run
+    differently."""
+    import gguf
+
+    if cfg.model_type not in EXPORT_ARCHITECTURES or cfg.multimodal_text:
+        what = "an image-text checkpoint" if cfg.multimodal_text else f"model_type {cfg.model_type!r}"
+        raise ExportError(f"{source}: {what} has no GGUF layout here (exported: {', '.join(EXPORT_ARCHITECTURES)})")
+    arch = EXPORT_ARCHITECTURES[cfg.model_type]
+    problem = unsupported(cfg, arch, gguf.MODEL_TENSORS[model_arch(arch)])
+    if problem:
+        raise ExportError(f"{source}: {problem}; llama.cpp would not run this model as trained, so it is not exported")
+    return arch
 
 
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """llama.cpp's name of a HF parameter ("model.layers.3.self_attn.q_proj.weight" -> "blk.3.attn_q.weight")."""
-    if hf_name in GGUF_NAMES:
-        return GGUF_NAMES[hf_name]
-    m = LAYER_KEY.fullmatch(hf_name)
-    if m and m[2] in GGUF_BLOCK_NAMES:
-        return f"blk.{m[1]}.{GGUF_BLOCK_NAMES[m[2]]}"
-    return None
+def exportable_architecture(model_dir: Path) -> GGUFArchitecture:
+    """`architecture` of the Hugging Face directory `model_dir`, errors naming its config.json."""
+    return architecture(ModelConfig.from_json(model_dir), model_dir / "config.json")
+
+
+def model_arch(arch: GGUFArchitecture):
+    """The gguf package's MODEL_ARCH member of `arch`."""
+    import gguf
+
+    return next(member for member, name in gguf.MODEL_ARCH_NAMES.items() if name == arch.name)
+
+
+def tensor_names(arch: GGUFArchitecture, cfg: ModelConfig):
+    """The gguf package's Hugging Face -> llama.cpp tensor-name map of the architecture (the one llama.cpp's
+    converter uses): `gguf_tensor_name` reads it."""
+    import gguf
+
+    return gguf.get_tensor_name_map(model_arch(arch), cfg.num_hidden_layers)
+
+
+def gguf_tensor_name(hf_name: str, names) -> str | None:
+    """llama.cpp's name of a HF parameter ("model.layers.3.self_attn.q_proj.weight" -> "blk.3.attn_q.weight");
+    None where the architecture has no such tensor. `names`: `tensor_names(...)`."""
+    return names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -122,8 +124,8 @@ def encode_tensor(w: torch.Tensor, qtype):
     return gguf.quants.quantize(values, qtype), qtype
 
 
-def add_model_metadata(writer, cfg: ModelConfig, name: str) -> None:
-    """The `{arch}.*` hyper-parameters llama.cpp reads."""
+def add_model_metadata(writer, cfg: ModelConfig, arch: GGUFArchitecture, name: str) -> None:
+    """The `{arch}.*` hyper-parameters llama.cpp reads (the keys its converter writes for the family)."""
     writer.add_name(name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -133,40 +135,87 @@ def add_model_metadata(writer, cfg: ModelConfig, name: str) -> None:
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+    writer.add_rope_dimension_count(rotary_dim(cfg))
+    if arch.name != "phi3":  # llama.cpp's Phi-3 heads are hidden / heads wide, whatever the file says
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
     writer.add_vocab_size(cfg.vocab_size)
+    if cfg.num_experts:
+        writer.add_expert_count(cfg.num_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        if arch.name == "qwen3moe":  # Mixtral's experts are feed_forward_length wide
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if arch.name in ("gemma2", "gemma3", "phi3"):  # the other families' windows are not read by llama.cpp
+        writer.add_sliding_window(cfg.sliding_window or 0)  # 0: none (Phi-4), as llama.cpp's converter writes
+    if cfg.attn_logit_softcapping is not None:
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    if cfg.final_logit_softcapping is not None:
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    add_rope_scaling(writer, cfg)
+
+
+def add_rope_scaling(writer, cfg: ModelConfig) -> None:
+    """Linear scaling as type + factor; LongRoPE's pre-training context and attention factor (its per-frequency
+    factors are tensors, as are Llama 3.1's: `rope_tensors`)."""
+    import gguf
+
     scaling = cfg.rope_scaling
     if scaling and scaling["rope_type"] == "linear":
-        import gguf
-
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif scaling and scaling["rope_type"] == "longrope":
+        writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        writer.add_rope_scaling_attn_factors(rope_attention_scale(cfg))
 
 
-def model_tensors(model_dir: Path, cfg: ModelConfig, arch: GGUFArchitecture):
-    """(gguf name, tensor) for every tensor of the checkpoint, Q/K rows permuted where the layout wants it."""
-    for file in shard_files(model_dir):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = gguf_tensor_name(key)
-                if name is None:
-                    if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                        continue
-                    raise ExportError(f"{file}: tensor {key!r} has no GGUF counterpart in the "
-                                      f"{arch.name} layout")
-                w = f.get_tensor(key).to(torch.float32)
-                if arch.permute_qk and ".q_proj." in key:
-                    w = permute_qk(w, cfg.num_attention_heads)
-                elif arch.permute_qk and ".k_proj." in key:
-                    w = permute_qk(w, cfg.num_key_value_heads)
-                yield name, w
-    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3":
+def rope_tensors(cfg: ModelConfig):
+    """(name, tensor) of the RoPE scalings llama.cpp stores as tensors."""
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "llama3":
         # llama.cpp divides each inverse frequency by rope_freqs[i]; the reader recovers rope_scaling from it.
         unscaled = dataclasses.replace(cfg, rope_scaling=None)
         yield "rope_freqs.weight", rope_inv_freq(unscaled) / rope_inv_freq(cfg)
+    elif scaling.get("rope_type") == "longrope":
+        short, long = ROPE_FACTOR_TENSORS
+        yield short, torch.tensor(scaling["short_factor"], dtype=torch.float32)
+        yield long, torch.tensor(scaling["long_factor"], dtype=torch.float32)
+
+
+def _laid_out(key: str, w: torch.Tensor, cfg: ModelConfig, arch: GGUFArchitecture) -> torch.Tensor:
+    # Q/K rows interleaved for llama.cpp's "llama" (weights and biases alike); Gemma's norms as 1 + w.
+    if arch.permute_qk and ".q_proj." in key:
+        return permute_qk(w, cfg.num_attention_heads)
+    if arch.permute_qk and ".k_proj." in key:
+        return permute_qk(w, cfg.num_key_value_heads)
+    return w + arch.norm_offset if key.endswith("norm.weight") else w
+
+
+def model_tensors(model_dir: Path, cfg: ModelConfig, arch: GGUFArchitecture):
+    """(gguf name, tensor) for every tensor of the checkpoint in llama.cpp's layout: each expert projection
+    stacked over the experts (E, out, in) once all of a layer's experts are read."""
+    names, experts = tensor_names(arch, cfg), {}
+    for file in shard_files(model_dir):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                stacked, index = expert_key(key) or (key, None)
+                name = gguf_tensor_name(stacked, names)
+                if name is None:
+                    raise ExportError(f"{file}: tensor {key!r} has no GGUF counterpart in the {arch.name} layout")
+                w = _laid_out(key, f.get_tensor(key).to(torch.float32), cfg, arch)
+                if index is None:
+                    yield name, w
+                    continue
+                group = experts.setdefault(name, {})
+                group[index] = w
+                if len(group) == cfg.num_experts:
+                    yield name, torch.stack([group[e] for e in range(cfg.num_experts)])
+                    del experts[name]
+    if experts:
+        raise ExportError(f"{model_dir}: the checkpoint lacks experts of {sorted(experts)[0]} "
+                          f"(config.json says {cfg.num_experts})")
+    yield from rope_tensors(cfg)
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------
@@ -279,7 +328,7 @@ def write_gguf(model_dir, out_path, type_name: str = "f16") -> Path:
     arch = architecture(cfg, model_dir / "config.json")
     writer = gguf.GGUFWriter(out_path, arch.name)
     try:
-        add_model_metadata(writer, cfg, model_dir.name)
+        add_model_metadata(writer, cfg, arch, model_dir.name)
         writer.add_file_type(gguf.LlamaFileType["ALL_F32" if qtype.name == "F32" else f"MOSTLY_{qtype.name}"])
         add_tokenizer_metadata(writer, model_dir, cfg.vocab_size)
         for name, w in model_tensors(model_dir, cfg, arch):

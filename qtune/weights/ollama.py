@@ -22,10 +22,15 @@ class ChatFormat:
     """A string only this format's Jinja templates contain."""
     template: str
     """The Go template; `{eos}` stands for the tokenizer's EOS token."""
+    unlike: str | None = None
+    """A string that rules the format out although the marker is there (a variant this template does not write)."""
 
 
-# The chat formats of the families qtune trains, one row each.
+# The chat formats of the families qtune trains, one row each; the first whose marker the template contains wins.
 CHAT_FORMATS = {
+    # Phi-4: ChatML's tokens, role and text separated by <|im_sep|> instead of a newline.
+    "phi4": ChatFormat("<|im_sep|>", "{{- range .Messages }}<|im_start|>{{ .Role }}<|im_sep|>{{ .Content }}<|im_end|>"
+                                     "{{ end }}<|im_start|>assistant<|im_sep|>"),
     # Qwen2, SmolLM2 and every other ChatML model.
     "chatml": ChatFormat("<|im_start|>", "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
                                          "{{ end }}<|im_start|>assistant\n"),
@@ -36,13 +41,21 @@ CHAT_FORMATS = {
     # Mistral / Llama 2 Instruct: [INST] user turns, assistant turns closed by EOS.
     "mistral": ChatFormat("[INST]", '{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
                                     '{{ else if eq .Role "assistant" }}{{ .Content }}{eos}{{ end }}{{ end }}'),
+    # Gemma 2 Instruct: the assistant's role is "model", every turn closed by <end_of_turn> (no system turns).
+    "gemma": ChatFormat("<start_of_turn>", '{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model'
+                                           '{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}'
+                                           "<start_of_turn>model\n",
+                        unlike="first_user_prefix"),  # Gemma 3's, which folds the system turn into the first user turn
+    # Phi-3 / 3.5 Instruct: <|role|> headers, every turn closed by <|end|>.
+    "phi3": ChatFormat("<|end|>", "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n"),
 }
 
 
 def chat_format(tok: Tokenizer) -> ChatFormat | None:
     """The row of CHAT_FORMATS the tokenizer's chat template follows, None when none does."""
     template = tok.chat_template or ""
-    return next((f for f in CHAT_FORMATS.values() if f.marker in template), None)
+    return next((f for f in CHAT_FORMATS.values() if f.marker in template and not (f.unlike and f.unlike in template)),
+                None)
 
 
 def default_system_prompt(tok: Tokenizer) -> str | None:
