@@ -72,7 +72,13 @@ class LoRAMethod(PeftMethod):
         return lora_format.attach_saved_lora(model, config, tensors, path, name)
 
 
-METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(),)}
+# The methods' own modules subclass PeftMethod, so they are imported once it exists (qtune/peft/__init__.py
+# imports this module first).
+from qtune.peft.prefix import PrefixTuningMethod  # noqa: E402
+from qtune.peft.prompt import PromptTuningMethod, PTuningMethod  # noqa: E402
+
+METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(), PromptTuningMethod(), PTuningMethod(),
+                                                      PrefixTuningMethod())}
 """Every method, by its recipe name."""
 
 
