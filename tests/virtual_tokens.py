@@ -12,9 +12,9 @@ from qtune.weights.checkpoint import load_model
 N_VIRTUAL = 3
 
 
-def recipe_for(method: str, model_dir, **section) -> SimpleNamespace:
+def recipe_for(method: str, model_dir, packing: bool = False, **section) -> SimpleNamespace:
     """What `attach` reads of a recipe: [peft] with `method`'s sub-table (num_virtual_tokens = N_VIRTUAL and
-    `section`'s fields), [model] path."""
+    `section`'s fields), [model] path, [data] packing."""
     peft = PeftSection(method=method)
     sub = getattr(peft, method)
     sub.num_virtual_tokens = N_VIRTUAL
@@ -22,13 +22,13 @@ def recipe_for(method: str, model_dir, **section) -> SimpleNamespace:
         sub.encoder_hidden_size = 16
     for key, value in section.items():
         setattr(sub, key, value)
-    return SimpleNamespace(peft=peft, model=SimpleNamespace(path=str(model_dir)))
+    return SimpleNamespace(peft=peft, model=SimpleNamespace(path=str(model_dir)), data=SimpleNamespace(packing=packing))
 
 
-def qtune_with(method: str, model_dir, seed: int = 1, quantize: str = "none", **section):
+def qtune_with(method: str, model_dir, seed: int = 1, quantize: str = "none", packing: bool = False, **section):
     """The tiny model in qtune with a fresh `method` adapter "default" (active, the only trainable tensors)."""
     model = load_model(model_dir, quantize=quantize)
-    attach(model, recipe_for(method, model_dir, **section), "default", seed)
+    attach(model, recipe_for(method, model_dir, packing, **section), "default", seed)
     return model
 
 

@@ -15,8 +15,8 @@ positions move up by N; a packed example sees the prefix as if it were alone. `q
 import torch
 from torch import nn
 
-from qtune.peft.prompt import (EMBEDDINGS_KEY, NOT_FOLDABLE, EncoderHost, TokenTable, add_encoder, common_config,
-                               host_of, saved_table, seeded)
+from qtune.peft.prompt import (EMBEDDINGS_KEY, NOT_FOLDABLE, EncoderHost, TokenTable, add_encoder, check_packing,
+                               common_config, host_of, saved_table, seeded)
 from qtune.peft.registry import PeftMethod
 
 
@@ -62,6 +62,7 @@ class PrefixTuningMethod(PeftMethod):
 
     def attach(self, model, recipe, name, seed):
         section, cfg = recipe.peft.prefix, model.config
+        check_packing(model, recipe, section.num_virtual_tokens)
         kv_dim, layers = cfg.num_key_value_heads * cfg.head_dim, cfg.num_hidden_layers
         if section.projection:
             encoder = seeded(seed, lambda: PrefixEncoder(section.num_virtual_tokens, kv_dim,

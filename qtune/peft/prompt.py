@@ -108,6 +108,17 @@ def seeded(seed: int, build):
         return build()
 
 
+def check_packing(model: nn.Module, recipe, n: int) -> None:
+    """Refuse packed rows where a sliding window is shorter than a row plus the n virtual positions: a packed
+    example's distance to them grows with the examples before it, so the window could hide them where, alone,
+    it would not."""
+    data, window = getattr(recipe, "data", None), model.config.sliding_window
+    if getattr(data, "packing", False) and window is not None and window < getattr(data, "max_seq_len", window) + n:
+        raise ValueError(f"[peft] method = {recipe.peft.method!r} with data.packing = true on a model with a "
+                         f"{window}-token sliding window: packed examples would lose sight of the virtual tokens; set "
+                         "data.packing = false")
+
+
 def add_encoder(model: nn.Module, slot: str, make_host, name: str, method: str, encoder: nn.Module,
                 settings: dict) -> None:
     """Put adapter `name`'s encoder in the model's slot (fp32, on the model's device) and make it active."""
@@ -171,6 +182,7 @@ class PromptTuningMethod(PeftMethod):
 
     def attach(self, model, recipe, name, seed):
         section = recipe.peft.prompt
+        check_packing(model, recipe, section.num_virtual_tokens)
         n, D = section.num_virtual_tokens, model.config.hidden_size
         if section.init_text:  # the text's input embeddings, as the model embeds tokens
             ids = torch.tensor([init_text_ids(recipe, n)], device=model.model.embed_tokens.weight.device)
@@ -209,6 +221,7 @@ class PTuningMethod(PromptTuningMethod):
 
     def attach(self, model, recipe, name, seed):
         section = recipe.peft.p_tuning
+        check_packing(model, recipe, section.num_virtual_tokens)
         D = model.config.hidden_size
         encoder = seeded(seed, lambda: PromptEncoder(section.num_virtual_tokens, D, section.encoder_hidden_size,
                                                      section.encoder))
