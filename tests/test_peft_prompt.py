@@ -220,3 +220,25 @@ def test_second_adapter_name_switches_like_lora(tiny_dirs):
         with use_adapter(m, "default"):
             first = m(ids)
     assert max_diff(other, first) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["prompt", "p_tuning", "prefix"])
+def test_training_loss_equals_peft_and_no_virtual_position_carries_one(tiny_dirs, tmp_path, method):
+    """qtune's SFT loss over a right-padded batch equals PEFT's `labels=` loss, which puts -100 on the virtual
+    positions: the virtual tokens carry no loss, and every real target carries one."""
+    from qtune.train.common import count_targets, lm_loss_sum
+
+    m = qtune_with(method, tiny_dirs["llama"])
+    save_adapter(m, tmp_path / "a")
+    ref = peft.PeftModel.from_pretrained(hf_model(tiny_dirs["llama"]), tmp_path / "a").eval()
+    ids, mask = token_ids(11), torch.ones(2, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100  # a prompt part without loss
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+             "position_ids": torch.arange(11).expand(2, 11)}
+    with torch.no_grad():
+        loss_sum, count = lm_loss_sum(m, batch)
+        want = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert count == count_targets(batch) == int((labels[:, 1:] != -100).sum())
+    assert abs(loss_sum.item() / count - want.item()) <= 1e-4

@@ -91,6 +91,15 @@ def test_generate_and_eval_take_the_adapter(tiny_dir, tmp_path):
     result = CliRunner().invoke(main, ["generate", str(tiny_dir), "--adapter", str(tmp_path / "a"), "--prompt", "Hi",
                                        "--max-new-tokens", "3", "--greedy", "--quantize", "none"])
     assert result.exit_code == 0, result.output
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "hi there"},
+                                {"instruction": "Count", "input": "1 2", "output": "3 4 5"}]))
+    losses = []
+    for adapter in (["--adapter", str(tmp_path / "a")], []):
+        ran = CliRunner().invoke(main, ["eval", str(tiny_dir), *adapter, "--data", str(data), "--quantize", "none"])
+        assert ran.exit_code == 0, ran.output
+        losses.append(json.loads(ran.output.strip().splitlines()[-1])["loss"])
+    assert abs(losses[0] - losses[1]) > 1e-3  # the prefix took part
     merged = CliRunner().invoke(main, ["merge", str(tiny_dir), str(tmp_path / "a"), str(tmp_path / "m")])
     assert merged.exit_code == 1 and "Error:" in merged.output and "--adapter" in merged.output
 
