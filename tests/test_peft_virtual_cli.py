@@ -120,3 +120,11 @@ def test_estimate_counts_the_trainable_parameters_exactly(tiny_dir, tmp_path, me
                                        "--device", "cpu"])
     # 36 more virtual positions: more saved activations (prefix: each layer's longer keys and values)
     assert json.loads(longer.output.strip().splitlines()[-1])["checkpoints"] > got["checkpoints"]
+
+
+def test_virtual_tokens_count_against_the_models_positions(tiny_dir, tmp_path):
+    """512 tokens fill the tiny model's 512 positions; 4 virtual tokens in front would pass them."""
+    args = sft_overrides(tiny_dir, tmp_path / "out", "prompt", data__max_seq_len=512)
+    result = CliRunner().invoke(main, ["sft", "quickstart", *args])
+    assert result.exit_code == 1
+    assert "data.max_seq_len + peft.prompt.num_virtual_tokens = 516" in result.output.replace("\n", "")

@@ -74,6 +74,9 @@ class PrefixTuningMethod(PeftMethod):
                     "init_weights": None}
         add_encoder(model, "kv_prefix", kv_prefix_host(cfg), name, self.name, encoder, settings)
 
+    def extra_positions(self, recipe):
+        return recipe.peft.prefix.num_virtual_tokens
+
     def config_dict(self, model, name):
         host, cfg = host_of(model, "kv_prefix", name), model.config
         n = host.encoders[name]().shape[0]

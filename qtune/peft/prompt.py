@@ -195,6 +195,9 @@ class PromptTuningMethod(PeftMethod):
                     "tokenizer_kwargs": None}
         add_encoder(model, "virtual_tokens", VirtualTokens, name, self.name, TokenTable(table), settings)
 
+    def extra_positions(self, recipe):
+        return getattr(recipe.peft, self.name).num_virtual_tokens
+
     def config_dict(self, model, name):
         host = host_of(model, "virtual_tokens", name)
         D = model.config.hidden_size

@@ -41,6 +41,10 @@ class PeftMethod:
         """Adapter `name`'s tensors under the on-disk keys (PEFT's where PEFT has the method)."""
         raise NotImplementedError
 
+    def extra_positions(self, recipe) -> int:
+        """Positions the method adds in front of every sequence (the virtual tokens of prompt / prefix tuning)."""
+        return 0
+
     def load(self, model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], path: Path, name: str):
         """Attach the saved adapter (`config` from `adapter_config.json`, `tensors` from the weights file in
         directory `path`) as adapter `name` and return its settings (the method's config object); refuse with an
