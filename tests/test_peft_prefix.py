@@ -172,3 +172,31 @@ def test_packing_on_a_sliding_window_model_is_refused(tiny_dirs):
     hide the prefix from it where alone it would not: refused, with the fix."""
     with pytest.raises(ValueError, match="data.packing = false"):
         qtune_with("prefix", tiny_dirs["gemma2"], packing=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["prompt", "p_tuning", "prefix"])
+def test_nf4_bf16_on_cuda_trains_and_decodes(tiny_dirs, method):
+    """On a GPU (NF4 base, bf16 compute, the Triton route): the fp32 adapter's gradients arrive finite under
+    autocast, the logits stay near the fp32 CPU model's, and cached decoding equals the full forward."""
+    from qtune.peft import attach
+    from virtual_tokens import recipe_for
+
+    m = load_model(tiny_dirs["llama"], quantize="nf4", dtype=torch.bfloat16, device="cuda")
+    attach(m, recipe_for(method, tiny_dirs["llama"]), "default", 1)
+    ids = token_ids(12, (2, 9)).cuda()
+    m.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = m(ids).float().logsumexp(-1).mean()
+    loss.backward()
+    grads = [p.grad for p in adapter_parameters(m, "default")]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    m.eval()
+    ref = load_model(tiny_dirs["llama"], quantize="nf4")  # the same NF4 weights, fp32 on the CPU
+    attach(ref, recipe_for(method, tiny_dirs["llama"]), "default", 1)
+    with torch.no_grad():
+        got, want = m(ids).float().cpu(), ref(ids.cpu())
+    assert max_diff(got, want) <= 0.05 * want.abs().max().item()  # bf16 rounding, not a different model
+    prompt = ids[0, :5].tolist()
+    assert generate(m, [prompt], max_new_tokens=4, greedy=True)[0].token_ids == greedy_full_forward(m, prompt, 4)
+

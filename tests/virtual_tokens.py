@@ -54,10 +54,10 @@ def weighted_sum(logits: torch.Tensor, seed: int = 5) -> torch.Tensor:
 
 def greedy_full_forward(model, prompt: list[int], steps: int) -> list[int]:
     """Greedy decoding by re-running the whole sequence each step (no KV cache): the reference for cached decoding."""
-    ids = list(prompt)
+    ids, device = list(prompt), next(model.parameters()).device
     with torch.no_grad():
         for _ in range(steps):
-            out = model(torch.tensor([ids]))
+            out = model(torch.tensor([ids], device=device))
             logits = out.logits if hasattr(out, "logits") else out
             ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt):]
