@@ -257,8 +257,8 @@ def report(args, result: dict) -> None:
         print(f"  tracer {t['dtype']} seq {t['seq']}: {fmt_bytes(t['trace_peak'])}, estimate {fmt_bytes(t['estimate_peak'])} "
               f"({t['estimate_peak'] / t['trace_peak']:.3f})")
     for method, v in result["virtual_methods"].items():
-        print(f"  {method:8s} (NF4 base) trainable {v['trainable_params']:,}, adapter state {fmt_bytes(v['adapter_bytes'])}, "
-              f"estimated bf16 step peak {fmt_bytes(v['estimate_peak_bf16'])}")
+        print(f"  {method:8s} (NF4 base) trainable {v['trainable_params']:,}, adapter state "
+              f"{fmt_bytes(v['adapter_bytes'])}, estimated bf16 step peak {fmt_bytes(v['estimate_peak_bf16'])}")
 
 
 def csv_rows(args, result: dict) -> list[dict]:

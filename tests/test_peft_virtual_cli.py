@@ -116,8 +116,8 @@ def test_estimate_counts_the_trainable_parameters_exactly(tiny_dir, tmp_path, me
     m = qtune_with(method, tiny_dir, num_virtual_tokens=4, **section)
     assert got["trainable_params"] == sum(p.numel() for p in adapter_parameters(m, "default"))
     assert got["adapter_weights"] == 4 * got["trainable_params"]
-    longer = CliRunner().invoke(main, ["estimate", "quickstart", *args, *settings, f"peft.{method}.num_virtual_tokens=40",
-                                       "--device", "cpu"])
+    longer = CliRunner().invoke(main, ["estimate", "quickstart", *args, *settings,
+                                       f"peft.{method}.num_virtual_tokens=40", "--device", "cpu"])
     # 36 more virtual positions: more saved activations (prefix: each layer's longer keys and values)
     assert json.loads(longer.output.strip().splitlines()[-1])["checkpoints"] > got["checkpoints"]
 

@@ -168,7 +168,8 @@ def init_text_ids(recipe, n: int) -> list[int]:
     """Token ids of `[peft.prompt] init_text` (tokenized as the model's tokenizer adds special tokens), cut or
     repeated to n, as PEFT's PromptTuningInit.TEXT does."""
     tokenizer = load_tokenizer(resolve(recipe.model.path))
-    ids = tokenizer.encode(recipe.peft.prompt.init_text, add_bos=tokenizer.add_bos_token and tokenizer.bos_id is not None)
+    add_bos = tokenizer.add_bos_token and tokenizer.bos_id is not None
+    ids = tokenizer.encode(recipe.peft.prompt.init_text, add_bos=add_bos)
     if not ids:
         raise ValueError(f"[peft.prompt] init_text {recipe.peft.prompt.init_text!r} has no tokens; give some text or "
                          "leave it empty for a random start")
@@ -179,6 +180,8 @@ class PromptTuningMethod(PeftMethod):
     """Prompt tuning: the recipe's `[peft.prompt]`."""
 
     name, peft_type, not_foldable = "prompt", "PROMPT_TUNING", NOT_FOLDABLE
+    saved_fields = ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs")
+    """The method's own adapter_config.json fields, kept from a loaded adapter for saving it again."""
 
     def attach(self, model, recipe, name, seed):
         section = recipe.peft.prompt
@@ -212,8 +215,6 @@ class PromptTuningMethod(PeftMethod):
         settings = {k: config.get(k) for k in self.saved_fields}
         add_encoder(model, "virtual_tokens", VirtualTokens, name, self.name, TokenTable(table), settings)
         return config
-
-    saved_fields = ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs")
 
 
 class PTuningMethod(PromptTuningMethod):
