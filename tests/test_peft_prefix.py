@@ -200,3 +200,16 @@ def test_nf4_bf16_on_cuda_trains_and_decodes(tiny_dirs, method):
     prompt = ids[0, :5].tolist()
     assert generate(m, [prompt], max_new_tokens=4, greedy=True)[0].token_ids == greedy_full_forward(m, prompt, 4)
 
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_cache_in_pieces_with_default_positions_equals_one_pass(tiny_dirs, method):
+    """Without position_ids the positions count from the cache, which holds the virtual tokens: three calls
+    (5 tokens, 1, 2) give the logits of one pass over the 8."""
+    m = qtune_with(method, tiny_dirs["llama"])
+    ids = token_ids(13, (2, 8))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache(2, 8)
+        pieces = [m(ids[:, a:b], kv_cache=cache) for a, b in ((0, 5), (5, 6), (6, 8))]
+    assert max_diff(torch.cat(pieces, 1), full) <= TOL and cache.length == 8 + N_VIRTUAL
