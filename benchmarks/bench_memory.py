@@ -147,6 +147,25 @@ def regimes(shape: str, r: int) -> dict:
     return out
 
 
+def virtual_methods(shape: str, seq: int, batch: int) -> dict:
+    """Prompt tuning, P-tuning and prefix tuning at their recipe defaults on the NF4 base: trainable parameters,
+    adapter bytes (weights, gradients, AdamW state) and the estimator's bf16 step peak (the accounting only)."""
+    from qtune.memory.accounting import VIRTUAL_METHODS, virtual_state_nbytes, virtual_token_numels
+    from qtune.recipe.peft import PeftSection
+
+    cfg = shape_config(shape)
+    out = {}
+    for method in VIRTUAL_METHODS:
+        peft = PeftSection(method=method)
+        numels = virtual_token_numels(cfg, peft)
+        n = getattr(peft, method).num_virtual_tokens
+        step = StepShape(cfg, micro_batch_size=batch, seq_len=seq, r=0, targets=(), method=method,
+                         virtual_numels=tuple(numels), virtual_tokens=n)
+        out[method] = {"trainable_params": sum(numels), "adapter_bytes": sum(virtual_state_nbytes(numels).values()),
+                       "estimate_peak_bf16": estimate(step).peak_bytes}
+    return out
+
+
 def run_json(cmd: list[str]) -> dict:
     """Run a measuring subprocess; its last stdout line is a JSON object."""
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV}, cwd=HERE,
@@ -237,6 +256,9 @@ def report(args, result: dict) -> None:
     for t in result["traces"]:
         print(f"  tracer {t['dtype']} seq {t['seq']}: {fmt_bytes(t['trace_peak'])}, estimate {fmt_bytes(t['estimate_peak'])} "
               f"({t['estimate_peak'] / t['trace_peak']:.3f})")
+    for method, v in result["virtual_methods"].items():
+        print(f"  {method:8s} (NF4 base) trainable {v['trainable_params']:,}, adapter state "
+              f"{fmt_bytes(v['adapter_bytes'])}, estimated bf16 step peak {fmt_bytes(v['estimate_peak_bf16'])}")
 
 
 def csv_rows(args, result: dict) -> list[dict]:
@@ -253,6 +275,9 @@ def csv_rows(args, result: dict) -> list[dict]:
         c = f"{args.shape},seq={t['seq']},r={args.rank},{t['dtype']}"
         rows += [{"case": c, "impl": "tracer", "metric": "peak", "value": t["trace_peak"], "unit": "B"},
                  {"case": c, "impl": "estimate", "metric": "peak", "value": t["estimate_peak"], "unit": "B"}]
+    for method, v in result["virtual_methods"].items():
+        rows.append({"case": f"{args.shape},seq={args.seq},b={args.batch}", "impl": method, "metric": "estimate_peak",
+                     "value": v["estimate_peak_bf16"], "unit": "B"})
     if result.get("bytes_per_token"):
         rows.append({"case": case, "impl": "qtune", "metric": "bytes_per_token", "value": result["bytes_per_token"],
                      "unit": "B/token"})
@@ -284,7 +309,8 @@ def main() -> None:
               "floor_bytes": floor, "qtune_over_floor": main_run["step_peak"] / floor,
               "qtune_over_peer": main_run["step_peak"] / peer["step_peak"] if peer else None,
               "tracer_fp32_over_measured": fp32["trace_peak"] / main_run["step_peak_tensors"],
-              "estimate_fp32_over_measured": fp32["estimate_peak"] / main_run["step_peak_tensors"]}
+              "estimate_fp32_over_measured": fp32["estimate_peak"] / main_run["step_peak_tensors"],
+              "virtual_methods": virtual_methods(args.shape, args.seq, args.batch)}
     if len(qtune) == 2:
         a, b = qtune
         result["bytes_per_token"] = (b["step_peak"] - a["step_peak"]) / ((b["seq"] - a["seq"]) * args.batch)

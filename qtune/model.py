@@ -22,7 +22,13 @@ What the other families change, each a ModelConfig switch:
 
 Masks: `attention_mask` (B, T) holds 0 for padding and a positive *segment id* for real tokens. A token
 attends to earlier tokens of the same segment only, so one tensor expresses both padding (all ids 1) and
-packing (ids 1, 2, 3 ... for the examples sharing a row).
+packing (ids 1, 2, 3 ... for the examples sharing a row). Segment id -1 marks shared positions (the virtual
+tokens of prompt tuning, the prefix of prefix tuning) that every later token attends to.
+
+Virtual tokens (two optional slots, None by default, filled by qtune/peft/): `virtual_tokens` gives N
+embeddings put in front of the input, `kv_prefix` gives N keys and values put in front of every layer's. As
+PEFT counts them, they take positions 0..N-1 and each real token's position moves up by N; they enter once
+(the first call of a KV cache), and hidden_states returns the real tokens' states only.
 """
 
 import torch
@@ -93,6 +99,14 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
 
+    def start_with_prefix(self, prefix: list) -> None:
+        """Begin an empty cache with prefix tuning's keys/values: prefix[layer] = (k, v), each (B, H_kv, N, d)."""
+        n = prefix[0][0].shape[2]
+        for layer, (k, v) in enumerate(prefix):
+            self.k[layer][:, :, :n], self.v[layer][:, :, :n] = k, v
+        self.segments[:, :n] = -1
+        self.length = n
+
     def update(self, layer: int, k, v):
         """Store this step's keys/values (B, H_kv, T, d); return everything cached so far (B, H_kv, S, d)."""
         end = self.length + k.shape[2]
@@ -105,6 +119,19 @@ class KVCache:
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
         self.segments = self.segments.index_select(0, rows)
+
+
+class PrefixedKV:
+    """Without a KV cache, each layer's keys/values preceded by prefix tuning's (a cache that already holds the
+    prefix and keeps nothing new). prefix[layer] = (k, v), each (B, H_kv, N, d); segments (B, N + T)."""
+
+    def __init__(self, prefix: list, segments: torch.Tensor):
+        self.prefix, self.segments = prefix, segments
+        self.length = prefix[0][0].shape[2]
+
+    def update(self, layer: int, k, v):
+        pk, pv = self.prefix[layer]
+        return torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)  # (B, H_kv, N + T, d)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -133,7 +160,8 @@ def attention_mask_4d(segments_q, segments_k, offset: int, window: int | None):
     q_idx = torch.arange(offset, offset + T, device=segments_q.device)[:, None]  # (T, 1)
     k_idx = torch.arange(S, device=segments_q.device)[None, :]  # (1, S)
     allowed = (k_idx <= q_idx)[None]  # (1, T, S) causal
-    allowed = allowed & (segments_q[:, :, None] == segments_k[:, None, :]) & (segments_k[:, None, :] != 0)
+    same = (segments_q[:, :, None] == segments_k[:, None, :]) & (segments_k[:, None, :] != 0)
+    allowed = allowed & (same | (segments_k[:, None, :] < 0))  # -1: shared virtual positions, seen by all
     if window is not None:
         allowed = allowed & (q_idx - k_idx < window)[None]
     # A padding query has no key to attend to; letting it see itself keeps softmax finite (its output is unused).
@@ -330,6 +358,8 @@ class CausalLM(nn.Module):
         self.gradient_checkpointing = False
         self.kernels = "auto"  # the kernel choice every layer and loss of this model uses; see set_kernels
         self.logit_softcap = cfg.final_logit_softcapping  # Gemma 2: the losses cap logits as forward() does
+        self.virtual_tokens: nn.Module | None = None  # module(B) -> (B, N, D) embeddings before the input, or None
+        self.kv_prefix: nn.Module | None = None  # module(B) -> per layer (k, v) (B, H_kv, N, d) before its own, or None
 
     def set_rope_tables(self, device) -> None:
         """(Re)build the RoPE inverse frequencies on `device` (a model built on the meta device has none):
@@ -351,26 +381,37 @@ class CausalLM(nn.Module):
         return softcap(self.lm_head(hidden), self.logit_softcap)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, kv_cache: KVCache | None = None):
-        """Final normalised hidden states (B, T, D).
+        """Final normalised hidden states (B, T, D) of the input tokens (virtual tokens are not returned).
 
         input_ids (B, T); attention_mask (B, T) segment ids (0 = padding) or None for plain causal;
         position_ids (B, T), by default counting from the cache length; kv_cache for incremental decoding.
         """
         B, T = input_ids.shape
-        offset = kv_cache.length if kv_cache is not None else 0
+        x = self.embed(input_ids)  # (B, T, D)
+        prompt, prefix, n = self.virtual_inputs(B)
+        fresh = kv_cache is None or kv_cache.length == 0  # virtual tokens enter once, in front of everything
         if position_ids is None:
+            offset = (kv_cache.length if kv_cache is not None else 0) + (n if fresh else 0)
             position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
-        x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        if self.config.gemma_norms:
-            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)  # sqrt(D) rounded to x's dtype
+        else:
+            position_ids = position_ids + n  # the virtual tokens hold positions 0..n-1
+        if prompt is not None and fresh:
+            x = torch.cat([prompt.to(x.dtype), x], 1)  # (B, n + T, D)
+            position_ids = torch.cat([torch.arange(n, device=x.device).expand(B, n), position_ids], 1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_full((B, n), -1), attention_mask], 1)
+        if prefix is not None and kv_cache is None:
+            kv_cache = PrefixedKV(prefix, torch.full((B, n + T), -1, device=x.device))
+        elif prefix is not None and fresh:
+            kv_cache.start_with_prefix(prefix)
         # LongRoPE switches to its long table once any position passes the pre-training context
         freq = self.rope_long_inv_freq if longrope_past_original(self.config, position_ids) else self.rope_inv_freq
         rope = {None: rope_cos_sin(freq, position_ids, x.dtype, rope_attention_scale(self.config))}
-        masks = {None: self._mask(input_ids, attention_mask, kv_cache, None)}
+        masks = {None: self._mask(position_ids, attention_mask, kv_cache, None)}
         if self.config.sliding_window is not None:
             local_freq = getattr(self, "rope_local_inv_freq", self.rope_inv_freq)
             rope[self.config.sliding_window] = rope_cos_sin(local_freq, position_ids, x.dtype)
-            masks[self.config.sliding_window] = self._mask(input_ids, attention_mask, kv_cache,
+            masks[self.config.sliding_window] = self._mask(position_ids, attention_mask, kv_cache,
                                                            self.config.sliding_window)
         for layer in self.model.layers:
             (cos, sin), mask = rope[layer.self_attn.window], masks[layer.self_attn.window]
@@ -379,19 +420,34 @@ class CausalLM(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
-            kv_cache.length += T
-        return self.model.norm(x)
+            kv_cache.length += x.shape[1]
+        return self.model.norm(x[:, x.shape[1] - T:])
+
+    def embed(self, input_ids) -> torch.Tensor:
+        """Input embeddings (B, T, D); Gemma scales them by sqrt(D) rounded to their dtype (virtual tokens, which
+        are embeddings already, are not scaled: transformers scales inside its embedding layer)."""
+        x = self.model.embed_tokens(input_ids)
+        if self.config.gemma_norms:
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        return x
+
+    def virtual_inputs(self, batch_size: int):
+        """(prompt embeddings (B, N, D) or None, per-layer prefix keys/values or None, N) of the active slots."""
+        prompt = self.virtual_tokens(batch_size) if self.virtual_tokens is not None else None
+        prefix = self.kv_prefix(batch_size) if self.kv_prefix is not None else None
+        n = prompt.shape[1] if prompt is not None else prefix[0][0].shape[2] if prefix is not None else 0
+        return prompt, prefix, n
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: KVCache | None = None):
         """Logits (B, T, V)."""
         return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache))
 
-    def _mask(self, input_ids, attention_mask, kv_cache, window):
-        T = input_ids.shape[1]
+    def _mask(self, positions, attention_mask, kv_cache, window):
+        T = positions.shape[1]
         if kv_cache is None:
             if attention_mask is None and (window is None or T <= window):
                 return None  # plain causal: SDPA's fast is_causal path
-            segments = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            segments = attention_mask if attention_mask is not None else torch.ones_like(positions)
             return attention_mask_4d(segments, segments, 0, window)
         start, end = kv_cache.length, kv_cache.length + T
         kv_cache.segments[:, start:end] = attention_mask if attention_mask is not None else 1
@@ -399,8 +455,9 @@ class CausalLM(nn.Module):
         return attention_mask_4d(segments_k[:, start:], segments_k, start, window)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache for `max_len` tokens (plus room for the active virtual tokens)."""
         p = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+        return KVCache(self.config, batch_size, max_len + self.virtual_inputs(1)[2], p.device, p.dtype)
 
     def set_kernels(self, mode: str) -> None:
         """Choose "auto" | "triton" | "torch" for the model (`self.kernels`, which training losses read) and

@@ -32,7 +32,8 @@ def estimate(recipe, overrides, gpu_memory, shape, device):
     s = step_shape_from_recipe(r, device, shape)
     budget = parse_size(gpu_memory) if gpu_memory else None
     est = predict(s)
-    table = Table(title=f"{recipe}: micro-batch {s.micro_batch_size} x {s.seq_len} tokens, {s.dtype}, r={s.r}, "
+    table = Table(title=f"{recipe}: micro-batch {s.micro_batch_size} x {s.seq_len} tokens, {s.dtype}, "
+                        f"{f'r={s.r}' if s.method == 'lora' else s.method}, "
                         f"checkpointing {'on' if s.gradient_checkpointing else 'off'}", show_edge=False)
     table.add_column("part")
     table.add_column("bytes", justify="right")

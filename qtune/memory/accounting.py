@@ -144,6 +144,37 @@ def lora_state_nbytes(cfg: ModelConfig, r: int, targets="all-linear", optimizer:
     return {"adapter_weights": L * weights, "adapter_grads": L * grads, "optimizer_state": L * state}
 
 
+VIRTUAL_METHODS = ("prompt", "p_tuning", "prefix")
+
+
+def virtual_token_numels(cfg: ModelConfig, peft) -> list[int]:
+    """Sizes of the tensors a prompt / P-tuning / prefix adapter trains (qtune/peft/prompt.py, prefix.py), from a
+    recipe's [peft] section: the N virtual-token table and, while training, its encoder."""
+    D, L = cfg.hidden_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    linear = lambda i, o: [o * i, o]  # noqa: E731  weight, bias
+    if peft.method == "prompt":
+        return [peft.prompt.num_virtual_tokens * D]
+    if peft.method == "prefix":
+        n, h = peft.prefix.num_virtual_tokens, peft.prefix.encoder_hidden_size
+        if not peft.prefix.projection:
+            return [n * 2 * L * kv]
+        return [n * kv, *linear(kv, h), *linear(h, 2 * L * kv)]
+    n, h = peft.p_tuning.num_virtual_tokens, peft.p_tuning.encoder_hidden_size
+    if peft.p_tuning.encoder == "mlp":
+        return [n * D, *linear(D, h), *linear(h, h), *linear(h, D)]
+    # two bidirectional LSTM layers (per direction: W_ih 4h x input, W_hh 4h x h, two 4h biases), then the MLP
+    lstm = [numel for width in (D, 2 * h) for _ in range(2) for numel in (4 * h * width, 4 * h * h, 4 * h, 4 * h)]
+    return [n * D, *lstm, *linear(2 * h, 2 * h), *linear(2 * h, D)]
+
+
+def virtual_state_nbytes(numels: list[int], optimizer: str = "adamw") -> dict[str, int]:
+    """fp32 virtual-token tensors, their gradients and the optimizer state, in bytes."""
+    total = sum(numels)
+    return {"adapter_weights": 4 * total, "adapter_grads": 4 * total,
+            "optimizer_state": sum(adam_state_nbytes(n, optimizer) for n in numels)}
+
+
 @dataclass
 class RegimeBytes:
     """What one training regime keeps in memory besides activations, in bytes."""

@@ -34,10 +34,13 @@ from qtune.config import SHAPES, ModelConfig, shape_config
 from qtune.memory.accounting import (
     DTYPE_BYTES,
     linear_shapes,
+    VIRTUAL_METHODS,
     lora_state_nbytes,
     nf4_model_nbytes,
     param_counts,
     target_names,
+    virtual_state_nbytes,
+    virtual_token_numels,
 )
 
 CE_CHUNK = 1024  # tokens per tile of the fused cross-entropy (its default chunk_size)
@@ -58,10 +61,14 @@ class StepShape:
     gradient_checkpointing: bool = True
     optimizer: str = "adamw"
     triton_loss: bool = False  # the loss runs the Triton kernels (CUDA) rather than the plain-torch one-pass path
+    method: str = "lora"  # the recipe's [peft] method
+    virtual_numels: tuple[int, ...] = ()  # prompt / P-tuning / prefix: the sizes of the tensors that train
+    virtual_tokens: int = 0  # their N virtual positions (prompt and P-tuning run them through every layer)
 
     @property
     def tokens(self) -> int:
-        return self.micro_batch_size * self.seq_len
+        extra = self.virtual_tokens if self.method in ("prompt", "p_tuning") else 0
+        return self.micro_batch_size * (self.seq_len + extra)
 
     @property
     def b(self) -> int:
@@ -75,9 +82,11 @@ class Estimate:
     peak_bytes: int
     parts: dict[str, int] = field(default_factory=dict)
     peak_at: str = ""
+    trainable_params: int = 0
 
     def as_dict(self) -> dict:
-        return {"peak_bytes": self.peak_bytes, "peak_at": self.peak_at, **self.parts}
+        return {"peak_bytes": self.peak_bytes, "peak_at": self.peak_at, "trainable_params": self.trainable_params,
+                **self.parts}
 
 
 def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
@@ -200,10 +209,24 @@ def loss_bytes(s: StepShape) -> int:
     return max(forward, backward)
 
 
+def adapter_state_nbytes(s: StepShape) -> dict[str, int]:
+    """The adapter's fp32 weights, gradients and optimizer state, whatever the method."""
+    if s.method in VIRTUAL_METHODS:
+        return virtual_state_nbytes(list(s.virtual_numels), s.optimizer)
+    return lora_state_nbytes(s.cfg, s.r, s.targets, s.optimizer)
+
+
+def prefix_kv_bytes(s: StepShape) -> int:
+    """Prefix tuning: the N prefix keys and values each layer's attention saves besides the tokens' own."""
+    if s.method != "prefix":
+        return 0
+    return s.micro_batch_size * s.virtual_tokens * 2 * s.cfg.num_key_value_heads * s.cfg.head_dim * s.b
+
+
 def resident_parts(s: StepShape) -> dict[str, int]:
     """Memory held for the whole run: weights, quantization constants, adapters, optimizer state."""
     p = param_counts(s.cfg)
-    lora = lora_state_nbytes(s.cfg, s.r, s.targets, s.optimizer)
+    lora = adapter_state_nbytes(s)
     if s.quantize == "nf4":
         codes, consts = nf4_model_nbytes(s.cfg, s.double_quant)
         weights = codes + s.b * (p.total - p.linear)
@@ -222,9 +245,9 @@ def estimate(s: StepShape) -> Estimate:
     """
     cfg, N, b, L = s.cfg, s.tokens, s.b, s.cfg.num_hidden_layers
     resident = resident_parts(s)
-    grads = lora_state_nbytes(cfg, s.r, s.targets, s.optimizer)["adapter_grads"]
+    grads = adapter_state_nbytes(s)["adapter_grads"]
     boundary = N * cfg.hidden_size * b  # one layer's input
-    last, first = saved_activation_bytes(s, False), saved_activation_bytes(s, True)
+    last, first = (saved_activation_bytes(s, layer0) + prefix_kv_bytes(s) for layer0 in (False, True))
     if s.gradient_checkpointing:
         stored, stored_first = L * boundary, boundary
         layers_before_loss = L * boundary
@@ -243,7 +266,7 @@ def estimate(s: StepShape) -> Estimate:
     }
     where = max(candidates, key=lambda k: sum(candidates[k].values()))
     parts = {**resident, **candidates[where]}
-    return Estimate(sum(parts.values()), parts, where)
+    return Estimate(sum(parts.values()), parts, where, adapter_state_nbytes(s)["adapter_weights"] // 4)
 
 
 def fit_budget(s: StepShape, budget_bytes: int, seq_lens=(256, 512, 1024, 2048, 4096, 8192),
@@ -296,10 +319,15 @@ def step_shape_from_recipe(recipe, device: str = "cuda", shape: str | None = Non
     the recipe says kernels = "torch"; "cpu": fp32 and the plain-torch loss)."""
     m = recipe.model
     dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    targets = recipe.lora.target_modules
-    return StepShape(model_config_for(m.path, shape), micro_batch_size=recipe.train.micro_batch_size,
-                     seq_len=recipe.data.max_seq_len, dtype=dtype, r=recipe.lora.r,
+    targets, r, cfg = recipe.lora.target_modules, recipe.lora.r, model_config_for(m.path, shape)
+    peft, virtual = recipe.peft, {}
+    if peft.method in VIRTUAL_METHODS:  # no LoRA layers: the virtual tokens and their encoder train instead
+        targets, r = (), 0
+        virtual = dict(virtual_numels=tuple(virtual_token_numels(cfg, peft)),
+                       virtual_tokens=getattr(peft, peft.method).num_virtual_tokens)
+    return StepShape(cfg, micro_batch_size=recipe.train.micro_batch_size,
+                     seq_len=recipe.data.max_seq_len, dtype=dtype, r=r,
                      targets=targets if isinstance(targets, str) else tuple(targets), quantize=m.quantize,
                      double_quant=m.double_quant, gradient_checkpointing=m.gradient_checkpointing,
                      optimizer=recipe.train.optimizer,
-                     triton_loss=device == "cuda" and m.kernels != "torch")
+                     triton_loss=device == "cuda" and m.kernels != "torch", method=peft.method, **virtual)

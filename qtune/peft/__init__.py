@@ -3,6 +3,9 @@ adapter as a recipe's `[peft]` section says, saving and loading adapter director
 
     method      what trains                                              folds into W
     lora        B A per linear layer (qtune/lora/)                        yes
+    prompt      N virtual-token embeddings before the input (prompt.py)   no: serve with --adapter
+    p_tuning    the same, made by an MLP / LSTM prompt encoder (prompt.py) no: serve with --adapter
+    prefix      N keys / values before every layer's own (prefix.py)      no: serve with --adapter
 
 `registry.py` lists the methods; `io.py` writes and reads adapter directories (PEFT's format wherever PEFT
 has the method); `merge.py` folds an adapter into its base for `qtune merge`.

@@ -41,6 +41,10 @@ class PeftMethod:
         """Adapter `name`'s tensors under the on-disk keys (PEFT's where PEFT has the method)."""
         raise NotImplementedError
 
+    def extra_positions(self, recipe) -> int:
+        """Positions the method adds in front of every sequence (the virtual tokens of prompt / prefix tuning)."""
+        return 0
+
     def load(self, model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], path: Path, name: str):
         """Attach the saved adapter (`config` from `adapter_config.json`, `tensors` from the weights file in
         directory `path`) as adapter `name` and return its settings (the method's config object); refuse with an
@@ -72,7 +76,13 @@ class LoRAMethod(PeftMethod):
         return lora_format.attach_saved_lora(model, config, tensors, path, name)
 
 
-METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(),)}
+# The methods' own modules subclass PeftMethod, so they are imported once it exists (qtune/peft/__init__.py
+# imports this module first).
+from qtune.peft.prefix import PrefixTuningMethod  # noqa: E402
+from qtune.peft.prompt import PromptTuningMethod, PTuningMethod  # noqa: E402
+
+METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(), PromptTuningMethod(), PTuningMethod(),
+                                                      PrefixTuningMethod())}
 """Every method, by its recipe name."""
 
 

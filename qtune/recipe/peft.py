@@ -64,7 +64,7 @@ class PromptSection:
     num_virtual_tokens: int = 20
     """Trainable virtual-token embeddings prepended to the input (Lester et al. 2021)."""
     init_text: str = ""
-    """Initialise them from the embeddings of this text's tokens (repeated to length); empty: random."""
+    """Initialise them from the embeddings of this text's tokens (cut or repeated to length); empty: random N(0, 1)."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from positive_ints(self, "num_virtual_tokens")
@@ -73,7 +73,7 @@ class PromptSection:
 @dataclass
 class PTuningSection:
     num_virtual_tokens: int = 20
-    """Virtual tokens produced by the prompt encoder (Liu et al. 2021)."""
+    """Virtual tokens produced by the prompt encoder (Liu et al. 2021), put in front of the input as PEFT puts them."""
     encoder: Literal["mlp", "lstm"] = "mlp"
     """The prompt encoder: an MLP, or a bidirectional LSTM followed by an MLP."""
     encoder_hidden_size: int = 128

@@ -43,7 +43,7 @@ from rich.table import Table
 from safetensors import SafetensorError
 
 from qtune.data.batching import DataPosition
-from qtune.peft import save_adapter
+from qtune.peft import method_named, save_adapter
 from qtune.recipe.load import load_recipe
 from qtune.recipe.schema import RecipeError, iter_fields, recipe_to_toml
 from qtune.tokenizer import load_tokenizer
@@ -127,6 +127,8 @@ def check_positions(recipe, config) -> None:
     length, keys = data.max_seq_len, "data.max_seq_len"
     if ppo is not None:
         length, keys = length + ppo.max_new_tokens, "data.max_seq_len + ppo.max_new_tokens"
+    if extra := method_named(recipe.peft.method).extra_positions(recipe):  # virtual tokens hold positions too
+        length, keys = length + extra, f"{keys} + peft.{recipe.peft.method}.num_virtual_tokens"
     limit = position_limit(config)
     if length > limit:
         raise common.TrainingError(
