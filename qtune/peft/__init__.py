@@ -4,6 +4,7 @@ adapter as a recipe's `[peft]` section says, saving and loading adapter director
     method      what trains                                              folds into W
     lora        B A per linear layer (qtune/lora/)                        yes
     adalora     P Λ Q per linear layer, ranks pruned while training       yes
+    adapter     a bottleneck MLP after (or beside) each sub-block         no
 
 `registry.py` lists the methods; `io.py` writes and reads adapter directories (PEFT's format wherever PEFT
 has the method); `merge.py` folds an adapter into its base for `qtune merge`.

@@ -107,8 +107,9 @@ class LoRAMethod(PeftMethod):
 
 # The methods' own modules build on the classes above, so they are imported here, once those exist.
 from qtune.peft.adalora import AdaLoRAMethod  # noqa: E402
+from qtune.peft.bottleneck import BottleneckMethod  # noqa: E402
 
-METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(), AdaLoRAMethod())}
+METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(), AdaLoRAMethod(), BottleneckMethod())}
 """Every method, by its recipe name."""
 
 
