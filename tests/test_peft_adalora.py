@@ -336,3 +336,26 @@ def test_dpo_and_reward_through_the_cli(chat_dir, pairs_file, tmp_path):  # noqa
 def test_a_schedule_without_room_to_prune_is_refused(chat_dir, tmp_path):
     result = CliRunner().invoke(main, [str(a) for a in sft_args(chat_dir, tmp_path / "r", steps=2)])
     assert result.exit_code == 1 and "peft.adalora.tinit" in result.output and "Traceback" not in result.output
+
+
+def estimated_adapter(tiny_dir, *overrides):
+    """(trainable parameters attached from the quickstart recipe with `overrides`, what `qtune estimate` counts)."""
+    from qtune.config import ModelConfig
+    from qtune.memory.accounting import lora_param_count
+    from qtune.memory.estimate import estimate, step_shape_from_recipe
+    from qtune.peft import attach
+    from qtune.recipe.load import load_recipe
+
+    recipe = load_recipe("quickstart", [f"model.path={tiny_dir}", *overrides])
+    model = load_model(tiny_dir, quantize="none")
+    attach(model, recipe, "default", 0)
+    attached = sum(p.numel() for p in adapter_parameters(model, "default"))
+    shape = step_shape_from_recipe(recipe, "cpu")
+    counted = lora_param_count(ModelConfig.from_json(tiny_dir), shape.r, shape.targets, shape.method, shape.peft)
+    return attached, counted, estimate(shape).parts
+
+
+def test_estimate_counts_the_trainable_parameters_exactly(tiny_dir):
+    attached, counted, parts = estimated_adapter(tiny_dir, "peft.method=adalora", "peft.adalora.init_r=6",
+                                                 "peft.adalora.target_r=3")
+    assert attached == counted and parts["adapter_weights"] == 4 * attached

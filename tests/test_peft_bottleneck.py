@@ -200,3 +200,12 @@ def test_dpo_and_reward_through_the_cli(chat_dir, pairs_file, tmp_path):  # noqa
         assert config["peft_type"] == "QTUNE_BOTTLENECK"
     first = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()][0]
     assert first["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # up = 0: the policy is its reference
+
+
+@pytest.mark.parametrize("after", ["both", "attention"])
+def test_estimate_counts_the_trainable_parameters_exactly(tiny_dir, after):
+    from test_peft_adalora import estimated_adapter
+
+    attached, counted, parts = estimated_adapter(tiny_dir, "peft.method=adapter", "peft.adapter.size=5",
+                                                 f"peft.adapter.after={after}")
+    assert attached == counted and parts["adapter_weights"] == 4 * attached

@@ -58,6 +58,8 @@ class StepShape:
     gradient_checkpointing: bool = True
     optimizer: str = "adamw"
     triton_loss: bool = False  # the loss runs the Triton kernels (CUDA) rather than the plain-torch one-pass path
+    method: str = "lora"  # the recipe's [peft] method (lora, adalora at r = init_r, adapter)
+    peft: object = None  # the recipe's [peft] section, for the methods with settings of their own
 
     @property
     def tokens(self) -> int:
@@ -94,7 +96,7 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     # Without a mask (the step's unpadded batch) SDPA takes K and V unrepeated (enable_gqa); a padded or packed
     # batch on a CPU repeats them up to H heads, which adds 2 b (q - kv) per token to this estimate.
     shapes = linear_shapes(cfg)
-    adapted = target_names(s.targets, bool(cfg.num_experts))
+    adapted = () if s.method == "adapter" else target_names(s.targets, bool(cfg.num_experts))
     per_token = 0 if first_layer else 4  # norm 1: 1/rms (x itself is the layer's input)
     if set(adapted) & {"q_proj", "k_proj", "v_proj"}:
         per_token += b * D  # normed input, kept for dA of q / k / v
@@ -124,6 +126,9 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     per_token += b * s.r * len(adapted) if s.dtype != "float32" else 0
     # A and B cast to a 16-bit compute dtype are saved as such (fp32 adapters are used as they are)
     casts = sum(s.r * sum(shapes[n]) for n in adapted) * b if b < 4 else 0
+    if s.method == "adapter":  # each bottleneck saves its input, the down-projection and the activation (m wide)
+        places = 2 if s.peft.adapter.after == "both" else 1
+        per_token += places * b * (D + 2 * s.peft.adapter.size)
     return N * per_token + casts
 
 
@@ -203,7 +208,7 @@ def loss_bytes(s: StepShape) -> int:
 def resident_parts(s: StepShape) -> dict[str, int]:
     """Memory held for the whole run: weights, quantization constants, adapters, optimizer state."""
     p = param_counts(s.cfg)
-    lora = lora_state_nbytes(s.cfg, s.r, s.targets, s.optimizer)
+    lora = lora_state_nbytes(s.cfg, s.r, s.targets, s.optimizer, s.method, s.peft)
     if s.quantize == "nf4":
         codes, consts = nf4_model_nbytes(s.cfg, s.double_quant)
         weights = codes + s.b * (p.total - p.linear)
@@ -222,7 +227,7 @@ def estimate(s: StepShape) -> Estimate:
     """
     cfg, N, b, L = s.cfg, s.tokens, s.b, s.cfg.num_hidden_layers
     resident = resident_parts(s)
-    grads = lora_state_nbytes(cfg, s.r, s.targets, s.optimizer)["adapter_grads"]
+    grads = lora_state_nbytes(cfg, s.r, s.targets, s.optimizer, s.method, s.peft)["adapter_grads"]
     boundary = N * cfg.hidden_size * b  # one layer's input
     last, first = saved_activation_bytes(s, False), saved_activation_bytes(s, True)
     if s.gradient_checkpointing:
@@ -298,8 +303,10 @@ def step_shape_from_recipe(recipe, device: str = "cuda", shape: str | None = Non
     dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     targets = recipe.lora.target_modules
     return StepShape(model_config_for(m.path, shape), micro_batch_size=recipe.train.micro_batch_size,
-                     seq_len=recipe.data.max_seq_len, dtype=dtype, r=recipe.lora.r,
+                     seq_len=recipe.data.max_seq_len, dtype=dtype,
+                     r=recipe.peft.adalora.init_r if recipe.peft.method == "adalora" else recipe.lora.r,
                      targets=targets if isinstance(targets, str) else tuple(targets), quantize=m.quantize,
                      double_quant=m.double_quant, gradient_checkpointing=m.gradient_checkpointing,
                      optimizer=recipe.train.optimizer,
-                     triton_loss=device == "cuda" and m.kernels != "torch")
+                     triton_loss=device == "cuda" and m.kernels != "torch", method=recipe.peft.method,
+                     peft=recipe.peft)
