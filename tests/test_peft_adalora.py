@@ -318,6 +318,20 @@ def test_sft_through_the_cli_reports_ranks_and_resume_reproduces_it(chat_dir, tm
     assert resumed["adalora_ranks"] == ranks and logged(out) == metrics
     again = load_file(out / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(again[k], tensors[k]) for k in tensors)
+    check_serving(chat_dir, out / "adapter", quantize, tmp_path)
+
+
+def check_serving(chat_dir, adapter, quantize, tmp_path):
+    """`qtune generate` and `qtune eval` take the adapter, and eval's loss is the one the adapter gives."""
+    result = CliRunner().invoke(main, ["generate", str(chat_dir), "--adapter", str(adapter), "--quantize", quantize,
+                                       "--prompt", "Reverse: a b c", "--greedy", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps([{"instruction": "Reverse: a b c", "input": "", "output": "c b a"},
+                                {"instruction": "Last word of: red tree", "input": "", "output": "tree"}]))
+    losses = [invoke("eval", chat_dir, "--quantize", quantize, "--data", data, *extra)["loss"]
+              for extra in ((), ("--adapter", adapter))]
+    assert losses[0] != losses[1]
 
 
 def test_dpo_and_reward_through_the_cli(chat_dir, pairs_file, tmp_path):  # noqa: F811

@@ -23,7 +23,7 @@ from qtune.weights.checkpoint import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dpo import pairs_file  # noqa: E402,F401  (the fixture)
-from test_peft_adalora import logged  # noqa: E402
+from test_peft_adalora import check_serving, logged  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -185,6 +185,7 @@ def test_sft_through_the_cli_and_resume(chat_dir, tmp_path, quantize, placement)
     invoke(*args, "--resume")
     again = load_file(out / "adapter" / "adapter_model.safetensors")
     assert logged(out) == metrics and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    check_serving(chat_dir, out / "adapter", quantize, tmp_path)
     result = CliRunner().invoke(main, ["merge", str(chat_dir), str(out / "adapter"), str(tmp_path / "merged")])
     assert result.exit_code == 1 and "Error:" in result.output and "--adapter" in result.output
 
