@@ -25,18 +25,11 @@ from qtune.weights.checkpoint import load_model
 peft = pytest.importorskip("peft")
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dpo import pairs_file  # noqa: E402,F401  (the fixture)
+from test_sft_loop import one_thread  # noqa: E402,F401  (the fixture: one thread, as every run compared bit for bit)
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 SETTINGS = {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1, "beta1": 0.85, "beta2": 0.85,
             "orth_reg_weight": 0.5, "total_step": 10}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,7 @@ from qtune.weights.checkpoint import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dpo import pairs_file  # noqa: E402,F401  (the fixture)
-from test_peft_adalora import check_serving, logged  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_peft_adalora import check_serving, invoke, logged, one_thread  # noqa: E402,F401  (one_thread: a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -161,12 +153,6 @@ def chat_dir(tmp_path_factory):
 
 
 ADAPTER = ["peft.method=adapter", "peft.adapter.size=8", "train.log_every=1"]
-
-
-def invoke(*args) -> dict:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return json.loads(result.output.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("quantize,placement", [("nf4", "serial"), ("none", "parallel")])
