@@ -13,6 +13,10 @@ and, every `delta_t` steps between `tinit` and total_step − tfinal, zeroes the
 the total rank follows the cubic schedule b(t) = b_T + (b_0 − b_T) (1 − (t − tinit) / (T − tfinal − tinit))³.
 From total_step − tfinal on the final pattern stays fixed. Names, layout, step numbering (0-based) and file
 format are PEFT's (`lora_A`, `lora_E`, `lora_B`, `rank_pattern`), so each side loads what the other saves.
+
+The regulariser's gradient is added once per optimizer step (what PEFT's per-forward term amounts to under
+accumulation), by the hook the training driver registers on the optimizer: after gradient clipping, so the
+clip bounds the task loss's gradient alone, and the logged loss is the task loss.
 """
 
 import math
