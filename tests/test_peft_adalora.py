@@ -338,6 +338,8 @@ def test_dpo_and_reward_through_the_cli(chat_dir, pairs_file, tmp_path):  # noqa
         assert ranks and summary["adalora_total_rank"] == sum(ranks.values()) <= 2 * len(ranks)
         config = json.loads((tmp_path / kind / "adapter" / "adapter_config.json").read_text())
         assert config["peft_type"] == "ADALORA"
+    first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # E = 0: the policy is its adapters-off reference
 
 
 def test_a_schedule_without_room_to_prune_is_refused(chat_dir, tmp_path):
