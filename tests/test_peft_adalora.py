@@ -368,3 +368,21 @@ def test_estimate_counts_the_trainable_parameters_exactly(tiny_dir):
     attached, counted, parts = estimated_adapter(tiny_dir, "peft.method=adalora", "peft.adalora.init_r=6",
                                                  "peft.adalora.target_r=3")
     assert attached == counted and parts["adapter_weights"] == 4 * attached
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_triton_route_matches_torch_route(tiny_dir, quantize):
+    """The fused LoRA op takes A ⊙ E as its A: outputs and every gradient (E's included) as the torch route."""
+    model = qtune_adalora(tiny_dir, quantize=quantize)
+    nonzero_singular_values(model)
+    results = []
+    for mode in ("torch", "triton"):
+        model.set_kernels(mode)
+        model.zero_grad()
+        out = model(ids()[:1, :5])
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in adapter_parameters(model, "default")]))
+    (y_t, g_t), (y_k, g_k) = results
+    torch.testing.assert_close(y_k, y_t, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_t, g_k, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
