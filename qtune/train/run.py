@@ -259,10 +259,7 @@ class Run:
         optimizer = common.build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
         scheduler = common.build_scheduler(optimizer, t.schedule, t.warmup_steps or round(t.warmup_ratio * steps), steps)
         self.model, self.name, self.optimizer, self.scheduler = model, name, optimizer, scheduler
-        try:
-            self.hook = step_hook(model, name, recipe, steps)  # e.g. AdaLoRA's rank budget; None for most methods
-        except ValueError as e:
-            raise common.TrainingError(str(e)) from None
+        self.hook = step_hook(model, name, recipe, steps)  # e.g. AdaLoRA's rank budget; None for most methods
         if self.hook is not None:
             self.hook.register(optimizer)
         self.save_every = t.save_every
