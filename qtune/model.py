@@ -321,6 +321,9 @@ class DecoderLayer(nn.Module):
             self.block_sparse_moe = SparseMoE(cfg)
         else:
             self.mlp = SparseMoE(cfg) if cfg.num_experts else MLP(cfg)
+        self.adapter: nn.Module | None = None
+        """Optional: called as adapter(where, block_input, block_output) -> block_output after each sub-block
+        (where = "attention" / "feed_forward"); bottleneck adapters live here."""
 
     @property
     def ffn(self) -> nn.Module:
@@ -330,10 +333,17 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None):
         if hasattr(self, "pre_feedforward_layernorm"):
             # Gemma: each block's output is normalised too before it joins the residual stream
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
-            return x + self.post_feedforward_layernorm(self.ffn(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.ffn(self.post_attention_layernorm(x))
+            x = x + self.post_attention_layernorm(self.sub_block("attention", self.input_layernorm(x), cos, sin, mask,
+                                                                 cache))
+            return x + self.post_feedforward_layernorm(self.sub_block("feed_forward", self.pre_feedforward_layernorm(x)))
+        x = x + self.sub_block("attention", self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.sub_block("feed_forward", self.post_attention_layernorm(x))
+
+    def sub_block(self, where: str, h, *attention_args):
+        """The attention (`where` = "attention") or feed-forward block on its normalised input h, through the
+        adapter slot when one is set."""
+        out = self.self_attn(h, *attention_args) if where == "attention" else self.ffn(h)
+        return out if self.adapter is None else self.adapter(where, h, out)
 
 
 class Decoder(nn.Module):

@@ -88,6 +88,11 @@ class LoRALinear(AdapterHost):
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [self.lora_A[name].weight, self.lora_B[name].weight] if name in self.lora_A else []
 
+    def adapter_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Adapter `name` as the product s · B A that every route computes: (A (r, in), B (out, r), s). Subclasses
+        that parameterise A or B differently (AdaLoRA's A scaled by its singular values) compose them here."""
+        return self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+
     def base_weight(self):
         """The frozen weight as `qtune.kernels.lora.lora_linear` takes it: a dense tensor or an NF4Weight."""
         if isinstance(self.base_layer, NF4Linear):
@@ -105,8 +110,8 @@ class LoRALinear(AdapterHost):
         name = self.active
         if name is None or name not in self.lora_A:
             return frozen
-        return frozen._replace(lora_a=self.lora_A[name].weight, lora_b=self.lora_B[name].weight,
-                               scale=self.scaling[name], dropout=self.dropout_p(name))
+        a, b, scale = self.adapter_weights(name)
+        return frozen._replace(lora_a=a, lora_b=b, scale=scale, dropout=self.dropout_p(name))
 
     def merged_weight(self, name: str | None) -> torch.Tensor:
         """W + s · B A in fp32 (out, in); W is the dequantized weight for an NF4 base. No adapter: W."""
@@ -116,14 +121,14 @@ class LoRALinear(AdapterHost):
             w = self.base_layer.weight.detach().float()
         if name is None or name not in self.lora_A:
             return w
-        a, b = self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach()
-        return w + self.scaling[name] * (b @ a)
+        a, b, scale = self.adapter_weights(name)
+        return w + scale * (b.detach() @ a.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         name = self.active
         if name is None or name not in self.lora_A:
             return self.base_forward(x)
-        a, b, scale = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        a, b, scale = self.adapter_weights(name)
         dropout = self.lora_dropout[name]
         if use_triton(self.kernels, x):
             # The fused op dequantizes the NF4 weight again in backward instead of keeping it.

@@ -62,6 +62,7 @@ class StepShape:
     optimizer: str = "adamw"
     triton_loss: bool = False  # the loss runs the Triton kernels (CUDA) rather than the plain-torch one-pass path
     method: str = "lora"  # the recipe's [peft] method
+    peft: object = None  # the recipe's [peft] section, for the methods with settings of their own
     virtual_numels: tuple[int, ...] = ()  # prompt / P-tuning / prefix: the sizes of the tensors that train
     virtual_tokens: int = 0  # their N virtual positions (prompt and P-tuning run them through every layer)
 
@@ -103,7 +104,7 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     # Without a mask (the step's unpadded batch) SDPA takes K and V unrepeated (enable_gqa); a padded or packed
     # batch on a CPU repeats them up to H heads, which adds 2 b (q - kv) per token to this estimate.
     shapes = linear_shapes(cfg)
-    adapted = target_names(s.targets, bool(cfg.num_experts))
+    adapted = () if s.method == "adapter" else target_names(s.targets, bool(cfg.num_experts))
     per_token = 0 if first_layer else 4  # norm 1: 1/rms (x itself is the layer's input)
     if set(adapted) & {"q_proj", "k_proj", "v_proj"}:
         per_token += b * D  # normed input, kept for dA of q / k / v
@@ -133,6 +134,9 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     per_token += b * s.r * len(adapted) if s.dtype != "float32" else 0
     # A and B cast to a 16-bit compute dtype are saved as such (fp32 adapters are used as they are)
     casts = sum(s.r * sum(shapes[n]) for n in adapted) * b if b < 4 else 0
+    if s.method == "adapter":  # each bottleneck saves its input, the down-projection and the activation (m wide)
+        places = 2 if s.peft.adapter.after == "both" else 1
+        per_token += places * b * (D + 2 * s.peft.adapter.size)
     return N * per_token + casts
 
 
@@ -213,7 +217,7 @@ def adapter_state_nbytes(s: StepShape) -> dict[str, int]:
     """The adapter's fp32 weights, gradients and optimizer state, whatever the method."""
     if s.method in VIRTUAL_METHODS:
         return virtual_state_nbytes(list(s.virtual_numels), s.optimizer)
-    return lora_state_nbytes(s.cfg, s.r, s.targets, s.optimizer)
+    return lora_state_nbytes(s.cfg, s.r, s.targets, s.optimizer, s.method, s.peft)
 
 
 def prefix_kv_bytes(s: StepShape) -> int:
@@ -319,8 +323,9 @@ def step_shape_from_recipe(recipe, device: str = "cuda", shape: str | None = Non
     the recipe says kernels = "torch"; "cpu": fp32 and the plain-torch loss)."""
     m = recipe.model
     dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    targets, r, cfg = recipe.lora.target_modules, recipe.lora.r, model_config_for(m.path, shape)
+    targets, cfg = recipe.lora.target_modules, model_config_for(m.path, shape)
     peft, virtual = recipe.peft, {}
+    r = peft.adalora.init_r if peft.method == "adalora" else recipe.lora.r
     if peft.method in VIRTUAL_METHODS:  # no LoRA layers: the virtual tokens and their encoder train instead
         targets, r = (), 0
         virtual = dict(virtual_numels=tuple(virtual_token_numels(cfg, peft)),
@@ -330,4 +335,4 @@ def step_shape_from_recipe(recipe, device: str = "cuda", shape: str | None = Non
                      targets=targets if isinstance(targets, str) else tuple(targets), quantize=m.quantize,
                      double_quant=m.double_quant, gradient_checkpointing=m.gradient_checkpointing,
                      optimizer=recipe.train.optimizer,
-                     triton_loss=device == "cuda" and m.kernels != "torch", method=peft.method, **virtual)
+                     triton_loss=device == "cuda" and m.kernels != "torch", method=peft.method, peft=peft, **virtual)

@@ -3,6 +3,8 @@ adapter as a recipe's `[peft]` section says, saving and loading adapter director
 
     method      what trains                                              folds into W
     lora        B A per linear layer (qtune/lora/)                        yes
+    adalora     P Λ Q per linear layer, ranks pruned while training       yes
+    adapter     a bottleneck MLP after (or beside) each sub-block         no
     prompt      N virtual-token embeddings before the input (prompt.py)   no: serve with --adapter
     p_tuning    the same, made by an MLP / LSTM prompt encoder (prompt.py) no: serve with --adapter
     prefix      N keys / values before every layer's own (prefix.py)      no: serve with --adapter
@@ -12,7 +14,8 @@ has the method); `merge.py` folds an adapter into its base for `qtune merge`.
 """
 
 # ruff: noqa: F401  (the package's public names, re-exported)
-from qtune.peft.registry import METHODS, PeftMethod, attach, lora_config, method_for_config, method_named
+from qtune.peft.registry import (METHODS, PeftMethod, StepHook, attach, lora_config, method_for_config, method_named,
+                                 step_hook)
 from qtune.peft.io import (EXTRA_WEIGHTS, adapter_dir_method, load_adapter, load_extra_tensors, read_config,
                            save_adapter)
 from qtune.peft.merge import merge_adapter_into_dir

@@ -14,7 +14,7 @@ from torch import nn
 
 from qtune.lora.layer import LoraConfig
 from qtune.lora import peft as lora_format
-from qtune.lora.adapters import add_lora, mark_trainable
+from qtune.lora.adapters import adapter_method, add_lora, mark_trainable
 from qtune.lora.peft import AdapterError
 
 
@@ -51,6 +51,39 @@ class PeftMethod:
         AdapterError naming the file when it does not fit."""
         raise NotImplementedError
 
+    def step_hook(self, model: nn.Module, name: str, recipe, total_steps: int) -> "StepHook | None":
+        """What adapter `name` needs done around every optimizer step of a `total_steps` run (AdaLoRA's rank
+        budget), or None (most methods); raises ValueError when the recipe's settings do not fit the run."""
+        return None
+
+
+class StepHook:
+    """A method's work around each optimizer step, registered on the optimizer by the training driver so that
+    every loop (SFT, reward, DPO) runs it: `before_step` once the step's gradients are complete and clipped,
+    `after_step` after the update, before the gradients are cleared. Its state travels with checkpoints."""
+
+    def before_step(self) -> None:
+        """Add the method's own gradient terms (a regulariser's) to the accumulated gradients."""
+
+    def after_step(self) -> None:
+        """Act on the updated parameters and the step's gradients."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps so that a resumed run goes on exactly as an uninterrupted one."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`."""
+
+    def summary(self) -> dict:
+        """Entries for the run's summary.json."""
+        return {}
+
+    def register(self, optimizer: torch.optim.Optimizer) -> None:
+        """Run `before_step` / `after_step` around every `optimizer.step()` (a skipped step skips them too)."""
+        optimizer.register_step_pre_hook(lambda *_: self.before_step())
+        optimizer.register_step_post_hook(lambda *_: self.after_step())
+
 
 def lora_config(lora) -> LoraConfig:
     """The `LoraConfig` a recipe's [lora] section (or anything with its fields) describes."""
@@ -76,13 +109,14 @@ class LoRAMethod(PeftMethod):
         return lora_format.attach_saved_lora(model, config, tensors, path, name)
 
 
-# The methods' own modules subclass PeftMethod, so they are imported once it exists (qtune/peft/__init__.py
-# imports this module first).
+# The methods' own modules build on the classes above, so they are imported here, once those exist.
+from qtune.peft.adalora import AdaLoRAMethod  # noqa: E402
+from qtune.peft.bottleneck import BottleneckMethod  # noqa: E402
 from qtune.peft.prefix import PrefixTuningMethod  # noqa: E402
 from qtune.peft.prompt import PromptTuningMethod, PTuningMethod  # noqa: E402
 
-METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(), PromptTuningMethod(), PTuningMethod(),
-                                                      PrefixTuningMethod())}
+METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(), AdaLoRAMethod(), BottleneckMethod(),
+                                                      PromptTuningMethod(), PTuningMethod(), PrefixTuningMethod())}
 """Every method, by its recipe name."""
 
 
@@ -101,6 +135,11 @@ def method_for_config(config: dict, path: Path) -> PeftMethod:
             return method
     known = sorted({m.peft_type for m in METHODS.values()})
     raise AdapterError(f"{path}: peft_type is {peft_type!r}; qtune reads adapters of type {', '.join(known)}")
+
+
+def step_hook(model: nn.Module, name: str, recipe, total_steps: int) -> StepHook | None:
+    """The per-step hook adapter `name`'s method needs during a `total_steps` run, or None."""
+    return METHODS[adapter_method(model, name)].step_hook(model, name, recipe, total_steps)
 
 
 def attach(model: nn.Module, recipe, name: str, seed: int) -> PeftMethod:

@@ -43,7 +43,7 @@ from rich.table import Table
 from safetensors import SafetensorError
 
 from qtune.data.batching import DataPosition
-from qtune.peft import method_named, save_adapter
+from qtune.peft import method_named, save_adapter, step_hook
 from qtune.recipe.load import load_recipe
 from qtune.recipe.schema import RecipeError, iter_fields, recipe_to_toml
 from qtune.tokenizer import load_tokenizer
@@ -220,7 +220,7 @@ class Run:
         self.task = None
         self.started = time.perf_counter()
         self.base_model = ""
-        self.model = self.name = self.optimizer = self.scheduler = None
+        self.model = self.name = self.optimizer = self.scheduler = self.hook = None
         self.save_every = 0
         self.resume_changes: dict[str, list] = {}  # keys a --resume changed (see RESUMABLE_KEYS)
         self.collapse = CollapseCheck(0, 0.0)
@@ -261,6 +261,9 @@ class Run:
         optimizer = common.build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
         scheduler = common.build_scheduler(optimizer, t.schedule, t.warmup_steps or round(t.warmup_ratio * steps), steps)
         self.model, self.name, self.optimizer, self.scheduler = model, name, optimizer, scheduler
+        self.hook = step_hook(model, name, recipe, steps)  # e.g. AdaLoRA's rank budget; None for most methods
+        if self.hook is not None:
+            self.hook.register(optimizer)
         self.save_every = t.save_every
         start_step, position = self.restore() if self.resume else (0, DataPosition())
         if self.resume_changes:  # the record says from which step the run went on with which changes
@@ -283,6 +286,7 @@ class Run:
             saved = common.load_state(ckpt, "trainable")
             optimizer_state = common.load_state(ckpt, "optimizer")
             rng = common.load_state(ckpt, "rng")
+            hook_state = common.load_state(ckpt, "peft_hook") if self.hook is not None else None
             scheduler_state = json.loads((ckpt / "scheduler.json").read_text())
             trainer = json.loads((ckpt / "trainer.json").read_text())
         except (OSError, ValueError, KeyError, SafetensorError) as e:
@@ -304,6 +308,8 @@ class Run:
         for group, peak, factor in zip(optimizer.param_groups, recipe_lrs, scheduler.lr_lambdas):
             group["initial_lr"], group["lr"] = peak, peak * factor(scheduler.last_epoch)
         common.set_rng_state(rng)
+        if self.hook is not None:
+            self.hook.load_state_dict(hook_state)
         self.restored = trainer
         self.metrics = common.MetricsLog(self.dir / "metrics.jsonl", resume_step=trainer["step"])
         self.console.print(f"resumed from {ckpt} (step {trainer['step']})")
@@ -431,6 +437,8 @@ class Run:
             fault_point("checkpoint-state")
             common.save_state(tmp, "optimizer", self.optimizer.state_dict())
             common.save_state(tmp, "rng", common.rng_state())
+            if self.hook is not None:
+                common.save_state(tmp, "peft_hook", self.hook.state_dict())
             (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
             (tmp / "trainer.json").write_text(json.dumps({"step": step, "position": position.to_dict(), **trainer}))
 
@@ -463,6 +471,7 @@ class Run:
         losses = [r["loss"] for r in records if "loss" in r]
         before = self.load_before().get("val_loss")
         summary = {"output_dir": str(self.dir), "adapter": str(adapter), **summary,
+                   **(self.hook.summary() if self.hook is not None else {}),
                    "final_loss": losses[-1] if losses else None,
                    "seconds": round(time.perf_counter() - self.started, 1),
                    "peak_memory_bytes": max((r.get("peak_memory_bytes", 0) for r in records), default=0)}
