@@ -27,7 +27,7 @@ from qtune.lora.host import AdapterHost
 from qtune.lora.adapters import (BASE_LINEARS, lora_layers, adapter_hosts, adapter_names, adapter_method,
                                  active_adapter, decoder_linears,
                                  target_matches, add_lora, set_active_adapter, adapters_disabled, use_adapter,
-                                 adapter_parameters, mark_trainable)
+                                 adapter_parameters, lora_b_parameters, mark_trainable)
 from qtune.lora.peft import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX, KEY_PATTERN, UNSUPPORTED_PEFT_FIELDS,
                              AdapterError, adapter_state_dict, peft_config_dict, read_adapter_config,
                              read_adapter_weights)

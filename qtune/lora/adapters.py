@@ -154,6 +154,11 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> list[nn.Par
     return [p for host in adapter_hosts(model).values() for p in host.adapter_parameters(name)]
 
 
+def lora_b_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The B matrices of adapter `name`'s LoRA layers (LoRA+ trains them at their own learning rate)."""
+    return [layer.lora_B[name].weight for layer in lora_layers(model).values() if name in layer.lora_B]
+
+
 def mark_trainable(model: nn.Module, name: str) -> None:
     """Only adapter `name`'s parameters require grad; every other parameter of `model` is frozen."""
     params = adapter_parameters(model, name)

@@ -48,10 +48,10 @@ class PeftMethod:
         raise NotImplementedError
 
 
-def lora_config(lora) -> LoraConfig:
+def lora_config(lora, use_dora: bool = False) -> LoraConfig:
     """The `LoraConfig` a recipe's [lora] section (or anything with its fields) describes."""
     return LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
-                      rslora=lora.rslora)
+                      rslora=lora.rslora, use_dora=use_dora)
 
 
 class LoRAMethod(PeftMethod):
@@ -60,7 +60,7 @@ class LoRAMethod(PeftMethod):
     name, peft_type = "lora", "LORA"
 
     def attach(self, model, recipe, name, seed):
-        add_lora(model, lora_config(recipe.lora), name=name, seed=seed)
+        add_lora(model, lora_config(recipe.lora, use_dora=self.name == "dora"), name=name, seed=seed)
 
     def config_dict(self, model, name):
         return lora_format.peft_config_dict(*lora_format.adapter_config(model, name))
@@ -72,7 +72,14 @@ class LoRAMethod(PeftMethod):
         return lora_format.attach_saved_lora(model, config, tensors, path, name)
 
 
-METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(),)}
+class DoRAMethod(LoRAMethod):
+    """DoRA (Liu et al. 2024): LoRA's `[lora]` adapter plus a trained magnitude per output row; saved as PEFT saves
+    it (a LORA config with `use_dora`, whose loading `LoRAMethod` does)."""
+
+    name = "dora"
+
+
+METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(), DoRAMethod())}
 """Every method, by its recipe name."""
 
 

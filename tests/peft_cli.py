@@ -1,0 +1,60 @@
+"""Two-step `qtune sft / dpo / reward` runs through the CLI on a tiny model, with a resume, for the PEFT method
+tests (tests/test_peft_*.py): each method must train, checkpoint and resume under every loop on both bases."""
+
+import json
+import random
+from pathlib import Path
+
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from qtune.cli import main
+
+WORDS = "the cat dog sat on mat a big small red blue green tree house river".split()
+
+
+def preference_files(root: Path) -> dict[str, Path]:
+    """A pairs file for DPO and a rankings file for the reward model, small and learnable."""
+    rng = random.Random(2)
+    pairs, rankings = [], []
+    for _ in range(12):
+        words = " ".join(rng.choices(WORDS, k=4))
+        pairs.append({"prompt": f"Say: {words}", "chosen": f"good {words}",
+                      "rejected": "bad " + " ".join(rng.choices(WORDS, k=3))})
+        rankings.append({"prompt": words, "responses": [f"good {words}", "bad " + rng.choice(WORDS)],
+                         "scores": [1.0, 0.0]})
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("pairs", pairs), ("rankings", rankings)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"dpo": root / "pairs.jsonl", "reward": root / "rankings.jsonl"}
+
+
+def _invoke(args: list[str]):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def two_steps_and_resume(verb: str, tiny_dir: Path, out: Path, data: dict, quantize: str, *settings: str) -> dict:
+    """Run `qtune <verb>` for one step with a checkpoint, resume it to two steps; return the final adapter's
+    tensors. `settings` are recipe overrides (`peft.method=...`, `lora.r=...`)."""
+    recipe = "quickstart"
+    if verb != "sft":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        recipe = out.parent / f"{verb}.toml"
+        recipe.write_text(f'kind = "{verb}"\n')
+    common = [f"model.path={tiny_dir}", f"model.quantize={quantize}", f"output.dir={out}", "train.save_every=1",
+              "train.log_every=1", "train.micro_batch_size=2", "train.grad_accum_steps=1", "data.max_seq_len=64",
+              *settings]
+    if verb == "sft":
+        common += ["data.path=qtune:checkable-tasks?count=16&seed=0", "data.val_size=4", "eval.exact_match=0",
+                   "data.cache_dir="]
+    else:
+        common += [f"data.path={data[verb]}"]
+    _invoke([verb, recipe, *common, "train.max_steps=1"])
+    resumed = _invoke([verb, recipe, *common, "train.max_steps=2", "--resume"])
+    assert "resumed from" in resumed.output
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2]
+    return load_file(out / "adapter" / "adapter_model.safetensors")
