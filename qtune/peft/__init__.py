@@ -3,6 +3,8 @@ adapter as a recipe's `[peft]` section says, saving and loading adapter director
 
     method      what trains                                              folds into W
     lora        B A per linear layer (qtune/lora/)                        yes
+    dora        B A and a magnitude per output row (qtune/lora/layer.py)  yes
+    ia3         a vector rescaling keys, values, feed-forward inputs      yes
 
 `registry.py` lists the methods; `io.py` writes and reads adapter directories (PEFT's format wherever PEFT
 has the method); `merge.py` folds an adapter into its base for `qtune merge`.

@@ -79,7 +79,11 @@ class DoRAMethod(LoRAMethod):
     name = "dora"
 
 
-METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(), DoRAMethod())}
+# The methods' own modules subclass PeftMethod, so they are imported once it exists (qtune/peft/__init__.py
+# imports this module first).
+from qtune.peft.ia3 import IA3Method  # noqa: E402
+
+METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(), DoRAMethod(), IA3Method())}
 """Every method, by its recipe name."""
 
 
