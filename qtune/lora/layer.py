@@ -50,6 +50,8 @@ class LoraConfig:
     """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
     use_dora: bool = False
     """DoRA: a trained magnitude per output row times the normalised direction W + s B A."""
+    init: str = "default"
+    """How A and B start: "default" (B = 0), "pissa" or "loftq" (qtune/lora/init.py; the base becomes a residual)."""
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, set)):
@@ -83,6 +85,8 @@ class LoRALinear(AdapterHost):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
+        self.residual: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """Adapter name -> (A_r, B_r) of a PiSSA / LoftQ adapter: the base is W - s B_r A_r (qtune/lora/init.py)."""
         self.scaling: dict[str, float] = {}
         self.configs: dict[str, LoraConfig] = {}
         self.kernels = getattr(base_layer, "kernels", "auto")
@@ -131,13 +135,21 @@ class LoRALinear(AdapterHost):
 
     def fused_params(self) -> LoraParams:
         """This layer as the fused QLoRA ops take it: the frozen weight and bias, and the active adapter's
-        A, B, scale and dropout p (none of them when no adapter is active)."""
+        A, B, scale and dropout p (with no adapter active: a residual base's pair, or none)."""
         frozen = LoraParams(self.base_weight(), self.base_layer.bias)
         name = self.active
         if name is None or name not in self.lora_A:
-            return frozen
+            residual = self.switched_off_pair()
+            return frozen if residual is None else frozen._replace(lora_a=residual[0], lora_b=residual[1],
+                                                                   scale=residual[2], dropout=0.0)
         return frozen._replace(lora_a=self.lora_A[name].weight, lora_b=self.lora_B[name].weight,
                                scale=self.scaling[name], dropout=self.dropout_p(name))
+
+    def switched_off_pair(self):
+        """(A_r, B_r, s) that a PiSSA / LoftQ residual base adds back with its adapter switched off, so that the
+        layer then runs the model the initialisation started from; None for a plain base."""
+        name = next(iter(self.residual), None)
+        return None if name is None else (*self.residual[name], self.scaling[name])
 
     def dense_weight(self) -> torch.Tensor:
         """The frozen W in fp32 (out, in), dequantized for an NF4 base."""
@@ -166,21 +178,24 @@ class LoRALinear(AdapterHost):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         name = self.active
         if name is None or name not in self.lora_A:
-            return self.base_forward(x)
-        if name in self.lora_magnitude_vector:
+            residual = self.switched_off_pair()
+            if residual is None:
+                return self.base_forward(x)
+            a, b, scale, p = *residual, 0.0
+        elif name in self.lora_magnitude_vector:
             return self.dora_forward(x, name)
-        a, b, scale = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        else:
+            a, b, scale, p = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self.dropout_p(name)
         if use_triton(self.kernels, x):
             # The fused op dequantizes the NF4 weight again in backward instead of keeping it.
-            return lora_linear(x, self.base_weight(), self.base_layer.bias, a, b, scale, self.dropout_p(name),
-                               self.training, self.kernels)
-        dropout_active = self.training and self.dropout_p(name) > 0
+            return lora_linear(x, self.base_weight(), self.base_layer.bias, a, b, scale, p, self.training, self.kernels)
+        dropout_active = self.training and p > 0
         if merged_path_applies(x, a, b, dropout_active):
             return merged_lora_linear(x, self.base_weight(), self.base_layer.bias, a, b, scale)
         # y = base(x) + s · dropout(x) Aᵀ Bᵀ, the rank-r product first. The adapter branch runs before the
         # frozen product, which saves nothing for backward on an NF4 base: a checkpoint's recomputation
         # stops after the last saved tensor, so it skips the product where nothing reads its output.
-        x_d = self.dropped_input(x, name)
+        x_d = self.dropped_input(x, name) if dropout_active else x
         lora = F.linear(F.linear(x_d, a.to(x.dtype)), b.to(x.dtype))  # (..., out)
         return self.base_forward(x).add_(lora, alpha=scale)  # the base output is a fresh tensor
 
