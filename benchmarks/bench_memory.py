@@ -41,6 +41,8 @@ from qtune.memory.estimate import StepShape, estimate
 from qtune.memory.measure import proc_status, reset_peak_rss
 from qtune.memory.tracer import fmt_bytes
 
+ACCOUNTED_METHODS = ("lora", "dora", "ia3")  # the [peft] methods qtune.memory.accounting counts
+
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 PEER_NEEDS = 21 * 2**30  # the peer's load peaks near 20 GB on this shape
 
@@ -147,6 +149,19 @@ def regimes(shape: str, r: int) -> dict:
     return out
 
 
+def method_rows(shape: str, r: int) -> dict:
+    """The QLoRA regime's accounting with each [peft] method at its default size (the recipe's defaults), and
+    LoRA with PiSSA / LoftQ's residual pairs."""
+    from qtune.recipe.peft import PeftSection
+
+    cfg, out = shape_config(shape), {}
+    for method, init in [(m, "default") for m in ACCOUNTED_METHODS] + [("lora", "pissa")]:
+        acc = regime_bytes(cfg, "qlora", r, method=method, peft=PeftSection(method=method), init=init)
+        name = method if init == "default" else f"{method}+{init}"
+        out[name] = {"trainable_params": acc.trainable_params, "adapter_bytes": acc.adapters, "total_bytes": acc.total}
+    return out
+
+
 def run_json(cmd: list[str]) -> dict:
     """Run a measuring subprocess; its last stdout line is a JSON object."""
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV}, cwd=HERE,
@@ -233,6 +248,9 @@ def report(args, result: dict) -> None:
         p = result["peer"]
         print(f"  peer  step seq {args.seq}: peak {fmt_bytes(p['step_peak'])} (load peak {fmt_bytes(p['load_peak'])}), "
               f"{p['step_s']:.0f} s; qtune / peer = {result['qtune_over_peer']:.3f}")
+    for method, m in result["methods"].items():
+        print(f"  qlora + {method:8s}: {m['trainable_params']:>11,} trainable, adapters {fmt_bytes(m['adapter_bytes'])}, "
+              f"resident {fmt_bytes(m['total_bytes'])}")
     print(f"  floor {fmt_bytes(result['floor_bytes'])}; qtune / floor = {result['qtune_over_floor']:.3f}")
     for t in result["traces"]:
         print(f"  tracer {t['dtype']} seq {t['seq']}: {fmt_bytes(t['trace_peak'])}, estimate {fmt_bytes(t['estimate_peak'])} "
@@ -280,6 +298,7 @@ def main() -> None:
     floor = main_run["runtime_rss"] + fp32["estimate_peak"]
     result = {"shape": args.shape, "seq": args.seq, "rank": args.rank, "qtune": qtune, "peer": peer, "traces": traces,
               "bytes_per_param": {r: per_param[r]["per_param"] for r in REGIMES}, "regimes": per_param,
+              "methods": method_rows(args.shape, args.rank),
               "qtune_peak_bytes": main_run["step_peak"], "peer_peak_bytes": peer["step_peak"] if peer else None,
               "floor_bytes": floor, "qtune_over_floor": main_run["step_peak"] / floor,
               "qtune_over_peer": main_run["step_peak"] / peer["step_peak"] if peer else None,

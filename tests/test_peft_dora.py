@@ -164,3 +164,19 @@ def test_cli_trains_and_resumes(cli_setup, tmp_path, verb, quantize):
     assert mags and len(mags) * 3 == len(tensors)
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["use_dora"] is True
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_accounting_counts_the_trainable_parameters_exactly(tiny_dir, method):
+    from qtune.memory.accounting import lora_param_count, lora_state_nbytes
+    from qtune.peft import attach
+    from qtune.recipe.peft import PeftSection
+    from qtune.recipe.sections import LoRASection, TrainRecipe
+
+    m = load_model(tiny_dir, quantize="nf4")
+    recipe = TrainRecipe(peft=PeftSection(method=method), lora=LoRASection(r=4, target_modules=["q_proj", "down_proj"]))
+    attach(m, recipe, "default", seed=0)
+    counted = sum(p.numel() for p in adapter_parameters(m, "default"))
+    assert counted == lora_param_count(m.config, 4, ("q_proj", "down_proj"), method, recipe.peft)
+    assert lora_state_nbytes(m.config, 4, ("q_proj", "down_proj"), "adamw", method, recipe.peft)["adapter_weights"] \
+        == 4 * counted

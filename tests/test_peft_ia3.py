@@ -154,3 +154,20 @@ def test_cli_trains_and_resumes(cli_setup, tmp_path, verb, quantize):
     tensors = two_steps_and_resume(verb, tiny, tmp_path / "run", data, quantize, "peft.method=ia3")
     assert len(tensors) == 2 * 3 and all(k.endswith(".ia3_l") for k in tensors)
     assert any(not torch.equal(t, torch.ones_like(t)) for t in tensors.values())  # it trained
+
+
+def test_accounting_counts_the_trainable_parameters_exactly(tiny_dirs):
+    from qtune.memory.accounting import lora_param_count
+    from qtune.memory.estimate import StepShape, estimate
+    from qtune.peft import attach
+    from qtune.recipe.peft import PeftSection
+    from qtune.recipe.sections import TrainRecipe
+
+    m = load_model(tiny_dirs["llama"], quantize="nf4")
+    recipe = TrainRecipe(peft=PeftSection(method="ia3"))
+    attach(m, recipe, "default", seed=0)
+    counted = sum(p.numel() for p in adapter_parameters(m, "default"))
+    assert counted == 2 * (32 + 32 + 88)  # layers x (k, v outputs + down_proj's input)
+    assert counted == lora_param_count(m.config, 16, "all-linear", "ia3", recipe.peft)
+    ia3 = estimate(StepShape(m.config, 1, 128, "float32", method="ia3", peft=recipe.peft))
+    assert ia3.parts["adapter_weights"] == 4 * counted

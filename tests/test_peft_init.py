@@ -204,3 +204,13 @@ def test_cli_reports_the_initial_error_and_refuses_loftq_on_16_bit(cli_setup, tm
     assert init_error < qlora_error
     refused = CliRunner().invoke(main, [*common, "lora.init=loftq", "model.quantize=none", f"output.dir={tmp_path / 'b'}"])
     assert refused.exit_code == 1 and "Error:" in refused.output and "model.quantize" in refused.output
+
+
+def test_accounting_counts_the_residual_pairs(tiny_dir):
+    from qtune.memory.accounting import lora_param_count, residual_pair_nbytes
+
+    m, _ = initialised(tiny_dir, "nf4", "pissa")
+    kept = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+               for layer in lora_layers(m).values() for a, b in layer.residual.values())
+    assert kept == residual_pair_nbytes(m.config, 4, TARGETS, "pissa") and residual_pair_nbytes(m.config, 4, TARGETS) == 0
+    assert sum(p.numel() for p in adapter_parameters(m, "default")) == lora_param_count(m.config, 4, TARGETS)

@@ -95,6 +95,9 @@ class LoRALinear(AdapterHost):
                     magnitude: torch.Tensor | None = None) -> None:
         """Attach adapter `name` with A (r, in) and B (out, r), stored in fp32 on the base layer's device; a DoRA
         adapter's magnitude (out,) defaults to ||W + s B A||_row, which leaves the layer's output unchanged."""
+        if self.residual:
+            raise ValueError(f"adapter {name!r}: this layer's base is the residual of PiSSA / LoftQ adapter "
+                             f"{next(iter(self.residual))!r}, which another adapter would run on; attach it to a fresh model")
         device = next(t for t in (*self.base_layer.parameters(), *self.base_layer.buffers())).device
         self.lora_A[name] = _bias_free_linear(lora_a.to(device=device, dtype=torch.float32))
         self.lora_B[name] = _bias_free_linear(lora_b.to(device=device, dtype=torch.float32))

@@ -91,11 +91,27 @@ def target_names(targets, moe: bool = False) -> tuple[str, ...]:
     return tuple(t for t in LINEAR_NAMES if t in targets)
 
 
-def lora_param_count(cfg: ModelConfig, r: int, targets="all-linear") -> int:
-    """Trainable parameters: A (r, in) and B (out, r) on every targeted linear of every layer."""
+def adapter_numels(cfg: ModelConfig, r: int, targets="all-linear", method: str = "lora", peft=None) -> list[tuple[int, int]]:
+    """(elements, copies) of each trainable tensor of one decoder layer for a `[peft] method` (`peft`: the recipe's
+    [peft] section, for the methods with settings of their own): LoRA's A (r, in) and B (out, r) on every targeted
+    linear, plus DoRA's magnitude (out,); IA3's one vector per targeted linear of `peft.ia3` (in wide on the
+    feed-forward layers, out wide elsewhere)."""
     shapes = linear_shapes(cfg)
-    return cfg.num_hidden_layers * sum(copies(cfg, n) * r * (shapes[n][0] + shapes[n][1])
-                                       for n in target_names(targets, bool(cfg.num_experts)))
+    if method == "ia3":
+        ia3 = peft.ia3
+        ff = set(target_names(ia3.feedforward_modules, bool(cfg.num_experts)))
+        return [(shapes[n][1] if n in ff else shapes[n][0], copies(cfg, n))
+                for n in target_names(ia3.target_modules, bool(cfg.num_experts))]
+    out = []
+    for name in target_names(targets, bool(cfg.num_experts)):
+        (o, i), n = shapes[name], copies(cfg, name)
+        out += [(r * i, n), (o * r, n)] + ([(o, n)] if method == "dora" else [])
+    return out
+
+
+def lora_param_count(cfg: ModelConfig, r: int, targets="all-linear", method: str = "lora", peft=None) -> int:
+    """Trainable parameters of every layer's adapter tensors (`adapter_numels`)."""
+    return cfg.num_hidden_layers * sum(numel * n for numel, n in adapter_numels(cfg, r, targets, method, peft))
 
 
 def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256) -> tuple[int, int]:
@@ -130,18 +146,24 @@ def adam_state_nbytes(numel: int, optimizer: str = "adamw") -> int:
     raise ValueError(f"optimizer {optimizer!r} is not one of adamw, adamw8bit, paged_adamw, paged_adamw8bit")
 
 
-def lora_state_nbytes(cfg: ModelConfig, r: int, targets="all-linear", optimizer: str = "adamw") -> dict[str, int]:
-    """fp32 adapter weights, their gradients and the optimizer state, in bytes."""
-    shapes = linear_shapes(cfg)
+def lora_state_nbytes(cfg: ModelConfig, r: int, targets="all-linear", optimizer: str = "adamw", method: str = "lora",
+                      peft=None) -> dict[str, int]:
+    """fp32 adapter weights, their gradients and the optimizer state, in bytes (any method, `adapter_numels`)."""
     weights = grads = state = 0
-    for name in target_names(targets, bool(cfg.num_experts)):
-        o, i = shapes[name]
-        for numel in (r * i, o * r):  # A, B
-            n = copies(cfg, name)
-            weights, grads = weights + 4 * n * numel, grads + 4 * n * numel
-            state += n * adam_state_nbytes(numel, optimizer)
+    for numel, n in adapter_numels(cfg, r, targets, method, peft):
+        weights, grads = weights + 4 * n * numel, grads + 4 * n * numel
+        state += n * adam_state_nbytes(numel, optimizer)
     L = cfg.num_hidden_layers
     return {"adapter_weights": L * weights, "adapter_grads": L * grads, "optimizer_state": L * state}
+
+
+def residual_pair_nbytes(cfg: ModelConfig, r: int, targets="all-linear", init: str = "default") -> int:
+    """PiSSA / LoftQ: the fp32 pair (A_r, B_r) each adapted layer keeps beside its residual base (not trained)."""
+    if init == "default":
+        return 0
+    shapes = linear_shapes(cfg)
+    return cfg.num_hidden_layers * sum(4 * copies(cfg, n) * r * sum(shapes[n])
+                                       for n in target_names(targets, bool(cfg.num_experts)))
 
 
 @dataclass
@@ -155,7 +177,7 @@ class RegimeBytes:
     quant_constants: int  # NF4 absmax and double-quant statistics
     gradients: int  # gradients of base weights (full fine-tuning only)
     optimizer: int  # master weights + Adam moments of the base weights (full fine-tuning only)
-    adapters: int  # adapter weights + their gradients + their optimizer state
+    adapters: int  # adapter weights + their gradients + their optimizer state (+ PiSSA / LoftQ's residual pairs)
 
     @property
     def total(self) -> int:
@@ -173,8 +195,9 @@ class RegimeBytes:
 
 
 def regime_bytes(cfg: ModelConfig, regime: str, r: int = 16, targets="all-linear", optimizer: str = "adamw",
-                 double_quant: bool = True) -> RegimeBytes:
-    """The accounting of `regime` ("full", "lora16", "qlora") for model `cfg`, 16-bit layers in bf16."""
+                 double_quant: bool = True, method: str = "lora", peft=None, init: str = "default") -> RegimeBytes:
+    """The accounting of `regime` ("full", "lora16", "qlora") for model `cfg`, 16-bit layers in bf16, with a
+    `[peft] method` adapter (`peft`: its [peft] section) started as `init` says in the adapter regimes."""
     if regime not in REGIMES:
         raise ValueError(f"regime {regime!r} is not one of {', '.join(REGIMES)}")
     p = param_counts(cfg)
@@ -182,8 +205,9 @@ def regime_bytes(cfg: ModelConfig, regime: str, r: int = 16, targets="all-linear
         # bf16 weights and gradients; fp32 master copy and Adam moments (ZeRO's 2 + 2 + 12)
         return RegimeBytes(regime, p.total, p.total, weights=2 * p.total, quant_constants=0, gradients=2 * p.total,
                            optimizer=4 * p.total + adam_state_nbytes(p.total, optimizer), adapters=0)
-    lora = lora_state_nbytes(cfg, r, targets, optimizer)
-    trainable = lora_param_count(cfg, r, targets)
+    lora = lora_state_nbytes(cfg, r, targets, optimizer, method, peft)
+    lora["residual_pairs"] = residual_pair_nbytes(cfg, r, targets, init)
+    trainable = lora_param_count(cfg, r, targets, method, peft)
     if regime == "lora16":
         weights, consts = 2 * p.total, 0
     else:

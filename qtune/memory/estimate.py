@@ -36,6 +36,7 @@ from qtune.memory.accounting import (
     linear_shapes,
     lora_state_nbytes,
     nf4_model_nbytes,
+    residual_pair_nbytes,
     param_counts,
     target_names,
 )
@@ -58,6 +59,9 @@ class StepShape:
     gradient_checkpointing: bool = True
     optimizer: str = "adamw"
     triton_loss: bool = False  # the loss runs the Triton kernels (CUDA) rather than the plain-torch one-pass path
+    method: str = "lora"  # the recipe's [peft] method (lora, dora, ia3)
+    peft: object = None  # the recipe's [peft] section, for the methods with settings of their own (ia3)
+    init: str = "default"  # lora.init: PiSSA / LoftQ keep an fp32 residual pair per adapted layer
 
     @property
     def tokens(self) -> int:
@@ -94,7 +98,7 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     # Without a mask (the step's unpadded batch) SDPA takes K and V unrepeated (enable_gqa); a padded or packed
     # batch on a CPU repeats them up to H heads, which adds 2 b (q - kv) per token to this estimate.
     shapes = linear_shapes(cfg)
-    adapted = target_names(s.targets, bool(cfg.num_experts))
+    adapted = () if s.method == "ia3" else target_names(s.targets, bool(cfg.num_experts))
     per_token = 0 if first_layer else 4  # norm 1: 1/rms (x itself is the layer's input)
     if set(adapted) & {"q_proj", "k_proj", "v_proj"}:
         per_token += b * D  # normed input, kept for dA of q / k / v
@@ -124,7 +128,23 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     per_token += b * s.r * len(adapted) if s.dtype != "float32" else 0
     # A and B cast to a 16-bit compute dtype are saved as such (fp32 adapters are used as they are)
     casts = sum(s.r * sum(shapes[n]) for n in adapted) * b if b < 4 else 0
+    per_token += rescaling_bytes_per_token(s)
     return N * per_token + casts
+
+
+def rescaling_bytes_per_token(s: StepShape) -> int:
+    """What DoRA and IA3 save per token and layer besides LoRA's terms, for their vectors' gradients: DoRA the
+    direction x Wᵀ of each adapted layer (its rank-r branch x_d Aᵀ too: no merged-weight path) and IA3 the
+    output it scales (k / v) or the input (feed-forward); their own inputs stay saved where LoRA saves them."""
+    cfg, b, shapes = s.cfg, s.b, linear_shapes(s.cfg)
+    moe = bool(cfg.num_experts)
+    if s.method == "dora":
+        adapted = target_names(s.targets, moe)
+        return sum(b * (shapes[n][0] + s.r) for n in adapted)
+    if s.method == "ia3":
+        ff = set(target_names(s.peft.ia3.feedforward_modules, moe))
+        return sum(b * (shapes[n][1] if n in ff else shapes[n][0]) for n in target_names(s.peft.ia3.target_modules, moe))
+    return 0
 
 
 def active_intermediate(cfg) -> int:
@@ -203,14 +223,15 @@ def loss_bytes(s: StepShape) -> int:
 def resident_parts(s: StepShape) -> dict[str, int]:
     """Memory held for the whole run: weights, quantization constants, adapters, optimizer state."""
     p = param_counts(s.cfg)
-    lora = lora_state_nbytes(s.cfg, s.r, s.targets, s.optimizer)
+    lora = lora_state_nbytes(s.cfg, s.r, s.targets, s.optimizer, s.method, s.peft)
     if s.quantize == "nf4":
         codes, consts = nf4_model_nbytes(s.cfg, s.double_quant)
         weights = codes + s.b * (p.total - p.linear)
     else:
         weights, consts = s.b * p.total, 0
     return {"weights": weights, "quant_constants": consts, "adapter_weights": lora["adapter_weights"],
-            "optimizer_state": lora["optimizer_state"]}
+            "optimizer_state": lora["optimizer_state"],
+            "residual_pairs": residual_pair_nbytes(s.cfg, s.r, s.targets, s.init)}
 
 
 def estimate(s: StepShape) -> Estimate:
@@ -222,7 +243,7 @@ def estimate(s: StepShape) -> Estimate:
     """
     cfg, N, b, L = s.cfg, s.tokens, s.b, s.cfg.num_hidden_layers
     resident = resident_parts(s)
-    grads = lora_state_nbytes(cfg, s.r, s.targets, s.optimizer)["adapter_grads"]
+    grads = lora_state_nbytes(cfg, s.r, s.targets, s.optimizer, s.method, s.peft)["adapter_grads"]
     boundary = N * cfg.hidden_size * b  # one layer's input
     last, first = saved_activation_bytes(s, False), saved_activation_bytes(s, True)
     if s.gradient_checkpointing:
@@ -302,4 +323,5 @@ def step_shape_from_recipe(recipe, device: str = "cuda", shape: str | None = Non
                      targets=targets if isinstance(targets, str) else tuple(targets), quantize=m.quantize,
                      double_quant=m.double_quant, gradient_checkpointing=m.gradient_checkpointing,
                      optimizer=recipe.train.optimizer,
-                     triton_loss=device == "cuda" and m.kernels != "torch")
+                     triton_loss=device == "cuda" and m.kernels != "torch", method=recipe.peft.method,
+                     peft=recipe.peft, init=recipe.lora.init)
