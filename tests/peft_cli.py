@@ -58,3 +58,15 @@ def two_steps_and_resume(verb: str, tiny_dir: Path, out: Path, data: dict, quant
              if "loss" in json.loads(line)]
     assert steps == [1, 2]
     return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def serve_with_adapter(tiny_dir: Path, adapter: Path, quantize: str, work: Path) -> tuple[float, float]:
+    """`qtune generate` and `qtune eval` with `--adapter`; returns eval's loss with and without the adapter."""
+    data = work / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": f"Repeat: {w}", "input": "", "output": f"{w} {w}"} for w in WORDS]))
+    common = ["--quantize", quantize, "--dtype", "float32"]
+    _invoke(["generate", tiny_dir, "--adapter", adapter, *common, "--prompt", "Say: cat", "--greedy",
+             "--max-new-tokens", "4"])
+    losses = [json.loads(_invoke(["eval", tiny_dir, *extra, *common, "--data", data]).output.strip().splitlines()[-1])["loss"]
+              for extra in (["--adapter", adapter], [])]
+    return losses[0], losses[1]

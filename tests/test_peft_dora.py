@@ -180,3 +180,12 @@ def test_accounting_counts_the_trainable_parameters_exactly(tiny_dir, method):
     assert counted == lora_param_count(m.config, 4, ("q_proj", "down_proj"), method, recipe.peft)
     assert lora_state_nbytes(m.config, 4, ("q_proj", "down_proj"), "adamw", method, recipe.peft)["adapter_weights"] \
         == 4 * counted
+
+
+def test_generate_and_eval_use_the_adapter(cli_setup, tmp_path):
+    from peft_cli import serve_with_adapter
+
+    tiny, data = cli_setup
+    two_steps_and_resume("sft", tiny, tmp_path / "run", data, "nf4", "peft.method=dora", "lora.r=4", "train.lr=1e-2")
+    with_adapter, without = serve_with_adapter(tiny, tmp_path / "run" / "adapter", "nf4", tmp_path)
+    assert with_adapter != without

@@ -171,3 +171,12 @@ def test_accounting_counts_the_trainable_parameters_exactly(tiny_dirs):
     assert counted == lora_param_count(m.config, 16, "all-linear", "ia3", recipe.peft)
     ia3 = estimate(StepShape(m.config, 1, 128, "float32", method="ia3", peft=recipe.peft))
     assert ia3.parts["adapter_weights"] == 4 * counted
+
+
+def test_generate_and_eval_use_the_adapter(cli_setup, tmp_path):
+    from peft_cli import serve_with_adapter
+
+    tiny, data = cli_setup
+    two_steps_and_resume("sft", tiny, tmp_path / "run", data, "nf4", "peft.method=ia3", "train.lr=1e-2")
+    with_adapter, without = serve_with_adapter(tiny, tmp_path / "run" / "adapter", "nf4", tmp_path)
+    assert with_adapter != without

@@ -214,3 +214,13 @@ def test_accounting_counts_the_residual_pairs(tiny_dir):
                for layer in lora_layers(m).values() for a, b in layer.residual.values())
     assert kept == residual_pair_nbytes(m.config, 4, TARGETS, "pissa") and residual_pair_nbytes(m.config, 4, TARGETS) == 0
     assert sum(p.numel() for p in adapter_parameters(m, "default")) == lora_param_count(m.config, 4, TARGETS)
+
+
+@pytest.mark.parametrize("init", ["pissa", "loftq"])
+def test_generate_and_eval_use_the_adapter_on_its_residual_base(cli_setup, tmp_path, init):
+    from peft_cli import serve_with_adapter
+
+    tiny, data = cli_setup
+    two_steps_and_resume("sft", tiny, tmp_path / "run", data, "nf4", f"lora.init={init}", "lora.r=4", "train.lr=1e-2")
+    with_adapter, without = serve_with_adapter(tiny, tmp_path / "run" / "adapter", "nf4", tmp_path)
+    assert with_adapter != without
