@@ -1,16 +1,41 @@
-"""Two-step `qtune sft / dpo / reward` runs through the CLI on a tiny model, with a resume, for the PEFT method
-tests (tests/test_peft_*.py): each method must train, checkpoint and resume under every loop on both bases."""
+"""What the PEFT method tests (tests/test_peft_*.py) share: two-step `qtune sft / dpo / reward` runs through the CLI
+on a tiny model with a resume (each method must train, checkpoint and resume under every loop on both bases),
+serving the adapter with `qtune generate / eval`, and the transformers reference model with its logits."""
 
 import json
 import random
 from pathlib import Path
 
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from qtune.cli import main
+from tiny import save_tiny_with_tokenizer
 
 WORDS = "the cat dog sat on mat a big small red blue green tree house river".split()
+
+
+def hf_model(path):
+    """transformers' model of the same checkpoint, fp32, eval mode (the reference PEFT loads adapters onto)."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def token_ids(seed=0):
+    return torch.randint(3, 160, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def cli_files(root: Path) -> tuple[Path, dict[str, Path]]:
+    """A tiny model with a tokenizer and the preference files, for the CLI runs."""
+    return save_tiny_with_tokenizer("llama", root / "tiny"), preference_files(root / "data")
 
 
 def preference_files(root: Path) -> dict[str, Path]:

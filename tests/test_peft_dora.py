@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft_cli import preference_files, two_steps_and_resume
+from peft_cli import cli_files, hf_model, logits, token_ids, two_steps_and_resume
 from qtune.lora import LoraConfig, LoRALinear, adapter_parameters, adapters_disabled, add_lora, merged_state_dict
 from qtune.peft import load_adapter, merge_adapter_into_dir, save_adapter
 from qtune.weights.checkpoint import load_model
 from qtune.weights.nf4_linear import NF4Linear
-from tiny import save_tiny, save_tiny_with_tokenizer
+from test_lora import randomise
+from tiny import save_tiny
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -24,27 +25,6 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return save_tiny("llama", tmp_path_factory.mktemp("dora") / "llama")
-
-
-def hf_model(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def randomise(model, name="default", seed=1, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter_parameters(model, name):
-            p.add_(torch.randn(p.shape, generator=g) * std)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        out = model(ids)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def ids(seed=0):
-    return torch.randint(3, 160, (2, 9), generator=torch.Generator().manual_seed(seed))
 
 
 def reference_dora(x, w, bias, a, b, m, s):
@@ -89,9 +69,9 @@ def adapter_parameters_of(layer):
 
 def test_saved_dora_loads_in_peft_with_equal_logits_and_gradients(tiny_dir, tmp_path):
     m = load_model(tiny_dir, quantize="none")
-    fresh = logits(m, ids())
+    fresh = logits(m, token_ids())
     add_lora(m, LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"), use_dora=True), seed=2)
-    assert (logits(m, ids()) - fresh).abs().max() <= 1e-5  # a fresh DoRA adapter leaves the output unchanged
+    assert (logits(m, token_ids()) - fresh).abs().max() <= 1e-5  # a fresh DoRA adapter leaves the output unchanged
     randomise(m)
     out = save_adapter(m, tmp_path / "dora")
     config = json.loads((out / "adapter_config.json").read_text())
@@ -100,7 +80,7 @@ def test_saved_dora_loads_in_peft_with_equal_logits_and_gradients(tiny_dir, tmp_
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector"].shape == (64,)
     ref = peft.PeftModel.from_pretrained(hf_model(tiny_dir), out, is_trainable=True)
     ref.eval()
-    x = ids(1)
+    x = token_ids(1)
     got, want = m(x), ref(x).logits
     assert (got - want).abs().max() <= TOL
     with adapters_disabled(m):
@@ -132,7 +112,7 @@ def test_peft_dora_loads_in_qtune_with_equal_logits(tiny_dir, tmp_path):
     m = load_model(tiny_dir, quantize="none")
     cfg = load_adapter(m, tmp_path / "peft")
     assert cfg.use_dora
-    assert (logits(m, ids(2)) - logits(ref.eval(), ids(2))).abs().max() <= TOL
+    assert (logits(m, token_ids(2)) - logits(ref.eval(), token_ids(2))).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
@@ -143,7 +123,7 @@ def test_merge_folds_dora(tiny_dir, tmp_path, quantize):
     save_adapter(m, tmp_path / "adapter")
     merged = merge_adapter_into_dir(tiny_dir, tmp_path / "adapter", tmp_path / "merged", dtype="float32",
                                     from_original=quantize == "none")
-    assert (logits(hf_model(merged), ids(3)) - logits(m, ids(3))).abs().max() <= TOL
+    assert (logits(hf_model(merged), token_ids(3)) - logits(m, token_ids(3))).abs().max() <= TOL
     folded = merged_state_dict(m, dtype=torch.float32)["model.layers.1.self_attn.k_proj.weight"]
     assert torch.allclose(folded.norm(dim=1), m.model.layers[1].self_attn.k_proj.lora_magnitude_vector["default"],
                           atol=1e-5)  # each merged row has the trained magnitude
@@ -151,8 +131,7 @@ def test_merge_folds_dora(tiny_dir, tmp_path, quantize):
 
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dora_cli")
-    return save_tiny_with_tokenizer("llama", root / "tiny"), preference_files(root / "data")
+    return cli_files(tmp_path_factory.mktemp("dora_cli"))
 
 
 @pytest.mark.parametrize("verb", ["sft", "dpo", "reward"])

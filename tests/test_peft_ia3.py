@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft_cli import preference_files, two_steps_and_resume
+from peft_cli import cli_files, hf_model, logits, token_ids, two_steps_and_resume
 from qtune.lora import adapter_parameters, adapters_disabled
 from qtune.peft import load_adapter, merge_adapter_into_dir, save_adapter
 from qtune.peft.ia3 import IA3Linear, add_ia3
 from qtune.weights.checkpoint import load_model
 from qtune.weights.nf4_linear import NF4Linear
-from tiny import save_tiny, save_tiny_with_tokenizer
+from test_lora import randomise
+from tiny import save_tiny
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -27,27 +28,6 @@ TARGETS, FEEDFORWARD = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ia3")
     return {kind: save_tiny(kind, root / kind) for kind in ("llama", "qwen2")}  # qwen2: k / v biases
-
-
-def hf_model(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def randomise(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter_parameters(model, "default"):
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        out = model(ids)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def ids(seed=0):
-    return torch.randint(3, 160, (2, 9), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("nf4", [False, True])
@@ -76,10 +56,10 @@ def test_output_and_gradients_match_the_formula(nf4, feedforward):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_saved_ia3_loads_in_peft_with_equal_logits_and_gradients(tiny_dirs, tmp_path, kind):
     m = load_model(tiny_dirs[kind], quantize="none")
-    fresh = logits(m, ids())
+    fresh = logits(m, token_ids())
     add_ia3(m, TARGETS, FEEDFORWARD)
-    assert torch.equal(logits(m, ids()), fresh)  # vectors of ones change nothing
-    randomise(m)
+    assert torch.equal(logits(m, token_ids()), fresh)  # vectors of ones change nothing
+    randomise(m, std=0.3)
     out = save_adapter(m, tmp_path / "ia3")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "IA3" and config["feedforward_modules"] == ["down_proj"]
@@ -87,7 +67,7 @@ def test_saved_ia3_loads_in_peft_with_equal_logits_and_gradients(tiny_dirs, tmp_
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.ia3_l"].shape == (1, m.config.intermediate_size)
     assert tensors["base_model.model.model.layers.0.self_attn.k_proj.ia3_l"].shape == (32, 1)  # 2 kv heads x 16
     ref = peft.PeftModel.from_pretrained(hf_model(tiny_dirs[kind]), out, is_trainable=True)
-    x = ids(1)
+    x = token_ids(1)
     for p in adapter_parameters(m, "default"):
         p.requires_grad_(True)
     got, want = m(x), ref(x).logits
@@ -114,7 +94,7 @@ def test_peft_ia3_loads_in_qtune_with_equal_logits(tiny_dirs, tmp_path):
     m = load_model(tiny_dirs["qwen2"], quantize="none")
     settings = load_adapter(m, tmp_path / "peft")
     assert sorted(settings["feedforward_modules"]) == ["down_proj", "up_proj"]
-    assert (logits(m, ids(2)) - logits(ref.eval(), ids(2))).abs().max() <= TOL
+    assert (logits(m, token_ids(2)) - logits(ref.eval(), token_ids(2))).abs().max() <= TOL
 
 
 def test_bad_ia3_adapter_names_the_file(tiny_dirs, tmp_path):
@@ -134,17 +114,16 @@ def test_bad_ia3_adapter_names_the_file(tiny_dirs, tmp_path):
 def test_merge_folds_ia3(tiny_dirs, tmp_path, quantize):
     m = load_model(tiny_dirs["qwen2"], quantize=quantize, dtype="float32")
     add_ia3(m, TARGETS, FEEDFORWARD)
-    randomise(m)
+    randomise(m, std=0.3)
     save_adapter(m, tmp_path / "adapter")
     merged = merge_adapter_into_dir(tiny_dirs["qwen2"], tmp_path / "adapter", tmp_path / "merged", dtype="float32",
                                     from_original=quantize == "none")
-    assert (logits(hf_model(merged), ids(3)) - logits(m, ids(3))).abs().max() <= TOL
+    assert (logits(hf_model(merged), token_ids(3)) - logits(m, token_ids(3))).abs().max() <= TOL
 
 
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ia3_cli")
-    return save_tiny_with_tokenizer("llama", root / "tiny"), preference_files(root / "data")
+    return cli_files(tmp_path_factory.mktemp("ia3_cli"))
 
 
 @pytest.mark.parametrize("verb", ["sft", "dpo", "reward"])

@@ -8,13 +8,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from peft_cli import preference_files, two_steps_and_resume
+from peft_cli import cli_files, hf_model, logits, token_ids, two_steps_and_resume
 from qtune.cli import main
 from qtune.lora import LoraConfig, adapter_parameters, adapters_disabled, add_lora, lora_layers
 from qtune.lora.init import initialise
 from qtune.peft import load_adapter, merge_adapter_into_dir, save_adapter
 from qtune.weights.checkpoint import load_model
-from tiny import save_tiny, save_tiny_with_tokenizer
+from tiny import save_tiny
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -41,20 +41,6 @@ def tiny_dir(tmp_path_factory):
     return plant_outliers(save_tiny("llama", tmp_path_factory.mktemp("init") / "llama"))
 
 
-def hf_model(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        out = model(ids)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def ids(seed=0):
-    return torch.randint(3, 160, (2, 9), generator=torch.Generator().manual_seed(seed))
-
-
 def initialised(tiny_dir, quantize, init, loftq_iter=1, r=4, use_dora=False):
     m = load_model(tiny_dir, quantize=quantize, dtype="float32")
     names = add_lora(m, LoraConfig(r=r, alpha=2 * r, target_modules=TARGETS, init=init, use_dora=use_dora), seed=0)
@@ -79,7 +65,7 @@ def test_pissa_equals_peft_pissa(tiny_dir):
         assert torch.allclose(layer.lora_A["default"].weight, theirs[f"{prefix}.lora_A.default.weight"], atol=1e-6)
         assert torch.allclose(layer.lora_B["default"].weight, theirs[f"{prefix}.lora_B.default.weight"], atol=1e-6)
         assert torch.allclose(layer.base_layer.weight, theirs[f"{prefix}.base_layer.weight"], atol=1e-6)
-    assert (logits(m, ids()) - logits(hf_model(tiny_dir), ids())).abs().max() <= TOL  # W itself at the start
+    assert (logits(m, token_ids()) - logits(hf_model(tiny_dir), token_ids())).abs().max() <= TOL  # W itself at the start
 
 
 @pytest.mark.parametrize("loftq_iter", [1, 3])
@@ -123,7 +109,7 @@ def test_saved_adapter_reloads_the_trained_model_and_loads_in_peft(tiny_dir, tmp
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["qtune_residual_rank"]) == (8, 16, 4)
     assert config["init_lora_weights"] is True  # PEFT's converted form: a LoRA on the original weights
-    x, trained = ids(1), logits(m, ids(1))
+    x, trained = token_ids(1), logits(m, token_ids(1))
     again = load_model(tiny_dir, quantize=quantize, dtype="float32")
     load_adapter(again, out)
     assert (logits(again, x) - trained).abs().max() <= 1e-5  # qtune rebuilds the residual base it trained on
@@ -154,7 +140,7 @@ def test_pissa_adapter_off_is_the_original_model(tiny_dir):
     m, _ = initialised(tiny_dir, "none", "pissa")
     train_a_little(m)
     with adapters_disabled(m):
-        assert (logits(m, ids(2)) - logits(hf_model(tiny_dir), ids(2))).abs().max() <= TOL
+        assert (logits(m, token_ids(2)) - logits(hf_model(tiny_dir), token_ids(2))).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
@@ -164,7 +150,7 @@ def test_merge_gives_the_trained_model(tiny_dir, tmp_path, quantize):
     save_adapter(m, tmp_path / "adapter")
     merged = merge_adapter_into_dir(tiny_dir, tmp_path / "adapter", tmp_path / "merged", dtype="float32",
                                     from_original=quantize == "none")
-    assert (logits(hf_model(merged), ids(3)) - logits(m, ids(3))).abs().max() <= TOL
+    assert (logits(hf_model(merged), token_ids(3)) - logits(m, token_ids(3))).abs().max() <= TOL
 
 
 def test_peft_residual_adapter_is_refused(tiny_dir, tmp_path):
@@ -178,8 +164,8 @@ def test_peft_residual_adapter_is_refused(tiny_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("init_cli")
-    return plant_outliers(save_tiny_with_tokenizer("llama", root / "tiny")), preference_files(root / "data")
+    tiny, data = cli_files(tmp_path_factory.mktemp("init_cli"))
+    return plant_outliers(tiny), data
 
 
 @pytest.mark.parametrize("verb,quantize,init", [("sft", "nf4", "pissa"), ("sft", "none", "pissa"),

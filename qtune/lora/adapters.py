@@ -72,11 +72,12 @@ def target_matches(name: str, targets: tuple[str, ...] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _wrap(model: nn.Module, name: str) -> LoRALinear:
+def _wrap(model: nn.Module, name: str, host: type = LoRALinear) -> AdapterHost:
+    """Module `name` wrapped in a `host` (LoRALinear, or another method's host of a linear layer), once."""
     module = model.get_submodule(name)
-    if isinstance(module, LoRALinear):
+    if isinstance(module, host):
         return module
-    layer = LoRALinear(module)
+    layer = host(module)
     model.set_submodule(name, layer)
     return layer
 

@@ -9,8 +9,8 @@ residual, so that base + s B A starts closer to the 16-bit weight W than plain Q
 Either way the base is NF4 (or, for PiSSA on a 16-bit base, the dense value) of R = W - s B_r A_r for a
 "residual pair" (A_r, B_r): PiSSA's own initial pair, LoftQ's pair of step T - 1 (zero for T = 1). The layer keeps
 that pair (`LoRALinear.residual`): with the adapter switched off it runs base + s B_r A_r (the model the
-initialisation started from: W itself for PiSSA on a 16-bit base), and the saved adapter carries it (qtune/lora/peft.py):
-PEFT's conversion to a rank-2r LoRA on the original weights, [A; A_r] and [B, -B_r], which qtune splits again
+initialisation started from: W itself for PiSSA on a 16-bit base), and the saved adapter carries it
+(qtune/lora/peft.py): PEFT's conversion to a rank-2r LoRA on the original weights, [A; A_r] and [B, -B_r], which qtune splits again
 on load to rebuild the residual base from the original weights.
 """
 
@@ -40,7 +40,8 @@ def nf4_roundtrip(w: torch.Tensor, layer) -> torch.Tensor:
 def _quantize_like(w: torch.Tensor, layer):
     if not isinstance(layer, NF4Linear):
         return quantize_nf4(w.to(layer.weight.dtype))
-    return quantize_nf4(w.to(layer.weight_dtype), blocksize=layer.blocksize, double_quant=layer.nested_absmax is not None)
+    double_quant = layer.nested_absmax is not None
+    return quantize_nf4(w.to(layer.weight_dtype), blocksize=layer.blocksize, double_quant=double_quant)
 
 
 def init_pairs(w: torch.Tensor, layer: LoRALinear, r: int, scale: float, init: str, loftq_iter: int):

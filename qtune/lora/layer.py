@@ -97,7 +97,8 @@ class LoRALinear(AdapterHost):
         adapter's magnitude (out,) defaults to ||W + s B A||_row, which leaves the layer's output unchanged."""
         if self.residual:
             raise ValueError(f"adapter {name!r}: this layer's base is the residual of PiSSA / LoftQ adapter "
-                             f"{next(iter(self.residual))!r}, which another adapter would run on; attach it to a fresh model")
+                             f"{next(iter(self.residual))!r}, which another adapter would run on; attach it to a "
+                             "fresh model")
         device = next(t for t in (*self.base_layer.parameters(), *self.base_layer.buffers())).device
         self.lora_A[name] = _bias_free_linear(lora_a.to(device=device, dtype=torch.float32))
         self.lora_B[name] = _bias_free_linear(lora_b.to(device=device, dtype=torch.float32))
@@ -188,7 +189,8 @@ class LoRALinear(AdapterHost):
         elif name in self.lora_magnitude_vector:
             return self.dora_forward(x, name)
         else:
-            a, b, scale, p = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self.dropout_p(name)
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            scale, p = self.scaling[name], self.dropout_p(name)
         if use_triton(self.kernels, x):
             # The fused op dequantizes the NF4 weight again in backward instead of keeping it.
             return lora_linear(x, self.base_weight(), self.base_layer.bias, a, b, scale, p, self.training, self.kernels)

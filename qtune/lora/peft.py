@@ -52,7 +52,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
             tensors[f"{KEY_PREFIX}{module_name}.lora_A.weight"] = a.cpu().contiguous()
             tensors[f"{KEY_PREFIX}{module_name}.lora_B.weight"] = b.cpu().contiguous()
             if name in layer.lora_magnitude_vector:
-                tensors[f"{KEY_PREFIX}{module_name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].detach().cpu()
+                magnitude = layer.lora_magnitude_vector[name].detach().cpu()
+                tensors[f"{KEY_PREFIX}{module_name}.lora_magnitude_vector"] = magnitude
     return tensors
 
 

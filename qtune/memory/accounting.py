@@ -91,7 +91,8 @@ def target_names(targets, moe: bool = False) -> tuple[str, ...]:
     return tuple(t for t in LINEAR_NAMES if t in targets)
 
 
-def adapter_numels(cfg: ModelConfig, r: int, targets="all-linear", method: str = "lora", peft=None) -> list[tuple[int, int]]:
+def adapter_numels(cfg: ModelConfig, r: int, targets="all-linear", method: str = "lora",
+                   peft=None) -> list[tuple[int, int]]:
     """(elements, copies) of each trainable tensor of one decoder layer for a `[peft] method` (`peft`: the recipe's
     [peft] section, for the methods with settings of their own): LoRA's A (r, in) and B (out, r) on every targeted
     linear, plus DoRA's magnitude (out,); IA3's one vector per targeted linear of `peft.ia3` (in wide on the

@@ -143,7 +143,8 @@ def rescaling_bytes_per_token(s: StepShape) -> int:
         return sum(b * (shapes[n][0] + s.r) for n in adapted)
     if s.method == "ia3":
         ff = set(target_names(s.peft.ia3.feedforward_modules, moe))
-        return sum(b * (shapes[n][1] if n in ff else shapes[n][0]) for n in target_names(s.peft.ia3.target_modules, moe))
+        scaled = target_names(s.peft.ia3.target_modules, moe)
+        return sum(b * (shapes[n][1] if n in ff else shapes[n][0]) for n in scaled)
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qtune.lora.adapters import _check_new_name, decoder_linears, set_active_adapter, target_matches
+from qtune.lora.adapters import _check_new_name, _wrap, decoder_linears, set_active_adapter, target_matches
 from qtune.lora.host import AdapterHost
 from qtune.lora.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX, AdapterError
 from qtune.peft.registry import PeftMethod
@@ -94,15 +94,6 @@ def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
 
 
-def _wrap(model: nn.Module, name: str) -> IA3Linear:
-    module = model.get_submodule(name)
-    if isinstance(module, IA3Linear):
-        return module
-    layer = IA3Linear(module)
-    model.set_submodule(name, layer)
-    return layer
-
-
 def _linears(model: nn.Module) -> dict[str, nn.Module]:
     """The decoder layers' linear layers IA3 may target (those already wrapped by IA3 included)."""
     inside = tuple(f"{n}." for n in ia3_layers(model))
@@ -122,7 +113,7 @@ def add_ia3(model: nn.Module, target_modules, feedforward_modules, name: str = "
         raise ValueError(f"[peft.ia3] target_modules={target_modules!r} matches no linear layer inside the decoder "
                          f"layers; they are named {kinds}")
     for target in targets:
-        layer = _wrap(model, target)
+        layer = _wrap(model, target, IA3Linear)
         feedforward = target_matches(target, _targets(feedforward_modules))
         layer.add_adapter(name, torch.ones(layer.in_features if feedforward else layer.out_features), feedforward)
     set_active_adapter(model, name)
@@ -188,7 +179,7 @@ def attach_saved_ia3(model: nn.Module, config: dict, tensors: dict[str, torch.Te
                            "which have no ia3_l in the file)")
     _check_new_name(model, name)
     for module, (scaling, ff) in planned.items():
-        _wrap(model, module).add_adapter(name, scaling, ff)
+        _wrap(model, module, IA3Linear).add_adapter(name, scaling, ff)
     return {"target_modules": targets, "feedforward_modules": list(feedforward)}
 
 
