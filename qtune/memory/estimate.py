@@ -319,10 +319,11 @@ def step_shape_from_recipe(recipe, device: str = "cuda", shape: str | None = Non
     m = recipe.model
     dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     targets = recipe.lora.target_modules
+    init = recipe.lora.init if recipe.peft.method in ("lora", "dora") else "default"  # IA3 reads no [lora]
     return StepShape(model_config_for(m.path, shape), micro_batch_size=recipe.train.micro_batch_size,
                      seq_len=recipe.data.max_seq_len, dtype=dtype, r=recipe.lora.r,
                      targets=targets if isinstance(targets, str) else tuple(targets), quantize=m.quantize,
                      double_quant=m.double_quant, gradient_checkpointing=m.gradient_checkpointing,
                      optimizer=recipe.train.optimizer,
                      triton_loss=device == "cuda" and m.kernels != "torch", method=recipe.peft.method,
-                     peft=recipe.peft, init=recipe.lora.init)
+                     peft=recipe.peft, init=init)

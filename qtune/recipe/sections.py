@@ -50,7 +50,7 @@ class LoRASection:
     b_lr_ratio: float = 1.0
     """LoRA+ (Hayou et al. 2024): B learns this many times faster than A (the paper suggests 16); 1 = plain."""
     init: Literal["default", "pissa", "loftq"] = "default"
-    """Adapter init: "default" (B = 0), "pissa" (W's top singular components) or "loftq" (quantise / SVD steps)."""
+    """Adapter init: "default" (B = 0), "pissa" (W's top singular parts; base = residual) or "loftq" (NF4 base only)."""
     loftq_iter: int = 1
     """LoftQ's alternating steps (init = "loftq")."""
 
