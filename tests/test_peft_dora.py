@@ -168,3 +168,13 @@ def test_generate_and_eval_use_the_adapter(cli_setup, tmp_path):
     two_steps_and_resume("sft", tiny, tmp_path / "run", data, "nf4", "peft.method=dora", "lora.r=4", "train.lr=1e-2")
     with_adapter, without = serve_with_adapter(tiny, tmp_path / "run" / "adapter", "nf4", tmp_path)
     assert with_adapter != without
+
+
+def test_gguf_lora_refuses_dora(tiny_dir, tmp_path):
+    from qtune.lora.gguf_adapter import export_gguf_adapter
+    from qtune.weights.gguf_export import ExportError
+
+    m = load_model(tiny_dir, quantize="none")
+    add_lora(m, LoraConfig(r=4, target_modules=("q_proj",), use_dora=True))
+    with pytest.raises(ExportError, match="DoRA adapter's magnitudes have no GGUF LoRA form"):
+        export_gguf_adapter(tiny_dir, save_adapter(m, tmp_path / "adapter"), tmp_path / "lora.gguf")

@@ -210,3 +210,17 @@ def test_generate_and_eval_use_the_adapter_on_its_residual_base(cli_setup, tmp_p
     two_steps_and_resume("sft", tiny, tmp_path / "run", data, "nf4", f"lora.init={init}", "lora.r=4", "train.lr=1e-2")
     with_adapter, without = serve_with_adapter(tiny, tmp_path / "run" / "adapter", "nf4", tmp_path)
     assert with_adapter != without
+
+
+def test_gguf_lora_of_a_pissa_adapter_keeps_its_scale(tiny_dir, tmp_path):
+    """llama.cpp scales a LoRA by alpha / rank of the file's tensors: rank 2r here, so alpha is written for 2r."""
+    gguf = pytest.importorskip("gguf")
+    from qtune.lora.gguf_adapter import export_gguf_adapter
+
+    m, _ = initialised(tiny_dir, "none", "pissa")
+    train_a_little(m)
+    export_gguf_adapter(tiny_dir, save_adapter(m, tmp_path / "adapter"), tmp_path / "lora.gguf")
+    reader = gguf.GGUFReader(tmp_path / "lora.gguf")
+    alpha = float(reader.fields["adapter.lora.alpha"].parts[-1][0])
+    rank = next(t for t in reader.tensors if t.name.endswith(".lora_a")).shape[-1]
+    assert rank == 8 and alpha / rank == pytest.approx(2.0)  # s = alpha / r = 8 / 4 in training
