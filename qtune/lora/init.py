@@ -80,7 +80,11 @@ def rebuild_base(layer: LoRALinear, w: torch.Tensor, name: str) -> None:
 def originals(model, modules) -> dict[str, torch.Tensor]:
     """The 16-bit weights of `modules`: read again from the checkpoint for NF4 layers, the layer's own otherwise."""
     quantized = [n for n in modules if isinstance(model.get_submodule(n).base_layer, NF4Linear)]
-    found = read_linear_weights(model.checkpoint_dir, quantized) if quantized else {}
+    source = getattr(model, "checkpoint_dir", None)
+    if quantized and source is None:
+        raise ValueError("PiSSA / LoftQ on a 4-bit base need its 16-bit weights: load the model with "
+                         "qtune.weights.checkpoint.load_model, which records where they are")
+    found = read_linear_weights(source, quantized) if quantized else {}
     return {n: found[n] if n in found else model.get_submodule(n).base_layer.weight.detach() for n in modules}
 
 
