@@ -224,3 +224,16 @@ def test_gguf_lora_of_a_pissa_adapter_keeps_its_scale(tiny_dir, tmp_path):
     alpha = float(reader.fields["adapter.lora.alpha"].parts[-1][0])
     rank = next(t for t in reader.tensors if t.name.endswith(".lora_a")).shape[-1]
     assert rank == 8 and alpha / rank == pytest.approx(2.0)  # s = alpha / r = 8 / 4 in training
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "none"])
+def test_dpo_reference_is_the_pissa_starting_model(cli_setup, tmp_path, quantize):
+    """Adapters off run base + s B_r A_r, which for PiSSA is the policy before its first update: DPO's first
+    loss is ln 2 (policy = reference), as with a plain LoRA adapter."""
+    import math
+
+    tiny, data = cli_setup
+    out = tmp_path / "run"
+    two_steps_and_resume("dpo", tiny, out, data, quantize, "lora.init=pissa", "lora.r=4", "lora.dropout=0")
+    first = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)

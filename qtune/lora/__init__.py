@@ -17,7 +17,8 @@ On disk an adapter is a PEFT directory: `adapter_config.json` and `adapter_model
 what qtune saves and the other way round.
 
 The layer is in `layer.py`; attaching, switching and training in `adapters.py`; PEFT files in
-`peft.py`; folding into the weights in `merge.py`; what every adapter-carrying module has in `host.py`.
+`peft.py`; folding into the weights in `merge.py`; what every adapter-carrying module has in `host.py`;
+PiSSA / LoftQ initialisation (the base made a residual) in `init.py`; DoRA's magnitudes live in the layer.
 This package re-exports their public names.
 """
 
