@@ -284,6 +284,12 @@ class TrainRecipe(Recipe):
     eval: EvalSection = field(default_factory=EvalSection)
     """Validation during training."""
 
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
+        if self.lora.init == "loftq" and self.model.quantize != "nf4" and self.peft.method in ("lora", "dora"):
+            yield "lora.init", ('"loftq" alternates NF4 quantization with SVD steps, so it needs the 4-bit base '
+                                '(model.quantize = "nf4"); on a 16-bit base use init = "pissa"')
+
 
 @dataclass
 class SFTRecipe(TrainRecipe):
