@@ -41,7 +41,7 @@ from qtune.memory.estimate import StepShape, estimate
 from qtune.memory.measure import proc_status, reset_peak_rss
 from qtune.memory.tracer import fmt_bytes
 
-ACCOUNTED_METHODS = ("lora", "adalora", "adapter")  # the [peft] methods qtune.memory.accounting counts
+ACCOUNTED_METHODS = ("lora", "dora", "adalora", "ia3", "adapter")  # the [peft] methods qtune.memory.accounting counts
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 PEER_NEEDS = 21 * 2**30  # the peer's load peaks near 20 GB on this shape
@@ -169,15 +169,17 @@ def virtual_methods(shape: str, seq: int, batch: int) -> dict:
 
 
 def method_rows(shape: str, r: int) -> dict:
-    """The QLoRA regime's accounting with each [peft] method at its default size (the recipe's defaults)."""
+    """The QLoRA regime's accounting with each [peft] method at its default size (the recipe's defaults), and
+    LoRA with PiSSA / LoftQ's residual pairs."""
     from qtune.recipe.peft import PeftSection
 
     cfg, out = shape_config(shape), {}
-    for method in ACCOUNTED_METHODS:
+    for method, init in [(m, "default") for m in ACCOUNTED_METHODS] + [("lora", "pissa")]:
         peft = PeftSection(method=method)
         rank = peft.adalora.init_r if method == "adalora" else r
-        acc = regime_bytes(cfg, "qlora", rank, method=method, peft=peft)
-        out[method] = {"trainable_params": acc.trainable_params, "adapter_bytes": acc.adapters, "total_bytes": acc.total}
+        acc = regime_bytes(cfg, "qlora", rank, method=method, peft=peft, init=init)
+        name = method if init == "default" else f"{method}+{init}"
+        out[name] = {"trainable_params": acc.trainable_params, "adapter_bytes": acc.adapters, "total_bytes": acc.total}
     return out
 
 

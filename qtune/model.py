@@ -171,8 +171,9 @@ def attention_mask_4d(segments_q, segments_k, offset: int, window: int | None):
 
 def fused_path(mode: str, x, *projections) -> bool:
     """Use a fused QLoRA block when the Triton kernels run for x and some projection is quantized or adapted
-    (offers `fused_params`)."""
-    return use_triton(mode, x) and any(hasattr(p, "fused_params") for p in projections)
+    (offers `fused_params`), unless a projection says it is not `fusable` (an adapter the fused ops lack)."""
+    return (use_triton(mode, x) and any(hasattr(p, "fused_params") for p in projections)
+            and all(getattr(p, "fusable", True) for p in projections))
 
 
 def fused_params(projection: nn.Module) -> LoraParams:

@@ -329,9 +329,14 @@ def test_bad_adapters_name_the_file(tiny_dirs, tmp_path):
         load_adapter(fresh(), uncovered)
 
     dora = copy("dora")
-    rewrite(dora, {"use_dora": True})
-    with pytest.raises(AdapterError, match=r"dora.*adapter_config.json: use_dora"):
+    rewrite(dora, {"use_dora": True})  # DoRA without its magnitudes
+    with pytest.raises(AdapterError, match=r"dora.*adapter_model.safetensors: a DoRA adapter needs one "
+                                           r"lora_magnitude_vector per adapted layer"):
         load_adapter(fresh(), dora)
+    lora_bias = copy("lora_bias")
+    rewrite(lora_bias, {"lora_bias": True})
+    with pytest.raises(AdapterError, match=r"lora_bias.*adapter_config.json: lora_bias"):
+        load_adapter(fresh(), lora_bias)
 
     missing = copy("missing")
     (missing / "adapter_model.safetensors").unlink()

@@ -17,7 +17,8 @@ On disk an adapter is a PEFT directory: `adapter_config.json` and `adapter_model
 what qtune saves and the other way round.
 
 The layer is in `layer.py`; attaching, switching and training in `adapters.py`; PEFT files in
-`peft.py`; folding into the weights in `merge.py`; what every adapter-carrying module has in `host.py`.
+`peft.py`; folding into the weights in `merge.py`; what every adapter-carrying module has in `host.py`;
+PiSSA / LoftQ initialisation (the base made a residual) in `init.py`; DoRA's magnitudes live in the layer.
 This package re-exports their public names.
 """
 
@@ -27,7 +28,7 @@ from qtune.lora.host import AdapterHost
 from qtune.lora.adapters import (BASE_LINEARS, lora_layers, adapter_hosts, adapter_names, adapter_method,
                                  active_adapter, decoder_linears,
                                  target_matches, add_lora, set_active_adapter, adapters_disabled, use_adapter,
-                                 adapter_parameters, mark_trainable)
+                                 adapter_parameters, lora_b_parameters, mark_trainable)
 from qtune.lora.peft import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX, KEY_PATTERN, UNSUPPORTED_PEFT_FIELDS,
                              AdapterError, adapter_state_dict, peft_config_dict, read_adapter_config,
                              read_adapter_weights)

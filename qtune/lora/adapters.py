@@ -72,11 +72,12 @@ def target_matches(name: str, targets: tuple[str, ...] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _wrap(model: nn.Module, name: str) -> LoRALinear:
+def _wrap(model: nn.Module, name: str, host: type = LoRALinear) -> AdapterHost:
+    """Module `name` wrapped in a `host` (LoRALinear, or another method's host of a linear layer), once."""
     module = model.get_submodule(name)
-    if isinstance(module, LoRALinear):
+    if isinstance(module, host):
         return module
-    layer = LoRALinear(module)
+    layer = host(module)
     model.set_submodule(name, layer)
     return layer
 
@@ -152,6 +153,11 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> list[nn.Par
         raise ValueError(f"no adapter {name!r} on this model (adapters: {adapter_names(model)}); "
                          "name one or activate one with set_active_adapter")
     return [p for host in adapter_hosts(model).values() for p in host.adapter_parameters(name)]
+
+
+def lora_b_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The B matrices of adapter `name`'s LoRA layers (LoRA+ trains them at their own learning rate)."""
+    return [layer.lora_B[name].weight for layer in lora_layers(model).values() if name in layer.lora_B]
 
 
 def mark_trainable(model: nn.Module, name: str) -> None:

@@ -29,14 +29,19 @@ def export_gguf_adapter(model, adapter_dir, out_path) -> Path:
     arch = architecture(cfg, model_dir / "config.json")
     names = tensor_names(arch, cfg)
     lora = read_adapter_config(adapter_dir)
+    if lora.use_dora:
+        raise ExportError(f"{adapter_dir}: a DoRA adapter's magnitudes have no GGUF LoRA form; export the merged "
+                          "model instead (without --adapter-only)")
     pairs = read_adapter_weights(adapter_dir)
+    # the file's rank: 2r for a PiSSA / LoftQ adapter, saved as PEFT's conversion to a LoRA on the original weights
+    rank = next(iter(pairs.values()))[0].shape[0]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     writer = gguf.GGUFWriter(partial, arch.name)
     try:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora.scale * lora.r)
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora.scale * rank)
         for module, (a, b) in sorted(pairs.items()):
             if expert_key(f"{module}.weight"):
                 raise ExportError(f"{adapter_dir}: {module!r} is an expert; llama.cpp stacks each projection of all "

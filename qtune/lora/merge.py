@@ -26,7 +26,9 @@ def merged_state_dict(model: nn.Module, name: str | None = None, dtype: torch.dt
         if module_name in wrappers or isinstance(module, NF4Linear):
             wrapper = module_name in wrappers
             merged = module.merged_weight(name) if wrapper else module.dequantize(torch.float32)
-            bias = module.base_layer.bias if wrapper else module.bias
+            # a host whose adapter changes the bias too (IA3's output scaling) says so with `merged_bias`
+            bias = (module.merged_bias(name) if hasattr(module, "merged_bias") else module.base_layer.bias) \
+                if wrapper else module.bias
             tensors[prefix + "weight"] = merged.to(dtype)
             if bias is not None:
                 tensors[prefix + "bias"] = bias.detach().to(dtype)

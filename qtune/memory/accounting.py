@@ -91,18 +91,27 @@ def target_names(targets, moe: bool = False) -> tuple[str, ...]:
     return tuple(t for t in LINEAR_NAMES if t in targets)
 
 
-def adapter_numels(cfg: ModelConfig, r: int, targets="all-linear", method: str = "lora", peft=None) -> list[tuple[int, int]]:
+def adapter_numels(cfg: ModelConfig, r: int, targets="all-linear", method: str = "lora",
+                   peft=None) -> list[tuple[int, int]]:
     """(elements, copies) of each trainable tensor of one decoder layer for a `[peft] method` (`peft`: the recipe's
     [peft] section, for the methods with settings of their own): LoRA's A (r, in) and B (out, r) on every targeted
-    linear, AdaLoRA's A, B and E (r, 1) at rank init_r, a bottleneck's down / up weights and biases per sub-block."""
+    linear, plus DoRA's magnitude (out,), or AdaLoRA's E (r, 1) at rank init_r; IA3's one vector per targeted
+    linear of `peft.ia3` (in wide on the feed-forward layers, out wide elsewhere); a bottleneck's down / up
+    weights and biases per sub-block."""
     if method == "adapter":
         D, m = cfg.hidden_size, peft.adapter.size
         return [(n, 2 if peft.adapter.after == "both" else 1) for n in (m * D, m, D * m, D)]
     shapes = linear_shapes(cfg)
+    if method == "ia3":
+        ia3 = peft.ia3
+        ff = set(target_names(ia3.feedforward_modules, bool(cfg.num_experts)))
+        return [(shapes[n][1] if n in ff else shapes[n][0], copies(cfg, n))
+                for n in target_names(ia3.target_modules, bool(cfg.num_experts))]
+    extra = {"dora": lambda o: [(o, 1)], "adalora": lambda o: [(r, 1)]}.get(method, lambda o: [])
     out = []
     for name in target_names(targets, bool(cfg.num_experts)):
         (o, i), n = shapes[name], copies(cfg, name)
-        out += [(r * i, n), (o * r, n)] + ([(r, n)] if method == "adalora" else [])
+        out += [(r * i, n), (o * r, n)] + [(numel, n) for numel, _ in extra(o)]
     return out
 
 
@@ -185,6 +194,15 @@ def virtual_state_nbytes(numels: list[int], optimizer: str = "adamw") -> dict[st
             "optimizer_state": sum(adam_state_nbytes(n, optimizer) for n in numels)}
 
 
+def residual_pair_nbytes(cfg: ModelConfig, r: int, targets="all-linear", init: str = "default") -> int:
+    """PiSSA / LoftQ: the fp32 pair (A_r, B_r) each adapted layer keeps beside its residual base (not trained)."""
+    if init == "default":
+        return 0
+    shapes = linear_shapes(cfg)
+    return cfg.num_hidden_layers * sum(4 * copies(cfg, n) * r * sum(shapes[n])
+                                       for n in target_names(targets, bool(cfg.num_experts)))
+
+
 @dataclass
 class RegimeBytes:
     """What one training regime keeps in memory besides activations, in bytes."""
@@ -196,7 +214,7 @@ class RegimeBytes:
     quant_constants: int  # NF4 absmax and double-quant statistics
     gradients: int  # gradients of base weights (full fine-tuning only)
     optimizer: int  # master weights + Adam moments of the base weights (full fine-tuning only)
-    adapters: int  # adapter weights + their gradients + their optimizer state
+    adapters: int  # adapter weights + their gradients + their optimizer state (+ PiSSA / LoftQ's residual pairs)
 
     @property
     def total(self) -> int:
@@ -214,9 +232,9 @@ class RegimeBytes:
 
 
 def regime_bytes(cfg: ModelConfig, regime: str, r: int = 16, targets="all-linear", optimizer: str = "adamw",
-                 double_quant: bool = True, method: str = "lora", peft=None) -> RegimeBytes:
+                 double_quant: bool = True, method: str = "lora", peft=None, init: str = "default") -> RegimeBytes:
     """The accounting of `regime` ("full", "lora16", "qlora") for model `cfg`, 16-bit layers in bf16, with a
-    `[peft] method` adapter (`peft`: its [peft] section) in the adapter regimes."""
+    `[peft] method` adapter (`peft`: its [peft] section) started as `init` says in the adapter regimes."""
     if regime not in REGIMES:
         raise ValueError(f"regime {regime!r} is not one of {', '.join(REGIMES)}")
     p = param_counts(cfg)
@@ -225,6 +243,7 @@ def regime_bytes(cfg: ModelConfig, regime: str, r: int = 16, targets="all-linear
         return RegimeBytes(regime, p.total, p.total, weights=2 * p.total, quant_constants=0, gradients=2 * p.total,
                            optimizer=4 * p.total + adam_state_nbytes(p.total, optimizer), adapters=0)
     lora = lora_state_nbytes(cfg, r, targets, optimizer, method, peft)
+    lora["residual_pairs"] = residual_pair_nbytes(cfg, r, targets, init)
     trainable = lora_param_count(cfg, r, targets, method, peft)
     if regime == "lora16":
         weights, consts = 2 * p.total, 0

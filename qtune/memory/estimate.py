@@ -37,6 +37,7 @@ from qtune.memory.accounting import (
     VIRTUAL_METHODS,
     lora_state_nbytes,
     nf4_model_nbytes,
+    residual_pair_nbytes,
     param_counts,
     target_names,
     virtual_state_nbytes,
@@ -63,6 +64,7 @@ class StepShape:
     triton_loss: bool = False  # the loss runs the Triton kernels (CUDA) rather than the plain-torch one-pass path
     method: str = "lora"  # the recipe's [peft] method
     peft: object = None  # the recipe's [peft] section, for the methods with settings of their own
+    init: str = "default"  # lora.init: PiSSA / LoftQ keep an fp32 residual pair per adapted layer
     virtual_numels: tuple[int, ...] = ()  # prompt / P-tuning / prefix: the sizes of the tensors that train
     virtual_tokens: int = 0  # their N virtual positions (prompt and P-tuning run them through every layer)
 
@@ -104,7 +106,7 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     # Without a mask (the step's unpadded batch) SDPA takes K and V unrepeated (enable_gqa); a padded or packed
     # batch on a CPU repeats them up to H heads, which adds 2 b (q - kv) per token to this estimate.
     shapes = linear_shapes(cfg)
-    adapted = () if s.method == "adapter" else target_names(s.targets, bool(cfg.num_experts))
+    adapted = () if s.method in ("adapter", "ia3") else target_names(s.targets, bool(cfg.num_experts))
     per_token = 0 if first_layer else 4  # norm 1: 1/rms (x itself is the layer's input)
     if set(adapted) & {"q_proj", "k_proj", "v_proj"}:
         per_token += b * D  # normed input, kept for dA of q / k / v
@@ -137,7 +139,24 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     if s.method == "adapter":  # each bottleneck saves its input, the down-projection and the activation (m wide)
         places = 2 if s.peft.adapter.after == "both" else 1
         per_token += places * b * (D + 2 * s.peft.adapter.size)
+    per_token += rescaling_bytes_per_token(s)
     return N * per_token + casts
+
+
+def rescaling_bytes_per_token(s: StepShape) -> int:
+    """What DoRA and IA3 save per token and layer besides LoRA's terms, for their vectors' gradients: DoRA the
+    direction x Wᵀ of each adapted layer (its rank-r branch x_d Aᵀ too: no merged-weight path) and IA3 the
+    output it scales (k / v) or the input (feed-forward); their own inputs stay saved where LoRA saves them."""
+    cfg, b, shapes = s.cfg, s.b, linear_shapes(s.cfg)
+    moe = bool(cfg.num_experts)
+    if s.method == "dora":
+        adapted = target_names(s.targets, moe)
+        return sum(b * (shapes[n][0] + s.r) for n in adapted)
+    if s.method == "ia3":
+        ff = set(target_names(s.peft.ia3.feedforward_modules, moe))
+        scaled = target_names(s.peft.ia3.target_modules, moe)
+        return sum(b * (shapes[n][1] if n in ff else shapes[n][0]) for n in scaled)
+    return 0
 
 
 def active_intermediate(cfg) -> int:
@@ -237,7 +256,8 @@ def resident_parts(s: StepShape) -> dict[str, int]:
     else:
         weights, consts = s.b * p.total, 0
     return {"weights": weights, "quant_constants": consts, "adapter_weights": lora["adapter_weights"],
-            "optimizer_state": lora["optimizer_state"]}
+            "optimizer_state": lora["optimizer_state"],
+            "residual_pairs": residual_pair_nbytes(s.cfg, s.r, s.targets, s.init)}
 
 
 def estimate(s: StepShape) -> Estimate:
@@ -326,6 +346,7 @@ def step_shape_from_recipe(recipe, device: str = "cuda", shape: str | None = Non
     targets, cfg = recipe.lora.target_modules, model_config_for(m.path, shape)
     peft, virtual = recipe.peft, {}
     r = peft.adalora.init_r if peft.method == "adalora" else recipe.lora.r
+    init = recipe.lora.init if peft.method in ("lora", "dora") else "default"  # IA3 and the others read no lora.init
     if peft.method in VIRTUAL_METHODS:  # no LoRA layers: the virtual tokens and their encoder train instead
         targets, r = (), 0
         virtual = dict(virtual_numels=tuple(virtual_token_numels(cfg, peft)),
@@ -334,5 +355,5 @@ def step_shape_from_recipe(recipe, device: str = "cuda", shape: str | None = Non
                      seq_len=recipe.data.max_seq_len, dtype=dtype, r=r,
                      targets=targets if isinstance(targets, str) else tuple(targets), quantize=m.quantize,
                      double_quant=m.double_quant, gradient_checkpointing=m.gradient_checkpointing,
-                     optimizer=recipe.train.optimizer,
-                     triton_loss=device == "cuda" and m.kernels != "torch", method=peft.method, peft=peft, **virtual)
+                     optimizer=recipe.train.optimizer, triton_loss=device == "cuda" and m.kernels != "torch",
+                     method=peft.method, peft=peft, init=init, **virtual)

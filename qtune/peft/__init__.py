@@ -3,6 +3,8 @@ adapter as a recipe's `[peft]` section says, saving and loading adapter director
 
     method      what trains                                              folds into W
     lora        B A per linear layer (qtune/lora/)                        yes
+    dora        B A and a magnitude per output row (qtune/lora/layer.py)  yes
+    ia3         a vector rescaling keys, values, feed-forward inputs      yes
     adalora     P Λ Q per linear layer, ranks pruned while training       yes
     adapter     a bottleneck MLP after (or beside) each sub-block         no
     prompt      N virtual-token embeddings before the input (prompt.py)   no: serve with --adapter

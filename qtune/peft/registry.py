@@ -15,6 +15,7 @@ from torch import nn
 from qtune.lora.layer import LoraConfig
 from qtune.lora import peft as lora_format
 from qtune.lora.adapters import adapter_method, add_lora, mark_trainable
+from qtune.lora.init import initialise
 from qtune.lora.peft import AdapterError
 
 
@@ -85,10 +86,10 @@ class StepHook:
         optimizer.register_step_post_hook(lambda *_: self.after_step())
 
 
-def lora_config(lora) -> LoraConfig:
+def lora_config(lora, use_dora: bool = False) -> LoraConfig:
     """The `LoraConfig` a recipe's [lora] section (or anything with its fields) describes."""
     return LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
-                      rslora=lora.rslora)
+                      rslora=lora.rslora, use_dora=use_dora, init=getattr(lora, "init", "default"))
 
 
 class LoRAMethod(PeftMethod):
@@ -97,7 +98,14 @@ class LoRAMethod(PeftMethod):
     name, peft_type = "lora", "LORA"
 
     def attach(self, model, recipe, name, seed):
-        add_lora(model, lora_config(recipe.lora), name=name, seed=seed)
+        cfg = lora_config(recipe.lora, use_dora=self.name == "dora")
+        targets = add_lora(model, cfg, name=name, seed=seed)
+        if cfg.init != "default":
+            layers = {n: model.get_submodule(n) for n in targets}
+            err = initialise(model, layers, name, cfg.init, recipe.lora.loftq_iter)
+            # the initial error the method exists to shrink, printed where the run's log shows it
+            print(f"lora.init = {cfg.init}: ||W - (base + s B A)|| = {err['init_error']:.4g} over the adapted "
+                  f"weights; plain QLoRA's ||W - NF4(W)|| = {err['qlora_error']:.4g}", flush=True)
 
     def config_dict(self, model, name):
         return lora_format.peft_config_dict(*lora_format.adapter_config(model, name))
@@ -109,14 +117,23 @@ class LoRAMethod(PeftMethod):
         return lora_format.attach_saved_lora(model, config, tensors, path, name)
 
 
+class DoRAMethod(LoRAMethod):
+    """DoRA (Liu et al. 2024): LoRA's `[lora]` adapter plus a trained magnitude per output row; saved as PEFT saves
+    it (a LORA config with `use_dora`, whose loading `LoRAMethod` does)."""
+
+    name = "dora"
+
+
 # The methods' own modules build on the classes above, so they are imported here, once those exist.
 from qtune.peft.adalora import AdaLoRAMethod  # noqa: E402
 from qtune.peft.bottleneck import BottleneckMethod  # noqa: E402
+from qtune.peft.ia3 import IA3Method  # noqa: E402
 from qtune.peft.prefix import PrefixTuningMethod  # noqa: E402
 from qtune.peft.prompt import PromptTuningMethod, PTuningMethod  # noqa: E402
 
-METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(), AdaLoRAMethod(), BottleneckMethod(),
-                                                      PromptTuningMethod(), PTuningMethod(), PrefixTuningMethod())}
+METHODS: dict[str, PeftMethod] = {m.name: m for m in (LoRAMethod(), DoRAMethod(), AdaLoRAMethod(), IA3Method(),
+                                                      BottleneckMethod(), PromptTuningMethod(), PTuningMethod(),
+                                                      PrefixTuningMethod())}
 """Every method, by its recipe name."""
 
 

@@ -50,7 +50,7 @@ class LoRASection:
     b_lr_ratio: float = 1.0
     """LoRA+ (Hayou et al. 2024): B learns this many times faster than A (the paper suggests 16); 1 = plain."""
     init: Literal["default", "pissa", "loftq"] = "default"
-    """Adapter init: "default" (B = 0), "pissa" (W's top singular components) or "loftq" (quantise / SVD steps)."""
+    """Adapter init: "default" (B = 0), "pissa" (W's top singular parts; base = residual) or "loftq" (NF4 base only)."""
     loftq_iter: int = 1
     """LoftQ's alternating steps (init = "loftq")."""
 
@@ -283,6 +283,12 @@ class TrainRecipe(Recipe):
     """Optimisation."""
     eval: EvalSection = field(default_factory=EvalSection)
     """Validation during training."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
+        if self.lora.init == "loftq" and self.model.quantize != "nf4" and self.peft.method in ("lora", "dora"):
+            yield "lora.init", ('"loftq" alternates NF4 quantization with SVD steps, so it needs the 4-bit base '
+                                '(model.quantize = "nf4"); on a 16-bit base use init = "pissa"')
 
 
 @dataclass

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from qtune import peft
 from qtune.kernels.logprobs import cross_entropy_sum
+from qtune.lora.adapters import lora_b_parameters
 from qtune.weights.integrity import fault_point, remove_dead_leftovers, write_manifest
 from qtune.weights.nf4 import import_bitsandbytes
 
@@ -44,11 +45,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):
-    """AdamW, or bitsandbytes' 8-bit / paged AdamW (paged state moves to host memory under GPU memory pressure)."""
+def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), fast=(),
+                    fast_lr_ratio: float = 1.0):
+    """AdamW, or bitsandbytes' 8-bit / paged AdamW (paged state moves to host memory under GPU memory pressure).
+
+    LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the tensors of `params` that are also in `fast` (LoRA's B
+    matrices) form a second parameter group whose learning rate is `fast_lr_ratio` times `lr`; the schedule
+    scales both groups alike and weight decay is the same in both. With a ratio of 1 there is one group, as before.
+    """
     params = [p for p in params if p.requires_grad]
     if not params:
         raise TrainingError("no trainable parameters: add a LoRA adapter (lora.target_modules) before training")
+    fast_ids = {id(p) for p in fast} if fast_lr_ratio != 1.0 else set()
+    if fast_ids:
+        params = [{"params": [p for p in params if id(p) not in fast_ids]},
+                  {"params": [p for p in params if id(p) in fast_ids], "lr": lr * fast_lr_ratio}]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
     bnb = import_bitsandbytes()
@@ -57,6 +68,14 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, bet
     if cls is None:
         raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
     return cls(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def adapter_optimizer(recipe, model, name: str, params):
+    """The recipe's optimizer over adapter `name`'s `params`, B of its LoRA layers at `lora.b_lr_ratio` times
+    the learning rate (LoRA+)."""
+    t, lora = recipe.train, getattr(recipe, "lora", None)
+    return build_optimizer(params, t.optimizer, t.lr, t.weight_decay, fast=lora_b_parameters(model, name),
+                           fast_lr_ratio=lora.b_lr_ratio if lora is not None else 1.0)
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int, max_steps: int, min_ratio: float = 0.0) -> float:

@@ -258,7 +258,7 @@ class Run:
         Returns (optimizer, scheduler, the last step done, data position).
         """
         t = recipe.train
-        optimizer = common.build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+        optimizer = common.adapter_optimizer(recipe, model, name, params)
         scheduler = common.build_scheduler(optimizer, t.schedule, t.warmup_steps or round(t.warmup_ratio * steps), steps)
         self.model, self.name, self.optimizer, self.scheduler = model, name, optimizer, scheduler
         self.hook = step_hook(model, name, recipe, steps)  # e.g. AdaLoRA's rank budget; None for most methods

@@ -131,7 +131,27 @@ def load_model(path, quantize: str = "nf4", dtype=None, kernels: str = "auto", d
     model.set_rope_tables(device)
     model.requires_grad_(False)
     model.set_kernels(kernels)
+    model.checkpoint_dir = model_dir  # where the 16-bit weights are, for what needs them again (PiSSA / LoftQ)
     return model.eval()
+
+
+def read_linear_weights(model_dir: Path, modules) -> dict[str, torch.Tensor]:
+    """The stored 16-bit weights of linear layers `modules` (module names), as the checkpoint holds them;
+    refuses a pre-quantized checkpoint, which no longer has them."""
+    wanted = {f"{m}.weight": m for m in modules}
+    found = {}
+    for file in shard_files(model_dir):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for key in keys & wanted.keys():
+                if any(k.startswith(key + ".") for k in keys):
+                    raise CheckpointError(f"{file}: {key} is stored in 4 bits; this needs the 16-bit checkpoint "
+                                          "the 4-bit one was quantized from (model.path)")
+                found[wanted[key]] = f.get_tensor(key)
+    missing = [m for m in wanted.values() if m not in found]
+    if missing:
+        raise CheckpointError(f"{model_dir}: no stored weight for {missing[:3]}")
+    return found
 
 
 def _load_file(model, file, expected, loaded, quantize, dtype, double_quant, device):
