@@ -13,7 +13,7 @@ def merged_state_dict(model: nn.Module, name: str | None = None, dtype: torch.dt
 
     Each adapted weight becomes what the adapter's host layer says (`merged_weight`: W + s · B A for LoRA); NF4
     weights are written dequantized. Hosts that wrap a linear layer (`base_layer`) and can fold say so by
-    having `merged_weight`; a method without such hosts cannot be merged (qtune/peft/registry.py).
+    having `merged_weight`; a method without such hosts cannot be merged (`not_foldable` in qtune/peft/base.py).
     """
     name = name if name is not None else active_adapter(model)
     wrappers = {n: m for n, m in adapter_hosts(model).items() if hasattr(m, "base_layer")}

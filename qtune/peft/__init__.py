@@ -11,13 +11,13 @@ adapter as a recipe's `[peft]` section says, saving and loading adapter director
     p_tuning    the same, made by an MLP / LSTM prompt encoder (prompt.py) no: serve with --adapter
     prefix      N keys / values before every layer's own (prefix.py)      no: serve with --adapter
 
-`registry.py` lists the methods; `io.py` writes and reads adapter directories (PEFT's format wherever PEFT
+`base.py` says what a method is (and holds the LoRA family); `registry.py` lists the methods; `io.py` writes and reads adapter directories (PEFT's format wherever PEFT
 has the method); `merge.py` folds an adapter into its base for `qtune merge`.
 """
 
 # ruff: noqa: F401  (the package's public names, re-exported)
-from qtune.peft.registry import (METHODS, PeftMethod, StepHook, attach, lora_config, method_for_config, method_named,
-                                 step_hook)
+from qtune.peft.base import PeftMethod, StepHook, lora_config
+from qtune.peft.registry import METHODS, attach, method_for_config, method_named, step_hook
 from qtune.peft.io import (EXTRA_WEIGHTS, adapter_dir_method, load_adapter, load_extra_tensors, read_config,
                            save_adapter)
 from qtune.peft.merge import merge_adapter_into_dir

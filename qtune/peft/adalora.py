@@ -28,7 +28,7 @@ from torch import nn
 from qtune.lora.adapters import _check_new_name, _wrap, adapter_hosts, decoder_linears, set_active_adapter, target_matches
 from qtune.lora.layer import LoraConfig, LoRALinear
 from qtune.lora.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX, AdapterError
-from qtune.peft.registry import PeftMethod, StepHook, lora_config
+from qtune.peft.base import PeftMethod, StepHook, lora_config
 
 RANK_EPS = 1e-5  # PEFT's ranknum + 1e-5
 CONFIG_KEYS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")

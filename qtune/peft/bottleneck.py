@@ -27,7 +27,7 @@ from torch import nn
 from qtune.lora.adapters import _check_new_name, set_active_adapter
 from qtune.lora.host import AdapterHost
 from qtune.lora.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
-from qtune.peft.registry import PeftMethod
+from qtune.peft.base import PeftMethod
 
 PLACES = {"both": ("attention", "feed_forward"), "attention": ("attention",), "feed_forward": ("feed_forward",)}
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}

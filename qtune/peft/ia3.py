@@ -21,7 +21,7 @@ from torch import nn
 from qtune.lora.adapters import _check_new_name, _wrap, decoder_linears, set_active_adapter, target_matches
 from qtune.lora.host import AdapterHost
 from qtune.lora.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX, AdapterError
-from qtune.peft.registry import PeftMethod
+from qtune.peft.base import PeftMethod
 from qtune.weights.nf4_linear import NF4Linear
 
 KEY_PATTERN = re.compile(r"base_model\.model\.(.+)\.ia3_l")

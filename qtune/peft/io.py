@@ -17,7 +17,8 @@ from torch import nn
 from qtune.config import read_json
 from qtune.lora.adapters import adapter_method, adapter_parameters, set_active_adapter
 from qtune.lora.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, read_adapter_tensors
-from qtune.peft.registry import METHODS, PeftMethod, method_for_config
+from qtune.peft.base import PeftMethod
+from qtune.peft.registry import METHODS, method_for_config
 from qtune.weights.checkpoint import atomic_dir, commit_dir
 from qtune.weights.integrity import verify_files, write_manifest
 

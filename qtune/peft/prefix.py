@@ -17,7 +17,7 @@ from torch import nn
 
 from qtune.peft.prompt import (EMBEDDINGS_KEY, NOT_FOLDABLE, EncoderHost, TokenTable, add_encoder, check_packing,
                                common_config, host_of, saved_table, seeded)
-from qtune.peft.registry import PeftMethod
+from qtune.peft.base import PeftMethod
 
 
 class PrefixEncoder(nn.Module):

@@ -21,7 +21,7 @@ from torch import nn
 from qtune.lora.adapters import _check_new_name, set_active_adapter
 from qtune.lora.host import AdapterHost
 from qtune.lora.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
-from qtune.peft.registry import PeftMethod
+from qtune.peft.base import PeftMethod
 from qtune.tokenizer import load_tokenizer
 from qtune.weights.checkpoint import resolve
 
