@@ -3,6 +3,7 @@
     python benchmarks/bench_throughput.py                      # batch 4 x 256, r=16 on every linear
     python benchmarks/bench_throughput.py --steps 5 --profile  # also print qtune's top ops
     python benchmarks/bench_throughput.py --dropout 0.1        # LoRA dropout on both sides, as recipes/alpaca.toml
+    python benchmarks/bench_throughput.py --families all       # one row per model family (below), 4 x 256
 
 Both sides get the same settings: NF4 base with double quantization, fp32 compute on the CPU, LoRA r=16
 alpha=16 on every linear of the decoder layers, gradient checkpointing (non-reentrant), AdamW, gradient
@@ -11,6 +12,13 @@ process and their steps alternate (each side first every other round), so both s
 load. Each side's tokens/s is taken from its fastest timed step after one warm-up step (the step least
 slowed by other processes on a shared machine; the median and slowest are reported too). Rows go to benchmarks/results.csv; the last stdout
 line is JSON with tokens/s of each side and their ratio.
+
+--families runs the same comparison once per family on a random checkpoint of a tiny-but-real shape (FAMILY_SHAPE:
+SmolLM2-135M's widths, 6 layers, a 32K vocabulary) with each family's own features switched on (Qwen3's q/k norms,
+Gemma 2's soft-capping and sliding window, Gemma 3's 5:1 local layers, Phi-3's fused projections, Mistral Nemo's
+wider heads, the experts of Mixtral and Qwen3-MoE), written by transformers and loaded by both sides; a llama row at
+the same shape is the reference. On the mixtures of experts bitsandbytes leaves transformers' 3-D expert tensors
+unquantized (fp32 here) where qtune keeps them NF4, and `all-linear` adapts attention only on both sides.
 
 Where qtune's CPU step saves time against the peer's:
 - the frozen-weight products, nearly all of the step's FLOPs, run through oneDNN's inner product, which
@@ -29,6 +37,7 @@ Where qtune's CPU step saves time against the peer's:
 """
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -41,6 +50,36 @@ import torch
 from common import append_rows, print_json
 
 from qtune.memory.step import StepSetup, train_step
+
+
+FAMILY_SHAPE = dict(vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=6,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=2048,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+FAMILIES = {
+    "llama": dict(model_type="llama"),
+    "qwen3": dict(model_type="qwen3"),
+    "gemma2": dict(model_type="gemma2", query_pre_attn_scalar=64, sliding_window=128, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    "gemma3": dict(model_type="gemma3_text", query_pre_attn_scalar=64, sliding_window=128,
+                   layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+    "phi3": dict(model_type="phi3", tie_word_embeddings=False),
+    "mistral-nemo": dict(model_type="mistral", head_dim=80, sliding_window=None),
+    "mixtral": dict(model_type="mixtral", intermediate_size=768, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3-moe": dict(model_type="qwen3_moe", moe_intermediate_size=768, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True),
+}
+
+
+def write_family_checkpoint(family: str, out_dir: Path) -> Path:
+    """A random bf16 checkpoint of `family` at FAMILY_SHAPE, written by transformers (its own initialisation)."""
+    import transformers
+
+    spec = {**FAMILY_SHAPE, **FAMILIES[family]}
+    config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
 
 
 def qtune_setup(model_dir: Path, batch: dict, r: int, dropout: float = 0.0) -> StepSetup:
@@ -96,6 +135,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (the recipes use 0.05-0.1)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per side (after one warm-up step)")
     p.add_argument("--profile", action="store_true", help="print the top ops of one qtune step")
+    p.add_argument("--families", default="", help="'all' or a comma list of FAMILIES: one row per family")
     p.add_argument("--no-csv", action="store_true")
     return p.parse_args()
 
@@ -108,12 +148,9 @@ def profile_qtune(setup: StepSetup) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
 
 
-def main() -> None:
-    args = parse_args()
-    from qtune.weights.checkpoint import resolve
-
-    model_dir = resolve(args.model)
-    vocab = __import__("json").loads((model_dir / "config.json").read_text())["vocab_size"]
+def compare(model_dir: Path, args) -> dict:
+    """Alternating timed steps of both sides on the model in `model_dir`; tokens/s of each and their ratio."""
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ours = qtune_setup(model_dir, {"input_ids": ids, "labels": ids}, args.rank, args.dropout)
     ours.model.set_kernels("torch")
@@ -130,25 +167,61 @@ def main() -> None:
     if args.profile:
         profile_qtune(ours)
     tokens = args.batch * args.seq
-    result = {"model": args.model, "batch": args.batch, "seq": args.seq, "rank": args.rank, "dropout": args.dropout,
-              "threads": torch.get_num_threads()}
+    result = {}
     for name, ts in times.items():
         result[name] = {"min_s": round(min(ts), 3), "median_s": round(statistics.median(ts), 3),
                         "max_s": round(max(ts), 3), "tokens_per_s": round(tokens / min(ts), 1),
                         "median_tokens_per_s": round(tokens / statistics.median(ts), 1)}
     result["speedup"] = round(result["qtune"]["tokens_per_s"] / result["peer"]["tokens_per_s"], 3)
-    result["median_speedup"] = round(result["qtune"]["median_tokens_per_s"] / result["peer"]["median_tokens_per_s"], 3)
+    medians = result["qtune"]["median_tokens_per_s"], result["peer"]["median_tokens_per_s"]
+    result["median_speedup"] = round(medians[0] / medians[1], 3)
+    return result
+
+
+def csv_rows(case: str, result: dict) -> list[dict]:
+    rows = [{"case": case, "impl": impl, "metric": "tokens_per_s", "value": result[impl]["tokens_per_s"],
+             "unit": "tok/s"} for impl in ("qtune", "peer")]
+    return rows + [{"case": case, "impl": "qtune/peer", "metric": "speedup", "value": result["speedup"], "unit": "x"}]
+
+
+def run_families(args) -> None:
+    """One row per family (--families): each family's random checkpoint at FAMILY_SHAPE, both sides."""
+    import tempfile
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one line per family, not per loaded tensor
+    names = list(FAMILIES) if args.families == "all" else args.families.split(",")
+    results, rows = {}, []
+    for family in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = compare(write_family_checkpoint(family, Path(tmp)), args)
+        results[family] = result
+        print(f"{family}: qtune {result['qtune']['tokens_per_s']} tok/s, peer {result['peer']['tokens_per_s']} tok/s, "
+              f"ratio {result['speedup']}x (medians: {result['median_speedup']}x)", flush=True)
+        rows += csv_rows(f"{family}-tiny,b={args.batch},T={args.seq},r={args.rank}", result)
+    if not args.no_csv:
+        append_rows("throughput", "cpu", rows)
+    print_json({"families": results, "shape": FAMILY_SHAPE, "batch": args.batch, "seq": args.seq, "rank": args.rank,
+                "threads": torch.get_num_threads()})
+
+
+def main() -> None:
+    args = parse_args()
+    if args.families:
+        return run_families(args)
+    from qtune.weights.checkpoint import resolve
+
+    result = {"model": args.model, "batch": args.batch, "seq": args.seq, "rank": args.rank, "dropout": args.dropout,
+              "threads": torch.get_num_threads(), **compare(resolve(args.model), args)}
     dropout = f"dropout {args.dropout}, " if args.dropout else ""
     print(f"{args.model} QLoRA step, {args.batch} x {args.seq} tokens, r={args.rank}, checkpointing, fp32 CPU: "
           f"{dropout}qtune {result['qtune']['tokens_per_s']} tok/s ({result['qtune']['min_s']} s), peer "
           f"{result['peer']['tokens_per_s']} tok/s ({result['peer']['min_s']} s), ratio {result['speedup']}x "
           f"(medians: {result['median_speedup']}x)")
     if not args.no_csv:
-        case = f"{args.model},b={args.batch},T={args.seq},r={args.rank}" + (f",p={args.dropout}" if args.dropout else "")
-        rows = [{"case": case, "impl": impl, "metric": "tokens_per_s", "value": result[impl]["tokens_per_s"],
-                 "unit": "tok/s"} for impl in ("qtune", "peer")]
-        rows.append({"case": case, "impl": "qtune/peer", "metric": "speedup", "value": result["speedup"], "unit": "x"})
-        append_rows("throughput", "cpu", rows)
+        case = f"{args.model},b={args.batch},T={args.seq},r={args.rank}"
+        append_rows("throughput", "cpu", csv_rows(case + (f",p={args.dropout}" if args.dropout else ""), result))
     print_json(result)
 
 

@@ -125,8 +125,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)} | {"attention_bias", "num_key_value_heads", "rope_parameters",
                                                  "use_sliding_window", "dtype", "hidden_activation",
                                                  "rope_local_base_freq", "max_window_layers", "sliding_window_pattern",
-                                                 "num_local_experts", "original_max_position_embeddings",
-                                                 "output_router_logits", "router_aux_loss_coef"}
+                                                 "num_local_experts", "original_max_position_embeddings"}
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -255,9 +254,6 @@ def _expert_fields(d: dict, model_type: str, source: str) -> dict:
     if not mixtral and (d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1):
         raise ConfigError(f"{source}: mlp_only_layers / decoder_sparse_step (dense layers among the expert "
                           "layers) are not supported; every layer must be a mixture of experts")
-    if d.get("output_router_logits"):
-        raise ConfigError(f"{source}: output_router_logits=true (the router's load-balancing loss) is not supported "
-                          "yet; set it to false")
     return dict(num_experts=d[keys[0]], num_experts_per_tok=d[keys[1]], moe_intermediate_size=d[keys[2]],
                 norm_topk_prob=mixtral or bool(d.get("norm_topk_prob", False)))
 

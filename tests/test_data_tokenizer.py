@@ -32,22 +32,28 @@ def _corpus() -> list[str]:
     return ["Below is an instruction that describes a task. Write a response.\n\n### Response:"] * 50
 
 
-def make_tokenizer_dir(directory: Path, chat_template: str | None = CHATML, add_bos: bool = False) -> Path:
-    """Write a tokenizer-only model directory. add_bos: `<|endoftext|>` is BOS and is prepended (Llama-style)."""
+def make_tokenizer_dir(directory: Path, chat_template: str | None = CHATML, add_bos: bool = False,
+                       specials: list[str] = SPECIALS, config: dict | None = None) -> Path:
+    """Write a tokenizer-only model directory. add_bos: `<|endoftext|>` is BOS and is prepended (Llama-style).
+
+    `specials` are the special tokens (ids 0, 1, ...); `config` replaces the default tokenizer_config.json
+    special-token fields (a model family's own bos / eos / pad, as tests/test_chat_templates.py writes them).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_corpus(), trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-              "bos_token": "<|endoftext|>" if add_bos else "<|im_start|>", "add_bos_token": add_bos}
+    if config is None:
+        config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                  "bos_token": "<|endoftext|>" if add_bos else "<|im_start|>", "add_bos_token": add_bos}
     if chat_template is not None:
-        config["chat_template"] = chat_template
+        config = {**config, "chat_template": chat_template}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
 

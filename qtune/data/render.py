@@ -132,21 +132,84 @@ def render_chat(tokenizer, messages: list[dict], where: str, add_generation_prom
 
 def _encode_prefix(tokenizer, full_ids: list[int], text: str, where: str, what: str) -> int:
     """Token count of `text`, checking that its tokens begin `full_ids` (the prefix property)."""
-    ids = tokenizer.encode(text)
-    if full_ids[:len(ids)] != ids:
+    count = _token_prefix_len(tokenizer, full_ids, text)
+    if count is None:
         raise DataError(f"{where}: the conversation up to {what} tokenizes differently on its own than inside the "
                         "whole conversation, so the assistant tokens cannot be located; the chat template must end "
                         "each turn at a token boundary (e.g. with a special token)")
-    return len(ids)
+    return count
+
+
+def _token_prefix_len(tokenizer, full_ids: list[int], text: str) -> int | None:
+    """Token count of `text` if its tokens begin `full_ids`, else None."""
+    ids = tokenizer.encode(text)
+    return len(ids) if full_ids[:len(ids)] == ids else None
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _reply_span(tokenizer, messages: list[dict], i: int, where: str) -> tuple[str, int, int]:
+    """(text, start, end): render(messages) and where message i's reply text lies in it.
+
+    The conversation is rendered again with that reply replaced by one character that differs from the reply's
+    first and last (trimmed or not): the two renders agree up to the reply and again after it, so the text
+    between is the reply as the template wrote it, wherever the template put it.
+    """
+    text = render_chat(tokenizer, messages, where)
+    content = messages[i]["content"]
+    ends = {content[:1], content[-1:], content.strip()[:1], content.strip()[-1:]}
+    probe = next(c for c in "\u00a7\u00b6\u00a4\u00b5\u00a9" if c not in ends)
+    other = render_chat(tokenizer, [*messages[:i], {**messages[i], "content": probe}, *messages[i + 1:]], where)
+    start = _common_prefix(text, other)
+    tail = _common_prefix(text[start:][::-1], other[start:][::-1])
+    return text, start, len(text) - tail
+
+
+def _turn_bounds(tokenizer, messages: list[dict], full: str, ids: list[int], i: int, where: str) -> tuple[str, str]:
+    """Texts that end where assistant turn i's trained tokens start and end, both prefixes of `full`.
+
+    The turn starts after render(messages[:i], add_generation_prompt=True) and ends with
+    render(messages[:i+1]) when both are prefixes of the whole conversation (most templates). Some templates
+    render a turn differently once later turns follow: Qwen3 drops the empty reasoning block of earlier replies,
+    Phi-3 ends the conversation with EOS, Mistral Nemo moves the system prompt into the last user turn. There
+    the reply is located in the whole conversation itself, and the turn runs on for as much of the template's
+    closing text (e.g. "<|end|>\\n") as both renders share, up to a token boundary of `ids` (the whole
+    conversation's tokens). The reply as the conversation shows it must end the reply as the last turn shows it
+    (an earlier reply may lose its reasoning, not its answer).
+    """
+    prompt = render_chat(tokenizer, messages[:i], where, add_generation_prompt=True)
+    ending = render_chat(tokenizer, messages[:i + 1], where)
+    if full.startswith(prompt) and full.startswith(ending):
+        return prompt, ending
+    _, reply_start, reply_end = _reply_span(tokenizer, messages, i, where)
+    last, last_start, last_end = _reply_span(tokenizer, messages[:i + 1], i, where)
+    # Qwen3 keeps only the answer of an earlier reply, dropping the reasoning before it; anything else is refused
+    if not last[last_start:last_end].endswith(full[reply_start:reply_end]):
+        raise DataError(f"{where}: the chat template renders the reply of turn {i} differently once later turns "
+                        "follow (it is not prefix-stable), so the text to train on is ambiguous; use a template "
+                        "that renders earlier replies as it renders the last one")
+    closing = _common_prefix(last[last_end:], full[reply_end:])
+    # The shared text may stop inside a token ("<|end|>\\n<|" of "<|end|>\\n<|endoftext|>" and "<|end|>\\n<|user|>")
+    while closing and _token_prefix_len(tokenizer, ids, full[:reply_end + closing]) is None:
+        closing -= 1
+    start = len(prompt) if full.startswith(prompt) else reply_start
+    return full[:start], full[:reply_end + closing]
 
 
 def tokenize_chat(messages: list[dict], tokenizer, train_on_input: bool, where: str) -> tuple[list[int], list[int]]:
     """The conversation rendered with the model's chat template; loss on every assistant turn.
 
-    Assistant spans are found by rendering the conversation incrementally: turn i's tokens run from the end of
-    render(messages[:i], add_generation_prompt=True) to the end of render(messages[:i+1]). Both renders must be
-    text prefixes of the full render and tokenize to token prefixes of it; templates that break that are
-    reported rather than guessed at.
+    Turn i's trained tokens run from the end of render(messages[:i], add_generation_prompt=True) to the end of
+    render(messages[:i+1]), located in the whole conversation's render (see _turn_bounds for templates that
+    render earlier turns differently). Each boundary must fall between tokens of the whole conversation;
+    templates that break that are reported rather than guessed at.
     """
     if not tokenizer.has_chat_template:
         raise DataError(f"{where}: chat data needs a chat template, and the model's tokenizer has none; "
@@ -158,13 +221,7 @@ def tokenize_chat(messages: list[dict], tokenizer, train_on_input: bool, where: 
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start_text = render_chat(tokenizer, messages[:i], where, add_generation_prompt=True)
-        end_text = render_chat(tokenizer, messages[:i + 1], where)
-        for text, what in ((start_text, f"the prompt of turn {i}"), (end_text, f"the end of turn {i}")):
-            if not full.startswith(text):
-                raise DataError(f"{where}: the chat template renders {what} differently from how it appears in the "
-                                "whole conversation (it is not prefix-stable), so the assistant turns cannot be "
-                                "located; use a template that renders earlier turns identically")
+        start_text, end_text = _turn_bounds(tokenizer, messages, full, ids, i, where)
         start = _encode_prefix(tokenizer, ids, start_text, where, f"the prompt of turn {i}")
         last_end = _encode_prefix(tokenizer, ids, end_text, where, f"the end of turn {i}")
         labels[start:last_end] = ids[start:last_end]

@@ -186,6 +186,8 @@ class TrainSection:
     """Decoupled (AdamW) weight decay on the adapter weights."""
     max_grad_norm: float = 0.3
     """Clip the global gradient norm to this value; 0 turns clipping off."""
+    router_aux_loss_coef: float = 0.0
+    """`qtune sft` on a mixture of experts: weight of the router's load-balancing loss added to the loss (Mixtral trains with 0.02, Qwen3-MoE 0.001); 0 = off."""
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "paged_adamw"
     """AdamW with 32-bit or 8-bit states; paged variants let the states spill to CPU memory under pressure."""
     seed: int = 0
@@ -208,7 +210,7 @@ class TrainSection:
         yield from positive(self, "lr")
         if not 0 <= self.warmup_ratio < 1:
             yield "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"
-        yield from nonnegative(self, "weight_decay")
+        yield from nonnegative(self, "weight_decay", "router_aux_loss_coef")
         if self.max_grad_norm < 0:
             yield "max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
 
@@ -289,6 +291,9 @@ class TrainRecipe(Recipe):
         if self.lora.init == "loftq" and self.model.quantize != "nf4" and self.peft.method in ("lora", "dora"):
             yield "lora.init", ('"loftq" alternates NF4 quantization with SVD steps, so it needs the 4-bit base '
                                 '(model.quantize = "nf4"); on a 16-bit base use init = "pissa"')
+        if self.train.router_aux_loss_coef and self.KIND not in ("sft", "best_of_n"):  # best-of-n's stage 2 is SFT
+            yield "train.router_aux_loss_coef", (f"the router's load-balancing loss is added to SFT only (`qtune sft`, "
+                                                 f"best-of-n), not to a {self.KIND!r} run; set it to 0")
 
 
 @dataclass

@@ -13,10 +13,12 @@ import time
 
 from qtune.data.sft import build_sft_data
 from qtune.lora import adapter_parameters
+from qtune.recipe.schema import RecipeError
 from qtune.recipe.sections import SFTRecipe
 from qtune.train import common
 from qtune.train.common import ADAPTER, attach_adapter
 from qtune.train.evaluate import exact_match, response_loss
+from qtune.train.router_loss import load_balancing_loss, recorded_router_logits
 from qtune.train.run import Run, start_run, step_record, total_steps
 
 SHOWN_EXAMPLES = 4  # held-out examples printed before / after next to their answers
@@ -49,22 +51,47 @@ def headline(result: dict) -> str | None:
 
 
 def train_step(model, micro: list[dict], params, optimizer, scheduler, max_grad_norm: float, device,
-               model_dtype, scaler=None) -> dict:
+               model_dtype, scaler=None, router_aux_loss_coef: float = 0.0) -> dict:
     """One optimizer step over the micro-batches `micro`; returns loss, the step's learning rate, grad norm, tokens.
 
     loss = sum over micro-batches m and trained tokens i of CE(m, i) / N, N = trained tokens of the step.
+    With router_aux_loss_coef = c > 0 (a mixture of experts), c · aux(m) / M is added for each of the M
+    micro-batches (the step's mean load-balancing loss, qtune/train/router_loss.py); `loss` stays the
+    cross-entropy and `router_aux_loss` reports the mean aux.
     """
     n_tokens = sum(common.count_targets(b) for b in micro)
-    loss_total = 0.0
+    loss_total, aux_total = 0.0, 0.0
     for batch in micro:
-        with common.autocast(device, model_dtype):
-            loss_sum, _ = common.lm_loss_sum(model, common.to_device(batch, device))
-        common.backward(loss_sum / max(n_tokens, 1), scaler)
+        batch = common.to_device(batch, device)
+        with common.autocast(device, model_dtype), recorded_router_logits(model, router_aux_loss_coef > 0) as logits:
+            loss_sum, _ = common.lm_loss_sum(model, batch)
+        loss = loss_sum / max(n_tokens, 1)
+        if router_aux_loss_coef > 0:
+            aux = load_balancing_loss(logits, model.config.num_experts_per_tok, batch.get("attention_mask"))
+            loss = loss + router_aux_loss_coef * aux / len(micro)
+            aux_total += aux.item()
+        common.backward(loss, scaler)
         loss_total += loss_sum.item()
     loss = loss_total / max(n_tokens, 1)
     grad_norm, lr = common.optimizer_step(params, optimizer, scheduler, max_grad_norm, loss, scaler)
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
-            "real_tokens": sum(common.count_tokens(b) for b in micro)}
+    out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+           "real_tokens": sum(common.count_tokens(b) for b in micro)}
+    if router_aux_loss_coef > 0:
+        out["router_aux_loss"] = aux_total / len(micro)
+    return out
+
+
+def check_router_aux_loss(model, coef: float, console) -> None:
+    """train.router_aux_loss_coef needs a mixture of experts; a checkpoint that asks for the loss
+    (config.json output_router_logits) without it gets a notice, not silence."""
+    cfg = model.config
+    if coef > 0 and not cfg.num_experts:
+        raise RecipeError(f"train.router_aux_loss_coef = {coef}, but the model ({cfg.model_type}) is not a mixture "
+                          "of experts and has no router; set it to 0")
+    if coef == 0 and cfg.num_experts and cfg.extra.get("output_router_logits"):
+        console.print(f"notice: config.json sets output_router_logits = true (router_aux_loss_coef = "
+                      f"{cfg.extra.get('router_aux_loss_coef')}); qtune adds the router's load-balancing loss only "
+                      "when the recipe sets train.router_aux_loss_coef > 0")
 
 
 def run_sft(recipe: SFTRecipe, resume: bool = False, console=None) -> dict:
@@ -75,6 +102,7 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, console=None) -> dict:
     t, e = recipe.train, recipe.eval
     run, model, tokenizer, device = start_run(recipe, resume, console)
     attach_adapter(model, recipe, t.seed)
+    check_router_aux_loss(model, t.router_aux_loss_coef, run.console)
     data = build_sft_data(recipe.data, tokenizer, seed=t.seed)
     run.show_data_stats(data.stats)
     params, model_dtype = adapter_parameters(model, ADAPTER), model.model.embed_tokens.weight.dtype
@@ -91,7 +119,7 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, console=None) -> dict:
         for step in range(start_step + 1, steps + 1):
             t0, micro = time.perf_counter(), [next(batches) for _ in range(t.grad_accum_steps)]
             out = train_step(model, [b for _, b in micro], params, optimizer, scheduler, t.max_grad_norm, device,
-                             model_dtype, scaler)
+                             model_dtype, scaler, t.router_aux_loss_coef)
             run.check_finite(step, loss=out["loss"], grad_norm=out["grad_norm"])
             run.check_collapse(step, out["grad_norm"], out["loss"], uniform_loss)
             position = micro[-1][0]
