@@ -3,13 +3,15 @@ chat template does.
 
 The reference on one side is the model's own Jinja template (rendered as transformers renders it); on the
 other a small renderer, written here, of the Go-template subset Ollama's templates use ({{ .Field }},
-range, if / else if / else, eq, and the {{- -}} whitespace trimming), fed the way Ollama feeds it: the
-SYSTEM line first when the conversation has no system turn, then `.Messages`.
+range, if / else if / else, eq, variables declared with := and assigned with = (Go 1.11: an assignment inside
+a range changes the variable declared outside it), and the {{- -}} whitespace trimming), fed the way Ollama
+feeds it: the SYSTEM line first when the conversation has no system turn, then `.Messages`.
 """
 
 import json
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -56,6 +58,11 @@ PHI4 = (
     " + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
 )
+
+# google/gemma-3-*-it and Qwen/Qwen3-*: the published templates kept as fixtures (sources in their SOURCES.md).
+FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
+GEMMA3 = (FIXTURES / "gemma3.jinja").read_text()
+QWEN3 = (FIXTURES / "qwen3.jinja").read_text()
 
 SYSTEM = {"role": "system", "content": "Answer briefly."}
 TURNS = [
@@ -105,20 +112,31 @@ def parse(tokens, i=0):
                     break
                 condition = tokens[i][1].removeprefix("else if ") if tokens[i][1] != "else" else "true"
             nodes.append(("if", branches))
+        elif re.fullmatch(r"\$\w+ :?= .*", value):
+            name, _, expression = value.split(" ", 2)
+            nodes.append(("set", name, expression))
         else:
             nodes.append(("field", value))
         i += 1
     return nodes, i
 
 
-def evaluate(nodes, dot, root) -> str:
+def evaluate(nodes, dot, root, variables=None) -> str:
+    variables = {} if variables is None else variables  # one scope: what the templates here need of Go's
+
     def field(name):
+        if name.startswith("$"):
+            return variables[name]
+        if name.startswith('"'):
+            return shlex.split(name)[0]
         assert name.startswith("."), name
         return (root if name == ".Messages" else dot)[name[1:]]
 
     def test(condition):
         if condition == "true":
             return True
+        if condition.startswith("$"):
+            return bool(variables[condition])  # Go: an empty string is false
         op, name, literal = shlex.split(condition)
         assert op == "eq", condition
         return field(name) == literal
@@ -129,10 +147,13 @@ def evaluate(nodes, dot, root) -> str:
             out.append(node)
         elif node[0] == "field":
             out.append(field(node[1]))
+        elif node[0] == "set":
+            variables[node[1]] = field(node[2])
         elif node[0] == "range":
-            out += [evaluate(node[2], item, root) for item in field(node[1])]
+            out += [evaluate(node[2], item, root, variables) for item in field(node[1])]
         else:
-            out += [evaluate(body, dot, root) for condition, body in node[1] if test(condition)][:1]
+            taken = next((body for condition, body in node[1] if test(condition)), [])  # only the first true branch runs
+            out.append(evaluate(taken, dot, root, variables))
     return "".join(out)
 
 
@@ -153,6 +174,12 @@ def test_go_subset_renderer_hand_example():
     assert evaluate(parse(lex(template))[0], root, root) == "U:hi\n A:yo\n!"
 
 
+def test_go_subset_renderer_carries_a_variable_across_iterations():
+    template = '{{- $last := "" }}{{ range .Messages }}[{{ $last }}>{{ .Content }}]{{ $last = .Content }}{{ end }}'
+    root = {"Messages": [{"Content": "a"}, {"Content": "b"}, {"Content": "c"}]}
+    assert evaluate(parse(lex(template))[0], root, root) == "[>a][a>b][b>c]"
+
+
 # --- Modelfiles against the Jinja templates --------------------------------------------------------------
 
 
@@ -160,8 +187,8 @@ def tokenizer_with(tmp_path, template):
     return load_tokenizer(make_tokenizer_dir(tmp_path / "tok", chat_template=template, add_bos=template != CHATML))
 
 
-@pytest.mark.parametrize("template", [CHATML, LLAMA3, MISTRAL, GEMMA2, PHI3, PHI4],
-                         ids=["chatml", "llama3", "mistral", "gemma2", "phi3", "phi4"])
+@pytest.mark.parametrize("template", [CHATML, LLAMA3, MISTRAL, GEMMA2, PHI3, PHI4, GEMMA3, QWEN3],
+                         ids=["chatml", "llama3", "mistral", "gemma2", "phi3", "phi4", "gemma3", "qwen3"])
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 def test_modelfile_renders_like_the_chat_template(tmp_path, template, conversation):
     tok = tokenizer_with(tmp_path, template)
@@ -174,15 +201,7 @@ def test_modelfile_renders_like_the_chat_template(tmp_path, template, conversati
     assert ollama_render(modelfile_text(tok, "m.gguf", []), messages) == want
 
 
-@pytest.mark.parametrize("template", [
-    "{% for m in messages %}{{ m['content'] }}{% endfor %}",
-    # Gemma 3 folds the system turn into the first user turn, which the Gemma 2 Go template does not
-    "{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
-    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}"
-    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
-    "{{ '<start_of_turn>' + message['role'] + '\n' + (first_user_prefix if loop.first else '') + message['content'] "
-    "+ '<end_of_turn>\n' }}{%- endfor -%}",
-], ids=["plain", "gemma3"])
+@pytest.mark.parametrize("template", ["{% for m in messages %}{{ m['content'] }}{% endfor %}"], ids=["plain"])
 def test_unknown_chat_format_is_refused(tmp_path, template):
     tok = tokenizer_with(tmp_path, template)
     with pytest.raises(ValueError, match="none of the formats"):

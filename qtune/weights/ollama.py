@@ -22,8 +22,6 @@ class ChatFormat:
     """A string only this format's Jinja templates contain."""
     template: str
     """The Go template; `{eos}` stands for the tokenizer's EOS token."""
-    unlike: str | None = None
-    """A string that rules the format out although the marker is there (a variant this template does not write)."""
 
 
 # The chat formats of the families qtune trains, one row each; the first whose marker the template contains wins.
@@ -41,11 +39,18 @@ CHAT_FORMATS = {
     # Mistral / Llama 2 Instruct: [INST] user turns, assistant turns closed by EOS.
     "mistral": ChatFormat("[INST]", '{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
                                     '{{ else if eq .Role "assistant" }}{{ .Content }}{eos}{{ end }}{{ end }}'),
+    # Gemma 3 Instruct: Gemma's turns, and a system turn's text opens the first user turn, followed by a blank
+    # line (its Jinja template's first_user_prefix). Go templates can assign to a variable declared outside a range
+    # (Go 1.11), which carries the system text to the next turn.
+    "gemma3": ChatFormat("first_user_prefix", '{{- $system := "" }}{{- range .Messages }}{{- if eq .Role "system" }}'
+                                              '{{ $system = .Content }}{{- else }}<start_of_turn>'
+                                              '{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
+                                              '{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}'
+                                              "{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}<start_of_turn>model\n"),
     # Gemma 2 Instruct: the assistant's role is "model", every turn closed by <end_of_turn> (no system turns).
     "gemma": ChatFormat("<start_of_turn>", '{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model'
                                            '{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}'
-                                           "<start_of_turn>model\n",
-                        unlike="first_user_prefix"),  # Gemma 3's, which folds the system turn into the first user turn
+                                           "<start_of_turn>model\n"),
     # Phi-3 / 3.5 Instruct: <|role|> headers, every turn closed by <|end|>.
     "phi3": ChatFormat("<|end|>", "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n"),
 }
@@ -54,8 +59,7 @@ CHAT_FORMATS = {
 def chat_format(tok: Tokenizer) -> ChatFormat | None:
     """The row of CHAT_FORMATS the tokenizer's chat template follows, None when none does."""
     template = tok.chat_template or ""
-    return next((f for f in CHAT_FORMATS.values() if f.marker in template and not (f.unlike and f.unlike in template)),
-                None)
+    return next((f for f in CHAT_FORMATS.values() if f.marker in template), None)
 
 
 def default_system_prompt(tok: Tokenizer) -> str | None:
