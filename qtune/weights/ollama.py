@@ -22,6 +22,8 @@ class ChatFormat:
     """A string only this format's Jinja templates contain."""
     template: str
     """The Go template; `{eos}` stands for the tokenizer's EOS token."""
+    unlike: str | None = None
+    """A string that rules the format out although the marker is there (a variant this template does not write)."""
 
 
 # The chat formats of the families qtune trains, one row each; the first whose marker the template contains wins.
@@ -32,13 +34,31 @@ CHAT_FORMATS = {
     # Qwen2, SmolLM2 and every other ChatML model.
     "chatml": ChatFormat("<|im_start|>", "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
                                          "{{ end }}<|im_start|>assistant\n"),
+    # Llama 3.1 Instruct: a system header always opens the prompt, with the knowledge and (fixed) date lines, then
+    # the system turn's text. Llama 3.2's template writes the day it renders on (strftime_now): no fixed template can.
+    "llama3.1": ChatFormat("Cutting Knowledge Date", '{{- $system := "" }}{{- range .Messages }}'
+                           '{{- if eq .Role "system" }}{{ $system = .Content }}{{- end }}{{- end }}'
+                           "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                           "Today Date: 26 Jul 2024\n\n{{ $system }}<|eot_id|>"
+                           '{{- range .Messages }}{{- if eq .Role "system" }}{{- else }}<|start_header_id|>{{ .Role }}'
+                           "<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{- end }}{{- end }}"
+                           "<|start_header_id|>assistant<|end_header_id|>\n\n", unlike="strftime_now"),
     # Llama 3 Instruct.
     "llama3": ChatFormat("<|start_header_id|>", "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>"
                                                 "\n\n{{ .Content }}<|eot_id|>{{ end }}"
-                                                "<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    # Mistral / Llama 2 Instruct: [INST] user turns, assistant turns closed by EOS.
-    "mistral": ChatFormat("[INST]", '{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
-                                    '{{ else if eq .Role "assistant" }}{{ .Content }}{eos}{{ end }}{{ end }}'),
+                                                "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                         unlike="Cutting Knowledge Date"),
+    # Mistral Instruct v0.2 / v0.3: " [INST] " with spaces, the system text opening the first user turn.
+    "mistral-v0.2": ChatFormat("' [INST] ' + system_message", '{{- $system := "" }}{{- range .Messages }}'
+                               '{{- if eq .Role "system" }}{{ $system = .Content }}'
+                               '{{- else if eq .Role "user" }} [INST] '
+                               '{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}{{ .Content }} [/INST]'
+                               '{{- else if eq .Role "assistant" }} {{ .Content }}{eos}{{- end }}{{- end }}'),
+    # Mistral Instruct v0.1, Mixtral, Llama 2: [INST] user turns, assistant turns closed by EOS. (Mistral Nemo and
+    # Small 3 write "[INST]" without spaces, move the system text or insert a dated default: none is written here.)
+    "mistral": ChatFormat("'[INST] ' + message['content'] + ' [/INST]'",
+                          '{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
+                          '{{ else if eq .Role "assistant" }}{{ .Content }}{eos}{{ end }}{{ end }}'),
     # Gemma 3 Instruct: Gemma's turns, and a system turn's text opens the first user turn, followed by a blank
     # line (its Jinja template's first_user_prefix). Go templates can assign to a variable declared outside a range
     # (Go 1.11), which carries the system text to the next turn.
@@ -59,7 +79,8 @@ CHAT_FORMATS = {
 def chat_format(tok: Tokenizer) -> ChatFormat | None:
     """The row of CHAT_FORMATS the tokenizer's chat template follows, None when none does."""
     template = tok.chat_template or ""
-    return next((f for f in CHAT_FORMATS.values() if f.marker in template), None)
+    return next((f for f in CHAT_FORMATS.values() if f.marker in template and not (f.unlike and f.unlike in template)),
+                None)
 
 
 def default_system_prompt(tok: Tokenizer) -> str | None:
