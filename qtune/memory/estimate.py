@@ -178,14 +178,16 @@ def layer_transient_bytes(s: StepShape) -> int:
     peaks at six (N, I) tensors, saved or gradients: with an adapted down projection its saved input
     lives until the first gradient is formed, and two gradients join the four saved tensors; without it,
     three gradients join the three saved by SiLU and the product. A tiled MLP holds one chunk's saved tensors and
-    gradients, recomputed in its backward.
+    gradients, recomputed in its backward; then an RMSNorm's backward may be the larger, with three fp32 (N, D)
+    tensors (x r, the weighted gradient and their product, `RMSNormFn.backward`).
     """
     dequant = max(dequant_bytes(o, i, s.b) for o, i in linear_shapes(s.cfg).values()) if s.quantize == "nf4" else 0
     gradients = 2 if "down_proj" in target_names(s.targets, bool(s.cfg.num_experts)) else 3
     mlp_backward = gradients * s.b * s.mlp_tokens * active_intermediate(s.cfg)
     if s.tiles:
         mlp_backward += s.mlp_tokens * mlp_saved_per_token(s)
-    return max(dequant, mlp_backward)
+    norm_backward = 3 * 4 * s.tokens * s.cfg.hidden_size
+    return max(dequant, mlp_backward, norm_backward)
 
 
 def triton_loss_bytes(s: StepShape) -> int:

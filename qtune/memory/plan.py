@@ -8,8 +8,8 @@ The device peak of a step is the estimator's peak of live tensors plus what it d
 caching allocator's rounding of every block to 512 bytes and of large ones to 2 MB segments, and the
 fragmentation between them; the resident weights and adapter state are allocated once, in large blocks).
 
-The planner climbs a ladder of switches, each one bought only when the previous rung stops growing the length:
-the recipe as it is, then `train.tiled_mlp=on` (the MLP's wide activations for one chunk of tokens), then
+The planner climbs a ladder of switches, each rung adding one to those below it: the recipe as it is, then
+gradient checkpointing, then `train.tiled_mlp=on` (the MLP's wide activations for one chunk of tokens), then
 `train.offload_checkpoints=true` (the layer inputs in pinned host memory). Every rung gets the longest
 micro-batch length (bisection over the estimator, at most the model's positions). A paged optimizer's state
 is counted on the card (the driver may page it out under pressure, which the plan does not count on).
@@ -38,13 +38,17 @@ class Rung:
     host_bytes: int
 
 
+def on_card(live_peak: int, resident: int) -> int:
+    """Device bytes of a step whose live tensors peak at `live_peak`, `resident` of them allocated once (weights,
+    adapters, optimizer state: large blocks, no fragmentation to speak of): allocator overhead and context added."""
+    return resident + int((live_peak - resident) * (1 + ALLOCATOR_OVERHEAD)) + CUDA_CONTEXT_BYTES
+
+
 def device_peak(s: StepShape) -> int:
     """Predicted device bytes of one step of `s` on CUDA: the estimate, allocator overhead and the context."""
     from qtune.memory.estimate import resident_parts
 
-    est = estimate(s)
-    resident = sum(resident_parts(s).values())  # allocated once, in large blocks: no fragmentation to speak of
-    return resident + int((est.peak_bytes - resident) * (1 + ALLOCATOR_OVERHEAD)) + CUDA_CONTEXT_BYTES
+    return on_card(estimate(s).peak_bytes, sum(resident_parts(s).values()))
 
 
 def longest_fitting(s: StepShape, budget: int, limit: int) -> int:
@@ -65,9 +69,12 @@ def ladder(s: StepShape, budget: int, limit: int) -> list[Rung]:
                 "train.tiled_mlp": s.tiled_mlp,
                 "train.offload_checkpoints": s.offload_checkpoints}
     steps = [("the recipe as it is", {}, {})]
+    if not s.gradient_checkpointing:
+        steps.append(("model.gradient_checkpointing=true", {"gradient_checkpointing": True},
+                      {"model.gradient_checkpointing": True}))
     if s.tiled_mlp != "on":  # "auto" leaves up to AUTO_MIN_TOKENS untiled
         steps.append(("train.tiled_mlp=on", {"tiled_mlp": "on"}, {"train.tiled_mlp": "on"}))
-    if not s.offload_checkpoints and s.gradient_checkpointing:
+    if not s.offload_checkpoints:
         steps.append(("train.offload_checkpoints=true", {"offload_checkpoints": True},
                       {"train.offload_checkpoints": True}))
     rungs, shape = [], s
