@@ -196,7 +196,7 @@ def main() -> None:
     args = parse_args()
     cards = {f"{gb}GB": plan_card(gb) for gb in (24, 16, 8)}
     replays = [int(x) for x in args.replay.split(",") if x]
-    with ProcessPoolExecutor(1) as pool:  # the replays (fake tensors, little memory) run beside the CPU steps
+    with ProcessPoolExecutor(max(len(replays), 1)) as pool:  # replays (fake tensors, little memory) beside the CPU steps
         pending = {gb: pool.submit(replay, cards[f"{gb}GB"]["max_context"], cards[f"{gb}GB"]["switches"])
                    for gb in replays}
         small = tuple(int(x) for x in args.small_seqs.split(","))
