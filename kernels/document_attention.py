@@ -78,7 +78,7 @@ def document_mask(segments: torch.Tensor, window: int | None = None) -> Document
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # a new length recompiles once, then runs with dynamic shapes
 
 
 def document_attention(q, k, v, mask: DocumentMask, scale: float) -> torch.Tensor:
