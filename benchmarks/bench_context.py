@@ -186,7 +186,8 @@ def report(result: dict) -> None:
               f"{c['switches']}")
     for s in result["cpu_slopes"]:
         print(f"  CPU {s['shape']} tiled_mlp={s['tiled_mlp']}: {s['measured_bytes_per_token'] / 1e3:.1f} kB/token "
-              f"measured, {s['traced_bytes_per_token'] / 1e3:.1f} traced; replay / measured {s['traced_over_measured']}")
+              f"measured, {s['traced_bytes_per_token'] / 1e3:.1f} traced; replay / measured "
+              f"{s['traced_over_measured']}")
     for name, e in result["exactness"].items():
         print(f"  exact {name}: loss diff {e['loss_abs_diff']:.2e}, gradient diff {e['grad_max_abs_diff']:.2e} "
               f"(largest gradient {e['grad_max_abs']:.2e})")

@@ -6,11 +6,13 @@ bytes per element of the compute dtype, L layers, D hidden, I intermediate):
     weights           NF4 codes (n/2 bytes per weight) and the 16-bit embedding / lm_head / norms
     quant constants   absmax codes and double-quant statistics
     adapters          fp32 A and B, their gradients and the optimizer moments (steady state: after step 1)
-    checkpoints       with checkpointing, each layer's input: L x N x D x b
+    checkpoints       with checkpointing, each layer's input: L x N x D x b (offloaded to host memory: two
+                      on the device, the one recomputed and the next one fetched; `host_bytes` the rest)
     layer             one layer's backward: the activations autograd saves (`saved_activation_bytes`), and
                       the larger of the dequantization temporaries (fp32 levels and product of the largest
                       weight; NF4Linear dequantizes again in backward instead of keeping a dense copy) and
-                      the MLP backward's gradient buffers
+                      the MLP backward's gradient buffers (tiled: one chunk's), or an RMSNorm backward's
+                      three fp32 (N, D) temporaries
     loss              hidden states, their gradient and the fused cross-entropy's logit tiles (on CUDA the
                       Triton path's chunk x vocabulary logit-gradient buffer, `triton_loss`)
 

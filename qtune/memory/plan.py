@@ -22,8 +22,8 @@ from qtune.memory.estimate import StepShape, estimate, host_bytes
 CUDA_CONTEXT_BYTES = 640 * 2**20  # assumed: the context and cuBLAS workspace of torch on a recent card
 ALLOCATOR_OVERHEAD = 0.05  # assumed: the caching allocator's rounding and fragmentation, on top of live bytes
 ASSUMPTIONS = (f"CUDA context {CUDA_CONTEXT_BYTES / 2**30:.2f} GB, allocator rounding and fragmentation "
-               f"+{ALLOCATOR_OVERHEAD:.0%} of the activations' live bytes, bf16 compute, NF4 weights, batch of one sequence "
-               "without padding, the plain-torch activations (the fused Triton path saves less)")
+               f"+{ALLOCATOR_OVERHEAD:.0%} of the activations' live bytes, bf16 compute, NF4 weights, batch of one "
+               "sequence without padding, the plain-torch activations (the fused Triton path saves less)")
 
 
 @dataclass
@@ -143,7 +143,12 @@ def check_fits(recipe) -> None:
     from qtune.train.run import position_limit
 
     budget, s = card_budget(), recipe_step(recipe)
-    if budget is None or s is None or device_peak(s) <= budget:
+    if budget is None or s is None:
+        return
+    try:
+        if device_peak(s) <= budget:
+            return
+    except ValueError:  # a step the estimator does not cover (e.g. adapter targets given as a regular expression)
         return
     raise TrainingError(f"data.max_seq_len = {s.seq_len} does not fit: {advice(s, budget, position_limit(s.cfg))}. "
                         "Lower data.max_seq_len or turn those switches on (see qtune estimate RECIPE --gpu-memory "
@@ -158,9 +163,12 @@ def out_of_memory_message(recipe, error: BaseException) -> str:
     from qtune.train.run import position_limit
 
     budget, s = card_budget(), recipe_step(recipe)
-    plan = advice(s, budget, position_limit(s.cfg)) if budget is not None and s is not None else "no plan for this run"
+    try:
+        plan = advice(s, budget, position_limit(s.cfg)) if budget is not None and s is not None else None
+    except ValueError:  # as in check_fits
+        plan = None
     latest = Checkpointer(Path(recipe.output.dir)).latest() if hasattr(recipe, "output") else None
     first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return (f"out of memory during the run ({first_line}); {plan}. The last good checkpoint is "
-            f"{latest or 'none (no checkpoint was saved yet)'}: change the recipe and continue with --resume, or "
-            "start a new output.dir")
+    return (f"out of memory during the run ({first_line}); {plan or 'no plan for this run'}. The last good "
+            f"checkpoint is {latest or 'none (no checkpoint was saved yet)'}: change the recipe and continue with "
+            "--resume, or start a new output.dir")
