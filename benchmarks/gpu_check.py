@@ -14,6 +14,9 @@ In order:
               of the card: tokens/s, model FLOP utilisation against the card's dense bf16 peak and peak memory
               against the estimate of the same shape
   4. decode   greedy NF4 decoding of that model at batch 1 and batch 16: tokens/s
+  5. context  the longest sequence on a 24 GB share of the card (the allocator capped at 24 GB): Llama-3.1-8B
+              QLoRA r=32 on every linear, batch 1, one real step at the planner's `--max-context` length with the
+              switches it names, and one at 10% more; which ran, their peak memory against the planner's
 
 Model FLOPs of a step (frozen base, so no weight gradients): 4 x tokens x (decoder linear + lm_head weights)
 for the forward and the input-gradient backward, plus causal attention 6 x layers x tokens x seq x hidden; the
@@ -41,7 +44,8 @@ from common import device_name, print_json, sync, time_ms  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 480
 TEST_FILES = ("tests/test_gpu_lane.py", "tests/test_kernels_nf4.py", "tests/test_kernels_lora.py",
-              "tests/test_kernels_logprobs.py")
+              "tests/test_kernels_logprobs.py", "tests/test_long_context.py")
+CONTEXT_CARD_BYTES = 24 * 2**30  # the card the context stage emulates
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets, without sparsity), by device-name fragment, the
 # first fragment found in torch.cuda.get_device_name() wins (an SXM H100 reports "NVIDIA H100 80GB HBM3").
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -262,6 +266,65 @@ def decode_figures(model, cfg, device, batch_sizes, new_tokens) -> dict:
     return out
 
 
+def context_step(cfg, seq_len: int, switches: dict, device, dtype) -> dict:
+    """One QLoRA step (r=32, every linear) at seq_len with the planner's switches: ran or out of memory, peak."""
+    from qtune.memory.build import add_trainable_lora, random_batch, random_model
+    from qtune.train import common
+
+    model = random_model(cfg, dtype, device, quantize="nf4", draw_on_device=True)
+    model.gradient_checkpointing = switches["model.gradient_checkpointing"]
+    common.set_long_context(model, switches["train.offload_checkpoints"], switches["train.tiled_mlp"])
+    model.set_kernels("triton" if device == "cuda" else "torch")  # stage 2 checks the interpreted kernels
+    params = add_trainable_lora(model, r=32)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    batch = random_batch(cfg, 1, seq_len, device)
+    model.train()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        with common.autocast(device, dtype):
+            loss_sum, n = common.lm_loss_sum(model, batch)
+        (loss_sum / n).backward()
+        optimizer.step()
+        sync(device)
+        out = {"ran": True, "loss_finite": bool(torch.isfinite(loss_sum).item())}
+    except torch.OutOfMemoryError:
+        out = {"ran": False}
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    if device == "cuda":
+        out["peak_allocated"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def context_figures(device, dtype, smoke: bool) -> dict:
+    """Stage 5: the planner's longest length for a 24 GB card and 10% more, each run once with its switches."""
+    from qtune.config import ModelConfig, shape_config
+    from qtune.memory.estimate import StepShape
+    from qtune.memory.plan import best_rung, ladder
+
+    if smoke:  # tiny: the switches' code runs, nothing is planned
+        switches = {"model.gradient_checkpointing": True, "train.offload_checkpoints": True, "train.tiled_mlp": "on"}
+        return {"tiny": context_step(ModelConfig.from_dict(TINY), 64, switches, device, dtype)}
+    cfg = shape_config("llama3.1-8b")
+    total = torch.cuda.get_device_properties(0).total_memory
+    budget = min(CONTEXT_CARD_BYTES, total)
+    best = best_rung(ladder(StepShape(cfg, 1, 1024, "bfloat16", r=32, triton_loss=True, tiled_mlp="auto"), budget,
+                            cfg.max_position_embeddings))
+    torch.cuda.set_per_process_memory_fraction(budget / total)  # the allocator sees a 24 GB card
+    try:
+        runs = {}
+        for n in (best.max_context, min(int(best.max_context * 1.1), cfg.max_position_embeddings)):
+            runs[str(n)] = context_step(cfg, n, best.switches, device, dtype)
+            torch.cuda.empty_cache()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    planned = runs[str(best.max_context)]
+    return {"card_bytes": budget, "planner_max_context": best.max_context, "switches": best.switches,
+            "planner_peak_bytes": best.peak_bytes, "planner_host_bytes": best.host_bytes, "runs": runs,
+            "ok": planned["ran"], "longest_ran": max((int(n) for n, r in runs.items() if r["ran"]), default=0)}
+
+
 # ----------------------------------------------------------------------------- main
 
 def stage(results: dict, name: str, fn):
@@ -317,10 +380,12 @@ def main(argv=None) -> int:
     if "model" in holder:
         stage(results, "decode", lambda: decode_figures(holder["model"], holder["cfg"], args.device,
                                                         (1, 16) if not smoke else (1, 2), 4 if smoke else 64))
+    holder.clear()  # the context stage needs the card to itself
+    stage(results, "context", lambda: context_figures(args.device, dtype, smoke))
     results["total_s"] = round(time.perf_counter() - start, 1)
     results["within_budget"] = results["total_s"] <= BUDGET_S
-    stages = [k for k in ("tests", "kernels", "train", "decode") if k in results]
-    results["ok"] = all(passed(results[k]) for k in stages) and len(stages) == 4 - args.skip_tests
+    stages = [k for k in ("tests", "kernels", "train", "decode", "context") if k in results]
+    results["ok"] = all(passed(results[k]) for k in stages) and len(stages) == 5 - args.skip_tests
     print_json(results)
     return 0 if results["ok"] else 1
 

@@ -27,7 +27,7 @@ instead of 3). One case skips the recomputation: `cross_entropy_sum` with a froz
 lm_head) on the plain-torch path knows its upstream gradient up to one scalar, so it accumulates dL/dh
 during the forward walk (`cross_entropy_one_pass_torch`: 2 matmuls instead of 3, an (N, D) fp32 gradient
 kept until backward). The Triton backward writes the logit gradients of `chunk_size` tokens (chunk_size x V in the
-input dtype: 262 MB for 1024 tokens of a 128256 vocabulary in bf16) and lets cuBLAS do the two matmuls;
+input dtype, at most LOGIT_GRAD_BYTES: 256 tokens of a 128256 vocabulary in bf16) and lets cuBLAS do the two matmuls;
 the plain-torch path holds at most two chunk_size x VOCAB_CHUNK fp32 tiles (4 MB each at the defaults)
 and one chunk_size x D product. On a CPU its products run through oneDNN (kernels/cpu/linear.py).
 
@@ -50,6 +50,9 @@ from qtune.kernels.cpu.linear import linear, matmul
 from qtune.kernels.dispatch import autocast_off, compute_dtype, use_triton
 
 VOCAB_CHUNK = 1024  # vocabulary columns per step of the plain-torch path (4 MB fp32 tiles at 1024 tokens)
+# The Triton backward's chunk_size x V logit gradients stay within this many bytes: 256 tokens of Llama-3's
+# 128,256 words in bf16 (64 MB) instead of 1024 (262 MB), so a 128K vocabulary leaves room for long sequences.
+LOGIT_GRAD_BYTES = 64 * 2**20
 # The input dtypes the Triton kernels take (each with its tiles in kernels/triton/logprobs.py's BLOCKS).
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -323,11 +326,18 @@ def token_logprobs_and_entropy(hidden, weight, targets, ignore_index=-100, chunk
     hidden, weight = _autocast_inputs(hidden, weight)
     _check_inputs(hidden, weight, targets, ignore_index, chunk_size, softcap)
     triton_kernels = _use_triton_kernels(kernels, hidden)
+    if triton_kernels:
+        chunk_size = bounded_chunk(chunk_size, weight.shape[0], hidden.element_size())
     flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (N, D)
     flat_targets = targets.reshape(-1).long().contiguous()  # (N,)
     logp, entropy = logprobs_entropy(flat_hidden, weight.contiguous(), flat_targets, ignore_index, chunk_size,
                                      triton_kernels, None if softcap is None else float(softcap))
     return logp.reshape(targets.shape), entropy.reshape(targets.shape)
+
+
+def bounded_chunk(chunk_size: int, vocab_size: int, itemsize: int) -> int:
+    """Tokens per Triton backward chunk: at most chunk_size, and chunk x vocab_size x itemsize <= LOGIT_GRAD_BYTES."""
+    return max(1, min(chunk_size, LOGIT_GRAD_BYTES // (vocab_size * itemsize)))
 
 
 def token_logprobs(hidden, weight, targets, ignore_index=-100, chunk_size=1024, kernels="auto", softcap=None):

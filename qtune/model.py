@@ -39,8 +39,11 @@ from torch.utils.checkpoint import checkpoint
 from qtune.config import ModelConfig
 from qtune.rope import apply_rope, longrope_past_original, rope_attention_scale, rope_cos_sin, rope_inv_freq
 from qtune.kernels.cpu.attention import cpu_attention
+from qtune.kernels.document_attention import DocumentMask, document_attention, document_mask
 from qtune.kernels.dispatch import check_mode, use_triton
 from qtune.kernels.lora import LoraParams, lora_mlp, lora_qkv
+from qtune.offload import HostCheckpoints, offloaded_checkpoint
+from qtune.tiled_mlp import tiled_mlp, tiles
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -226,7 +229,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, d)
-        if self.softcap is not None:
+        if isinstance(mask, DocumentMask):  # a packed batch on CUDA: flex attention, no T x T mask
+            y = document_attention(q, k, v, mask, self.scale)  # (B, T, H, d)
+        elif self.softcap is not None:
             y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)  # (B, T, H, d)
         elif q.is_cuda:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
@@ -249,8 +254,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.activation = cfg.hidden_act
         self.kernels = "auto"  # "triton" runs the whole block as one fused QLoRA op
+        self.tiling = "off"  # "on" | "auto": run long batches over chunks of tokens (qtune/tiled_mlp.py)
 
     def forward(self, x):
+        return tiled_mlp(self, x) if tiles(self.tiling, x) else self.untiled(x)
+
+    def untiled(self, x):
         # SwiGLU: down(silu(gate x) * up x); GeGLU: down(gelu_tanh(gate x) * up x)
         if hasattr(self, "gate_up_proj"):  # Phi-3: gate rows, then up rows
             g, u = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -367,6 +376,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.set_rope_tables("cpu")
         self.gradient_checkpointing = False
+        self.offload_checkpoints = False  # with gradient checkpointing: keep the checkpoints in host memory
         self.kernels = "auto"  # the kernel choice every layer and loss of this model uses; see set_kernels
         self.logit_softcap = cfg.final_logit_softcapping  # Gemma 2: the losses cap logits as forward() does
         self.virtual_tokens: nn.Module | None = None  # module(B) -> (B, N, D) embeddings before the input, or None
@@ -424,9 +434,13 @@ class CausalLM(nn.Module):
             rope[self.config.sliding_window] = rope_cos_sin(local_freq, position_ids, x.dtype)
             masks[self.config.sliding_window] = self._mask(position_ids, attention_mask, kv_cache,
                                                            self.config.sliding_window)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        host = HostCheckpoints(x.device) if checkpointing and self.offload_checkpoints else None
         for layer in self.model.layers:
             (cos, sin), mask = rope[layer.self_attn.window], masks[layer.self_attn.window]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if host is not None:  # each layer's input waits in host memory (qtune/offload.py)
+                x = offloaded_checkpoint(layer, x, host, cos, sin, mask, kv_cache)
+            elif checkpointing:
                 x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
@@ -459,6 +473,8 @@ class CausalLM(nn.Module):
             if attention_mask is None and (window is None or T <= window):
                 return None  # plain causal: SDPA's fast is_causal path
             segments = attention_mask if attention_mask is not None else torch.ones_like(positions)
+            if positions.is_cuda and self.config.attn_logit_softcapping is None:
+                return document_mask(segments, window)  # flex attention's block mask, linear in T
             return attention_mask_4d(segments, segments, 0, window)
         start, end = kv_cache.length, kv_cache.length + T
         kv_cache.segments[:, start:end] = attention_mask if attention_mask is not None else 1

@@ -26,3 +26,4 @@ def test_gpu_check_smoke_mode_runs_every_stage_and_passes():
     assert report["train"]["loss_finite"] and report["train"]["tokens_per_s"] > 0
     assert report["train"]["estimate_bytes"] > 0 and report["train"]["mfu"] is None  # no bf16 peak on a CPU
     assert set(report["decode"]) == {"batch1_tokens_per_s", "batch2_tokens_per_s"}
+    assert report["context"]["tiny"]["ran"] and report["context"]["tiny"]["loss_finite"]  # offload + tiling switches

@@ -31,16 +31,26 @@ def run_or_explain(fn, *args, **kwargs) -> dict:
     """Run a training entry point; a failed run releases its output directory (lock included).
 
     On CPU the process uses one torch thread per idle core (see `use_idle_cpu_cores`). Known user errors are
-    explained by `QtuneGroup`.
+    explained by `QtuneGroup`. On CUDA (or with $QTUNE_GPU_MEMORY) a data.max_seq_len the planner says cannot
+    fit is refused before the model loads, and an out-of-memory error names what fits and the last checkpoint.
     """
     from qtune.train.common import training_device, use_idle_cpu_cores
     from qtune.train.lock import release_all
 
+    import torch
+
+    from qtune.memory.plan import check_fits, out_of_memory_message
+    from qtune.train.common import TrainingError
+
     threads = use_idle_cpu_cores(training_device())
     if threads is not None:
         err.print(f"cpu: {threads} torch thread(s), one per idle core (set OMP_NUM_THREADS to choose)")
+    recipe = args[0]
     try:
+        check_fits(recipe)  # before the model loads: a sequence the card cannot hold is refused with advice
         return fn(*args, **kwargs)
+    except torch.OutOfMemoryError as e:
+        raise TrainingError(out_of_memory_message(recipe, e)) from None
     finally:
         release_all()  # a failed run leaves its directory as it found it, lock included
 

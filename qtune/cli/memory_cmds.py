@@ -1,6 +1,7 @@
 """`qtune estimate`: a recipe's peak GPU memory, part by part, before training.
 
-The last stdout line is a JSON object with `peak_bytes` and its parts (and, with --gpu-memory, what fits).
+The last stdout line is a JSON object with `peak_bytes` and its parts (and, with --gpu-memory, what fits);
+with --max-context, one with exactly `max_context`, `peak_bytes`, `switches` and `host_bytes`.
 """
 
 import json
@@ -21,7 +22,9 @@ console = Console()
 @click.option("--shape", default=None, help="Model shape when model.path is not a local directory (e.g. llama2-7b).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda",
               help="Where the recipe will run: cuda computes in bf16, cpu in fp32 (with model.dtype=auto).")
-def estimate(recipe, overrides, gpu_memory, shape, device):
+@click.option("--max-context", "max_context", is_flag=True,
+              help="With --gpu-memory: the longest sequence that fits, and the switch each extra length needs.")
+def estimate(recipe, overrides, gpu_memory, shape, device, max_context):
     """Predict the peak memory of training RECIPE (file or shipped name) with `key.sub=value` OVERRIDES."""
     from qtune.memory.estimate import estimate as predict
     from qtune.memory.estimate import fit_budget, parse_size, step_shape_from_recipe
@@ -31,6 +34,11 @@ def estimate(recipe, overrides, gpu_memory, shape, device):
     r = load_recipe(recipe, overrides)
     s = step_shape_from_recipe(r, device, shape)
     budget = parse_size(gpu_memory) if gpu_memory else None
+    if max_context:
+        if budget is None:
+            raise click.UsageError("--max-context needs --gpu-memory, e.g. --gpu-memory 24GB")
+        show_max_context(recipe, s, budget)
+        return
     est = predict(s)
     table = Table(title=f"{recipe}: micro-batch {s.micro_batch_size} x {s.seq_len} tokens, {s.dtype}, "
                         f"{f'r={s.r}' if s.method == 'lora' else s.method}, "
@@ -52,6 +60,27 @@ def estimate(recipe, overrides, gpu_memory, shape, device):
                       f"(without it: {fmt_bytes(fit['peak_without_checkpointing'])})")
         result["budget"] = fit
     click.echo(json.dumps(result))
+
+
+def show_max_context(recipe: str, s, budget: int) -> None:
+    """The ladder of switches as a table; the last stdout line is the longest length's JSON."""
+    from qtune.memory.plan import ASSUMPTIONS, best_rung, ladder
+    from qtune.memory.tracer import fmt_bytes
+    from qtune.train.run import position_limit
+
+    rungs = ladder(s, budget, position_limit(s.cfg))
+    table = Table(title=f"{recipe}: longest micro-batch of {s.micro_batch_size} sequence(s) in {fmt_bytes(budget)}, "
+                        f"r={s.r}, {s.dtype}", show_edge=False)
+    for name, justify in (("switch added", "left"), ("max context", "right"), ("device peak", "right"),
+                          ("host memory", "right")):
+        table.add_column(name, justify=justify)
+    for rung in rungs:
+        table.add_row(rung.added, f"{rung.max_context:,}", fmt_bytes(rung.peak_bytes), fmt_bytes(rung.host_bytes))
+    console.print(table)
+    console.print(f"assumed: {ASSUMPTIONS}")
+    best = best_rung(rungs)
+    click.echo(json.dumps({"max_context": best.max_context, "peak_bytes": best.peak_bytes,
+                           "switches": best.switches, "host_bytes": best.host_bytes}))
 
 
 COMMANDS = [estimate]

@@ -6,11 +6,13 @@ bytes per element of the compute dtype, L layers, D hidden, I intermediate):
     weights           NF4 codes (n/2 bytes per weight) and the 16-bit embedding / lm_head / norms
     quant constants   absmax codes and double-quant statistics
     adapters          fp32 A and B, their gradients and the optimizer moments (steady state: after step 1)
-    checkpoints       with checkpointing, each layer's input: L x N x D x b
+    checkpoints       with checkpointing, each layer's input: L x N x D x b (offloaded to host memory: two
+                      on the device, the one recomputed and the next one fetched; `host_bytes` the rest)
     layer             one layer's backward: the activations autograd saves (`saved_activation_bytes`), and
                       the larger of the dequantization temporaries (fp32 levels and product of the largest
                       weight; NF4Linear dequantizes again in backward instead of keeping a dense copy) and
-                      the MLP backward's gradient buffers
+                      the MLP backward's gradient buffers (tiled: one chunk's), or an RMSNorm backward's
+                      three fp32 (N, D) temporaries
     loss              hidden states, their gradient and the fused cross-entropy's logit tiles (on CUDA the
                       Triton path's chunk x vocabulary logit-gradient buffer, `triton_loss`)
 
@@ -67,6 +69,22 @@ class StepShape:
     init: str = "default"  # lora.init: PiSSA / LoftQ keep an fp32 residual pair per adapted layer
     virtual_numels: tuple[int, ...] = ()  # prompt / P-tuning / prefix: the sizes of the tensors that train
     virtual_tokens: int = 0  # their N virtual positions (prompt and P-tuning run them through every layer)
+    offload_checkpoints: bool = False  # checkpoints wait in pinned host memory (qtune/offload.py)
+    tiled_mlp: str = "off"  # "auto" | "on" | "off": the MLP over CHUNK_TOKENS-row chunks (qtune/tiled_mlp.py)
+
+    @property
+    def tiles(self) -> bool:
+        """Whether the MLP runs tiled at this step's token count."""
+        from qtune.tiled_mlp import tiling_applies  # here: the estimator itself needs no torch
+
+        return tiling_applies(self.tiled_mlp, self.tokens)
+
+    @property
+    def mlp_tokens(self) -> int:
+        """Tokens whose MLP activations exist at once: all of them, or one chunk when tiled."""
+        from qtune.tiled_mlp import CHUNK_TOKENS  # here: the estimator itself needs no torch
+
+        return min(self.tokens, CHUNK_TOKENS) if self.tiles else self.tokens
 
     @property
     def tokens(self) -> int:
@@ -128,9 +146,8 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
         per_token += 2 * b * q + 2 * b * kv + 4 * H  # SDPA: q, k, v, output and a log-sum-exp per head
     per_token += b * q if "o_proj" in adapted else 0  # o_proj's input (for SDPA, a contiguous copy)
     per_token += b * D + 4  # norm 2: the residual sum and 1/rms
-    per_token += b * D if set(adapted) & {"gate_proj", "up_proj"} else 0
-    per_token += 3 * b * I  # silu saves gate(x); the product saves silu(gate(x)) and up(x)
-    per_token += b * I if "down_proj" in adapted else 0
+    # a tiled MLP keeps only its input (the chunks' views of it); its activations are one chunk's, transient
+    per_token += b * D if s.tiles else mlp_saved_per_token(s)
     # x_d A^T of every adapter, for dB; fp32 adapters without dropout take the merged-weight path
     # (kernels/cpu/merged_lora.py), which recomputes it in backward instead
     per_token += b * s.r * len(adapted) if s.dtype != "float32" else 0
@@ -159,6 +176,15 @@ def rescaling_bytes_per_token(s: StepShape) -> int:
     return 0
 
 
+def mlp_saved_per_token(s: StepShape) -> int:
+    """Bytes the MLP saves for backward per token: the normed input for the gate / up adapters, gate(x) (SiLU's
+    input), silu(gate(x)) and up(x) (the product's inputs), and the product for an adapted down projection."""
+    b, adapted = s.b, target_names(s.targets, bool(s.cfg.num_experts))
+    I = active_intermediate(s.cfg)
+    per_token = b * s.cfg.hidden_size if set(adapted) & {"gate_proj", "up_proj"} else 0
+    return per_token + 3 * b * I + (b * I if "down_proj" in adapted else 0)
+
+
 def active_intermediate(cfg) -> int:
     """The MLP width one token runs through: intermediate_size, or top-k experts of a mixture of experts."""
     return cfg.num_experts_per_tok * cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
@@ -185,22 +211,30 @@ def layer_transient_bytes(s: StepShape) -> int:
     Dequantizing a weight holds `dequant_bytes` (the largest over the layer's linears). The MLP backward
     peaks at six (N, I) tensors, saved or gradients: with an adapted down projection its saved input
     lives until the first gradient is formed, and two gradients join the four saved tensors; without it,
-    three gradients join the three saved by SiLU and the product.
+    three gradients join the three saved by SiLU and the product. A tiled MLP holds one chunk's saved tensors and
+    gradients, recomputed in its backward; then an RMSNorm's backward may be the larger, with three fp32 (N, D)
+    tensors (x r, the weighted gradient and their product, `RMSNormFn.backward`).
     """
     dequant = max(dequant_bytes(o, i, s.b) for o, i in linear_shapes(s.cfg).values()) if s.quantize == "nf4" else 0
     gradients = 2 if "down_proj" in target_names(s.targets, bool(s.cfg.num_experts)) else 3
-    mlp_backward = gradients * s.b * s.tokens * active_intermediate(s.cfg)
-    return max(dequant, mlp_backward)
+    mlp_backward = gradients * s.b * s.mlp_tokens * active_intermediate(s.cfg)
+    if s.tiles:
+        mlp_backward += s.mlp_tokens * mlp_saved_per_token(s)
+    norm_backward = 3 * 4 * s.tokens * s.cfg.hidden_size
+    return max(dequant, mlp_backward, norm_backward)
 
 
 def triton_loss_bytes(s: StepShape) -> int:
     """The loss on CUDA (kernels/triton/logprobs.py): the hidden states, their scored copy and the final norm's
     saved input in the compute dtype, and the forward's per-split statistics (4 fp32 per token and
     2048-column vocabulary split). Backward holds dL/dh in fp32, the logit gradients of one chunk of tokens
-    (CE_CHUNK x vocabulary in the compute dtype: 262 MB for Llama-3's 128,256 words in bf16), that chunk's
+    (at most CE_CHUNK tokens x vocabulary in the compute dtype, bounded by LOGIT_GRAD_BYTES: 64 MB for Llama-3's
+    128,256 words in bf16), that chunk's
     product with the lm_head and its fp32 copy, and at the end dL/dh cast to the compute dtype."""
+    from qtune.kernels.logprobs import bounded_chunk  # here: the estimator itself needs no torch
+
     N, D, V, b = s.tokens, s.cfg.hidden_size, s.cfg.vocab_size, s.b
-    chunk = min(N, CE_CHUNK)
+    chunk = min(N, bounded_chunk(CE_CHUNK, V, b))
     held = 3 * N * D * b
     forward = held + 4 * 4 * math.ceil(V / 2048) * N + 3 * 4 * N
     backward = held + N * D * 4 + chunk * V * b + chunk * D * (b + 4) + N * D * b
@@ -272,7 +306,11 @@ def estimate(s: StepShape) -> Estimate:
     grads = adapter_state_nbytes(s)["adapter_grads"]
     boundary = N * cfg.hidden_size * b  # one layer's input
     last, first = (saved_activation_bytes(s, layer0) + prefix_kv_bytes(s) for layer0 in (False, True))
-    if s.gradient_checkpointing:
+    if s.gradient_checkpointing and s.offload_checkpoints:
+        # the layer being recomputed and the next one down, on its way back from the host
+        stored, stored_first = 2 * boundary, boundary
+        layers_before_loss = boundary  # the last layer's input, until its host copy is done
+    elif s.gradient_checkpointing:
         stored, stored_first = L * boundary, boundary
         layers_before_loss = L * boundary
     else:
@@ -291,6 +329,13 @@ def estimate(s: StepShape) -> Estimate:
     where = max(candidates, key=lambda k: sum(candidates[k].values()))
     parts = {**resident, **candidates[where]}
     return Estimate(sum(parts.values()), parts, where, adapter_state_nbytes(s)["adapter_weights"] // 4)
+
+
+def host_bytes(s: StepShape) -> int:
+    """Pinned host memory the step needs: every layer's input when checkpoints are offloaded, else 0."""
+    if not (s.gradient_checkpointing and s.offload_checkpoints):
+        return 0
+    return s.cfg.num_hidden_layers * s.tokens * s.cfg.hidden_size * s.b
 
 
 def fit_budget(s: StepShape, budget_bytes: int, seq_lens=(256, 512, 1024, 2048, 4096, 8192),
@@ -356,4 +401,5 @@ def step_shape_from_recipe(recipe, device: str = "cuda", shape: str | None = Non
                      targets=targets if isinstance(targets, str) else tuple(targets), quantize=m.quantize,
                      double_quant=m.double_quant, gradient_checkpointing=m.gradient_checkpointing,
                      optimizer=recipe.train.optimizer, triton_loss=device == "cuda" and m.kernels != "torch",
-                     method=peft.method, peft=peft, init=init, **virtual)
+                     method=peft.method, peft=peft, init=init, offload_checkpoints=recipe.train.offload_checkpoints,
+                     tiled_mlp=recipe.train.tiled_mlp, **virtual)

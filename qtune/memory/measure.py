@@ -46,7 +46,9 @@ def measure_step(spec: dict) -> dict:
     t0 = time.perf_counter()
     setup = build_step(cfg, spec.get("micro_batch_size", 1), spec["seq_len"], dtype, "cpu", r=spec.get("r", 16),
                        targets=spec.get("targets", "all-linear"),
-                       gradient_checkpointing=spec.get("gradient_checkpointing", True))
+                       gradient_checkpointing=spec.get("gradient_checkpointing", True),
+                       offload_checkpoints=spec.get("offload_checkpoints", False),
+                       tiled_mlp=spec.get("tiled_mlp", "off"))
     setup.model.set_kernels("torch")
     if spec.get("warmup_step"):
         train_step(setup)  # also creates the runtime's lazily built buffers and thread state

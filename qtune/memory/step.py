@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from qtune.config import ModelConfig
 from qtune.memory.build import add_trainable_lora, random_batch, random_model
 from qtune.memory.tracer import LiveBytes, TraceReport, trace
-from qtune.train.common import build_optimizer, clip_gradients, lm_loss_sum
+from qtune.train.common import build_optimizer, clip_gradients, lm_loss_sum, set_long_context
 
 
 @dataclass
@@ -28,11 +28,14 @@ class StepSetup:
 
 def build_step(cfg: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dtype, device="cpu", r: int = 16,
                targets="all-linear", gradient_checkpointing: bool = True, quantize: str = "nf4",
-               double_quant: bool = True, optimizer: str = "adamw", seed: int = 0) -> StepSetup:
-    """A random `cfg`-shaped model with a LoRA adapter in training mode, its optimizer and a random batch."""
+               double_quant: bool = True, optimizer: str = "adamw", seed: int = 0, offload_checkpoints: bool = False,
+               tiled_mlp: str = "off") -> StepSetup:
+    """A random `cfg`-shaped model with a LoRA adapter in training mode, its optimizer and a random batch;
+    offload_checkpoints and tiled_mlp as the recipe keys train.offload_checkpoints and train.tiled_mlp."""
     model = random_model(cfg, dtype, device, quantize=quantize, double_quant=double_quant, seed=seed)
     params = add_trainable_lora(model, r, targets, seed=seed)
     model.gradient_checkpointing = gradient_checkpointing
+    set_long_context(model, offload_checkpoints, tiled_mlp)
     model.train()
     opt = build_optimizer(params, optimizer, lr=2e-4)
     return StepSetup(model, params, opt, random_batch(cfg, batch_size, seq_len, device, seed))
@@ -69,7 +72,8 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 def trace_step(cfg: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16, r: int = 16,
                targets="all-linear", gradient_checkpointing: bool = True, quantize: str = "nf4",
-               double_quant: bool = True, optimizer: str = "adamw", fake: bool = True) -> TraceReport:
+               double_quant: bool = True, optimizer: str = "adamw", fake: bool = True, offload_checkpoints: bool = False,
+               tiled_mlp: str = "off") -> TraceReport:
     """Replay one steady-state step (optimizer state present) and report its peak live bytes.
 
     fake=True builds and runs everything on fake tensors (no memory; dtype=bfloat16 gives the GPU
@@ -77,7 +81,7 @@ def trace_step(cfg: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dty
     """
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
         setup = build_step(cfg, batch_size, seq_len, dtype, "cpu", r, targets, gradient_checkpointing, quantize,
-                           double_quant, optimizer)
+                           double_quant, optimizer, offload_checkpoints=offload_checkpoints, tiled_mlp=tiled_mlp)
         setup.model.set_kernels("torch")
         prime_optimizer(setup)
         resident = [*setup.model.parameters(), *setup.model.buffers(), *optimizer_tensors(setup.optimizer),

@@ -11,6 +11,9 @@ fused attention kernel included, which the meta device would replace by the math
 semantics chosen by the dtypes: bf16 activations, NF4 weights. Fake tensors have no values, so the tracer
 answers data-dependent questions with the worst case for memory: every boolean mask is all true (all
 tokens carry a loss), a boolean check is false (no input error), any other scalar is 1.
+
+Host memory is counted apart: storages created while qtune.offload allocates its host copies of offloaded
+checkpoints (`on_host()`) go to `host_peak_bytes`, not to the device's peak.
 """
 
 import math
@@ -24,6 +27,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from qtune.offload import on_host
 
 aten = torch.ops.aten
 INDEX_OPS = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default)
@@ -51,9 +56,10 @@ class TraceReport:
     at_peak: dict[str, int] = field(default_factory=dict)  # "phase: op" -> bytes
     largest_at_peak: list[tuple[str, tuple, str, int]] = field(default_factory=list)  # (op, shape, dtype, bytes)
     seconds: float = 0.0
+    host_peak_bytes: int = 0  # peak of the pinned host copies of offloaded checkpoints
 
     def as_dict(self) -> dict:
-        return {"peak_bytes": self.peak_bytes, "start_bytes": self.start_bytes, "end_bytes": self.end_bytes,
+        return {"peak_bytes": self.peak_bytes, "host_peak_bytes": self.host_peak_bytes, "start_bytes": self.start_bytes, "end_bytes": self.end_bytes,
                 "peak_phase": self.peak_phase, "at_peak": self.at_peak,
                 "largest_at_peak": [[op, list(shape), dtype, n] for op, shape, dtype, n in self.largest_at_peak]}
 
@@ -91,6 +97,8 @@ class LiveBytes(TorchDispatchMode):
         self.peak_phase = ""
         self.peak_entries: list[Entry] = []
         self.current_phase = "setup"
+        self.host: dict[StorageWeakRef, int] = {}  # host copies of offloaded checkpoints: bytes
+        self.host_current = self.host_peak = 0
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def register(self, tensors, phase: str = "resident") -> None:
@@ -107,7 +115,12 @@ class LiveBytes(TorchDispatchMode):
     def _add(self, t: torch.Tensor, table: dict, phase: str, op: str) -> None:
         storage = t.untyped_storage()
         ref = StorageWeakRef(storage)
-        if ref in self.live or ref in self.pinned:
+        if ref in self.live or ref in self.pinned or ref in self.host:
+            return
+        if on_host():
+            self.host[ref] = storage.nbytes()
+            self.host_current += storage.nbytes()
+            self.host_peak = max(self.host_peak, self.host_current)
             return
         entry = Entry(storage.nbytes(), phase, op, tuple(t.shape), t.dtype)
         table[ref] = entry
@@ -117,6 +130,8 @@ class LiveBytes(TorchDispatchMode):
         dead = [ref for ref in self.live if ref.expired()]
         for ref in dead:
             self.current -= self.live.pop(ref).nbytes
+        for ref in [ref for ref in self.host if ref.expired()]:
+            self.host_current -= self.host.pop(ref)
 
     def _note_peak(self) -> None:
         if self.current > self.peak:
@@ -168,7 +183,8 @@ class LiveBytes(TorchDispatchMode):
         largest = sorted(self.peak_entries, key=lambda e: -e.nbytes)[:top]
         return TraceReport(self.peak, self.start, self.current, self.peak_phase,
                            dict(sorted(at_peak.items(), key=lambda kv: -kv[1])),
-                           [(e.op, e.shape, str(e.dtype).removeprefix("torch."), e.nbytes) for e in largest])
+                           [(e.op, e.shape, str(e.dtype).removeprefix("torch."), e.nbytes) for e in largest],
+                           host_peak_bytes=self.host_peak)
 
 
 def trace(fn, *tensors_to_register, device: str = "cpu") -> TraceReport:

@@ -202,6 +202,10 @@ class TrainSection:
     """How close (in nats) an SFT loss must stay to ln(vocab_size), a uniform guess, to count towards collapse_steps."""
     log: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
     """Where metrics go: metrics.jsonl always, plus TensorBoard (output.dir/tensorboard/) and W&B (extras)."""
+    offload_checkpoints: bool = False
+    """With gradient checkpointing, keep each layer's saved input in pinned host memory (long sequences on one card)."""
+    tiled_mlp: Literal["auto", "on", "off"] = "auto"
+    """Run the feed-forward block over chunks of tokens: "auto" for micro-batches of more than 8192 tokens."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from nonnegative(self, "max_steps", "warmup_steps", "save_every", "seed", "collapse_steps",

@@ -116,6 +116,15 @@ def attach_adapter(model, recipe, seed: int) -> None:
     peft.attach(model, recipe, ADAPTER, seed)
 
 
+def set_long_context(model, offload_checkpoints: bool, tiled_mlp: str) -> None:
+    """The recipe's long-context switches on a model: train.offload_checkpoints (with gradient checkpointing, the
+    checkpoints wait in host memory) and train.tiled_mlp ("auto" | "on" | "off", on every feed-forward block)."""
+    model.offload_checkpoints = offload_checkpoints
+    for module in model.modules():
+        if hasattr(module, "tiling"):
+            module.tiling = tiled_mlp
+
+
 def lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over the batch's trained tokens, and their count.
 

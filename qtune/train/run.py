@@ -84,6 +84,7 @@ def start_run(recipe, resume: bool, console: Console | None):
     run.collapse = CollapseCheck(recipe.train.collapse_steps, recipe.train.collapse_tolerance)
     common.seed_everything(recipe.train.seed)
     model, tokenizer = load_base_model(recipe.model, device)
+    common.set_long_context(model, recipe.train.offload_checkpoints, recipe.train.tiled_mlp)
     check_positions(recipe, model.config)
     return run, model, tokenizer, device
 
