@@ -7,7 +7,7 @@ import torch
 import qtune.tiled_mlp
 from qtune.config import ModelConfig
 from qtune.kernels.document_attention import document_attention, document_mask, reference_document_attention
-from qtune.lora import LoraConfig, add_lora, lora_parameters, mark_trainable
+from qtune.lora import LoraConfig, add_lora, adapter_parameters, mark_trainable
 from qtune.memory.build import random_model
 from qtune.model import MLP, attention_mask_4d
 from qtune.tiled_mlp import tiled_mlp
@@ -26,7 +26,7 @@ def adapted_model(cfg, dropout=0.0, seed=0):
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear"), name="ctx", seed=1)
     mark_trainable(model, "ctx")
     with torch.no_grad():  # B = 0 at init would hide the adapters' gradients through the layers above
-        for p in lora_parameters(model, "ctx"):
+        for p in adapter_parameters(model, "ctx"):
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
     model.set_kernels("torch")
     return model.train()
@@ -36,7 +36,7 @@ def loss_and_grads(model, batch, seed=3):
     torch.manual_seed(seed)  # the adapters' dropout draws the same masks in every variant
     loss, count = lm_loss_sum(model, batch)
     (loss / count).backward()
-    grads = [p.grad.clone() for p in lora_parameters(model, "ctx")]
+    grads = [p.grad.clone() for p in adapter_parameters(model, "ctx")]
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
 
@@ -215,3 +215,20 @@ def test_packed_batch_equals_each_example_alone_cuda():
         packed = model(ids, segments, packed_positions(segments))
         for b, idx, alone in per_example_logits(model, ids, segments):
             torch.testing.assert_close(packed[b, idx], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_document_mask_lets_every_example_see_the_virtual_tokens():
+    """A prompt adapter's N virtual tokens (segment id -1) lead every row; flex attention's mask lets each packed
+    example see them and nothing of its neighbours, as the CPU path's materialised mask does."""
+    g = torch.Generator().manual_seed(9)
+    n = 3
+    segments = torch.cat([torch.full((PACKED.shape[0], n), -1), PACKED], 1)
+    B, H, T, d = PACKED.shape[0], 2, segments.shape[1], 8
+    q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64, generator=g) for _ in range(3))
+    flex = document_attention(q, k, v, document_mask(segments), d ** -0.5)
+    mask = attention_mask_4d(segments, segments, 0, None)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(flex, sdpa, rtol=0, atol=1e-10)
+    seen = attention_mask_4d(segments, segments, 0, None)[:, 0]  # (B, T, T)
+    real = segments > 0
+    assert seen[real][:, :n].all()  # every real token sees all virtual tokens
