@@ -37,7 +37,7 @@ from qtune.config import shape_config
 from qtune.memory.estimate import StepShape
 from qtune.memory.plan import ASSUMPTIONS, best_rung, ladder, on_card
 from qtune.memory.tracer import fmt_bytes
-from qtune.train.run import position_limit
+from qtune.config import position_limit
 
 HERE = Path(__file__).resolve().parent
 SHAPE = "llama3.1-8b"

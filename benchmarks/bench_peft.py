@@ -36,10 +36,11 @@ ALPACA_DEMO = SHARED_DATA / "llamafactory" / "alpaca_en_demo.json"
 
 def usual_size(method: str, steps: int) -> list[str]:
     """Each method's usual size as recipe overrides (a method not named here runs with its recipe defaults,
-    which follow its paper): LoRA r = 16; AdaLoRA from rank 12 to 8 on average, pruning over the middle half of
-    the run; bottleneck adapters of width 64 after both sub-blocks (Houlsby)."""
+    which follow its paper): LoRA and DoRA r = 16; AdaLoRA from rank 12 to 8 on average, pruning over the middle
+    half of the run; bottleneck adapters of width 64 after both sub-blocks (Houlsby)."""
     return {
         "lora": ["lora.r=16", "lora.alpha=32"],
+        "dora": ["lora.r=16", "lora.alpha=32"],  # the recipes' own r differs (alpaca: 64); DoRA compares with LoRA
         "adalora": ["peft.adalora.init_r=12", "peft.adalora.target_r=8", f"peft.adalora.tinit={steps // 4}",
                     f"peft.adalora.tfinal={steps // 4}"],
         "adapter": ["peft.adapter.size=64", "peft.adapter.after=both"],

@@ -365,3 +365,13 @@ def read_json(path: Path, error: type[Exception], missing: str):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from e
+
+
+def position_limit(config) -> int:
+    """The longest sequence the model's positions cover: max_position_embeddings, or what its RoPE scaling's
+    factor extends the original positions to."""
+    scaling = config.rope_scaling or {}
+    limit = config.max_position_embeddings
+    if scaling.get("factor"):
+        limit = max(limit, int(scaling["factor"] * scaling.get("original_max_position_embeddings", limit)))
+    return limit

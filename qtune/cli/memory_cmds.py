@@ -66,7 +66,7 @@ def show_max_context(recipe: str, s, budget: int) -> None:
     """The ladder of switches as a table; the last stdout line is the longest length's JSON."""
     from qtune.memory.plan import ASSUMPTIONS, best_rung, ladder
     from qtune.memory.tracer import fmt_bytes
-    from qtune.train.run import position_limit
+    from qtune.config import position_limit
 
     rungs = ladder(s, budget, position_limit(s.cfg))
     table = Table(title=f"{recipe}: longest micro-batch of {s.micro_batch_size} sequence(s) in {fmt_bytes(budget)}, "

@@ -101,7 +101,7 @@ def _position_check(recipe, model_dir: Path) -> list[tuple[bool, str]]:
     """Whether the recipe's sequences fit the model's positions (read from config.json, no weights loaded)."""
     from qtune.config import ConfigError, ModelConfig
     from qtune.train.common import TrainingError
-    from qtune.train.run import check_positions
+    from qtune.train.preflight import check_positions
 
     if not (model_dir / "config.json").is_file():
         return []

@@ -140,7 +140,7 @@ def check_fits(recipe) -> None:
     """Before the model loads: refuse a data.max_seq_len the planner says does not fit the card, naming the
     longest that fits and the switches that would help (TrainingError). Nothing is checked on a CPU."""
     from qtune.train.common import TrainingError
-    from qtune.train.run import position_limit
+    from qtune.config import position_limit
 
     budget, s = card_budget(), recipe_step(recipe)
     if budget is None or s is None:
@@ -160,7 +160,7 @@ def out_of_memory_message(recipe, error: BaseException) -> str:
     from pathlib import Path
 
     from qtune.train.common import Checkpointer
-    from qtune.train.run import position_limit
+    from qtune.config import position_limit
 
     budget, s = card_budget(), recipe_step(recipe)
     try:
