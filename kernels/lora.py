@@ -23,7 +23,7 @@ What backward keeps and what it recomputes (the point of fusing):
   adapter its own mask as separate dropout modules would, and its own p (`LoraParams.dropout`, unless
   the call passes one p for all). A checkpointed call recomputes the same masks only if it gets the same
   seed: pass `seed` where the checkpoint does not restore the RNG state (`preserve_rng_state=False`).
-- The MLP recomputes h = act(g) * u in backward instead of saving it.
+- The MLP recomputes h = act(g) * u in backward instead of saving it (the activations: kernels/gated.py).
 
 The `@triton.jit` kernels and their launchers live in kernels/triton/lora.py, imported only when one
 runs: triton is optional, and this file imports without it.
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from qtune.kernels import KernelSpec
 from qtune.kernels.dispatch import autocast_off, compute_dtype, use_triton
+from qtune.kernels.gated import GATED, gated, gated_backward_inplace
 from qtune.kernels.nf4 import dequantize_into_workspace, nf4_matmul
 
 
@@ -78,37 +79,6 @@ def reference_lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout
     else:
         x_d = reference_dropout(x, keep_mask, dropout)
     return y + scale * F.linear(F.linear(x_d, lora_a.to(x.dtype)), lora_b.to(x.dtype))
-
-
-def reference_swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """h = silu(g) · u."""
-    return F.silu(g) * u
-
-
-def reference_swiglu_backward(dh, g, u) -> tuple[torch.Tensor, torch.Tensor]:
-    """dg = dh · u · σ(g) · (1 + g · (1 - σ(g))),  du = dh · silu(g)."""
-    sig = torch.sigmoid(g)
-    return dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
-
-
-GELU_C = (2.0 / torch.pi) ** 0.5  # √(2/π) of the tanh approximation
-
-
-def reference_geglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """h = gelu_tanh(g) · u, gelu_tanh(g) = ½ g (1 + tanh(√(2/π) (g + 0.044715 g³)))."""
-    return F.gelu(g, approximate="tanh") * u
-
-
-def reference_geglu_backward(dh, g, u) -> tuple[torch.Tensor, torch.Tensor]:
-    """dg = dh · u · (½ (1 + t) + ½ g (1 − t²) √(2/π) (1 + 3 · 0.044715 g²)), du = dh · gelu_tanh(g),
-    with t = tanh(√(2/π) (g + 0.044715 g³))."""
-    t = torch.tanh(GELU_C * (g + 0.044715 * g ** 3))
-    dgelu = 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * g * g)
-    return dh * u * dgelu, dh * 0.5 * g * (1 + t)
-
-
-GATED = {"silu": (reference_swiglu, reference_swiglu_backward), "gelu_pytorch_tanh": (reference_geglu,
-                                                                                      reference_geglu_backward)}
 
 
 def _reference_projection(x, p: LoraParams, dropout, training, keep_mask):
@@ -195,49 +165,6 @@ MAX_SEED = 2**31 - 8  # seed + i of every projection stays an int32 kernel argum
 def new_dropout_seed() -> int:
     """A dropout seed drawn from torch's default generator (what the ops draw on each training call)."""
     return int(torch.randint(0, MAX_SEED, ()).item())
-
-
-def swiglu(g: torch.Tensor, u: torch.Tensor, triton_path: bool) -> torch.Tensor:
-    """h = silu(g) · u."""
-    if triton_path:
-        return _kernels().launch_swiglu(g, u)
-    return F.silu(g).mul_(u)  # one (N, I) buffer instead of reference_swiglu's two
-
-
-def geglu(g: torch.Tensor, u: torch.Tensor, triton_path: bool) -> torch.Tensor:
-    """h = gelu_tanh(g) · u."""
-    if triton_path:
-        return _kernels().launch_geglu(g, u)
-    return F.gelu(g, approximate="tanh").mul_(u)
-
-
-def geglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, triton_path: bool):
-    """Returns (dg, du), dg being `dh` overwritten in place (as in `swiglu_backward_inplace`)."""
-    if triton_path:
-        return _kernels().launch_geglu_backward_inplace(dh, g, u)
-    dg, du = reference_geglu_backward(dh, g, u)
-    return dh.copy_(dg), du
-
-
-def gated(g: torch.Tensor, u: torch.Tensor, run) -> torch.Tensor:
-    """h = act(g) · u for the run's activation."""
-    return (swiglu if run.activation == "silu" else geglu)(g, u, run.triton_path)
-
-
-def gated_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, run):
-    """(dg, du) of `gated`, dg written over dh."""
-    backward = swiglu_backward_inplace if run.activation == "silu" else geglu_backward_inplace
-    return backward(dh, g, u, run.triton_path)
-
-
-def swiglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, triton_path: bool):
-    """Returns (dg, du), dg being `dh` overwritten in place (a backward temporary nothing else reads)."""
-    if triton_path:
-        return _kernels().launch_swiglu_backward_inplace(dh, g, u)
-    # The reference's formula with in-place steps: one (N, I) temporary besides du.
-    du = F.silu(g).mul_(dh)  # dh · silu(g)
-    sig = torch.sigmoid(g)
-    return dh.mul_(u).mul_(sig).mul_(sig.neg_().add_(1).mul_(g).add_(1)), du  # dh · u · σ · (1 + g(1 - σ))
 
 
 # ----------------------------------------------------------------------------- one projection, forward and backward
@@ -362,7 +289,7 @@ class GatedDownTapFn(torch.autograd.Function):
     @autocast_off
     def forward(ctx, g, u, frozen_down, run, *adapter):
         down = _with_adapters((frozen_down,), adapter)[0] if adapter else frozen_down
-        h = gated(g, u, run)  # (N, I)
+        h = gated(g, u, run.activation, run.triton_path)  # (N, I)
         xa = None if down.lora_a is None else _dropped(h, run, 2) @ down.lora_a.to(h.dtype).t()  # (N, r)
         ctx.save_for_backward(g, u, *([] if xa is None else [xa]), *adapter)
         ctx.frozen, ctx.run = frozen_down, run
@@ -378,12 +305,12 @@ class GatedDownTapFn(torch.autograd.Function):
         if rest:
             xa, lora_a, lora_b = rest
             down = ctx.frozen._replace(lora_a=lora_a, lora_b=lora_b)
-            h = gated(g, u, run)  # recomputed for dA only
+            h = gated(g, u, run.activation, run.triton_path)  # recomputed for dA only
             dyb, d_a, d_b = _adapter_backward(dout.contiguous(), h, xa, down, run, 2)
             del h
             _add_adapter_dx(dh, dyb, down, run, 2)  # dh is BaseProductFn's fresh dY W, read by nothing else
             grads = [d_a, d_b]
-        dg, du = gated_backward_inplace(dh.contiguous(), g, u, run)  # (N, I) each
+        dg, du = gated_backward_inplace(dh.contiguous(), g, u, run.activation, run.triton_path)  # (N, I) each
         return dg, du, None, None, *grads
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from qtune.kernels import lora
+from qtune.kernels import gated, lora
 from qtune.kernels.lora import LoraParams, lora_linear, lora_mlp, lora_qkv
 from qtune.weights.nf4 import quantize_nf4
 
@@ -241,11 +241,10 @@ def test_gated_activation_kernels_match_autograd(activation):
     h = (F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")) * u
     dg_ref, du_ref = torch.autograd.grad(h, (g, u), dh)
     g, u = g.detach(), u.detach()
-    close(lora.GATED[activation][1](dh, g, u)[0], dg_ref)
+    close(gated.GATED[activation][1](dh, g, u)[0], dg_ref)
     for triton_path in (True, False):
-        run = lora._Run((0.0, 0.0, 0.0), 0, triton_path, activation)
-        close(lora.gated(g, u, run), h.detach())
-        dg, du = lora.gated_backward_inplace(dh.clone(), g, u, run)
+        close(gated.gated(g, u, activation, triton_path), h.detach())
+        dg, du = gated.gated_backward_inplace(dh.clone(), g, u, activation, triton_path)
         close(dg, dg_ref)
         close(du, du_ref)
 
