@@ -65,12 +65,13 @@ def adapter_config(model: nn.Module, name: str) -> tuple[LoraConfig, list[str]]:
     return next(iter(carriers.values())).configs[name], list(carriers)
 
 
-def peft_config_dict(cfg: LoraConfig, module_names: list[str], base_model_name_or_path: str = "") -> dict:
+def peft_config_dict(cfg: LoraConfig, module_names: list[str]) -> dict:
     """The `adapter_config.json` PEFT writes for a plain LoRA adapter on a causal LM; a PiSSA / LoftQ adapter as
-    PEFT converts one (rank 2r, alpha raised to keep s), with qtune's keys to split it again (PEFT ignores them)."""
+    PEFT converts one (rank 2r, alpha raised to keep s), with qtune's keys to split it again (PEFT ignores them).
+    `base_model_name_or_path` is left None here: saving (qtune/peft/io.py) fills it in for every method."""
     if cfg.init != "default":
         widened = dict(r=2 * cfg.r, alpha=cfg.alpha * (math.sqrt(2) if cfg.rslora else 2), init="default")
-        return {**peft_config_dict(dataclasses.replace(cfg, **widened), module_names, base_model_name_or_path),
+        return {**peft_config_dict(dataclasses.replace(cfg, **widened), module_names),
                 "qtune_init": cfg.init, "qtune_residual_rank": cfg.r}
     targets = cfg.target_modules
     if targets == "all-linear":
@@ -79,7 +80,7 @@ def peft_config_dict(cfg: LoraConfig, module_names: list[str], base_model_name_o
     elif not isinstance(targets, str):
         targets = list(targets)
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
         "revision": None, "inference_mode": True, "r": cfg.r,
         "lora_alpha": int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha,
         "lora_dropout": cfg.dropout, "target_modules": targets, "use_rslora": cfg.rslora, "bias": "none",
