@@ -205,3 +205,20 @@ def test_sft_dpo_reward_train_through_the_cli_and_generate_and_eval_serve_it(cli
         assert saved["qtune_placement"] == ["start:1", "response:3"]
     with_adapter, without = serve_with_adapter(cli_dir, tmp_path / "sft" / "adapter", "none", tmp_path)
     assert abs(with_adapter - without) > 1e-4
+
+
+def test_eval_harness_scores_continuations_after_the_placed_tokens(cli_dir, tmp_path):
+    """lm-eval's log-likelihood of a continuation: the "response" tokens go between context and continuation."""
+    pytest.importorskip("lm_eval")
+    from qtune.train.harness import QtuneLM
+
+    m = qtune_with("p_tuning", cli_dir, placement=SPLIT)
+    save_adapter(m, tmp_path / "a")
+    backend = QtuneLM(pretrained=str(cli_dir), adapter=str(tmp_path / "a"), quantize="none", dtype="float32",
+                      batch_size=2)
+    hf = hf_model(cli_dir)
+    table = m.virtual_tokens.encoders["default"]().detach()
+    with torch.no_grad():
+        want = [reference_reply_logprobs(hf, table, p, r, 1).item() for p, r in ROWS]
+    got = [logp for logp, _ in backend.score(ROWS)]
+    assert max(abs(a - b) for a, b in zip(got, want)) <= TOL
