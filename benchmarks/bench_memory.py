@@ -267,8 +267,9 @@ def report(args, result: dict) -> None:
         print(f"  peer  step seq {args.seq}: peak {fmt_bytes(p['step_peak'])} (load peak {fmt_bytes(p['load_peak'])}), "
               f"{p['step_s']:.0f} s; qtune / peer = {result['qtune_over_peer']:.3f}")
     for method, m in result["methods"].items():
-        print(f"  qlora + {method:10s}: {m['trainable_params']:>11,} trainable, adapters {fmt_bytes(m['adapter_bytes'])}, "
-              f"resident {fmt_bytes(m['total_bytes'])}, estimated bf16 step peak {fmt_bytes(m['estimate_peak_bf16'])}")
+        print(f"  qlora + {method:10s}: {m['trainable_params']:>11,} trainable, adapters "
+              f"{fmt_bytes(m['adapter_bytes'])}, resident {fmt_bytes(m['total_bytes'])}, estimated bf16 step peak "
+              f"{fmt_bytes(m['estimate_peak_bf16'])}")
     print(f"  floor {fmt_bytes(result['floor_bytes'])}; qtune / floor = {result['qtune_over_floor']:.3f}")
     for t in result["traces"]:
         print(f"  tracer {t['dtype']} seq {t['seq']}: {fmt_bytes(t['trace_peak'])}, estimate {fmt_bytes(t['estimate_peak'])} "

@@ -15,7 +15,8 @@ from qtune.recipe.peft import PeftSection
 def traced_and_estimated(method: str, changes: dict, batch: int, seq: int, dtype: str, ckpt: bool) -> tuple[int, int]:
     cfg = small_cfg(**changes)
     traced = trace_step(cfg, batch, seq, getattr(torch, dtype), gradient_checkpointing=ckpt, method=method)
-    shape = StepShape(cfg, batch, seq, dtype, gradient_checkpointing=ckpt, method=method, peft=PeftSection(method=method))
+    shape = StepShape(cfg, batch, seq, dtype, gradient_checkpointing=ckpt, method=method,
+                      peft=PeftSection(method=method))
     predicted = estimate(shape)
     assert sum(predicted.parts.values()) == predicted.peak_bytes
     return traced.peak_bytes, predicted.peak_bytes

@@ -55,7 +55,8 @@ def batch_of(rows) -> dict:
 def reference_embeds(hf, table, prompt, reply, k_start) -> torch.Tensor:
     """(1, L, D): the virtual tokens spliced by hand, [P[:k] E(prompt) P[k:] E(reply)]."""
     embed = hf.get_input_embeddings()
-    parts = [table[:k_start], embed(torch.tensor(prompt)), table[k_start:], embed(torch.tensor(reply, dtype=torch.long))]
+    reply = torch.tensor(reply, dtype=torch.long)  # may be empty (greedy decoding's first step)
+    parts = [table[:k_start], embed(torch.tensor(prompt)), table[k_start:], embed(reply)]
     return torch.cat(parts)[None]
 
 
@@ -162,8 +163,9 @@ def test_leading_placement_is_peft_with_the_qtune_field_ignored(tiny_dir, tmp_pa
     ref = peft.PeftModel.from_pretrained(hf_model(tiny_dir), tmp_path / "a").eval()
     ids = torch.randint(3, 160, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert max_diff(m(ids), ref(input_ids=ids).logits[:, N_VIRTUAL:]) <= TOL  # PEFT returns the virtual positions too
-        assert place_in_batch(m, batch_of(ROWS)) is not None and m.virtual_tokens.placement() is None
+        assert max_diff(m(ids), ref(input_ids=ids).logits[:, N_VIRTUAL:]) <= TOL  # PEFT's has the virtual ones too
+        plain = batch_of(ROWS)
+        assert place_in_batch(m, plain) is plain and m.virtual_tokens.placement() is None
     with adapters_disabled(m):
         assert m.virtual_tokens.placed() is None
 
@@ -222,3 +224,18 @@ def test_eval_harness_scores_continuations_after_the_placed_tokens(cli_dir, tmp_
         want = [reference_reply_logprobs(hf, table, p, r, 1).item() for p, r in ROWS]
     got = [logp for logp, _ in backend.score(ROWS)]
     assert max(abs(a - b) for a, b in zip(got, want)) <= TOL
+
+
+@pytest.mark.parametrize("bad", [["middle"], ["start:1", "response:1"], "response", [3]])
+def test_saved_placement_that_does_not_fit_is_refused_naming_the_file(tiny_dir, tmp_path, bad):
+    from qtune.lora.peft import AdapterError
+
+    save_adapter(qtune_with("p_tuning", tiny_dir, placement=SPLIT), tmp_path / "a")
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "qtune_placement": bad}))
+    (tmp_path / "a" / "qtune-manifest.json").unlink()  # as a hand-edited (or peft-written) directory has none
+    m = load_model(tiny_dir, quantize="none")
+    with pytest.raises(AdapterError, match="adapter_config.json: qtune_placement"):
+        load_adapter(m, tmp_path / "a")
+    assert m.virtual_tokens is None

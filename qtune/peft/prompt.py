@@ -255,7 +255,7 @@ class PTuningMethod(PromptTuningMethod):
 
     def attach(self, model, recipe, name, seed):
         section = recipe.peft.p_tuning
-        placement = parse_placement(section.placement, section.num_virtual_tokens)  # the recipe check refused data it cannot hold
+        placement = parse_placement(section.placement, section.num_virtual_tokens)  # its data: the recipe's check
         check_packing(model, recipe, section.num_virtual_tokens)
         D = model.config.hidden_size
         encoder = seeded(seed, lambda: PromptEncoder(section.num_virtual_tokens, D, section.encoder_hidden_size,
@@ -267,9 +267,11 @@ class PTuningMethod(PromptTuningMethod):
         model.virtual_tokens.place(name, placement, model.model.embed_tokens.num_embeddings)
 
     def load(self, model, config, tensors, path, name):
-        n = config.get("num_virtual_tokens")
-        try:  # PEFT's own adapters have no placement: all lead
-            placement = parse_placement(config.get("qtune_placement") or ["start"], n if isinstance(n, int) else 0)
+        n, entries = config.get("num_virtual_tokens"), config.get("qtune_placement") or ["start"]  # PEFT's: all lead
+        try:
+            if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+                raise ValueError(f"expected a list of strings such as [\"start:4\", \"response:16\"], got {entries!r}")
+            placement = parse_placement(entries, n if isinstance(n, int) else 0)
         except ValueError as e:
             raise AdapterError(f"{path / ADAPTER_CONFIG}: qtune_placement: {e}") from None
         config = super().load(model, config, tensors, path, name)

@@ -110,7 +110,7 @@ class PTuningSection:
     encoder_hidden_size: int = 128
     """Hidden width of the prompt encoder."""
     placement: list[str] = field(default_factory=lambda: ["start"])
-    """Where the virtual tokens go: "start" (before everything, PEFT's), "response" (after the prompt), or counts: ["start:4", "response:16"]."""
+    """Virtual-token anchors: "start" (PEFT's), "response" (before the reply) or counts ["start:4", "response:16"]."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from positive_ints(self, "num_virtual_tokens", "encoder_hidden_size")
