@@ -3,7 +3,8 @@ pseudo tokens before the input and between the input and the output: "[P0..Pi] x
 
 A placement is ((anchor, count), ...) in the order the anchors occur (qtune/recipe/peft.py `parse_placement`):
 "start" is before everything (BOS included, where PEFT puts all of them), "response" is after the prompt, just
-before the first token the example trains (the reply). The virtual tokens become ordinary input positions: the
+before the first token the example trains (the reply; a conversation's first assistant turn, while generation
+puts them at the end of whatever prompt it is given). The virtual tokens become ordinary input positions: the
 model embeds id V + j (V the vocabulary size) as row j of the adapter's table (qtune/model.py `embed`), so
 positions, masks and the KV cache count them as they count any token, and they attend to what precedes them.
 
