@@ -10,6 +10,8 @@
    backend) on a random bf16 checkpoint written shard by shard for it and deleted afterwards.
 3. The tracer's replay of the step on fake tensors: fp32 (the measured step) and bf16 (a GPU), and the
    estimator's prediction of each.
+4. One table of every [peft] method at its default size on the NF4 base: trainable parameters, adapter
+   bytes, resident bytes and the estimator's bf16 step peak (the accounting only, nothing measured).
 
 Memory is the kernel's count for each process (/proc/self/status VmHWM, reset once the model is loaded).
 Every process runs with MALLOC_MMAP_THRESHOLD_=65536, so glibc returns freed buffers to the kernel and the
@@ -149,37 +151,32 @@ def regimes(shape: str, r: int) -> dict:
     return out
 
 
-def virtual_methods(shape: str, seq: int, batch: int) -> dict:
-    """Prompt tuning, P-tuning and prefix tuning at their recipe defaults on the NF4 base: trainable parameters,
-    adapter bytes (weights, gradients, AdamW state) and the estimator's bf16 step peak (the accounting only)."""
+def method_rows(shape: str, r: int, seq: int, batch: int) -> dict:
+    """Every [peft] method at its default size (the recipe's defaults; LoRA also with PiSSA's residual pairs) on
+    the NF4 base: trainable parameters, adapter bytes (fp32 weights, gradients, AdamW state), what stays resident
+    (base + adapter) and the estimator's bf16 step peak at `seq` x `batch`. The LoRA-shaped methods come from the
+    QLoRA regime's accounting; the virtual-token ones (no adapted layer) add their tensors to the same base."""
     from qtune.memory.accounting import VIRTUAL_METHODS, virtual_state_nbytes, virtual_token_numels
     from qtune.recipe.peft import PeftSection
 
-    cfg = shape_config(shape)
-    out = {}
-    for method in VIRTUAL_METHODS:
-        peft = PeftSection(method=method)
-        numels = virtual_token_numels(cfg, peft)
-        n = getattr(peft, method).num_virtual_tokens
-        step = StepShape(cfg, micro_batch_size=batch, seq_len=seq, r=0, targets=(), method=method,
-                         virtual_numels=tuple(numels), virtual_tokens=n)
-        out[method] = {"trainable_params": sum(numels), "adapter_bytes": sum(virtual_state_nbytes(numels).values()),
-                       "estimate_peak_bf16": estimate(step).peak_bytes}
-    return out
-
-
-def method_rows(shape: str, r: int) -> dict:
-    """The QLoRA regime's accounting with each [peft] method at its default size (the recipe's defaults), and
-    LoRA with PiSSA / LoftQ's residual pairs."""
-    from qtune.recipe.peft import PeftSection
-
     cfg, out = shape_config(shape), {}
-    for method, init in [(m, "default") for m in ACCOUNTED_METHODS] + [("lora", "pissa")]:
+    for method, init in [(m, "default") for m in ACCOUNTED_METHODS + VIRTUAL_METHODS] + [("lora", "pissa")]:
         peft = PeftSection(method=method)
-        rank = peft.adalora.init_r if method == "adalora" else r
-        acc = regime_bytes(cfg, "qlora", rank, method=method, peft=peft, init=init)
+        if method in VIRTUAL_METHODS:
+            numels = virtual_token_numels(cfg, peft)
+            base = regime_bytes(cfg, "qlora", r, method="lora")
+            trainable, adapters = sum(numels), sum(virtual_state_nbytes(numels).values())
+            total = base.total - base.adapters + adapters
+            step = StepShape(cfg, micro_batch_size=batch, seq_len=seq, r=0, targets=(), method=method,
+                             virtual_numels=tuple(numels), virtual_tokens=getattr(peft, method).num_virtual_tokens)
+        else:
+            rank = peft.adalora.init_r if method == "adalora" else r
+            acc = regime_bytes(cfg, "qlora", rank, method=method, peft=peft, init=init)
+            trainable, adapters, total = acc.trainable_params, acc.adapters, acc.total
+            step = StepShape(cfg, micro_batch_size=batch, seq_len=seq, r=rank, method=method, peft=peft, init=init)
         name = method if init == "default" else f"{method}+{init}"
-        out[name] = {"trainable_params": acc.trainable_params, "adapter_bytes": acc.adapters, "total_bytes": acc.total}
+        out[name] = {"trainable_params": trainable, "adapter_bytes": adapters, "total_bytes": total,
+                     "estimate_peak_bf16": estimate(step).peak_bytes}
     return out
 
 
@@ -270,15 +267,13 @@ def report(args, result: dict) -> None:
         print(f"  peer  step seq {args.seq}: peak {fmt_bytes(p['step_peak'])} (load peak {fmt_bytes(p['load_peak'])}), "
               f"{p['step_s']:.0f} s; qtune / peer = {result['qtune_over_peer']:.3f}")
     for method, m in result["methods"].items():
-        print(f"  qlora + {method:8s}: {m['trainable_params']:>11,} trainable, adapters {fmt_bytes(m['adapter_bytes'])}, "
-              f"resident {fmt_bytes(m['total_bytes'])}")
+        print(f"  qlora + {method:10s}: {m['trainable_params']:>11,} trainable, adapters "
+              f"{fmt_bytes(m['adapter_bytes'])}, resident {fmt_bytes(m['total_bytes'])}, estimated bf16 step peak "
+              f"{fmt_bytes(m['estimate_peak_bf16'])}")
     print(f"  floor {fmt_bytes(result['floor_bytes'])}; qtune / floor = {result['qtune_over_floor']:.3f}")
     for t in result["traces"]:
         print(f"  tracer {t['dtype']} seq {t['seq']}: {fmt_bytes(t['trace_peak'])}, estimate {fmt_bytes(t['estimate_peak'])} "
               f"({t['estimate_peak'] / t['trace_peak']:.3f})")
-    for method, v in result["virtual_methods"].items():
-        print(f"  {method:8s} (NF4 base) trainable {v['trainable_params']:,}, adapter state "
-              f"{fmt_bytes(v['adapter_bytes'])}, estimated bf16 step peak {fmt_bytes(v['estimate_peak_bf16'])}")
 
 
 def csv_rows(args, result: dict) -> list[dict]:
@@ -295,7 +290,7 @@ def csv_rows(args, result: dict) -> list[dict]:
         c = f"{args.shape},seq={t['seq']},r={args.rank},{t['dtype']}"
         rows += [{"case": c, "impl": "tracer", "metric": "peak", "value": t["trace_peak"], "unit": "B"},
                  {"case": c, "impl": "estimate", "metric": "peak", "value": t["estimate_peak"], "unit": "B"}]
-    for method, v in result["virtual_methods"].items():
+    for method, v in result["methods"].items():
         rows.append({"case": f"{args.shape},seq={args.seq},b={args.batch}", "impl": method, "metric": "estimate_peak",
                      "value": v["estimate_peak_bf16"], "unit": "B"})
     if result.get("bytes_per_token"):
@@ -325,13 +320,12 @@ def main() -> None:
     floor = main_run["runtime_rss"] + fp32["estimate_peak"]
     result = {"shape": args.shape, "seq": args.seq, "rank": args.rank, "qtune": qtune, "peer": peer, "traces": traces,
               "bytes_per_param": {r: per_param[r]["per_param"] for r in REGIMES}, "regimes": per_param,
-              "methods": method_rows(args.shape, args.rank),
+              "methods": method_rows(args.shape, args.rank, args.seq, args.batch),
               "qtune_peak_bytes": main_run["step_peak"], "peer_peak_bytes": peer["step_peak"] if peer else None,
               "floor_bytes": floor, "qtune_over_floor": main_run["step_peak"] / floor,
               "qtune_over_peer": main_run["step_peak"] / peer["step_peak"] if peer else None,
               "tracer_fp32_over_measured": fp32["trace_peak"] / main_run["step_peak_tensors"],
-              "estimate_fp32_over_measured": fp32["estimate_peak"] / main_run["step_peak_tensors"],
-              "virtual_methods": virtual_methods(args.shape, args.seq, args.batch)}
+              "estimate_fp32_over_measured": fp32["estimate_peak"] / main_run["step_peak_tensors"]}
     if len(qtune) == 2:
         a, b = qtune
         result["bytes_per_token"] = (b["step_peak"] - a["step_peak"]) / ((b["seq"] - a["seq"]) * args.batch)

@@ -47,6 +47,14 @@ def usual_size(method: str, steps: int) -> list[str]:
     }.get(method, [])
 
 
+VARIANTS = {  # a method with one setting changed, run only when --methods names it
+    "p_tuning@response": ("p_tuning", ['peft.p_tuning.placement=["response"]']),
+    "p_tuning@split": ("p_tuning", ['peft.p_tuning.placement=["start:10","response:10"]']),
+}
+"""P-tuning's virtual tokens before the reply, or half before everything and half before the reply (the
+default, "p_tuning", puts all 20 first, as PEFT does)."""
+
+
 def task_overrides(task: str, args) -> list[str]:
     """The recipe and overrides of a task, the same for every method."""
     if task == "quickstart":
@@ -67,9 +75,11 @@ def trainable_params(run_dir: Path, steps: int) -> int:
 def run_one(task: str, method: str, args, out: Path) -> dict:
     run_dir = out / f"{task}-{method}"
     recipe, *overrides = task_overrides(task, args)
+    base, changed = VARIANTS.get(method, (method, []))
+    size = usual_size(base, args.steps) + changed
     cmd = [sys.executable, "-c", "from qtune.cli import main; main()", "sft", recipe, f"model.path={args.model}",
            f"output.dir={run_dir}", "data.cache_dir=", f"train.max_steps={args.steps}", "train.save_every=0",
-           "train.log_every=1", f"peft.method={method}", *overrides, *usual_size(method, args.steps)]
+           "train.log_every=1", f"peft.method={base}", *overrides, *size]
     # outside the repository: its kernels/ folder would shadow the `kernels` package bitsandbytes imports
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
     if proc.returncode != 0:
@@ -77,7 +87,7 @@ def run_one(task: str, method: str, args, out: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 1]
-    row = {"task": task, "method": method, "size": " ".join(usual_size(method, args.steps)) or "defaults",
+    row = {"task": task, "method": method, "size": " ".join(size) or "defaults",
            "trainable_params": trainable_params(run_dir, args.steps), "peak_memory_bytes": summary["peak_memory_bytes"],
            "tokens_per_s": statistics.median(speeds) if speeds else None,
            "val_loss_before": summary["val_loss_before"], "val_loss_after": summary["val_loss_after"],
@@ -91,15 +101,15 @@ def run_one(task: str, method: str, args, out: Path) -> dict:
 
 def report(rows: list[dict], args, device: str) -> None:
     print(f"{args.model}, NF4 base, {args.steps} steps each, {device}")
-    print(f"{'task':10s} {'method':8s} {'trainable':>10s} {'peak MB':>8s} {'tok/s':>7s} {'loss before':>11s} "
+    print(f"{'task':10s} {'method':17s} {'trainable':>10s} {'peak MB':>8s} {'tok/s':>7s} {'loss before':>11s} "
           f"{'loss after':>10s} {'EM before':>9s} {'EM after':>8s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['task']:10s} {r['method']:8s} failed: {r['error']}")
+            print(f"{r['task']:10s} {r['method']:17s} failed: {r['error']}")
             continue
         em = (f"{r['exact_match_before']:9.3f} {r['exact_match_after']:8.3f}" if "exact_match_after" in r
               else f"{'-':>9s} {'-':>8s}")
-        print(f"{r['task']:10s} {r['method']:8s} {r['trainable_params']:>10,} {r['peak_memory_bytes'] / 2**20:8.0f} "
+        print(f"{r['task']:10s} {r['method']:17s} {r['trainable_params']:>10,} {r['peak_memory_bytes'] / 2**20:8.0f} "
               f"{r['tokens_per_s']:7.0f} {r['val_loss_before']:11.4f} {r['val_loss_after']:10.4f} {em}")
 
 
@@ -118,7 +128,8 @@ def csv_rows(rows: list[dict], steps: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps of every run (the same for all)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated [peft] methods (default: all)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated [peft] methods (default: all) or variants: {', '.join(VARIANTS)}")
     ap.add_argument("--tasks", default="quickstart,alpaca")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=str(ALPACA_DEMO), help="Alpaca-format JSON file for the alpaca task")
@@ -126,7 +137,8 @@ def main() -> None:
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args()
     methods, tasks = args.methods.split(","), args.tasks.split(",")
-    unknown = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in ("quickstart", "alpaca")]
+    unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
+    unknown += [t for t in tasks if t not in ("quickstart", "alpaca")]
     if unknown:
         sys.exit(f"unknown method or task {unknown}; methods: {', '.join(METHODS)}; tasks: quickstart, alpaca")
     if "alpaca" in tasks and not Path(args.data).is_file():

@@ -70,6 +70,8 @@ def generate(model: CausalLM, prompts: list[list[int]], *, tokenizer=None, max_n
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the bos token)")
+    place = getattr(model.virtual_tokens, "place_prompt", None)  # P-tuning's virtual tokens placed in the prompt
+    prompts = [place(p) for p in prompts] if place is not None else prompts
     device = model.model.embed_tokens.weight.device
     gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

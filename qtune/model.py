@@ -28,7 +28,9 @@ tokens of prompt tuning, the prefix of prefix tuning) that every later token att
 Virtual tokens (two optional slots, None by default, filled by qtune/peft/): `virtual_tokens` gives N
 embeddings put in front of the input, `kv_prefix` gives N keys and values put in front of every layer's. As
 PEFT counts them, they take positions 0..N-1 and each real token's position moves up by N; they enter once
-(the first call of a KV cache), and hidden_states returns the real tokens' states only.
+(the first call of a KV cache), and hidden_states returns the real tokens' states only. Virtual tokens placed
+inside the input instead (P-tuning's templates) are ids from the vocabulary size up: id V + j is row j of the
+slot's `placed()` table; they are ordinary positions of the input.
 """
 
 import torch
@@ -379,7 +381,8 @@ class CausalLM(nn.Module):
         self.offload_checkpoints = False  # with gradient checkpointing: keep the checkpoints in host memory
         self.kernels = "auto"  # the kernel choice every layer and loss of this model uses; see set_kernels
         self.logit_softcap = cfg.final_logit_softcapping  # Gemma 2: the losses cap logits as forward() does
-        self.virtual_tokens: nn.Module | None = None  # module(B) -> (B, N, D) embeddings before the input, or None
+        # module(B) -> (B, N, D) embeddings before the input, or None; its placed() -> (N, D) rows of ids >= V, or None
+        self.virtual_tokens: nn.Module | None = None
         self.kv_prefix: nn.Module | None = None  # module(B) -> per layer (k, v) (B, H_kv, N, d) before its own, or None
 
     def set_rope_tables(self, device) -> None:
@@ -451,9 +454,14 @@ class CausalLM(nn.Module):
     def embed(self, input_ids) -> torch.Tensor:
         """Input embeddings (B, T, D); Gemma scales them by sqrt(D) rounded to their dtype (virtual tokens, which
         are embeddings already, are not scaled: transformers scales inside its embedding layer)."""
-        x = self.model.embed_tokens(input_ids)
+        placed = self.virtual_tokens.placed() if self.virtual_tokens is not None else None  # (N, D) or None
+        V = self.model.embed_tokens.num_embeddings
+        x = self.model.embed_tokens(input_ids if placed is None else input_ids.clamp(max=V - 1))
         if self.config.gemma_norms:
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        if placed is not None:  # ids V + j are the placed virtual tokens: row j of the table
+            rows = placed[(input_ids - V).clamp(min=0)].to(x.dtype)  # (B, T, D)
+            x = torch.where((input_ids >= V)[..., None], rows, x)
         return x
 
     def virtual_inputs(self, batch_size: int):

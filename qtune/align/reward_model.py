@@ -18,6 +18,7 @@ from torch import nn
 
 from qtune.lora import adapter_names, use_adapter
 from qtune.peft import load_adapter, load_extra_tensors
+from qtune.peft.placement import place_in_batch
 from qtune.align.preference_losses import pairwise_loss, preference_accuracy
 
 HEAD_PREFIX = "score"
@@ -81,6 +82,7 @@ class RewardModel:
     def score(self, batch: dict) -> torch.Tensor:
         """Rewards (S,) of a batch's right-padded sequences (input_ids, attention_mask, position_ids)."""
         with use_adapter(self.base, self.adapter):
+            batch = place_in_batch(self.base, batch)  # a P-tuning adapter's virtual tokens placed in the example
             hidden = self.base.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
         return self.head(hidden, batch["attention_mask"])
 

@@ -17,6 +17,7 @@ from qtune.config import ModelConfig
 from qtune.lora import adapter_parameters
 from qtune.memory.tracer import nbytes_of
 from qtune.model import CausalLM
+from qtune.recipe.peft import PeftSection
 from qtune.recipe.sections import LoRASection, TrainRecipe
 from qtune.train.common import ADAPTER, attach_adapter
 from qtune.weights.nf4 import NF4Weight, quantize_nf4
@@ -87,11 +88,13 @@ def _random(shape, dtype, device, generator) -> torch.Tensor:
 
 
 def add_trainable_lora(model: CausalLM, r: int, targets="all-linear", alpha: float = 16.0, dropout: float = 0.0,
-                       seed: int = 0) -> list[nn.Parameter]:
-    """Attach one fp32 LoRA adapter (B = 0) to `targets`, make only it trainable, return its parameters."""
+                       seed: int = 0, method: str = "lora") -> list[nn.Parameter]:
+    """Attach one fp32 LoRA adapter (B = 0) to `targets`, make only it trainable, return its parameters; `method`
+    another [peft] method with its default settings ("dora" reads r and targets too)."""
     if isinstance(targets, list):
         targets = tuple(targets)  # in the order given (a list would be sorted)
-    attach_adapter(model, TrainRecipe(lora=LoRASection(r=r, alpha=alpha, dropout=dropout, target_modules=targets)), seed)
+    lora = LoRASection(r=r, alpha=alpha, dropout=dropout, target_modules=targets)
+    attach_adapter(model, TrainRecipe(peft=PeftSection(method=method), lora=lora), seed)
     return adapter_parameters(model, ADAPTER)
 
 

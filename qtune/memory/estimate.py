@@ -124,7 +124,7 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     # Without a mask (the step's unpadded batch) SDPA takes K and V unrepeated (enable_gqa); a padded or packed
     # batch on a CPU repeats them up to H heads, which adds 2 b (q - kv) per token to this estimate.
     shapes = linear_shapes(cfg)
-    adapted = () if s.method in ("adapter", "ia3") else target_names(s.targets, bool(cfg.num_experts))
+    adapted = lora_targets(s)
     per_token = 0 if first_layer else 4  # norm 1: 1/rms (x itself is the layer's input)
     if set(adapted) & {"q_proj", "k_proj", "v_proj"}:
         per_token += b * D  # normed input, kept for dA of q / k / v
@@ -160,15 +160,22 @@ def saved_activation_bytes(s: StepShape, first_layer: bool) -> int:
     return N * per_token + casts
 
 
+def lora_targets(s: StepShape) -> tuple[str, ...]:
+    """The layers that carry a LoRA-shaped adapter (A, B): none for IA3 and bottleneck adapters, whatever [lora]
+    says (the virtual-token methods have no targets)."""
+    return () if s.method in ("adapter", "ia3") else target_names(s.targets, bool(s.cfg.num_experts))
+
+
 def rescaling_bytes_per_token(s: StepShape) -> int:
     """What DoRA and IA3 save per token and layer besides LoRA's terms, for their vectors' gradients: DoRA the
-    direction x Wᵀ of each adapted layer (its rank-r branch x_d Aᵀ too: no merged-weight path) and IA3 the
-    output it scales (k / v) or the input (feed-forward); their own inputs stay saved where LoRA saves them."""
+    direction x Wᵀ and the scaled branch s x_d Aᵀ Bᵀ of each adapted layer, both multiplied by g (and x_d Aᵀ
+    itself in fp32, where LoRA's merged-weight path would not save it), and IA3 the output it scales (k / v)
+    or the input (feed-forward); their own inputs stay saved where LoRA saves them."""
     cfg, b, shapes = s.cfg, s.b, linear_shapes(s.cfg)
     moe = bool(cfg.num_experts)
     if s.method == "dora":
-        adapted = target_names(s.targets, moe)
-        return sum(b * (shapes[n][0] + s.r) for n in adapted)
+        rank = s.r if s.dtype == "float32" else 0  # 16-bit: counted with LoRA's x_d Aᵀ
+        return sum(b * (2 * shapes[n][0] + rank) for n in lora_targets(s))
     if s.method == "ia3":
         ff = set(target_names(s.peft.ia3.feedforward_modules, moe))
         scaled = target_names(s.peft.ia3.target_modules, moe)
@@ -179,7 +186,7 @@ def rescaling_bytes_per_token(s: StepShape) -> int:
 def mlp_saved_per_token(s: StepShape) -> int:
     """Bytes the MLP saves for backward per token: the normed input for the gate / up adapters, gate(x) (SiLU's
     input), silu(gate(x)) and up(x) (the product's inputs), and the product for an adapted down projection."""
-    b, adapted = s.b, target_names(s.targets, bool(s.cfg.num_experts))
+    b, adapted = s.b, lora_targets(s)
     I = active_intermediate(s.cfg)
     per_token = b * s.cfg.hidden_size if set(adapted) & {"gate_proj", "up_proj"} else 0
     return per_token + 3 * b * I + (b * I if "down_proj" in adapted else 0)
@@ -213,15 +220,21 @@ def layer_transient_bytes(s: StepShape) -> int:
     lives until the first gradient is formed, and two gradients join the four saved tensors; without it,
     three gradients join the three saved by SiLU and the product. A tiled MLP holds one chunk's saved tensors and
     gradients, recomputed in its backward; then an RMSNorm's backward may be the larger, with three fp32 (N, D)
-    tensors (x r, the weighted gradient and their product, `RMSNormFn.backward`).
+    tensors (x r, the weighted gradient and their product, `RMSNormFn.backward`). DoRA's row norms
+    ||W + s B A|| (outside autograd, every forward) hold W in fp32 (a copy unless the base is fp32 already),
+    B A and s B A: up to 12 bytes per weight of the largest adapted linear.
     """
     dequant = max(dequant_bytes(o, i, s.b) for o, i in linear_shapes(s.cfg).values()) if s.quantize == "nf4" else 0
-    gradients = 2 if "down_proj" in target_names(s.targets, bool(s.cfg.num_experts)) else 3
+    gradients = 2 if "down_proj" in lora_targets(s) else 3
     mlp_backward = gradients * s.b * s.mlp_tokens * active_intermediate(s.cfg)
     if s.tiles:
         mlp_backward += s.mlp_tokens * mlp_saved_per_token(s)
     norm_backward = 3 * 4 * s.tokens * s.cfg.hidden_size
-    return max(dequant, mlp_backward, norm_backward)
+    dora_norm = 0
+    if s.method == "dora":
+        shapes, w_copy = linear_shapes(s.cfg), 0 if s.quantize == "none" and s.b == 4 else 4
+        dora_norm = max((8 + w_copy) * math.prod(shapes[n]) for n in lora_targets(s))
+    return max(dequant, mlp_backward, norm_backward, dora_norm)
 
 
 def triton_loss_bytes(s: StepShape) -> int:

@@ -29,11 +29,11 @@ class StepSetup:
 def build_step(cfg: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dtype, device="cpu", r: int = 16,
                targets="all-linear", gradient_checkpointing: bool = True, quantize: str = "nf4",
                double_quant: bool = True, optimizer: str = "adamw", seed: int = 0, offload_checkpoints: bool = False,
-               tiled_mlp: str = "off") -> StepSetup:
-    """A random `cfg`-shaped model with a LoRA adapter in training mode, its optimizer and a random batch;
-    offload_checkpoints and tiled_mlp as the recipe keys train.offload_checkpoints and train.tiled_mlp."""
+               tiled_mlp: str = "off", method: str = "lora") -> StepSetup:
+    """A random `cfg`-shaped model with a LoRA adapter (or `method`'s) in training mode, its optimizer and a random
+    batch; offload_checkpoints and tiled_mlp as the recipe keys train.offload_checkpoints and train.tiled_mlp."""
     model = random_model(cfg, dtype, device, quantize=quantize, double_quant=double_quant, seed=seed)
-    params = add_trainable_lora(model, r, targets, seed=seed)
+    params = add_trainable_lora(model, r, targets, seed=seed, method=method)
     model.gradient_checkpointing = gradient_checkpointing
     set_long_context(model, offload_checkpoints, tiled_mlp)
     model.train()
@@ -73,7 +73,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 def trace_step(cfg: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16, r: int = 16,
                targets="all-linear", gradient_checkpointing: bool = True, quantize: str = "nf4",
                double_quant: bool = True, optimizer: str = "adamw", fake: bool = True, offload_checkpoints: bool = False,
-               tiled_mlp: str = "off") -> TraceReport:
+               tiled_mlp: str = "off", method: str = "lora") -> TraceReport:
     """Replay one steady-state step (optimizer state present) and report its peak live bytes.
 
     fake=True builds and runs everything on fake tensors (no memory; dtype=bfloat16 gives the GPU
@@ -81,7 +81,8 @@ def trace_step(cfg: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dty
     """
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
         setup = build_step(cfg, batch_size, seq_len, dtype, "cpu", r, targets, gradient_checkpointing, quantize,
-                           double_quant, optimizer, offload_checkpoints=offload_checkpoints, tiled_mlp=tiled_mlp)
+                           double_quant, optimizer, offload_checkpoints=offload_checkpoints, tiled_mlp=tiled_mlp,
+                           method=method)
         setup.model.set_kernels("torch")
         prime_optimizer(setup)
         resident = [*setup.model.parameters(), *setup.model.buffers(), *optimizer_tensors(setup.optimizer),

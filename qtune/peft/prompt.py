@@ -7,8 +7,10 @@ embeddings go in front of the input embeddings, through the model's `virtual_tok
 On disk (PEFT's format, peft_type PROMPT_TUNING / P_TUNING): `prompt_embeddings` (N, D) = P, the encoder
 folded away, as PEFT's `get_prompt_embedding_to_save` writes it; a loaded P-tuning adapter is that plain
 table. The virtual tokens take positions 0..N-1 and attend only to each other; every real token attends to
-them, in a packed row too (each packed example sees them as if it were alone). They are the same for every
-input, so nothing in the template places them: they always come first, as PEFT puts them.
+them, in a packed row too (each packed example sees them as if it were alone). So they come first, as PEFT
+puts them; P-tuning's `[peft.p_tuning] placement` may put some or all of them inside the example instead
+(before the reply, as the paper's templates do: placement.py), a qtune field of adapter_config.json
+(`qtune_placement`) that PEFT ignores, so PEFT serves only the leading placement the same.
 
 Neither method changes a weight, so `qtune merge` refuses them: serve the adapter with --adapter.
 """
@@ -22,6 +24,8 @@ from qtune.lora.adapters import _check_new_name, set_active_adapter
 from qtune.lora.host import AdapterHost
 from qtune.lora.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
 from qtune.peft.base import PeftMethod
+from qtune.peft.placement import prompt_with_virtual
+from qtune.recipe.peft import parse_placement
 from qtune.tokenizer import load_tokenizer
 from qtune.weights.checkpoint import resolve
 
@@ -87,11 +91,35 @@ class EncoderHost(AdapterHost):
 
 
 class VirtualTokens(EncoderHost):
-    """The model's `virtual_tokens` slot: the active adapter's N virtual-token embeddings for a batch."""
+    """The model's `virtual_tokens` slot: the active adapter's N virtual-token embeddings, in front of a batch
+    (`forward`) or, for a P-tuning adapter placed inside the input, as the rows of ids V .. V+N-1 (`placed`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.vocab_size = 0  # V: the first id that names a placed virtual token
+        self.placements: dict[str, tuple] = {}  # adapter -> ((anchor, count), ...) where not all lead
+
+    def place(self, name: str, placement: tuple, vocab_size: int) -> None:
+        """Put adapter `name`'s virtual tokens at `placement`'s anchors (nothing changes for all at "start")."""
+        if placement != (("start", sum(c for _, c in placement)),):
+            self.placements[name], self.vocab_size = placement, vocab_size
+
+    def placement(self) -> tuple | None:
+        """The active adapter's placement when its tokens go inside the input, else None."""
+        return self.placements.get(self.active)
 
     def forward(self, batch_size: int) -> torch.Tensor | None:
-        table = self.active_table()
+        table = None if self.placement() else self.active_table()
         return None if table is None else table.unsqueeze(0).expand(batch_size, -1, -1)  # (B, N, D)
+
+    def placed(self) -> torch.Tensor | None:
+        """(N, D): the embeddings of ids V .. V+N-1 while the active adapter places its tokens in the input."""
+        return self.active_table() if self.placement() else None
+
+    def place_prompt(self, ids: list[int]) -> list[int]:
+        """A prompt's ids as generation feeds them: with the placed virtual tokens, if any, at their anchors."""
+        placement = self.placement()
+        return ids if placement is None else prompt_with_virtual(ids, placement, self.vocab_size)
 
 
 def slot_host(model: nn.Module, slot: str, make_host) -> EncoderHost:
@@ -218,18 +246,34 @@ class PromptTuningMethod(PeftMethod):
 
 
 class PTuningMethod(PromptTuningMethod):
-    """P-tuning: the recipe's `[peft.p_tuning]`. Trains the prompt encoder; saves (and loads) its output."""
+    """P-tuning: the recipe's `[peft.p_tuning]`. Trains the prompt encoder; saves (and loads) its output and, as
+    `qtune_placement`, where its virtual tokens go."""
 
     name, peft_type = "p_tuning", "P_TUNING"
-    saved_fields = ("encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout")
+    saved_fields = ("encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout",
+                    "qtune_placement")
 
     def attach(self, model, recipe, name, seed):
         section = recipe.peft.p_tuning
+        placement = parse_placement(section.placement, section.num_virtual_tokens)  # its data: the recipe's check
         check_packing(model, recipe, section.num_virtual_tokens)
         D = model.config.hidden_size
         encoder = seeded(seed, lambda: PromptEncoder(section.num_virtual_tokens, D, section.encoder_hidden_size,
                                                      section.encoder))
         settings = {"encoder_reparameterization_type": section.encoder.upper(),
                     "encoder_hidden_size": section.encoder_hidden_size, "encoder_num_layers": 2,
-                    "encoder_dropout": 0.0}
+                    "encoder_dropout": 0.0, "qtune_placement": [f"{a}:{c}" for a, c in placement]}
         add_encoder(model, "virtual_tokens", VirtualTokens, name, self.name, encoder, settings)
+        model.virtual_tokens.place(name, placement, model.model.embed_tokens.num_embeddings)
+
+    def load(self, model, config, tensors, path, name):
+        n, entries = config.get("num_virtual_tokens"), config.get("qtune_placement") or ["start"]  # PEFT's: all lead
+        try:
+            if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+                raise ValueError(f"expected a list of strings such as [\"start:4\", \"response:16\"], got {entries!r}")
+            placement = parse_placement(entries, n if isinstance(n, int) else 0)
+        except ValueError as e:
+            raise AdapterError(f"{path / ADAPTER_CONFIG}: qtune_placement: {e}") from None
+        config = super().load(model, config, tensors, path, name)
+        model.virtual_tokens.place(name, placement, model.model.embed_tokens.num_embeddings)
+        return config

@@ -10,6 +10,9 @@ from typing import Iterator, Literal
 
 from qtune.recipe.schema import positive, positive_ints
 
+ANCHORS = ("start", "response")
+"""P-tuning's anchors in a rendered example, in the order they occur: before everything; after the prompt."""
+
 PEFT_METHODS = ("lora", "dora", "adalora", "ia3", "adapter", "prefix", "prompt", "p_tuning")
 
 
@@ -70,17 +73,69 @@ class PromptSection:
         yield from positive_ints(self, "num_virtual_tokens")
 
 
+def parse_placement(entries: list[str], n: int) -> tuple[tuple[str, int], ...]:
+    """P-tuning's `placement` as ((anchor, count), ...) in the order the anchors occur, counts summing to n.
+
+    One entry may name an anchor alone ("response": all n there); several each give a count ("start:4").
+    Raises ValueError saying what is wrong.
+    """
+    if not entries:
+        raise ValueError(f"the list is empty; give an anchor ({', '.join(map(repr, ANCHORS))}) or counts such as "
+                         f"[\"start:{n // 2}\", \"response:{n - n // 2}\"]")
+    counts: dict[str, int] = {}
+    for entry in entries:
+        anchor, sep, count = entry.partition(":")
+        if anchor not in ANCHORS:
+            raise ValueError(f"unknown anchor {anchor!r} in {entry!r}; anchors are {', '.join(map(repr, ANCHORS))}")
+        if anchor in counts:
+            raise ValueError(f"anchor {anchor!r} is given twice")
+        if not sep and len(entries) == 1:
+            counts[anchor] = n
+        elif not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"{entry!r}: give each anchor a positive count when there are several, e.g. "
+                             f"\"{anchor}:{max(1, n // 2)}\"")
+        else:
+            counts[anchor] = int(count)
+    if sum(counts.values()) != n:
+        raise ValueError(f"the counts {entries} sum to {sum(counts.values())}, not num_virtual_tokens = {n}")
+    return tuple((a, counts[a]) for a in ANCHORS if a in counts)
+
+
 @dataclass
 class PTuningSection:
     num_virtual_tokens: int = 20
-    """Virtual tokens produced by the prompt encoder (Liu et al. 2021), put in front of the input as PEFT puts them."""
+    """Virtual tokens produced by the prompt encoder (Liu et al. 2021), placed in the example as `placement` says."""
     encoder: Literal["mlp", "lstm"] = "mlp"
     """The prompt encoder: an MLP, or a bidirectional LSTM followed by an MLP."""
     encoder_hidden_size: int = 128
     """Hidden width of the prompt encoder."""
+    placement: list[str] = field(default_factory=lambda: ["start"])
+    """Virtual-token anchors: "start" (PEFT's), "response" (before the reply) or counts ["start:4", "response:16"]."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from positive_ints(self, "num_virtual_tokens", "encoder_hidden_size")
+        try:
+            parse_placement(self.placement, self.num_virtual_tokens)
+        except ValueError as e:
+            yield "placement", str(e)
+
+    def check_data(self, data) -> Iterator[tuple[str, str]]:
+        """Refuse the data settings a placement inside the example cannot train on: packed rows (each example
+        would grow by its virtual tokens, past data.max_seq_len) and, for the "response" anchor, examples that
+        train on their prompt too (the reply's start is the first trained token). Keys are the recipe's."""
+        try:
+            placement = parse_placement(self.placement, self.num_virtual_tokens)
+        except ValueError:
+            return  # check() reports it
+        if placement[0] == ("start", self.num_virtual_tokens):
+            return
+        key = "peft.p_tuning.placement"
+        if getattr(data, "packing", False):
+            yield key, (f"{self.placement} puts virtual tokens inside each example, which packed rows cannot hold; set "
+                        "data.packing = false or placement = [\"start\"]")
+        if getattr(data, "train_on_input", False) and "response" in dict(placement):
+            yield key, (f"{self.placement} puts tokens before the response, whose start data.train_on_input = true "
+                        "hides (the prompt is trained too); set data.train_on_input = false or use \"start\" only")
 
 
 @dataclass

@@ -295,6 +295,8 @@ class TrainRecipe(Recipe):
         if self.lora.init == "loftq" and self.model.quantize != "nf4" and self.peft.method in ("lora", "dora"):
             yield "lora.init", ('"loftq" alternates NF4 quantization with SVD steps, so it needs the 4-bit base '
                                 '(model.quantize = "nf4"); on a 16-bit base use init = "pissa"')
+        if self.peft.method == "p_tuning":
+            yield from self.peft.p_tuning.check_data(self.data)
         if self.train.router_aux_loss_coef and self.KIND not in ("sft", "best_of_n"):  # best-of-n's stage 2 is SFT
             yield "train.router_aux_loss_coef", (f"the router's load-balancing loss is added to SFT only (`qtune sft`, "
                                                  f"best-of-n), not to a {self.KIND!r} run; set it to 0")

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from qtune import peft
 from qtune.kernels.logprobs import cross_entropy_sum
 from qtune.lora.adapters import lora_b_parameters
+from qtune.peft.placement import place_in_batch
 from qtune.weights.integrity import fault_point, remove_dead_leftovers, write_manifest
 from qtune.weights.nf4 import import_bitsandbytes
 
@@ -132,6 +133,7 @@ def lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     fp32 logits are never materialised. Dividing the sum by the token count of the whole accumulated step
     (not of each micro-batch) makes accumulation over micro-batches equal to one large batch.
     """
+    batch = place_in_batch(model, batch)  # P-tuning's virtual tokens placed inside the example, if any
     hidden = model.hidden_states(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     targets = shifted_targets(batch["labels"], batch.get("attention_mask"))
     keep = targets != -100  # only positions that carry a loss enter the vocabulary projection

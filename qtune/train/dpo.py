@@ -29,6 +29,7 @@ from qtune.data.prefs import build_preference_data, fixed_batches
 from qtune.data.render import IGNORE
 from qtune.kernels.logprobs import token_logprobs
 from qtune.lora import adapters_disabled, adapter_parameters
+from qtune.peft.placement import place_in_batch
 from qtune.recipe.align import DPORecipe, DPOSection
 from qtune.train import common
 from qtune.train.common import ADAPTER, attach_adapter
@@ -44,6 +45,7 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     Goes through the fused log-prob op (with `model.kernels`): only response positions reach the vocabulary
     projection, and the (tokens, vocab) logits are never materialised.
     """
+    batch = place_in_batch(model, batch)  # P-tuning's placed virtual tokens (none with adapters off)
     hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # (S, T, D)
     targets = common.shifted_targets(batch["labels"])  # (S, T): position t predicts token t + 1
     keep = targets != IGNORE

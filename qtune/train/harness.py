@@ -16,8 +16,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from qtune.generate import generate
 from qtune.kernels.logprobs import token_logprobs
 from qtune.peft import load_adapter
+from qtune.peft.placement import place_in_batch
 from qtune.tokenizer import load_tokenizer
-from qtune.train.common import training_device
+from qtune.train.common import shifted_targets, training_device
 from qtune.weights.checkpoint import load_model, resolve
 
 
@@ -57,16 +58,20 @@ class QtuneLM(LM):
         for start in range(0, len(pairs), self.batch_size):
             batch = [(ctx + cont)[-(self.max_length + 1):] for ctx, cont in pairs[start:start + self.batch_size]]
             n_cont = [len(cont) for _, cont in pairs[start:start + self.batch_size]]
-            T = max(len(seq) for seq in batch) - 1
+            T = max(len(seq) for seq in batch)
             ids = torch.full((len(batch), T), self.tok.pad_id, dtype=torch.long)
-            targets = torch.full((len(batch), T), -100, dtype=torch.long)
+            labels = torch.full((len(batch), T), -100, dtype=torch.long)  # the continuation, as training labels it
             segments = torch.zeros((len(batch), T), dtype=torch.long)
             for b, (seq, n) in enumerate(zip(batch, n_cont)):
-                ids[b, :len(seq) - 1] = torch.tensor(seq[:-1])
-                segments[b, :len(seq) - 1] = 1
-                targets[b, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[-n:])
-            ids, targets, segments = ids.to(device), targets.to(device), segments.to(device)
-            hidden = self.model.hidden_states(ids, attention_mask=segments)  # (B, T, D)
+                ids[b, :len(seq)] = torch.tensor(seq)
+                segments[b, :len(seq)] = 1
+                labels[b, len(seq) - n:len(seq)] = torch.tensor(seq[-n:])
+            # a P-tuning adapter may place virtual tokens before the continuation, as before a reply in training
+            batch = place_in_batch(self.model, {"input_ids": ids.to(device), "labels": labels.to(device),
+                                                "attention_mask": segments.to(device)})
+            segments = batch["attention_mask"]
+            targets = shifted_targets(batch["labels"], segments)  # (B, T'): position t predicts token t + 1
+            hidden = self.model.hidden_states(batch["input_ids"], segments, batch.get("position_ids"))  # (B, T', D)
             weight = self.model.output_weight()
             logp = token_logprobs(hidden, weight, targets, kernels=self.model.kernels,
                                   softcap=self.model.logit_softcap)  # (B, T), 0 where masked

@@ -16,6 +16,7 @@ from qtune.data.prefs import build_preference_data
 from qtune.data.render import IGNORE
 from qtune.kernels.logprobs import cross_entropy_sum
 from qtune.lora import adapter_parameters
+from qtune.peft.placement import place_in_batch
 from qtune.recipe.align import RewardRecipe
 from qtune.train import common
 from qtune.train.common import ADAPTER, attach_adapter
@@ -40,6 +41,7 @@ def chosen_targets(batch: dict) -> torch.Tensor:
 
 def reward_loss_sums(model, head, batch: dict, loss: str, lm: bool):
     """Summed reward loss, summed LM loss on the chosen replies (None unless `lm`), and the rewards (S,)."""
+    batch = place_in_batch(model, batch)  # P-tuning's virtual tokens placed inside the example, if any
     hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["position_ids"])  # (S, T, D)
     rewards = head(hidden, batch["attention_mask"])  # (S,)
     if loss == "pairwise":
