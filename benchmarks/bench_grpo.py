@@ -9,8 +9,9 @@ trl      the same step in both: SmolLM2-135M in NF4 (qtune's NF4 / bitsandbytes'
          Each implementation runs in a fresh process; the first step is a warm-up and is left out. Reports the
          median seconds per step split into rollout (sampling, rewards, the log-prob passes of the reference) and
          update (forward + backward + optimizer), and the peak RssAnon above the post-import level, with the ratios.
-learn    recipes/grpo.toml through the real loop on each built-in task (addition, word problems): greedy accuracy
-         on the held-out prompts before and after, a one-sided two-proportion z-test against no change, and the KL.
+learn    recipes/grpo.toml through the real loop on each built-in task (addition, word problems), in fp32 on a CPU:
+         greedy accuracy on the held-out prompts before and after, a one-sided two-proportion z-test against no
+         change, the KL (mean and largest over the steps), wall and CPU seconds and the 15-minute load average.
 vs-ppo   the addition task with GRPO (operands 1-30; recipes/grpo.toml, reward 1 when the last number is the sum) and PPO
          (recipes/ppo.toml with reward_fn arithmetic: 1 when the first number is the sum, as PPO's responses do not stop
          at a newline; GRPO's do, so a response holds one line and its last number is the answer), the same prompts,
@@ -179,17 +180,17 @@ def one_sided_p(before: float, after: float, n: int) -> float:
     return 0.5 * math.erfc((after - before) / se / math.sqrt(2))
 
 
-def grpo_overrides(task: str, steps: int, out: Path, val: int, new_tokens: int | None) -> list[str]:
+def grpo_overrides(task: str, steps: int, out: Path, val: int, new_tokens: int | None, extra: list[str]) -> list[str]:
     """recipes/grpo.toml on `task`, sized for a CPU: fp32 weights (CPU NF4 dequantization only costs time), no
-    gradient checkpointing (the activations of 64 short responses fit easily), `val` held-out prompts."""
+    gradient checkpointing (the activations of 64 short responses fit easily), `val` held-out prompts; then `extra`."""
     from qtune.recipe.load import load_recipe
 
-    g = load_recipe("grpo").grpo
+    g = load_recipe("grpo", extra).grpo
     per_step = g.rollout_batch_size // g.group_size
     return [f"data.path=qtune:arithmetic?task={task}&count={val + per_step * steps}&seed=0", f"data.val_size={val}",
             "model.quantize=none", "model.gradient_checkpointing=false", f"train.max_steps={steps}",
             "train.save_every=0", "eval.every=0", f"output.dir={out}",
-            *([f"grpo.max_new_tokens={new_tokens}"] if new_tokens else [])]
+            *([f"grpo.max_new_tokens={new_tokens}"] if new_tokens else []), *extra]
 
 
 def cpu_seconds() -> float:
@@ -207,7 +208,8 @@ def run_learn(args, work: Path) -> dict:
     results, rows = {}, []
     for task in args.tasks:
         t0, cpu0, out = time.perf_counter(), cpu_seconds(), work / f"learn-{task}"
-        s = cli("grpo", "grpo", grpo_overrides(task, args.learn_steps, out, args.val, args.learn_new_tokens))
+        s = cli("grpo", "grpo", grpo_overrides(task, args.learn_steps, out, args.val, args.learn_new_tokens,
+                                                    args.overrides))
         seconds, cpu, load = time.perf_counter() - t0, cpu_seconds() - cpu0, os.getloadavg()[2]
         kls = [r["kl"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
         p = one_sided_p(s["before"], s["after"], args.val)
@@ -218,8 +220,10 @@ def run_learn(args, work: Path) -> dict:
         print(f"{task}: held-out accuracy {s['before']:.3f} -> {s['after']:.3f} (n={args.val}, one-sided p={p:.3g}), "
               f"KL mean {results[task]['kl_mean']:.4f} (max {max(kls):.4f}), {seconds:.0f} s wall, {cpu:.0f} s CPU, "
               f"load {load:.1f}", flush=True)
-        case = f"smollm2-135m,fp32,{task},steps={args.learn_steps},new_tokens={new_tokens},val={args.val}"
-        rows += [{"case": case, "impl": "qtune-grpo", "metric": k, "value": round(results[task][k], 5), "unit": u}
+        case = ",".join(["smollm2-135m,fp32", task, f"steps={args.learn_steps}", f"new_tokens={new_tokens}",
+                         f"val={args.val}", *args.overrides])
+        rows += [{"case": case, "impl": "qtune-grpo", "metric": k, "value": float(f"{results[task][k]:.5g}"),
+                  "unit": u}
                  for k, u in (("before", "fraction"), ("after", "fraction"), ("p_one_sided", "p"),
                               ("kl_mean", "nats/token"), ("kl_max", "nats/token"), ("seconds", "s"),
                               ("cpu_seconds", "s"), ("load_15min", "load"))]
@@ -274,6 +278,8 @@ def main() -> None:
     parser.add_argument("--learn-steps", type=int, default=12)
     parser.add_argument("--tasks", nargs="+", default=["addition", "word_problems"],
                         choices=["addition", "word_problems"], help="built-in tasks that learn trains on, one run each")
+    parser.add_argument("--override", dest="overrides", action="append", default=[],
+                        help="learn: a further recipe override key.sub=value (repeatable)")
     parser.add_argument("--val", type=int, default=200, help="held-out prompts")
     parser.add_argument("--learn-new-tokens", type=int, default=0,
                         help="longest response in learn and vs-ppo (0: the recipe's grpo.max_new_tokens)")
