@@ -9,8 +9,9 @@ trl      the same step in both: SmolLM2-135M in NF4 (qtune's NF4 / bitsandbytes'
          Each implementation runs in a fresh process; the first step is a warm-up and is left out. Reports the
          median seconds per step split into rollout (sampling, rewards, the log-prob passes of the reference) and
          update (forward + backward + optimizer), and the peak RssAnon above the post-import level, with the ratios.
-learn    recipes/grpo.toml through the real loop on each built-in task (addition, word problems): greedy accuracy
-         on the held-out prompts before and after, a one-sided two-proportion z-test against no change, and the KL.
+learn    recipes/grpo.toml through the real loop on each built-in task (addition, word problems), in fp32 on a CPU:
+         greedy accuracy on the held-out prompts before and after, a one-sided two-proportion z-test against no
+         change, the KL (mean and largest over the steps), wall and CPU seconds and the 15-minute load average.
 vs-ppo   the addition task with GRPO (operands 1-30; recipes/grpo.toml, reward 1 when the last number is the sum) and PPO
          (recipes/ppo.toml with reward_fn arithmetic: 1 when the first number is the sum, as PPO's responses do not stop
          at a newline; GRPO's do, so a response holds one line and its last number is the answer), the same prompts,
@@ -18,7 +19,7 @@ vs-ppo   the addition task with GRPO (operands 1-30; recipes/grpo.toml, reward 1
          reward is its 0/1 check), peak memory and wall time.
 
     python benchmarks/bench_grpo.py trl [--steps 3] [--prompts 2] [--new-tokens 8] [--threads 2]
-    python benchmarks/bench_grpo.py learn [--learn-steps 12] [--learn-new-tokens 16]
+    python benchmarks/bench_grpo.py learn [--learn-steps 12] [--tasks addition word_problems] [--val 200]
     python benchmarks/bench_grpo.py vs-ppo [--learn-steps 12] [--learn-new-tokens 16]
 
 Rows go to results.csv; the last stdout line is JSON with every number.
@@ -27,6 +28,8 @@ Rows go to results.csv; the last stdout line is JSON with every number.
 import argparse
 import json
 import math
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,7 +61,7 @@ def qtune_child(args) -> dict:
         f"model.path={resolve(args.model)}", f"data.path={TASK.format(count=args.prompts * args.steps)}",
         "data.val_size=0", "data.shuffle=false", f"lora.r={LORA_R}", f"lora.alpha={LORA_ALPHA}",
         f"grpo.group_size={G}", f"grpo.rollout_batch_size={batch}", f"grpo.generation_batch_size={batch}",
-        f"grpo.max_new_tokens={args.new_tokens}", "grpo.stop_strings=[]", f"grpo.beta={BETA}",
+        f"grpo.max_new_tokens={args.new_tokens}", "grpo.stop_strings=[]", "grpo.temperature=1.0", f"grpo.beta={BETA}",
         f"grpo.clip_low={CLIP_LOW}", f"grpo.clip_high={CLIP_HIGH}", "grpo.dynamic_sampling=false",
         f"train.micro_batch_size={batch}", "train.grad_accum_steps=1", f"train.max_steps={args.steps}",
         f"train.lr={LR}", "train.save_every=0", "eval.every=0", f"output.dir={out}"])
@@ -177,29 +180,53 @@ def one_sided_p(before: float, after: float, n: int) -> float:
     return 0.5 * math.erfc((after - before) / se / math.sqrt(2))
 
 
-def grpo_overrides(task: str, steps: int, out: Path, val: int, new_tokens: int) -> list[str]:
-    return [f"data.path=qtune:arithmetic?task={task}&count={val + 8 * steps}&seed=0", f"data.val_size={val}",
-            f"train.max_steps={steps}", "train.save_every=0", "eval.every=0", f"output.dir={out}",
-            "grpo.rollout_batch_size=64", f"grpo.max_new_tokens={new_tokens}"]
+def grpo_overrides(task: str, steps: int, out: Path, val: int, new_tokens: int | None, extra: list[str]) -> list[str]:
+    """recipes/grpo.toml on `task`, sized for a CPU: fp32 weights (CPU NF4 dequantization only costs time), no
+    gradient checkpointing (the activations of 64 short responses fit easily), `val` held-out prompts; then `extra`."""
+    from qtune.recipe.load import load_recipe
+
+    g = load_recipe("grpo", extra).grpo
+    per_step = g.rollout_batch_size // g.group_size
+    return [f"data.path=qtune:arithmetic?task={task}&count={val + per_step * steps}&seed=0", f"data.val_size={val}",
+            "model.quantize=none", "model.gradient_checkpointing=false", f"train.max_steps={steps}",
+            "train.save_every=0", "eval.every=0", f"output.dir={out}",
+            *([f"grpo.max_new_tokens={new_tokens}"] if new_tokens else []), *extra]
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_learn(args, work: Path) -> dict:
+    """The shipped recipe on each built-in task: held-out greedy accuracy before and after, the one-sided test of
+    "no better", the KL (mean and largest over the steps), wall and CPU time and the machine's load meanwhile."""
+    from qtune.recipe.load import load_recipe
+
+    new_tokens = args.learn_new_tokens or load_recipe("grpo").grpo.max_new_tokens
     results, rows = {}, []
-    for task in ("addition", "word_problems"):
-        t0 = time.perf_counter()
-        s = cli("grpo", "grpo", grpo_overrides(task, args.learn_steps, work / f"learn-{task}", args.val,
-                                               args.learn_new_tokens))
+    for task in args.tasks:
+        t0, cpu0, out = time.perf_counter(), cpu_seconds(), work / f"learn-{task}"
+        s = cli("grpo", "grpo", grpo_overrides(task, args.learn_steps, out, args.val, args.learn_new_tokens,
+                                                    args.overrides))
+        seconds, cpu, load = time.perf_counter() - t0, cpu_seconds() - cpu0, os.getloadavg()[2]
+        kls = [r["kl"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
         p = one_sided_p(s["before"], s["after"], args.val)
-        results[task] = {"before": s["before"], "after": s["after"], "p_one_sided": p, "kl": s["kl"],
-                         "kl_max": s["kl_max"], "seconds": time.perf_counter() - t0, "steps": args.learn_steps}
+        results[task] = {"before": s["before"], "after": s["after"], "p_one_sided": p, "kl_mean": statistics.mean(kls),
+                         "kl_max": max(kls), "seconds": seconds, "cpu_seconds": cpu, "load_15min": load,
+                         "steps": args.learn_steps, "reward_first": s["reward_first"], "reward_last": s["reward_last"],
+                         "dropped_groups": s["dropped_groups"]}
         print(f"{task}: held-out accuracy {s['before']:.3f} -> {s['after']:.3f} (n={args.val}, one-sided p={p:.3g}), "
-              f"KL {s['kl']:.4f} (max {s['kl_max']:.4f}), {results[task]['seconds']:.0f} s", flush=True)
-        case = f"smollm2-135m,nf4,{task},steps={args.learn_steps},new_tokens={args.learn_new_tokens},val={args.val}"
-        rows += [{"case": case, "impl": "qtune-grpo", "metric": k, "value": round(v, 5), "unit": u}
-                 for k, v, u in (("accuracy_before", s["before"], "fraction"),
-                                 ("accuracy_after", s["after"], "fraction"),
-                                 ("p_one_sided", p, "p"), ("kl_last", s["kl"], "nats/token"),
-                                 ("seconds", results[task]["seconds"], "s"))]
+              f"KL mean {results[task]['kl_mean']:.4f} (max {max(kls):.4f}), {seconds:.0f} s wall, {cpu:.0f} s CPU, "
+              f"load {load:.1f}", flush=True)
+        case = ",".join(["smollm2-135m,fp32", task, f"steps={args.learn_steps}", f"new_tokens={new_tokens}",
+                         f"val={args.val}", *args.overrides])
+        rows += [{"case": case, "impl": "qtune-grpo", "metric": k, "value": float(f"{results[task][k]:.5g}"),
+                  "unit": u}
+                 for k, u in (("before", "fraction"), ("after", "fraction"), ("p_one_sided", "p"),
+                              ("kl_mean", "nats/token"), ("kl_max", "nats/token"), ("seconds", "s"),
+                              ("cpu_seconds", "s"), ("load_15min", "load"))]
     append_rows("grpo_learn", "cpu", rows)
     return {"learn": results}
 
@@ -209,7 +236,7 @@ def run_vs_ppo(args, work: Path) -> dict:
     x 1 for PPO), the same new tokens, AdamW at the same lr, the same held-out prompts."""
     from qtune.data.tasks import arithmetic_tasks
 
-    steps, val = args.learn_steps, args.val
+    steps, val, new_tokens = args.learn_steps, args.val, args.learn_new_tokens or 16
     records = arithmetic_tasks("addition", val + 64 * steps, seed=0, max_operand=30)
     prompts = work / "addition.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -218,10 +245,10 @@ def run_vs_ppo(args, work: Path) -> dict:
               "train.lr=2e-5", "train.schedule=constant"]
     out = {}
     for algo, overrides in (
-            ("grpo", ["grpo.rollout_batch_size=64", f"grpo.max_new_tokens={args.learn_new_tokens}",
+            ("grpo", ["grpo.rollout_batch_size=64", f"grpo.max_new_tokens={new_tokens}",
                       "train.micro_batch_size=16", "train.grad_accum_steps=4"]),
             ("ppo", ["ppo.reward_model=", "ppo.reward_fn=qtune.align.reward_functions:arithmetic",
-                     "ppo.rollout_batch_size=64", f"ppo.max_new_tokens={args.learn_new_tokens}", "ppo.ppo_epochs=1",
+                     "ppo.rollout_batch_size=64", f"ppo.max_new_tokens={new_tokens}", "ppo.ppo_epochs=1",
                      "train.micro_batch_size=16", "train.grad_accum_steps=4", "data.pretrain_path="])):
         t0 = time.perf_counter()
         s = cli(algo, algo, common + overrides + [f"output.dir={work / algo}"])
@@ -232,7 +259,7 @@ def run_vs_ppo(args, work: Path) -> dict:
                      "accuracy_after": after, "peak_bytes": s["peak_memory_bytes"], "seconds": time.perf_counter() - t0}
         print(f"{algo}: reward {rewards[0]:.3f} -> {rewards[-1]:.3f}, held-out accuracy {before:.3f} -> {after:.3f}, "
               f"peak {s['peak_memory_bytes'] / 2**20:.0f} MB, {out[algo]['seconds']:.0f} s", flush=True)
-    case = f"smollm2-135m,nf4,addition,steps={steps},responses=64,new_tokens={args.learn_new_tokens},val={val}"
+    case = f"smollm2-135m,nf4,addition,steps={steps},responses=64,new_tokens={new_tokens},val={val}"
     append_rows("grpo_vs_ppo", "cpu", [{"case": case, "impl": algo, "metric": k, "value": round(v, 5),
                                         "unit": "bytes" if k == "peak_bytes" else "s" if k == "seconds" else "fraction"}
                                        for algo, r in out.items() for k, v in r.items()])
@@ -249,8 +276,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--learn-steps", type=int, default=12)
-    parser.add_argument("--val", type=int, default=64, help="held-out prompts")
-    parser.add_argument("--learn-new-tokens", type=int, default=16, help="longest response in learn and vs-ppo")
+    parser.add_argument("--tasks", nargs="+", default=["addition", "word_problems"],
+                        choices=["addition", "word_problems"], help="built-in tasks that learn trains on, one run each")
+    parser.add_argument("--override", dest="overrides", action="append", default=[],
+                        help="learn: a further recipe override key.sub=value (repeatable)")
+    parser.add_argument("--val", type=int, default=200, help="held-out prompts")
+    parser.add_argument("--learn-new-tokens", type=int, default=0,
+                        help="longest response in learn and vs-ppo (0: the recipe's grpo.max_new_tokens)")
     args = parser.parse_args()
     import torch
 

@@ -111,6 +111,7 @@ CASES = {
                  ("data.path=qtune:arithmetic?task=addition&count=24&seed=0", "data.val_size=4", "lora.r=4",
                   'grpo.rewards=[{fn="format", pattern=".*[aeiou].*"}, {fn="length", weight=-0.5}]',
                   "grpo.group_size=4", "grpo.rollout_batch_size=8", "grpo.max_new_tokens=4", "grpo.num_iterations=2",
+                  "grpo.temperature=1.0",
                   "grpo.generation_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2",
                   "train.max_steps=3", "train.lr=1e-2", "train.save_every=0", "eval.every=0"),
                  step_keys=("reward", "reward_0_format", "reward_1_length", "dropped_groups", "completion_length",
