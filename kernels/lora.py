@@ -148,7 +148,7 @@ def _base_forward(x: torch.Tensor, p: LoraParams, triton_path: bool) -> torch.Te
     return F.linear(x, dense_weight(p.weight, x.dtype), None if p.bias is None else p.bias.to(x.dtype))
 
 
-def _base_weight(weight, dtype: torch.dtype, triton_path: bool) -> torch.Tensor:
+def frozen_weight(weight, dtype: torch.dtype, triton_path: bool) -> torch.Tensor:
     """W (out, in) for the backward's dY W, to be used at once.
 
     On the Triton path an NF4 weight is dequantized into qtune.kernels.nf4's shared workspace, which
@@ -228,7 +228,7 @@ def _projection_backward(dy, x, xa, p: LoraParams, run: _Run, i: int, dx, need_d
         dyb, d_a, d_b = _adapter_backward(dy, x, xa, p, run, i)
     if not need_dx:
         return dx, d_a, d_b
-    w = _base_weight(p.weight, dy.dtype, run.triton_path)  # dequantized again rather than saved
+    w = frozen_weight(p.weight, dy.dtype, run.triton_path)  # dequantized again rather than saved
     dx = dy @ w if dx is None else dx.addmm_(dy, w)  # (N, in)
     if p.lora_a is not None:
         _add_adapter_dx(dx, dyb, p, run, i)
@@ -330,7 +330,7 @@ class BaseProductFn(torch.autograd.Function):
     def backward(ctx, dy):
         dh = None
         if ctx.needs_input_grad[0]:
-            dh = dy @ _base_weight(ctx.frozen.weight, dy.dtype, ctx.run.triton_path)  # (N, I)
+            dh = dy @ frozen_weight(ctx.frozen.weight, dy.dtype, ctx.run.triton_path)  # (N, I)
         return dh, dy if ctx.needs_input_grad[1] else None, None, None
 
 
