@@ -87,7 +87,8 @@ class ExpertsGatedFn(torch.autograd.Function):
         xs = x.index_select(0, routing.tokens)  # (N·k, D)
         g = torch.empty(xs.shape[0], gates[0].shape[0], dtype=x.dtype, device=x.device)
         u = torch.empty_like(g)
-        for e, start, end in _blocks(routing):
+        for e, start, end in _blocks(routing):  # each product right after its weight's dequantization (the
+            # Triton path's workspace holds one weight per shape)
             g[start:end] = linear(xs[start:end], frozen_weight(gates[e], x.dtype, triton_path))
             u[start:end] = linear(xs[start:end], frozen_weight(ups[e], x.dtype, triton_path))
         ctx.save_for_backward(g, u, slot_weights)

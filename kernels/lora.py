@@ -445,7 +445,8 @@ def lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: flo
 # ----------------------------------------------------------------------------- shipped configurations
 
 def compile_specs() -> list[KernelSpec]:
-    """Every kernel in every dtype the ops launch it with (fp32 / fp16 / bf16 activations)."""
+    """Every kernel in every dtype the ops launch it with (fp32 / fp16 / bf16 activations), kernels/gated.py's
+    included."""
     k = _kernels()
     n, warps = k.BLOCK, k.NUM_WARPS
     specs = []
@@ -469,4 +470,12 @@ def compile_specs() -> list[KernelSpec]:
                        {"dh_ptr": ptr, "g_ptr": ptr, "u_ptr": ptr, "du_ptr": ptr, **scalars, "BLOCK": "constexpr"},
                        block, warps),
         ]
+        halves = {"n_elements": "i32", "intermediate": "i32", "BLOCK": "constexpr"}
+        for act in ("swiglu", "geglu"):
+            specs += [
+                KernelSpec(f"{act}_halves_forward[{ty},BLOCK={n}]", getattr(k, f"{act}_halves_forward_kernel"),
+                           {"gu_ptr": ptr, "h_ptr": ptr, **halves}, block, warps),
+                KernelSpec(f"{act}_halves_backward[{ty},BLOCK={n}]", getattr(k, f"{act}_halves_backward_kernel"),
+                           {"dh_ptr": ptr, "gu_ptr": ptr, "dgu_ptr": ptr, **halves}, block, warps),
+            ]
     return specs

@@ -40,6 +40,7 @@ from qtune.config import ModelConfig
 from qtune.rope import apply_rope, longrope_past_original, rope_attention_scale, rope_cos_sin, rope_inv_freq
 from qtune.kernels.cpu.attention import cpu_attention
 from qtune.kernels.experts import grouped_experts
+from qtune.kernels.gated import gated_halves
 from qtune.kernels.document_attention import DocumentMask, document_attention, document_mask
 from qtune.kernels.dispatch import check_mode, use_triton
 from qtune.kernels.lora import LoraParams, lora_mlp, lora_qkv
@@ -262,9 +263,8 @@ class MLP(nn.Module):
 
     def untiled(self, x):
         # SwiGLU: down(silu(gate x) * up x); GeGLU: down(gelu_tanh(gate x) * up x)
-        if hasattr(self, "gate_up_proj"):  # Phi-3: gate rows, then up rows
-            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(gate_activation(g, self.activation) * u)
+        if hasattr(self, "gate_up_proj"):  # Phi-3: gate rows, then up rows, activated where they lie
+            return self.down_proj(gated_halves(self.gate_up_proj(x), self.activation, self.kernels))
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if fused_path(self.kernels, x, *projections):
             # the fused block saves x, gate x and up x only and recomputes the rest in backward
