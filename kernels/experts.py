@@ -17,8 +17,10 @@ per-expert autograd graph: the two autograd nodes below carry every expert of th
   stops recomputing the layer after `ExpertsGatedFn` and skips every down product, as the dense MLP does
   (kernels/lora.py). The routing weight is applied before the down product (it is linear) for that reason.
 
-The experts' base weights are frozen, dense or NF4 (dequantized for each product, never kept); experts
-with adapters take the model's per-expert modules instead.
+Every product goes through `grouped_matmul`: on the Triton path with NF4 experts one launch covers every expert
+(kernels/triton/experts.py: each row tile belongs to one expert and decodes its 4-bit codes on the fly, forward
+x Wᵀ and backward dY W); elsewhere one product per expert, its weight dequantized just before and dropped after.
+The experts' base weights are frozen; experts with adapters take the model's per-expert modules instead.
 """
 
 from typing import NamedTuple
@@ -27,9 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from qtune.kernels.cpu.linear import linear, matmul
+from qtune.kernels import KernelSpec
 from qtune.kernels.dispatch import autocast_off, use_triton
 from qtune.kernels.gated import GATED, gated, gated_backward_inplace
 from qtune.kernels.lora import dense_weight, frozen_weight
+from qtune.kernels.nf4 import code_on
 
 
 def reference_grouped_experts(x, weights, chosen, experts, activation: str = "silu") -> torch.Tensor:
@@ -78,6 +82,36 @@ def _token_sum(slots: torch.Tensor, routing: Routing) -> torch.Tensor:
     return slots.index_select(0, routing.inverse).view(-1, routing.top_k, slots.shape[-1]).sum(1)
 
 
+def reference_grouped_matmul(x, weights, counts, transposed: bool = False) -> torch.Tensor:
+    """Each expert's block of rows of x (S, ·), in expert order (`counts` rows each), times its weight:
+    x_e W_eᵀ (S, N), or x_e W_e (S, K) when `transposed`; weights[e] (N, K) dense or NF4."""
+    products = []
+    for block, weight in zip(x.split(list(counts)), weights):
+        w = dense_weight(weight, x.dtype)
+        products.append(block @ w if transposed else block @ w.t())
+    return torch.cat(products)
+
+
+def _kernels():
+    """kernels/triton/experts.py, imported on the first launch."""
+    from qtune.kernels.triton import experts  # here, not at the top: triton is optional
+    return experts
+
+
+def grouped_matmul(x: torch.Tensor, weights, routing: "Routing", triton_path: bool,
+                   transposed: bool = False) -> torch.Tensor:
+    """`reference_grouped_matmul` over the sorted slots: on the Triton path with NF4 experts one launch for every
+    expert, decoding the codes on the fly; else one product per expert, its weight dequantized just before."""
+    if triton_path and not any(isinstance(w, torch.Tensor) for w in weights):
+        return _kernels().launch_grouped_nf4_matmul(x, weights, routing.counts, code_on(x.device), transposed)
+    out = x.new_empty(x.shape[0], weights[0].shape[1] if transposed else weights[0].shape[0])
+    for e, start, end in _blocks(routing):  # each product right after its weight's dequantization (the
+        # Triton path's workspace holds one weight per shape)
+        w = frozen_weight(weights[e], x.dtype, triton_path)
+        out[start:end] = matmul(x[start:end], w) if transposed else linear(x[start:end], w)
+    return out
+
+
 class ExpertsGatedFn(torch.autograd.Function):
     """x (N, D), slot weights (N·k,) -> w_slot · act(x W_gateᵀ) · (x W_upᵀ) per sorted slot (N·k, I)."""
 
@@ -85,15 +119,9 @@ class ExpertsGatedFn(torch.autograd.Function):
     @autocast_off
     def forward(ctx, x, slot_weights, routing, gates, ups, activation, triton_path):
         xs = x.index_select(0, routing.tokens)  # (N·k, D)
-        g = torch.empty(xs.shape[0], gates[0].shape[0], dtype=x.dtype, device=x.device)
-        u = torch.empty_like(g)
-        for e, start, end in _blocks(routing):  # each product right after its weight's dequantization (the
-            # Triton path's workspace holds one weight per shape)
-            g[start:end] = linear(xs[start:end], frozen_weight(gates[e], x.dtype, triton_path))
-            u[start:end] = linear(xs[start:end], frozen_weight(ups[e], x.dtype, triton_path))
+        g, u = grouped_matmul(xs, gates, routing, triton_path), grouped_matmul(xs, ups, routing, triton_path)
         ctx.save_for_backward(g, u, slot_weights)
         ctx.routing, ctx.gates, ctx.ups, ctx.activation, ctx.triton_path = routing, gates, ups, activation, triton_path
-        ctx.in_features = x.shape[-1]
         return gated(g, u, activation, triton_path).mul_(slot_weights[:, None])
 
     @staticmethod
@@ -106,10 +134,8 @@ class ExpertsGatedFn(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, d_weights, None, None, None, None, None
         dg, du = gated_backward_inplace(dh * slot_weights[:, None], g, u, activation, triton_path)
-        dxs = dg.new_empty(dg.shape[0], ctx.in_features)
-        for e, start, end in _blocks(routing):
-            block = matmul(dg[start:end], frozen_weight(ctx.gates[e], dg.dtype, triton_path))
-            dxs[start:end] = block.addmm_(du[start:end], frozen_weight(ctx.ups[e], dg.dtype, triton_path))
+        dxs = grouped_matmul(dg, ctx.gates, routing, triton_path, transposed=True)
+        dxs += grouped_matmul(du, ctx.ups, routing, triton_path, transposed=True)
         return _token_sum(dxs, routing), d_weights, None, None, None, None, None
 
 
@@ -119,21 +145,14 @@ class ExpertsDownFn(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, h, routing, downs, triton_path):
-        ys = h.new_empty(h.shape[0], downs[0].shape[0])
-        for e, start, end in _blocks(routing):
-            ys[start:end] = linear(h[start:end], frozen_weight(downs[e], h.dtype, triton_path))
         ctx.routing, ctx.downs, ctx.triton_path = routing, downs, triton_path
-        ctx.intermediate = h.shape[-1]
-        return _token_sum(ys, ctx.routing)
+        return _token_sum(grouped_matmul(h, downs, routing, triton_path), routing)
 
     @staticmethod
     @autocast_off
     def backward(ctx, d_out):
         d_slots = d_out.contiguous().index_select(0, ctx.routing.tokens)  # (N·k, D)
-        dh = d_slots.new_empty(d_slots.shape[0], ctx.intermediate)
-        for e, start, end in _blocks(ctx.routing):
-            dh[start:end] = matmul(d_slots[start:end], frozen_weight(ctx.downs[e], d_slots.dtype, ctx.triton_path))
-        return dh, None, None, None
+        return grouped_matmul(d_slots, ctx.downs, ctx.routing, ctx.triton_path, transposed=True), None, None, None
 
 
 def grouped_experts(x, weights, chosen, experts, activation: str = "silu", kernels: str = "auto") -> torch.Tensor:
@@ -149,3 +168,21 @@ def grouped_experts(x, weights, chosen, experts, activation: str = "silu", kerne
     slot_weights = weights.reshape(-1)[routing.order].to(x.dtype)  # (N·k,)
     h = ExpertsGatedFn.apply(x, slot_weights, routing, gates, ups, activation, triton_path)
     return ExpertsDownFn.apply(h, routing, downs, triton_path)
+
+
+def compile_specs() -> list[KernelSpec]:
+    """The grouped NF4 products, forward and transposed, for fp32 / fp16 / bf16 slots (blocks of 64 weights)."""
+    k = _kernels()
+    tiles = {"BLOCKSIZE": 64, "BLOCK_M": k.BLOCK_M, "BLOCK_N": k.BLOCK_N, "BLOCK_K": k.BLOCK_K}
+    specs = []
+    for ty in ("fp32", "fp16", "bf16"):
+        args = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32"}
+        routing = {"tile_expert_ptr": "*i32", "tile_start_ptr": "*i32", "tile_end_ptr": "*i32", "N": "i32", "K": "i32",
+                   "n_bytes": "i32", "n_blocks": "i32", **{name: "constexpr" for name in tiles}}
+        specs += [
+            KernelSpec(f"grouped_nf4_matmul[{ty}]", k.grouped_nf4_matmul_kernel,
+                       {"x_ptr": f"*{ty}", **args, "y_ptr": f"*{ty}", **routing}, tiles, k.NUM_WARPS, 1),
+            KernelSpec(f"grouped_nf4_matmul_transposed[{ty}]", k.grouped_nf4_matmul_transposed_kernel,
+                       {"dy_ptr": f"*{ty}", **args, "dx_ptr": f"*{ty}", **routing}, tiles, k.NUM_WARPS, 1),
+        ]
+    return specs

@@ -1,13 +1,15 @@
 """The grouped mixture-of-experts op vs its plain-autograd reference: output, input gradient and routing-weight
 gradient, dense and NF4 experts, SwiGLU and GeGLU, odd shapes, an expert no token chooses, and a checkpointed
-call (whose recomputation skips the down products). The Triton route runs its gated kernels in the interpreter
-(tests/conftest.py sets TRITON_INTERPRET=1)."""
+call (whose recomputation skips the down products); the grouped NF4 product (forward and transposed) vs one
+product per expert. The Triton route runs its kernels in the interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1)."""
 
 import pytest
 import torch
 import torch.utils.checkpoint
 
-from qtune.kernels.experts import grouped_experts, reference_grouped_experts, route
+from qtune.kernels.experts import (grouped_experts, grouped_matmul, reference_grouped_experts, reference_grouped_matmul,
+                                   route)
 from qtune.weights.nf4 import quantize_nf4
 
 
@@ -77,3 +79,17 @@ def test_unknown_activation_is_named():
     x, weights, chosen, experts = make_case()
     with pytest.raises(ValueError, match="'relu'"):
         grouped_experts(x, weights, chosen, experts, "relu")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("triton_path", [True, False])
+def test_grouped_nf4_matmul_equals_one_product_per_expert(transposed, triton_path):
+    """Odd widths (rows that start mid-byte and mid-block), an expert with more slots than one row tile, one with
+    none; every expert's own NF4 weight and its double-quantized absmax."""
+    gen = torch.Generator().manual_seed(4)
+    n_out, n_in, counts = 37, 45, (3, 0, 19, 1)
+    weights = [quantize_nf4(torch.randn(n_out, n_in, generator=gen) * (e + 1)) for e in range(len(counts))]
+    x = torch.randn(sum(counts), n_out if transposed else n_in, generator=gen)
+    routing = route(torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[:, None], len(counts))
+    close(grouped_matmul(x, weights, routing, triton_path, transposed),
+          reference_grouped_matmul(x, weights, counts, transposed))
