@@ -31,15 +31,20 @@ def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, rn, k, N, K, BLOCKSIZE: tl.const
 
 
 @triton.jit
+def _tile_slots(tile_expert_ptr, tile_start_ptr, tile_end_ptr, BLOCK_M: tl.constexpr):
+    """(expert, slot indices, which of them are in the expert's block) of this program's row tile."""
+    tile = tl.program_id(0)
+    rm = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
+    return tl.load(tile_expert_ptr + tile).to(tl.int64), rm, rm < tl.load(tile_end_ptr + tile)
+
+
+@triton.jit
 def grouped_nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, y_ptr, tile_expert_ptr, tile_start_ptr,
                               tile_end_ptr, N, K, n_bytes, n_blocks, BLOCKSIZE: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[s, n] = Σ_k x[s, k] W_e[n, k] for the slots s of one tile, e the tile's expert; x (S, K), y (S, N)."""
-    tile, pid_n = tl.program_id(0), tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    rm = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
-    rows = rm < tl.load(tile_end_ptr + tile)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    e, rm, rows = _tile_slots(tile_expert_ptr, tile_start_ptr, tile_end_ptr, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -57,11 +62,8 @@ def grouped_nf4_matmul_transposed_kernel(dy_ptr, packed_ptr, absmax_ptr, code_pt
                                          BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                          BLOCK_K: tl.constexpr):
     """dx[s, k] = Σ_n dy[s, n] W_e[n, k] (the input gradient of the product above); dy (S, N), dx (S, K)."""
-    tile, pid_k = tl.program_id(0), tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    rm = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
-    rows = rm < tl.load(tile_end_ptr + tile)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    e, rm, rows = _tile_slots(tile_expert_ptr, tile_start_ptr, tile_end_ptr, BLOCK_M)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
