@@ -42,7 +42,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_json  # noqa: E402
 
-MODULES = ("qtune.kernels.nf4", "qtune.kernels.lora", "qtune.kernels.logprobs")
+MODULES = ("qtune.kernels.nf4", "qtune.kernels.lora", "qtune.kernels.logprobs", "qtune.kernels.experts")
 TARGETS = {75: "T4 / RTX 20xx", 80: "A100", 86: "RTX 3090", 89: "RTX 4090", 90: "H100", 120: "RTX 50xx"}
 VARIANTS = ("unaligned", "aligned")
 MAX_SHARED_BYTES = 99 * 1024

@@ -2,10 +2,16 @@
 GeGLU (act = tanh-approximated GELU: Gemma). Each has its plain-torch reference and hand-derived backward (the
 spec), the torch path (in place where a buffer can be reused) and the Triton launch (kernels/triton/lora.py).
 The fused MLP op (kernels/lora.py) calls `gated` in forward and recomputes it in backward instead of saving h.
+
+`gated_halves` takes g and u as the two halves of one fused projection's output gu = [g | u] (Phi-3's
+gate_up_proj): its Triton kernels read each half where it lies and write the gradient in gu's layout, so
+neither forward nor backward copies the halves apart or back together, and only gu is saved.
 """
 
 import torch
 import torch.nn.functional as F
+
+from qtune.kernels.dispatch import autocast_off, use_triton
 
 
 def reference_swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -37,6 +43,12 @@ def reference_geglu_backward(dh, g, u) -> tuple[torch.Tensor, torch.Tensor]:
 
 GATED = {"silu": (reference_swiglu, reference_swiglu_backward), "gelu_pytorch_tanh": (reference_geglu,
                                                                                       reference_geglu_backward)}
+
+
+def reference_gated_halves(gu: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """h (..., I) = act(g) · u for gu (..., 2I) = [g | u]."""
+    g, u = gu.chunk(2, dim=-1)
+    return GATED[activation][0](g, u)
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor, triton_path: bool) -> torch.Tensor:
@@ -86,3 +98,35 @@ def _kernels():
     """kernels/triton/lora.py, imported on the first launch."""
     from qtune.kernels.triton import lora  # here, not at the top: triton is optional (absent on macOS/Windows)
     return lora
+
+
+class GatedHalvesFn(torch.autograd.Function):
+    """h = act(g) · u of gu = [g | u]; saves gu only, and returns dgu = [dg | du]."""
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, gu, activation, triton_path):
+        ctx.save_for_backward(gu)
+        ctx.activation, ctx.triton_path = activation, triton_path
+        if triton_path:
+            return _kernels().launch_gated_halves(gu, activation)
+        g, u = gu.chunk(2, dim=-1)
+        return gated(g, u, activation, triton_path=False)
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, dh):
+        (gu,) = ctx.saved_tensors
+        if ctx.triton_path:
+            return _kernels().launch_gated_halves_backward(dh, gu, ctx.activation), None, None
+        g, u = gu.chunk(2, dim=-1)
+        return torch.cat(GATED[ctx.activation][1](dh, g, u), dim=-1), None, None
+
+
+def gated_halves(gu: torch.Tensor, activation: str = "silu", kernels: str = "auto") -> torch.Tensor:
+    """`reference_gated_halves` with the Triton kernels where they run (kernels: see kernels/dispatch.py)."""
+    if activation not in GATED:
+        raise ValueError(f"gated_halves: activation {activation!r} is not one of {', '.join(GATED)}")
+    if gu.shape[-1] % 2:
+        raise ValueError(f"gated_halves: the last dimension of gu ({gu.shape[-1]}) must be even, [gate | up]")
+    return GatedHalvesFn.apply(gu, activation, use_triton(kernels, gu))

@@ -148,7 +148,7 @@ def _base_forward(x: torch.Tensor, p: LoraParams, triton_path: bool) -> torch.Te
     return F.linear(x, dense_weight(p.weight, x.dtype), None if p.bias is None else p.bias.to(x.dtype))
 
 
-def _base_weight(weight, dtype: torch.dtype, triton_path: bool) -> torch.Tensor:
+def frozen_weight(weight, dtype: torch.dtype, triton_path: bool) -> torch.Tensor:
     """W (out, in) for the backward's dY W, to be used at once.
 
     On the Triton path an NF4 weight is dequantized into qtune.kernels.nf4's shared workspace, which
@@ -228,7 +228,7 @@ def _projection_backward(dy, x, xa, p: LoraParams, run: _Run, i: int, dx, need_d
         dyb, d_a, d_b = _adapter_backward(dy, x, xa, p, run, i)
     if not need_dx:
         return dx, d_a, d_b
-    w = _base_weight(p.weight, dy.dtype, run.triton_path)  # dequantized again rather than saved
+    w = frozen_weight(p.weight, dy.dtype, run.triton_path)  # dequantized again rather than saved
     dx = dy @ w if dx is None else dx.addmm_(dy, w)  # (N, in)
     if p.lora_a is not None:
         _add_adapter_dx(dx, dyb, p, run, i)
@@ -330,7 +330,7 @@ class BaseProductFn(torch.autograd.Function):
     def backward(ctx, dy):
         dh = None
         if ctx.needs_input_grad[0]:
-            dh = dy @ _base_weight(ctx.frozen.weight, dy.dtype, ctx.run.triton_path)  # (N, I)
+            dh = dy @ frozen_weight(ctx.frozen.weight, dy.dtype, ctx.run.triton_path)  # (N, I)
         return dh, dy if ctx.needs_input_grad[1] else None, None, None
 
 
@@ -445,7 +445,8 @@ def lora_mlp(x, gate: LoraParams, up: LoraParams, down: LoraParams, dropout: flo
 # ----------------------------------------------------------------------------- shipped configurations
 
 def compile_specs() -> list[KernelSpec]:
-    """Every kernel in every dtype the ops launch it with (fp32 / fp16 / bf16 activations)."""
+    """Every kernel in every dtype the ops launch it with (fp32 / fp16 / bf16 activations), kernels/gated.py's
+    included."""
     k = _kernels()
     n, warps = k.BLOCK, k.NUM_WARPS
     specs = []
@@ -469,4 +470,12 @@ def compile_specs() -> list[KernelSpec]:
                        {"dh_ptr": ptr, "g_ptr": ptr, "u_ptr": ptr, "du_ptr": ptr, **scalars, "BLOCK": "constexpr"},
                        block, warps),
         ]
+        halves = {"n_elements": "i32", "intermediate": "i32", "BLOCK": "constexpr"}
+        for act in ("swiglu", "geglu"):
+            specs += [
+                KernelSpec(f"{act}_halves_forward[{ty},BLOCK={n}]", getattr(k, f"{act}_halves_forward_kernel"),
+                           {"gu_ptr": ptr, "h_ptr": ptr, **halves}, block, warps),
+                KernelSpec(f"{act}_halves_backward[{ty},BLOCK={n}]", getattr(k, f"{act}_halves_backward_kernel"),
+                           {"dh_ptr": ptr, "gu_ptr": ptr, "dgu_ptr": ptr, **halves}, block, warps),
+            ]
     return specs

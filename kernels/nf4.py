@@ -62,7 +62,8 @@ def _kernels():
 _NF4_CODE_ON_DEVICE: dict[torch.device, torch.Tensor] = {}  # copied once, not on every launch
 
 
-def _code_on(device: torch.device) -> torch.Tensor:
+def code_on(device: torch.device) -> torch.Tensor:
+    """The 16 NF4 levels on `device` (copied there once)."""
     code = _NF4_CODE_ON_DEVICE.get(device)
     if code is None:
         code = _NF4_CODE_ON_DEVICE[device] = NF4_CODE.to(device)
@@ -82,7 +83,7 @@ def dequantize_into_workspace(q, dtype: torch.dtype) -> torch.Tensor:
     workspace = _DEQUANTIZE_WORKSPACES.get(key)
     if workspace is None:
         workspace = _DEQUANTIZE_WORKSPACES[key] = torch.empty(q.shape, dtype=dtype, device=q.device)
-    return _kernels().launch_dequantize(q, _code_on(q.device), workspace)
+    return _kernels().launch_dequantize(q, code_on(q.device), workspace)
 
 
 def clear_dequantize_workspaces() -> None:
@@ -105,7 +106,7 @@ class NF4MatmulFn(torch.autograd.Function):
         N, K = q.shape
         x2 = x.reshape(-1, K).contiguous()  # (M, K)
         if x2.shape[0] <= SMALL_M:
-            y = _kernels().launch_matmul_small_m(x2, q, _code_on(q.device))
+            y = _kernels().launch_matmul_small_m(x2, q, code_on(q.device))
         else:
             y = x2 @ dequantize_into_workspace(q, x.dtype).t()
         if bias is not None:
@@ -134,7 +135,7 @@ def dequantize_nf4(q, dtype: torch.dtype | None = None) -> torch.Tensor:
     _check_dtype(dtype, "dequantize_nf4: output")
     if not _triton_can_run(q.packed):
         return reference_dequantize_nf4(q, dtype)
-    return _kernels().launch_dequantize(q, _code_on(q.device), torch.empty(q.shape, dtype=dtype, device=q.device))
+    return _kernels().launch_dequantize(q, code_on(q.device), torch.empty(q.shape, dtype=dtype, device=q.device))
 
 
 def nf4_matmul(x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Tensor:

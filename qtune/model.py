@@ -41,6 +41,8 @@ from torch.utils.checkpoint import checkpoint
 from qtune.config import ModelConfig
 from qtune.rope import apply_rope, longrope_past_original, rope_attention_scale, rope_cos_sin, rope_inv_freq
 from qtune.kernels.cpu.attention import cpu_attention
+from qtune.kernels.experts import grouped_experts
+from qtune.kernels.gated import gated_halves
 from qtune.kernels.document_attention import DocumentMask, document_attention, document_mask
 from qtune.kernels.dispatch import check_mode, use_triton
 from qtune.kernels.lora import LoraParams, lora_mlp, lora_qkv
@@ -263,9 +265,8 @@ class MLP(nn.Module):
 
     def untiled(self, x):
         # SwiGLU: down(silu(gate x) * up x); GeGLU: down(gelu_tanh(gate x) * up x)
-        if hasattr(self, "gate_up_proj"):  # Phi-3: gate rows, then up rows
-            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(gate_activation(g, self.activation) * u)
+        if hasattr(self, "gate_up_proj"):  # Phi-3: gate rows, then up rows, activated where they lie
+            return self.down_proj(gated_halves(self.gate_up_proj(x), self.activation, self.kernels))
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if fused_path(self.kernels, x, *projections):
             # the fused block saves x, gate x and up x only and recomputes the rest in backward
@@ -304,6 +305,7 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
         self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_experts))
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.kernels = "auto"  # "triton": the experts' gated activation runs in Triton (see kernels/dispatch.py)
 
     def forward(self, x):
         h = x.reshape(-1, x.shape[-1])  # (N, D)
@@ -312,11 +314,34 @@ class SparseMoE(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(x.dtype)
+        frozen = self.frozen_experts()
+        if frozen is not None:  # tokens sorted by expert, two autograd nodes for all experts (kernels/experts.py)
+            return grouped_experts(h, weights, chosen, frozen, self.experts[0].activation, self.kernels).view_as(x)
         out = torch.zeros_like(h)
         for e in chosen.unique().tolist():  # tokens grouped by expert: one product per expert, no token loop
             token, slot = torch.where(chosen == e)
             out.index_add_(0, token, self.experts[e](h[token]) * weights[token, slot, None])
         return out.view_as(x)
+
+    def frozen_experts(self) -> list[tuple] | None:
+        """Each expert's (gate, up, down) base weights when every projection is a frozen product without bias or
+        active adapter (dense or quantized); None when some expert trains or is adapted (its modules then run)."""
+        experts = []
+        for expert in self.experts:
+            weights = []
+            for projection in (getattr(expert, name) for name in expert.names):
+                if type(projection) is nn.Linear:
+                    trains = projection.weight.requires_grad and torch.is_grad_enabled()
+                    params = None if trains else fused_params(projection)
+                elif hasattr(projection, "fused_params") and getattr(projection, "fusable", True):
+                    params = projection.fused_params()
+                else:
+                    return None
+                if params is None or params.bias is not None or params.lora_a is not None:
+                    return None
+                weights.append(params.weight)
+            experts.append(tuple(weights))
+        return experts
 
 
 class DecoderLayer(nn.Module):

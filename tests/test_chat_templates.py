@@ -6,7 +6,9 @@ For every family a tiny byte-level BPE gets the family's own special tokens and 
     with and without a system message and a generation prompt, including where the template raises;
   - the SFT token ids equal transformers' tokenized render, and the response-only label mask equals, token by
     token, the mask built from hand-written reply texts (what each template writes for an assistant turn)
-    located with transformers' offset mapping.
+    located with transformers' offset mapping;
+  - a DPO pair on a chat prompt: the prompt's ids equal transformers' render with the generation prompt, each
+    reply's ids the tokens of the template's reply text in transformers' render of the prompt plus that reply.
 """
 
 import json
@@ -17,6 +19,7 @@ import pytest
 from test_data_tokenizer import load, make_tokenizer_dir
 
 from qtune.data import DataError, tokenize_record
+from qtune.data.prefs import Preference, tokenize_preference
 from qtune.tokenizer import TokenizerError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
@@ -185,3 +188,28 @@ def test_qwen3_earlier_reply_trains_on_its_answer_without_the_dropped_reasoning(
     assert "The capital is Paris" not in text and ids == reference(text, add_special_tokens=False)["input_ids"]
     replies = ["Paris.<|im_end|>\n", "<think>\nMilan is larger than Rome? No.\n</think>\n\nRome, too.<|im_end|>\n"]
     assert [label != IGNORE for label in labels] == expected_mask(reference, text, replies)
+
+
+@pytest.mark.parametrize("conversation", ["single+system", "multi+system", "multi"])
+def test_dpo_pair_prompt_and_replies(family, conversation):
+    """A preference pair on a chat prompt: the prompt is transformers' render with the generation prompt (what
+    the model reads before it answers, Mistral Nemo's system text included), each reply the tokens the template
+    writes for it in transformers' render of the prompt plus that reply, located by the offsets of the reply text."""
+    name, spec, ours, reference = family
+    prompt = CONVERSATIONS[conversation][:-1]
+    chosen, rejected = "Rome, too.", "Milan."
+    pref = Preference(prompt, [chosen, rejected], where="pairs.jsonl line 1")
+    if prompt[0]["role"] == "system" and not spec.system:
+        with pytest.raises(DataError, match="chat template failed"):
+            tokenize_preference(pref, ours, 512)
+        return
+    item, cut = tokenize_preference(pref, ours, 512)
+    assert not cut
+    assert item.prompt_ids.tolist() == reference.apply_chat_template(prompt, add_generation_prompt=True,
+                                                                     return_dict=False)
+    template = spec.last_reply or spec.reply
+    for reply, ids in zip((chosen, rejected), item.response_ids):
+        text = reference.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=False)
+        tokens = reference(text, add_special_tokens=False)["input_ids"]
+        mask = expected_mask(reference, text, [template.format(reply)])
+        assert ids.tolist() == [t for t, inside in zip(tokens, mask) if inside], name

@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "kernel_report.py"
-KERNEL_MODULES = ("qtune.kernels.nf4", "qtune.kernels.lora", "qtune.kernels.logprobs")
+KERNEL_MODULES = ("qtune.kernels.nf4", "qtune.kernels.lora", "qtune.kernels.logprobs", "qtune.kernels.experts")
 TARGETS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 MAX_SHARED_BYTES = 99 * 1024
 
@@ -72,7 +72,9 @@ def test_every_kernel_compiles_for_every_target_without_spills():
     assert turing and all(set(logprobs[name]) == {"sm_75"} for name in turing)  # Turing tiles only where they run
     blackwell = [name for name in logprobs if name.split("[")[1].startswith("fp32,") and "stages=1" in name]
     assert len(blackwell) == 2 * 2 and all(set(logprobs[name]) == {"sm_120"} for name in blackwell)
-    for kernel in ("logsumexp_partials[", "logit_grad[", "nf4_dequantize[", "nf4_matmul_small_m[", "lora_dropout["):
+    for kernel in ("logsumexp_partials[", "logit_grad[", "nf4_dequantize[", "nf4_matmul_small_m[", "lora_dropout[",
+                   "swiglu_halves_forward[", "swiglu_halves_backward[", "geglu_halves_forward[", "geglu_halves_backward[", "grouped_nf4_matmul[",
+                   "grouped_nf4_matmul_transposed["):
         for variant in ("unaligned", "aligned"):  # each kernel in both variants on every target
             covered = {t for name, figs in kernels.items() if name.startswith(kernel) and name.endswith(variant)
                        for t in figs}

@@ -249,6 +249,28 @@ def test_gated_activation_kernels_match_autograd(activation):
         close(du, du_ref)
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
+def test_gated_halves_of_a_fused_projection_match_autograd(kernels, activation):
+    """Phi-3's gate_up output gu = [g | u] (odd widths, a 3-d batch): output and dgu equal torch's activation on
+    the two halves through autograd, and only gu is saved."""
+    torch.manual_seed(1)
+    gu = (torch.randn(2, 5, 2 * 67) * 3).requires_grad_()
+    dh = torch.randn(2, 5, 67)
+    g, u = gu.chunk(2, dim=-1)
+    expected = (F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")) * u
+    (dgu_ref,) = torch.autograd.grad(expected, gu, dh)
+    shapes = saved_shapes(lambda: gated.gated_halves(gu, activation, kernels))
+    h = gated.gated_halves(gu, activation, kernels)
+    (dgu,) = torch.autograd.grad(h, gu, dh)
+    close(h, expected.detach())
+    close(dgu, dgu_ref)
+    close(gated.reference_gated_halves(gu.detach(), activation), expected.detach())
+    assert shapes == [(2, 5, 134)]
+    with pytest.raises(ValueError, match="must be even"):
+        gated.gated_halves(gu[..., 1:], activation, kernels)
+
+
 def saved_shapes(fn):
     """Shapes of the tensors autograd saves for backward while running fn()."""
     shapes = []

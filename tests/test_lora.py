@@ -205,13 +205,18 @@ def test_gradients_reach_only_the_active_adapter(tiny_dirs, tmp_path):
     assert max_diff(logits(m, ids), logits(ref, ids)) <= TOL
 
 
-@pytest.mark.parametrize("kind, quantize", [("qwen2", "none"), ("qwen2", "nf4"), ("gemma2", "nf4"), ("qwen3", "nf4")])
-def test_triton_route_matches_torch_route(tiny_dirs, kind, quantize):
-    """Gemma 2 takes the fused GeGLU block and soft-capped attention, Qwen3 its q/k norms."""
+@pytest.mark.parametrize("kind, quantize, targets", [
+    ("qwen2", "none", ("q_proj", "down_proj")), ("qwen2", "nf4", ("q_proj", "down_proj")),
+    ("gemma2", "nf4", ("q_proj", "down_proj")), ("qwen3", "nf4", ("q_proj", "down_proj")),
+    ("phi3", "nf4", ("qkv_proj", "gate_up_proj")), ("qwen3-moe", "nf4", ("q_proj", "o_proj")),
+    ("mixtral", "nf4", ("q_proj", "o_proj"))])
+def test_triton_route_matches_torch_route(tiny_dirs, kind, quantize, targets):
+    """Gemma 2 takes the fused GeGLU block and soft-capped attention, Qwen3 its q/k norms, Phi-3 its fused
+    projections (the gated activation on gate_up's halves), the mixtures of experts the grouped NF4 products."""
     if quantize == "nf4":
         pytest.importorskip("qtune.kernels.nf4")
     m = load_model(tiny_dirs[kind], quantize=quantize)
-    add_lora(m, LoraConfig(r=4, target_modules=("q_proj", "down_proj")))
+    add_lora(m, LoraConfig(r=4, target_modules=targets))
     randomise(m)
     ids = token_ids(6, (1, 5))
     results = []

@@ -29,7 +29,7 @@ import torch
 from qtune.data.batching import DataPosition, epoch_batches
 from qtune.data.prompts import HH_ASSISTANT
 from qtune.data.records import DataError, load_records
-from qtune.data.render import IGNORE, chat_turns, render_chat
+from qtune.data.render import IGNORE, chat_turns, render_chat, turn_token_span
 
 REQUIRED = {"pairs": ("prompt", "chosen", "rejected"), "ranking": ("prompt", "responses"),
             "sharegpt": ("conversations", "chosen", "rejected"), "chat": ("messages", "chosen", "rejected"),
@@ -213,20 +213,24 @@ def load_preferences(path: str, fmt: str = "auto", split: str = "train", bad_rec
 # ----------------------------------------------------------------------------- tokenizing
 
 def _chat_ids(messages: list[dict], responses: list[str], tokenizer, where: str) -> tuple[list[int], list[list[int]]]:
-    """Prompt ids = the conversation with the generation prompt; reply ids = what one more assistant turn adds."""
+    """Prompt ids = the conversation with the generation prompt (what the model reads before it answers);
+    reply ids = the tokens the template writes for one more assistant turn (its reply and end of turn).
+
+    The reply is located in the render of the whole conversation as SFT locates an assistant turn, so a template
+    that renders the prompt differently once a reply follows (Mistral Nemo drops the system prompt it put in
+    the last user turn) still yields the prompt the model is asked with and the reply it is trained on.
+    """
     if not tokenizer.has_chat_template:
         raise DataError(f"{where}: chat preferences need a chat template and the model's tokenizer has none; "
                         "give the prompt as raw text instead")
-    prompt_text = render_chat(tokenizer, messages, where, add_generation_prompt=True)
-    prompt_ids = tokenizer.encode(prompt_text)
+    prompt_ids = tokenizer.encode(render_chat(tokenizer, messages, where, add_generation_prompt=True))
     replies = []
     for reply in responses:
-        full_text = render_chat(tokenizer, messages + [{"role": "assistant", "content": reply}], where)
+        conversation = messages + [{"role": "assistant", "content": reply}]
+        full_text = render_chat(tokenizer, conversation, where)
         ids = tokenizer.encode(full_text)
-        if not full_text.startswith(prompt_text) or ids[:len(prompt_ids)] != prompt_ids:
-            raise DataError(f"{where}: the chat template renders the prompt differently once a reply follows it, so "
-                            "the reply's tokens cannot be separated; use a template that keeps earlier turns intact")
-        reply_ids = ids[len(prompt_ids):]
+        start, end = turn_token_span(tokenizer, conversation, full_text, ids, len(messages), where)
+        reply_ids = ids[start:end]
         if not any(t in tokenizer.eos_ids for t in reply_ids):
             reply_ids.append(tokenizer.eos_id)
         replies.append(reply_ids)

@@ -203,6 +203,14 @@ def _turn_bounds(tokenizer, messages: list[dict], full: str, ids: list[int], i: 
     return full[:start], full[:reply_end + closing]
 
 
+def turn_token_span(tokenizer, messages: list[dict], full: str, ids: list[int], i: int, where: str) -> tuple[int, int]:
+    """(start, end): the tokens of `ids` (the tokens of `full`, the render of `messages`) that assistant turn i
+    writes, its reply and the template's end of turn; a DataError when either end falls inside a token."""
+    start_text, end_text = _turn_bounds(tokenizer, messages, full, ids, i, where)
+    start = _encode_prefix(tokenizer, ids, start_text, where, f"the prompt of turn {i}")
+    return start, _encode_prefix(tokenizer, ids, end_text, where, f"the end of turn {i}")
+
+
 def tokenize_chat(messages: list[dict], tokenizer, train_on_input: bool, where: str) -> tuple[list[int], list[int]]:
     """The conversation rendered with the model's chat template; loss on every assistant turn.
 
@@ -221,9 +229,7 @@ def tokenize_chat(messages: list[dict], tokenizer, train_on_input: bool, where: 
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start_text, end_text = _turn_bounds(tokenizer, messages, full, ids, i, where)
-        start = _encode_prefix(tokenizer, ids, start_text, where, f"the prompt of turn {i}")
-        last_end = _encode_prefix(tokenizer, ids, end_text, where, f"the end of turn {i}")
+        start, last_end = turn_token_span(tokenizer, messages, full, ids, i, where)
         labels[start:last_end] = ids[start:last_end]
         last_span = ids[start:last_end]
     # Templates end assistant turns with their own end-of-turn token; add EOS only if the last turn lacks one.
