@@ -8,6 +8,7 @@ from qtune.kernels.dispatch import check_mode, use_triton
 from qtune.kernels.lora import LoraParams
 from qtune.kernels.nf4 import nf4_matmul
 from qtune.weights.nf4 import NF4Weight, quantize_nf4
+from qtune.weights.nf4_decode import BnbGemvNF4Linear, bnb_gemv_applies
 
 
 class NF4Linear(nn.Module):
@@ -48,6 +49,18 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.nf4_weight().dequantize(dtype)
+
+    def decoding_module(self, kernel: str, dtype: torch.dtype) -> nn.Module:
+        """A stand-in for no-grad decoding on the CPU: bitsandbytes' 4-bit kernel in bf16 (kernel="bitsandbytes",
+        where `bnb_gemv_applies`), else an `nn.Linear` holding the exact dense weight in `dtype`."""
+        q = self.nf4_weight()
+        if kernel == "bitsandbytes" and bnb_gemv_applies(q):
+            return BnbGemvNF4Linear(q, self.bias)
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        dense.weight = nn.Parameter(q.dequantize(dtype), requires_grad=False)
+        if self.bias is not None:
+            dense.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
+        return dense
 
     def fused_params(self) -> LoraParams:
         """This layer as the fused QLoRA ops take it: the NF4 weight (dequantized inside the op) and bias."""
