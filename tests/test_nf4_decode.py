@@ -167,3 +167,14 @@ def test_decode_attention_equals_sdpa(heads, kv_heads):
     got = decode_attention(q, k, v, mask)
     assert got.shape == (B, 1, heads, d)
     torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_stand_in_is_kept_until_its_weight_changes(tiny_dir):
+    ours = load_model(tiny_dir, quantize="nf4", dtype="float32")
+    layer = ours.model.layers[0].self_attn.q_proj
+    first = layer.decoding_module("bitsandbytes", torch.float32)
+    assert layer.decoding_module("bitsandbytes", torch.float32) is first
+    layer.packed[:1] ^= 0x11  # an in-place change of the codes: the stand-in is rebuilt from them
+    again = layer.decoding_module("bitsandbytes", torch.float32)
+    assert again is not first and torch.equal(again.packed, pack_for_bnb_gemv(layer.nf4_weight())[0])
