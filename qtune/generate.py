@@ -8,10 +8,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from qtune.model import CausalLM
 
+NF4_CPU_KERNELS = ("dense", "bitsandbytes")
 
 @dataclass
 class Generation:
@@ -59,10 +59,19 @@ def next_token(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -
 @torch.no_grad()
 def generate(model: CausalLM, prompts: list[list[int]], *, tokenizer=None, max_new_tokens: int = 128,
              greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids=None, stop_strings=(), seed: int | None = None, batch_size: int = 16) -> list[Generation]:
-    """Complete token-id prompts. `stop_ids` defaults to the tokenizer's eos ids; `stop_strings` need a tokenizer."""
+             stop_ids=None, stop_strings=(), seed: int | None = None, batch_size: int = 16,
+             nf4_cpu_kernel: str = "dense") -> list[Generation]:
+    """Complete token-id prompts. `stop_ids` defaults to the tokenizer's eos ids; `stop_strings` need a tokenizer.
+
+    `nf4_cpu_kernel` says how NF4 layers multiply on a CPU: "dense" from fp32 copies made for the call (exact:
+    the numbers of the training forward), "bitsandbytes" through bitsandbytes' 4-bit kernel in bf16 where the
+    CPU has one (AVX-512 BF16; as transformers + bitsandbytes decode there; faster, bf16 rounding in those
+    products) and from dense copies elsewhere. See `decoding_weights`.
+    """
     s = Sampling(max_new_tokens, greedy, temperature, top_k, top_p)
     s.check()
+    if nf4_cpu_kernel not in NF4_CPU_KERNELS:
+        raise ValueError(f"nf4_cpu_kernel must be one of {NF4_CPU_KERNELS} (got {nf4_cpu_kernel!r})")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the completions")
     if stop_ids is None:
@@ -78,7 +87,7 @@ def generate(model: CausalLM, prompts: list[list[int]], *, tokenizer=None, max_n
     results: list[Generation | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
-    with dense_weights_for_decoding(model):
+    with decoding_weights(model, nf4_cpu_kernel):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             outs = _generate_batch(model, [prompts[i] for i in idx], s, set(stop_ids), tuple(stop_strings), tokenizer, gen)
@@ -163,29 +172,34 @@ def _wants_bos(tokenizer) -> bool:
 
 
 @contextmanager
-def dense_weights_for_decoding(model: CausalLM):
-    """On CPU, decode NF4 layers from dense copies made once per call instead of dequantizing every step.
+def decoding_weights(model: CausalLM, nf4_cpu_kernel: str = "dense"):
+    """On CPU, decode NF4 layers from stand-ins made once per call instead of dequantizing every step.
 
     Decoding reads every weight once per token; dequantizing 4-bit weights with plain torch costs more than
-    the matmul itself on a CPU. The dense copies live only for the generate call and only when they fit in a
-    quarter of the free memory; the NF4 modules are put back afterwards, even on error. On CUDA the fused
-    NF4 kernel reads the 4-bit weights directly, so nothing is copied there.
+    the matmul itself on a CPU. Each quantized projection gives its stand-in (`decoding_module`): a dense copy
+    in the model's dtype (exact), or with nf4_cpu_kernel="bitsandbytes" bitsandbytes' 4-bit kernel in bf16
+    where the CPU has it (a quarter of the bytes to read per token). The stand-ins live only for the generate
+    call and only while they fit in a quarter of the free memory; the NF4 modules are put back afterwards,
+    even on error. On CUDA the fused NF4 kernel reads the 4-bit weights directly, so nothing is made there.
     """
-    # A quantized projection is one that can give back its dense weight (NF4Linear.dequantize): asking for
+    # A quantized projection is one that can give a decoding stand-in (NF4Linear.decoding_module): asking for
     # that, rather than testing for a class, keeps the model family free of quantization code.
-    quantized = [(name, m) for name, m in model.named_modules() if callable(getattr(m, "dequantize", None))]
-    dtype = model.model.embed_tokens.weight.dtype
-    dense_bytes = sum(m.in_features * m.out_features for _, m in quantized) * torch.finfo(dtype).bits // 8
-    if not quantized or model.model.embed_tokens.weight.is_cuda or dense_bytes > _free_memory_bytes() // 4:
+    quantized = [(name, m) for name, m in model.named_modules() if callable(getattr(m, "decoding_module", None))]
+    if not quantized or model.model.embed_tokens.weight.is_cuda:
         yield
         return
+    dtype, budget = model.model.embed_tokens.weight.dtype, _free_memory_bytes() // 4
+    stand_ins = []
+    for name, m in quantized:
+        stand_in = m.decoding_module(nf4_cpu_kernel, dtype)
+        budget -= sum(t.numel() * t.element_size() for t in (*stand_in.parameters(), *stand_in.buffers()))
+        if budget < 0:  # too big to copy: decode from the NF4 weights themselves
+            stand_ins = []
+            break
+        stand_ins.append((name, stand_in))
     try:
-        for name, m in quantized:
-            dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-            dense.weight = nn.Parameter(m.dequantize(dtype), requires_grad=False)
-            if m.bias is not None:
-                dense.bias = nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)
-            model.set_submodule(name, dense)
+        for name, stand_in in stand_ins:
+            model.set_submodule(name, stand_in)
         yield
     finally:
         for name, m in quantized:

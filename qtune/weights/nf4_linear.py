@@ -1,5 +1,7 @@
 """NF4Linear: a frozen 4-bit linear layer, y = x Wᵀ (+ bias) with W stored as NF4 (qtune/weights/nf4.py)."""
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -8,6 +10,7 @@ from qtune.kernels.dispatch import check_mode, use_triton
 from qtune.kernels.lora import LoraParams
 from qtune.kernels.nf4 import nf4_matmul
 from qtune.weights.nf4 import NF4Weight, quantize_nf4
+from qtune.weights.nf4_decode import BnbGemvNF4Linear, bnb_gemv_applies
 
 
 class NF4Linear(nn.Module):
@@ -34,6 +37,7 @@ class NF4Linear(nn.Module):
         self.register_buffer("nested_code", weight.nested_code)
         self.register_buffer("offset", weight.offset)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._gemv_stand_in = None  # (its sources, the BnbGemvNF4Linear) kept by `decoding_module`
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, double_quant: bool = True) -> "NF4Linear":
@@ -48,6 +52,24 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.nf4_weight().dequantize(dtype)
+
+    def decoding_module(self, kernel: str, dtype: torch.dtype) -> nn.Module:
+        """A stand-in for no-grad decoding on the CPU: bitsandbytes' 4-bit kernel in bf16 (kernel="bitsandbytes",
+        where `bnb_gemv_applies`), else an `nn.Linear` holding the exact dense weight in `dtype`."""
+        q = self.nf4_weight()
+        if kernel == "bitsandbytes" and bnb_gemv_applies(q):
+            # kept between calls (the relayout costs as much as a short generation; it is as small as the NF4
+            # weight): valid while the buffers are the same tensors, unmodified
+            source = [(weakref.ref(t), t._version) for t in (self.packed, self.absmax, self.bias) if t is not None]
+            cached = self._gemv_stand_in
+            if cached is None or [(r(), v) for r, v in cached[0]] != [(r(), v) for r, v in source]:
+                self._gemv_stand_in = cached = (source, BnbGemvNF4Linear(q, self.bias))
+            return cached[1]
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        dense.weight = nn.Parameter(q.dequantize(dtype), requires_grad=False)
+        if self.bias is not None:
+            dense.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
+        return dense
 
     def fused_params(self) -> LoraParams:
         """This layer as the fused QLoRA ops take it: the NF4 weight (dequantized inside the op) and bias."""
