@@ -178,3 +178,35 @@ def test_stand_in_is_kept_until_its_weight_changes(tiny_dir):
     layer.packed[:1] ^= 0x11  # an in-place change of the codes: the stand-in is rebuilt from them
     again = layer.decoding_module("bitsandbytes", torch.float32)
     assert again is not first and torch.equal(again.packed, pack_for_bnb_gemv(layer.nf4_weight())[0])
+
+
+@needs_kernel
+def test_cli_generate_takes_the_kernel(tmp_path):
+    """`qtune generate --nf4-cpu-kernel bitsandbytes` reaches the kernel: its greedy completion is the library's
+    kernel decoding of the same prompt, and (the kernel's products being within a bf16 rounding) the dense one."""
+    from click.testing import CliRunner
+    from test_data_tokenizer import make_tokenizer_dir
+    from tokenizers import Tokenizer
+
+    from qtune.cli import main
+    from qtune.generate import generate_text
+    from qtune.tokenizer import load_tokenizer
+
+    make_tokenizer_dir(tmp_path)
+    vocab = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab_size()
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=False)
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path)
+    common = [str(tmp_path), "--quantize", "nf4", "--prompt", "the cat", "--greedy", "--max-new-tokens", "8"]
+    texts = {}
+    for kernel in ("dense", "bitsandbytes"):
+        result = CliRunner().invoke(main, ["generate", *common, "--nf4-cpu-kernel", kernel])
+        assert result.exit_code == 0, result.output
+        texts[kernel] = result.stdout.splitlines()[-1]
+    model = load_model(tmp_path, quantize="nf4", dtype="float32")
+    want = generate_text(model, load_tokenizer(tmp_path), ["the cat"], max_new_tokens=8, greedy=True,
+                         nf4_cpu_kernel="bitsandbytes")[0].text
+    assert texts["bitsandbytes"] == want
+    assert texts["bitsandbytes"] == texts["dense"]

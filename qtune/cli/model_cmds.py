@@ -61,7 +61,11 @@ def load_for_inference(model_path: str, adapter: str | None, quantize: str, dtyp
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=float, default=0.9, show_default=True, help="1.0 = off.")
 @click.option("--seed", type=int, default=None)
-def generate(model, adapter, quantize, dtype, prompt, chat, system, max_new_tokens, greedy, temperature, top_k, top_p, seed):
+@click.option("--nf4-cpu-kernel", type=click.Choice(["dense", "bitsandbytes"]), default="dense", show_default=True,
+              help="NF4 on a CPU: exact fp32 copies, or bitsandbytes' 4-bit kernel (bf16 products, faster; "
+                   "used only where a check on this CPU finds it matches).")
+def generate(model, adapter, quantize, dtype, prompt, chat, system, max_new_tokens, greedy, temperature, top_k, top_p,
+             seed, nf4_cpu_kernel):
     """Complete PROMPT with MODEL (a directory or an alias such as smollm2-135m); prints only the completion."""
     from qtune.generate import generate_text
 
@@ -70,7 +74,8 @@ def generate(model, adapter, quantize, dtype, prompt, chat, system, max_new_toke
         raise click.UsageError(f"{model} has no chat template (tokenizer_config.json 'chat_template'); drop --chat")
     t0 = time.perf_counter()
     out = generate_text(m, tok, [prompt], chat=chat, system=system, max_new_tokens=max_new_tokens, greedy=greedy,
-                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)[0]
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        nf4_cpu_kernel=nf4_cpu_kernel)[0]
     dt = time.perf_counter() - t0
     err.print(f"[dim]{len(out.token_ids)} tokens in {dt:.2f}s ({len(out.token_ids) / dt:.1f} tok/s), "
               f"finish: {out.finish_reason}[/dim]")

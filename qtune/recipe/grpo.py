@@ -88,6 +88,8 @@ class GRPOSection:
     """Weight of the overlong punishment (−1 at max_new_tokens before weighting)."""
     generation_batch_size: int = 64
     """Sequences decoded together while sampling."""
+    nf4_cpu_kernel: Literal["dense", "bitsandbytes"] = "dense"
+    """Sampling from the NF4 base on a CPU: exact fp32 copies, or bitsandbytes' 4-bit kernel (bf16 products, faster; only where a check on this CPU finds it matches)."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.group_size < 2:

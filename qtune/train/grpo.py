@@ -67,7 +67,8 @@ def sample_groups(model, prompts, tokenizer, recipe: GRPORecipe, seed: int | Non
     with use_adapter(model, POLICY):
         generations = generate(model, [p.ids for p in repeated], tokenizer=tokenizer, max_new_tokens=g.max_new_tokens,
                                greedy=greedy, temperature=g.temperature, top_p=g.top_p, stop_strings=g.stop_strings,
-                               seed=seed, batch_size=g.generation_batch_size)
+                               seed=seed, batch_size=g.generation_batch_size,
+                               nf4_cpu_kernel=g.nf4_cpu_kernel)
     return repeated, generations
 
 
