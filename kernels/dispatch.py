@@ -10,10 +10,12 @@ the plain-torch path and "triton" is refused with a message.
 import functools
 import importlib.util
 import os
+from contextlib import contextmanager
 
 import torch
 
 KERNEL_MODES = ("auto", "triton", "torch")
+_replaying = False  # inside `memory_replay`: tile loops run their representative tiles only
 
 
 @functools.cache
@@ -87,3 +89,27 @@ def autocast_off(method):
             return method(ctx, *args)
 
     return run
+
+
+@contextmanager
+def memory_replay(enabled: bool = True):
+    """Within it (when `enabled`), `tile_starts` gives the representative tiles of a loop only.
+
+    For the memory tracer's replay on fake tensors, which have no values: a loop whose tiles each allocate
+    and free the same temporaries and write their results in place into buffers made before the loop holds
+    the same bytes in every full tile, so its first two tiles (the second one meets the first one's
+    temporaries, as every later tile does), and the last (a partial tile is smaller), reach its peak. Never
+    for real tensors: the skipped tiles' results would be missing.
+    """
+    global _replaying
+    saved, _replaying = _replaying, enabled
+    try:
+        yield
+    finally:
+        _replaying = saved
+
+
+def tile_starts(stop: int, step: int):
+    """range(0, stop, step), the starts of a tile loop; inside `memory_replay`, its first two and last only."""
+    starts = range(0, stop, step)
+    return starts if not _replaying or len(starts) <= 3 else (starts[0], starts[1], starts[-1])

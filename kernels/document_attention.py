@@ -13,6 +13,10 @@ of (row, query, key) (`document_mask_mod`), turned once per forward pass into a 
 tiles are empty, full or partial: O(T^2 / 128^2) entries); the compiled kernel skips empty tiles and never
 materialises a T x T score or mask tensor. On CUDA it runs compiled (linear memory); on a CPU (tests) the same
 mask runs through flex attention's eager path, which does materialise the scores.
+
+Gemma 2 soft-caps the scores, cap · tanh(scale · q kᵀ / cap), which no fused SDPA kernel offers: flex attention
+applies it as a `score_mod` on each tile of scores in the kernel (`softcap_score_mod`), so soft-capped layers
+(sliding or not, packed or not) keep the same linear memory instead of a materialised T x T mask and scores.
 """
 
 import functools
@@ -22,9 +26,11 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_document_attention(q, k, v, segments, scale: float, window: int | None = None) -> torch.Tensor:
+def reference_document_attention(q, k, v, segments, scale: float, window: int | None = None,
+                                 softcap: float | None = None) -> torch.Tensor:
     """Each example of each row attended on its own: q (B, H, T, d), k and v (B, H_kv, T, d), segments (B, T)
-    -> (B, T, H, d). Examples are the maximal runs of equal non-zero ids; padding queries return their own v."""
+    -> (B, T, H, d), with scores cap · tanh(s / cap) when `softcap` = cap. Examples are the maximal runs of
+    equal non-zero ids; padding queries return their own v."""
     B, H, T, d = q.shape
     groups = H // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, T, d)
@@ -40,7 +46,10 @@ def reference_document_attention(q, k, v, segments, scale: float, window: int | 
             if window is not None:
                 pos = idx[:, None] - idx[None, :]
                 mask &= pos < window
-            y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)  # (1, H, n, d)
+            scores = qs @ ks.transpose(-1, -2) * scale  # (1, H, n, n)
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            y = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ vs  # (1, H, n, d)
             out[b, idx] = y[0].transpose(0, 1)
     return out
 
@@ -83,11 +92,21 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)  # a new length recompiles once, then runs with dynamic shapes
 
 
-def document_attention(q, k, v, mask: DocumentMask, scale: float) -> torch.Tensor:
+def softcap_score_mod(cap: float):
+    """flex attention's score_mod for soft-capped scores: s -> cap · tanh(s / cap) (s already scaled)."""
+    def capped(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / cap) * cap
+
+    return capped
+
+
+def document_attention(q, k, v, mask: DocumentMask, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Attention of a packed batch: q (B, H, T, d), k and v (B, H_kv, T, d) -> (B, T, H, d), equal to
-    `reference_document_attention`."""
+    `reference_document_attention` (with its scores soft-capped at `softcap` when given)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     attend = _compiled_flex_attention() if q.is_cuda else flex_attention
-    y = attend(q, k, v, block_mask=mask.block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    score_mod = None if softcap is None else softcap_score_mod(softcap)
+    y = attend(q, k, v, score_mod=score_mod, block_mask=mask.block_mask, scale=scale,
+               enable_gqa=q.shape[1] != k.shape[1])
     return y.transpose(1, 2)

@@ -47,7 +47,7 @@ import torch
 
 from qtune.kernels import KernelSpec
 from qtune.kernels.cpu.linear import linear, matmul
-from qtune.kernels.dispatch import autocast_off, compute_dtype, use_triton
+from qtune.kernels.dispatch import autocast_off, compute_dtype, tile_starts, use_triton
 
 VOCAB_CHUNK = 1024  # vocabulary columns per step of the plain-torch path (4 MB fp32 tiles at 1024 tokens)
 # The Triton backward's chunk_size x V logit gradients stay within this many bytes: 256 tokens of Llama-3's
@@ -121,11 +121,11 @@ def logsumexp_stats_torch(hidden, weight, targets, chunk_size, softcap=None):
     valid ones would copy (C, D) per step, and this path is written for the smallest memory footprint."""
     N, V = hidden.shape[0], weight.shape[0]
     h = hidden.float()  # (N, D); a no-op for fp32
-    starts = range(0, V, VOCAB_CHUNK)
-    m, s, t, z_target = torch.zeros(4, len(starts), N, device=hidden.device)
-    for k, v0 in enumerate(starts):
+    m, s, t, z_target = torch.zeros(4, -(-V // VOCAB_CHUNK), N, device=hidden.device)
+    for v0 in tile_starts(V, VOCAB_CHUNK):
+        k = v0 // VOCAB_CHUNK
         w = weight[v0:v0 + VOCAB_CHUNK].float()  # (Vc, D)
-        for n0 in range(0, N, chunk_size):
+        for n0 in tile_starts(N, chunk_size):
             rows = slice(n0, n0 + chunk_size)
             z = _cap_inplace(linear(h[rows], w), softcap)  # (C, Vc) fp32: the only logits alive
             m[k, rows] = z.max(dim=1).values
@@ -147,10 +147,10 @@ def logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, g
     h = hidden.float()  # (N, D)
     grad_h = torch.zeros_like(h)
     grad_w = torch.empty_like(weight) if need_weight else None
-    for v0 in range(0, V, VOCAB_CHUNK):
+    for v0 in tile_starts(V, VOCAB_CHUNK):
         w = weight[v0:v0 + VOCAB_CHUNK].float()  # (Vc, D)
         grad_w_chunk = torch.zeros_like(w) if need_weight else None  # fp32 sum over all tokens, rounded once
-        for n0 in range(0, N, chunk_size):
+        for n0 in tile_starts(N, chunk_size):
             rows = slice(n0, n0 + chunk_size)
             z = _cap_inplace(linear(h[rows], w), softcap)  # (C, Vc)
             cap_grad = None if softcap is None else 1 - (z / softcap).square_()  # dc/dz
@@ -187,9 +187,9 @@ def cross_entropy_one_pass_torch(hidden, weight, targets, valid, chunk_size):
     m = torch.full((N,), float("-inf"), device=hidden.device)
     s, z_target = torch.zeros(2, N, device=hidden.device)
     acc = torch.zeros_like(h)  # (N, D)
-    for v0 in range(0, V, VOCAB_CHUNK):
+    for v0 in tile_starts(V, VOCAB_CHUNK):
         w = weight[v0:v0 + VOCAB_CHUNK].float()  # (Vc, D)
-        for n0 in range(0, N, chunk_size):
+        for n0 in tile_starts(N, chunk_size):
             rows = slice(n0, n0 + chunk_size)
             z = linear(h[rows], w)  # (C, Vc) fp32: the only logits alive
             local = targets[rows] - v0
@@ -205,7 +205,7 @@ def cross_entropy_one_pass_torch(hidden, weight, targets, valid, chunk_size):
     lse = m + s.log()
     safe_targets = torch.where(valid, targets, 0)
     grad_h = acc.div_(s[:, None])  # (N, D), in acc's storage
-    for n0 in range(0, N, chunk_size):  # - W_y by row chunks: gathering all N target rows at once would copy (N, D)
+    for n0 in tile_starts(N, chunk_size):  # - W_y by row chunks: gathering all N target rows at once would copy (N, D)
         rows = slice(n0, n0 + chunk_size)
         grad_h[rows].sub_(weight[safe_targets[rows]].float()).mul_(valid[rows, None])
     return torch.where(valid, lse - z_target, 0.0), grad_h

@@ -233,8 +233,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, d)
-        if isinstance(mask, DocumentMask):  # a packed batch on CUDA: flex attention, no T x T mask
-            y = document_attention(q, k, v, mask, self.scale)  # (B, T, H, d)
+        if isinstance(mask, DocumentMask):  # CUDA, packed or soft-capped: flex attention, no T x T mask
+            y = document_attention(q, k, v, mask, self.scale, self.softcap)  # (B, T, H, d)
         elif self.softcap is not None:
             y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)  # (B, T, H, d)
         elif q.is_cuda:
@@ -503,10 +503,11 @@ class CausalLM(nn.Module):
     def _mask(self, positions, attention_mask, kv_cache, window):
         T = positions.shape[1]
         if kv_cache is None:
-            if attention_mask is None and (window is None or T <= window):
-                return None  # plain causal: SDPA's fast is_causal path
+            capped = self.config.attn_logit_softcapping is not None  # no SDPA kernel soft-caps scores
+            if attention_mask is None and (window is None or T <= window) and not (capped and positions.is_cuda):
+                return None  # plain causal: SDPA's fast is_causal path (on a CPU, soft-capped attention's own)
             segments = attention_mask if attention_mask is not None else torch.ones_like(positions)
-            if positions.is_cuda and self.config.attn_logit_softcapping is None:
+            if positions.is_cuda:
                 return document_mask(segments, window)  # flex attention's block mask, linear in T
             return attention_mask_4d(segments, segments, 0, window)
         start, end = kv_cache.length, kv_cache.length + T

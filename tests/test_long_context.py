@@ -187,6 +187,54 @@ def test_document_attention_equals_reference_and_masked_sdpa(window):
     torch.testing.assert_close(sdpa, ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_softcapped_document_attention_equals_transformers_gemma2(window):
+    """Gemma 2's soft-capped scores through flex attention's score_mod (what CUDA runs instead of a T x T mask)
+    equal transformers' Gemma 2 eager attention with the materialised mask, on packed rows with padding, and
+    the per-example reference (flex attention has no backward on a CPU: the CUDA test below checks gradients)."""
+    from types import SimpleNamespace
+
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    g = torch.Generator().manual_seed(11)
+    B, H, KV, T, d, cap, scale = 2, 4, 2, PACKED.shape[1], 8, 1.5, 0.7  # a small cap: tanh far from linear
+    q = 3 * torch.randn(B, H, T, d, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(B, KV, T, d, dtype=torch.float64, generator=g) for _ in range(2))
+    flex = document_attention(q, k, v, document_mask(PACKED, window), scale, softcap=cap)
+    allowed = attention_mask_4d(PACKED, PACKED, 0, window)  # (B, 1, T, T)
+    additive = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, float("-inf"))
+    module = SimpleNamespace(num_key_value_groups=H // KV, training=False, head_dim=d)
+    theirs, _ = eager_attention_forward(module, q, k, v, additive, scaling=scale, softcap=cap)
+    torch.testing.assert_close(flex, theirs, rtol=0, atol=1e-6)  # transformers takes the softmax in fp32
+    ref = reference_document_attention(q, k, v, PACKED, scale, window, softcap=cap)
+    real = PACKED > 0  # padding queries differ by design (the reference returns their own v)
+    torch.testing.assert_close(flex[real], ref[real], rtol=0, atol=1e-10)
+    assert not torch.allclose(flex, document_attention(q, k, v, document_mask(PACKED, window), scale))  # capped
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 5])
+def test_softcapped_flex_attention_and_gradients_equal_the_materialised_path_cuda(window):
+    """On CUDA, soft-capped layers take compiled flex attention (no T x T mask): outputs and q/k/v gradients equal
+    the materialised soft-capped attention's, on packed rows with padding."""
+    from qtune.model import softcapped_attention
+
+    g = torch.Generator().manual_seed(12)
+    B, H, KV, T, d, cap, scale = 2, 4, 2, PACKED.shape[1], 16, 1.5, 0.7
+    q = 3 * torch.randn(B, H, T, d, generator=g)
+    k, v = (torch.randn(B, KV, T, d, generator=g) for _ in range(2))
+    q, k, v = (t.cuda().requires_grad_() for t in (q, k, v))
+    segments = PACKED.cuda()
+    flex = document_attention(q, k, v, document_mask(segments, window), scale, softcap=cap)
+    dense = softcapped_attention(q, k, v, attention_mask_4d(segments, segments, 0, window), scale, cap)
+    real = segments > 0
+    torch.testing.assert_close(flex[real], dense[real], rtol=1e-4, atol=1e-4)
+    upstream = torch.randn(flex.shape, generator=g).cuda() * real[:, :, None, None]
+    for got, want in zip(torch.autograd.grad((flex * upstream).sum(), (q, k, v)),
+                         torch.autograd.grad((dense * upstream).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_reference_sees_no_neighbour():
     # the reference itself: changing example 2's keys and values leaves examples 1 and 3 unchanged
     g = torch.Generator().manual_seed(8)
@@ -203,8 +251,9 @@ def test_reference_sees_no_neighbour():
 
 
 @pytest.mark.gpu
-def test_packed_batch_equals_each_example_alone_cuda():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("kind", [dict(), dict(act="gelu_pytorch_tanh", attn_logit_softcapping=2.0, sliding_window=6)])
+def test_packed_batch_equals_each_example_alone_cuda(kind):
+    cfg = tiny_cfg(**kind)
     model = adapted_model(cfg).cuda().eval()
     model.set_rope_tables("cuda")
     ids = torch.randint(0, cfg.vocab_size, PACKED.shape, generator=torch.Generator().manual_seed(5)).cuda()

@@ -164,6 +164,35 @@ def test_fake_replay_equals_traced_real_cpu_step():
     assert (fake.peak_bytes, fake.start_bytes) == (real.peak_bytes, real.start_bytes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replay_of_representative_loss_tiles_has_the_full_replays_peak(dtype, monkeypatch):
+    """The fake replay walks only the first two and last tiles of the loss's loops (kernels.dispatch.memory_replay);
+    replaying all 5 x 6 tiles (5 row chunks, 6 vocabulary slices, both partial at the end) gives the same
+    peak and composition."""
+    import qtune.memory.step
+    from qtune.kernels import dispatch
+
+    cfg = small_cfg(vocab_size=5000, hidden_size=64, intermediate_size=176)
+    reports = []
+    for representative in (True, False):
+        monkeypatch.setattr(qtune.memory.step, "memory_replay", lambda fake, on=representative: dispatch.memory_replay(on))
+        reports.append(trace_step(cfg, 1, 4500, dtype, r=8, tiled_mlp="on", offload_checkpoints=True))
+    cut, full = reports
+    assert (cut.peak_bytes, cut.end_bytes, cut.peak_phase) == (full.peak_bytes, full.end_bytes, full.peak_phase)
+    assert cut.largest_at_peak == full.largest_at_peak and cut.host_peak_bytes == full.host_peak_bytes
+
+
+def test_tile_starts_cut_only_inside_memory_replay():
+    from qtune.kernels.dispatch import memory_replay, tile_starts
+
+    assert list(tile_starts(4500, 1024)) == [0, 1024, 2048, 3072, 4096]
+    with memory_replay():
+        assert list(tile_starts(4500, 1024)) == [0, 1024, 4096] and list(tile_starts(3000, 1024)) == [0, 1024, 2048]
+        with memory_replay(False):
+            assert len(tile_starts(4500, 1024)) == 5
+    assert len(tile_starts(4500, 1024)) == 5
+
+
 # ----------------------------------------------------------------------------- estimator vs tracer vs measured
 
 TRACE_CASES = [  # (config changes, micro-batch, seq, dtype, checkpointing)

@@ -11,9 +11,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qtune.config import ModelConfig
+from qtune.kernels.dispatch import memory_replay
 from qtune.memory.build import add_trainable_lora, random_batch, random_model
 from qtune.memory.tracer import LiveBytes, TraceReport, trace
 from qtune.train.common import build_optimizer, clip_gradients, lm_loss_sum, set_long_context
+from qtune.weights.nf4 import import_bitsandbytes
 
 
 @dataclass
@@ -77,9 +79,15 @@ def trace_step(cfg: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dty
     """Replay one steady-state step (optimizer state present) and report its peak live bytes.
 
     fake=True builds and runs everything on fake tensors (no memory; dtype=bfloat16 gives the GPU
-    semantics); fake=False traces a real CPU run of the same step.
+    semantics), with the loss's tile loops cut to their representative tiles (`memory_replay`: the same
+    peak in a few ops instead of (tokens / 1024) x (vocabulary / 1024) tiles); fake=False traces a real CPU
+    run of the same step.
     """
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
+    if quantize == "nf4":
+        # bitsandbytes' tables (made when it is first imported) must be real tensors made before the replay,
+        # not fake ones counted in whichever replay of the process dequantizes first
+        import_bitsandbytes()
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext(), memory_replay(fake):
         setup = build_step(cfg, batch_size, seq_len, dtype, "cpu", r, targets, gradient_checkpointing, quantize,
                            double_quant, optimizer, offload_checkpoints=offload_checkpoints, tiled_mlp=tiled_mlp,
                            method=method)

@@ -32,6 +32,8 @@ from qtune.offload import on_host
 
 aten = torch.ops.aten
 INDEX_OPS = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default)
+QUERIES = (torch.ops.prim.device.default, aten.sym_size.default, aten.sym_stride.default, aten.sym_numel.default,
+           aten.sym_storage_offset.default, aten.is_contiguous.default, aten.dim.default)
 
 
 @dataclass
@@ -120,7 +122,6 @@ class LiveBytes(TorchDispatchMode):
         if on_host():
             self.host[ref] = storage.nbytes()
             self.host_current += storage.nbytes()
-            self.host_peak = max(self.host_peak, self.host_current)
             return
         entry = Entry(storage.nbytes(), phase, op, tuple(t.shape), t.dtype)
         table[ref] = entry
@@ -134,6 +135,14 @@ class LiveBytes(TorchDispatchMode):
             self.host_current -= self.host.pop(ref)
 
     def _note_peak(self) -> None:
+        """Dead storages are swept only when the count, dead ones included, exceeds a peak: the true count is
+        never above it, so no peak is missed, and the sweep (a walk over every live storage) runs rarely
+        instead of once per op. A dead storage's address cannot be reused meanwhile: its weak reference
+        keeps the storage's record allocated."""
+        if self.current <= self.peak and self.host_current <= self.host_peak:
+            return
+        self._drop_dead()
+        self.host_peak = max(self.host_peak, self.host_current)
         if self.current > self.peak:
             self.peak, self.peak_phase = self.current, self.current_phase
             self.peak_entries = list(self.live.values())
@@ -150,22 +159,22 @@ class LiveBytes(TorchDispatchMode):
     # ---- the dispatch hook -------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self._drop_dead()
+        if func in QUERIES:  # half the ops of a replay: they create no tensor
+            return func(*args, **kwargs)
         out = self._run(func, args, kwargs)
-        for t in tree_flatten(out)[0]:
+        outputs = (out,) if isinstance(out, torch.Tensor) else out if isinstance(out, (tuple, list)) else ()
+        for t in (outputs if all(isinstance(t, torch.Tensor) for t in outputs) else tree_flatten(out)[0]):
             if isinstance(t, torch.Tensor) and t.device.type == self.device_type:
                 self._add(t, self.live, self.current_phase, str(func.overloadpacket.__name__))
         self._note_peak()
         return out
 
     def _run(self, func, args, kwargs):
-        flat = tree_flatten((args, kwargs))[0]
-        if not any(isinstance(t, FakeTensor) for t in flat):
-            return func(*args, **kwargs)
-        if func is aten._local_scalar_dense.default:
+        """func on fake tensors, answering the questions about their (absent) values, or for real."""
+        if func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
             # No data: a bool check (an input error?) is False, any other scalar 1.
             return False if args[0].dtype == torch.bool else (1.0 if args[0].is_floating_point() else 1)
-        if func is aten.nonzero.default:
+        if func is aten.nonzero.default and isinstance(args[0], FakeTensor):
             x = args[0]
             return torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device)  # all true
         if func in INDEX_OPS:
