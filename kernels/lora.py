@@ -51,6 +51,21 @@ class LoraParams(NamedTuple):
     dropout: float = 0.0  # LoRA dropout p of this projection (what lora_qkv / lora_mlp use with dropout=None)
 
 
+def fused_path(mode: str, x, *projections) -> bool:
+    """Use a fused QLoRA block when the Triton kernels run for x and some projection is quantized or adapted
+    (offers `fused_params`), unless a projection says it is not `fusable` (an adapter the fused ops lack)."""
+    return (use_triton(mode, x) and any(hasattr(p, "fused_params") for p in projections)
+            and all(getattr(p, "fusable", True) for p in projections))
+
+
+def fused_params(projection: torch.nn.Module) -> LoraParams:
+    """A projection as the fused ops take it: an adapted or quantized layer describes itself (frozen weight,
+    bias, active adapter A / B, scale, dropout p); a plain `nn.Linear` is its weight and bias."""
+    if hasattr(projection, "fused_params"):
+        return projection.fused_params()
+    return LoraParams(projection.weight, projection.bias)
+
+
 # ----------------------------------------------------------------------------- references (the spec)
 
 def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:

@@ -37,7 +37,7 @@ def two_steps(model_dir, kernels: str):
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
              "position_ids": torch.arange(24).expand(2, 24)}
     if kernels == "triton":  # the fused QKV and MLP blocks are the ones taking the step
-        from qtune.model import fused_path
+        from qtune.kernels.lora import fused_path
 
         layer = model.model.layers[0]
         assert fused_path("triton", ids.float(), layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from qtune.model import SparseMoE
+from qtune.feed_forward import SparseMoE
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int,
