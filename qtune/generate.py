@@ -178,9 +178,9 @@ def decoding_weights(model: CausalLM, nf4_cpu_kernel: str = "dense"):
     Decoding reads every weight once per token; dequantizing 4-bit weights with plain torch costs more than
     the matmul itself on a CPU. Each quantized projection gives its stand-in (`decoding_module`): a dense copy
     in the model's dtype (exact), or with nf4_cpu_kernel="bitsandbytes" bitsandbytes' 4-bit kernel in bf16
-    where the CPU has it (a quarter of the bytes to read per token). The stand-ins live only for the generate
-    call and only while they fit in a quarter of the free memory; the NF4 modules are put back afterwards,
-    even on error. On CUDA the fused NF4 kernel reads the 4-bit weights directly, so nothing is made there.
+    where the CPU has it (a quarter of the bytes to read per token). The stand-ins are in the model only for
+    the generate call and only while they fit in a quarter of the free memory; the NF4 modules are put back
+    afterwards, even on error (the kernel's relaid copy stays cached on its NF4 layer until the weights change). On CUDA the fused NF4 kernel reads the 4-bit weights directly, so nothing is made there.
     """
     # A quantized projection is one that can give a decoding stand-in (NF4Linear.decoding_module): asking for
     # that, rather than testing for a class, keeps the model family free of quantization code.
