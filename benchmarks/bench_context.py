@@ -9,7 +9,8 @@
    as host memory), put on the card by the planner's own formula (CUDA context, allocator overhead).
    Nothing here ran on a GPU.
 2. CPU slopes: real fp32 steps (each in its own process, `python -m qtune.memory.measure`, measured after a
-   warm-up step) of SmolLM2-360M's shape with and without the tiled MLP, and of the 7B shape, at two lengths each: memory per extra token,
+   warm-up step) of SmolLM2-360M's shape and of the 7B shape (its tiled MLP in 256-token chunks, so that both
+   lengths tile within the hour), with and without the tiled MLP, at two lengths each: memory per extra token,
    and the tracer's fp32 replay of the same steps (their ratio should be within 5%).
 3. Exactness: loss and adapter gradients of a 4-layer SmolLM2-135M-shaped step with offloaded checkpoints,
    the tiled MLP and both, against the plain checkpointed step (max abs difference).
@@ -38,6 +39,7 @@ from qtune.memory.estimate import StepShape
 from qtune.memory.plan import ASSUMPTIONS, best_rung, ladder, on_card
 from qtune.memory.tracer import fmt_bytes
 from qtune.config import position_limit
+from qtune.tiled_mlp import CHUNK_TOKENS
 
 HERE = Path(__file__).resolve().parent
 SHAPE = "llama3.1-8b"
@@ -87,27 +89,33 @@ def run_json(cmd: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measured(shape: str, seq: int, tiled: str) -> dict:
+def measured(shape: str, seq: int, tiled: str, tile_tokens: int) -> dict:
     """A real step's peak after a warm-up step: the first step also builds the runtime's lazily made state
     (oneDNN primitives and scratch memory, thread pools; 50-90 MB on SmolLM2-360M, which is no tensor of the
     step and is built once per process), which a cold measurement would count as the step's."""
-    spec = {"shape": shape, "seq_len": seq, "r": 16, "tiled_mlp": tiled, "warmup_step": True}
+    spec = {"shape": shape, "seq_len": seq, "r": 16, "tiled_mlp": tiled, "warmup_step": True,
+            "tile_tokens": tile_tokens}
     return run_json([sys.executable, "-m", "qtune.memory.measure", json.dumps(spec)])
 
 
-def traced_fp32(shape: str, seq: int, tiled: str) -> int:
+def traced_fp32(shape: str, seq: int, tiled: str, tile_tokens: int) -> int:
+    import qtune.tiled_mlp
     from qtune.memory.step import trace_step
+
+    qtune.tiled_mlp.CHUNK_TOKENS = tile_tokens  # this worker process's chunk, as the measured step's
 
     return trace_step(shape_config(shape), 1, seq, torch.float32, r=16, tiled_mlp=tiled).peak_bytes
 
 
-def cpu_slopes(shape: str, seqs: tuple[int, int], tiled: str, pool) -> dict:
-    """Two real steps and their fp32 replays: bytes per extra token, and replay / measured at each length."""
-    pending = [pool.apply_async(traced_fp32, (shape, n, tiled)) for n in seqs]
-    steps = [measured(shape, n, tiled) for n in seqs]
+def cpu_slopes(shape: str, seqs: tuple[int, int], tiled: str, pool, tile_tokens: int = CHUNK_TOKENS) -> dict:
+    """Two real steps and their fp32 replays: bytes per extra token, and replay / measured at each length.
+    tile_tokens: the tiled MLP's chunk (smaller than the default for the 7B shape, whose steps at lengths of
+    several default chunks would take hours on this CPU)."""
+    pending = [pool.apply_async(traced_fp32, (shape, n, tiled, tile_tokens)) for n in seqs]
+    steps = [measured(shape, n, tiled, tile_tokens) for n in seqs]
     traces = [f.get() for f in pending]
     (a, b), (n0, n1) = steps, seqs
-    return {"shape": shape, "tiled_mlp": tiled, "seqs": list(seqs),
+    return {"shape": shape, "tiled_mlp": tiled, "tile_tokens": tile_tokens, "seqs": list(seqs),
             "measured_step_peak_tensors": [m["step_peak_tensors"] for m in steps],
             "traced_fp32_peak": traces, "step_s": [m["step_s"] for m in steps],
             "measured_bytes_per_token": (b["step_peak_tensors"] - a["step_peak_tensors"]) / (n1 - n0),
@@ -169,6 +177,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--small-seqs", default="2048,3072", help="SmolLM2-360M lengths of the CPU slope")
     p.add_argument("--big-shape", default="llama2-7b")
     p.add_argument("--big-seqs", default="512,1024")
+    p.add_argument("--big-tile-tokens", type=int, default=256, help="the tiled MLP's chunk in the 7B-shaped steps")
     p.add_argument("--skip-big", action="store_true", help="skip the 7B-shaped CPU steps (minutes each)")
     p.add_argument("--exact-seq", type=int, default=2304, help="tokens of the exactness and speed steps")
     p.add_argument("--repeat", type=int, default=3)
@@ -188,9 +197,10 @@ def report(result: dict) -> None:
               f"planner {fmt_bytes(c['peak_bytes'])}{shown}, host {fmt_bytes(c['host_bytes'])}; switches "
               f"{c['switches']}")
     for s in result["cpu_slopes"]:
-        print(f"  CPU {s['shape']} tiled_mlp={s['tiled_mlp']}: {s['measured_bytes_per_token'] / 1e3:.1f} kB/token "
-              f"measured, {s['traced_bytes_per_token'] / 1e3:.1f} traced; replay / measured "
-              f"{s['traced_over_measured']}")
+        tile = f" ({s['tile_tokens']}-token chunks)" if s["tiled_mlp"] == "on" else ""
+        print(f"  CPU {s['shape']} tiled_mlp={s['tiled_mlp']}{tile}: "
+              f"{s['measured_bytes_per_token'] / 1e3:.1f} kB/token measured, "
+              f"{s['traced_bytes_per_token'] / 1e3:.1f} traced; replay / measured {s['traced_over_measured']}")
     for name, e in result["exactness"].items():
         print(f"  exact {name}: loss diff {e['loss_abs_diff']:.2e}, gradient diff {e['grad_max_abs_diff']:.2e} "
               f"(largest gradient {e['grad_max_abs']:.2e})")
@@ -210,7 +220,8 @@ def main() -> None:
         small = tuple(int(x) for x in args.small_seqs.split(","))
         slopes = [cpu_slopes("smollm2-360m", small, tiled, pool) for tiled in ("off", "on")]
         if not args.skip_big:
-            slopes.append(cpu_slopes(args.big_shape, tuple(int(x) for x in args.big_seqs.split(",")), "off", pool))
+            big = tuple(int(x) for x in args.big_seqs.split(","))
+            slopes += [cpu_slopes(args.big_shape, big, tiled, pool, args.big_tile_tokens) for tiled in ("off", "on")]
         exact = exactness(args.exact_seq)
         untiled = step_seconds(args.exact_seq, "off", args.repeat)
         tiled = step_seconds(args.exact_seq, "on", args.repeat)

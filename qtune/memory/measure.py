@@ -3,12 +3,12 @@
     python -m qtune.memory.measure '{"shape": "llama2-7b", "seq_len": 512, "r": 16}'
     python -m qtune.memory.measure '{"config": {...config.json fields...}, "micro_batch_size": 2, ...}'
 
-prints one JSON object. Memory is the kernel's count for this process (/proc/self/status): VmHWM, the
-peak resident set, is reset through /proc/self/clear_refs once the model is built and the optimizer
-state exists (made by a zero-gradient step, or by a full warm-up step with "warmup_step": true), so
-`step_peak` is the step's own peak. `step_peak_tensors` subtracts what the process
-holds besides tensors (interpreter, libraries: resident size before the step minus the bytes of the
-tensors alive then), which is what the estimator and the tracer predict.
+prints one JSON object ("tile_tokens" sets the tiled MLP's chunk, qtune.tiled_mlp.CHUNK_TOKENS, for the step).
+Memory is the kernel's count for this process (/proc/self/status): VmHWM, the peak resident set, is reset
+through /proc/self/clear_refs once the model is built and the optimizer state exists (made by a zero-gradient
+step, or by a full warm-up step with "warmup_step": true), so `step_peak` is the step's own peak.
+`step_peak_tensors` subtracts what the process holds besides tensors (interpreter, libraries: resident size
+before the step minus the bytes of the tensors alive then), which is what the estimator and the tracer predict.
 """
 
 import json
@@ -41,6 +41,10 @@ def reset_peak_rss() -> None:
 def measure_step(spec: dict) -> dict:
     """Build the spec's random model, create the optimizer state, run one step; report memory and time."""
     cfg = shape_config(spec["shape"]) if "shape" in spec else ModelConfig.from_dict(spec["config"])
+    if "tile_tokens" in spec:
+        import qtune.tiled_mlp
+
+        qtune.tiled_mlp.CHUNK_TOKENS = spec["tile_tokens"]
     dtype = getattr(torch, spec.get("dtype", "float32"))
     runtime = proc_status()
     t0 = time.perf_counter()
