@@ -17,6 +17,7 @@ from qtune.tiled_mlp import tiled_mlp, tiles
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.fused_gate_up = cfg.fused_projections  # a flag: hasattr on a missing submodule raises inside
         if cfg.fused_projections:
             self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         else:
@@ -32,7 +33,7 @@ class MLP(nn.Module):
 
     def untiled(self, x):
         # SwiGLU: down(silu(gate x) * up x); GeGLU: down(gelu_tanh(gate x) * up x)
-        if hasattr(self, "gate_up_proj"):  # Phi-3: gate rows, then up rows, activated where they lie
+        if self.fused_gate_up:  # Phi-3: gate rows, then up rows, activated where they lie
             return self.down_proj(gated_halves(self.gate_up_proj(x), self.activation, self.kernels))
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if fused_path(self.kernels, x, *projections):

@@ -189,6 +189,7 @@ def _without(feature):
                 attn.window = None
             elif feature == "qk_norm":
                 del attn.q_norm, attn.k_norm
+                attn.qk_norm = False
             elif feature == "local_rope":
                 model.rope_local_inv_freq = model.rope_inv_freq
             elif feature == "long_rope":
