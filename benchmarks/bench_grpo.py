@@ -10,8 +10,9 @@ trl      the same step in both: SmolLM2-135M in NF4 (qtune's NF4 / bitsandbytes'
          median seconds per step split into rollout (sampling, rewards, the log-prob passes of the reference) and
          update (forward + backward + optimizer), and the peak RssAnon above the post-import level, with the ratios.
 learn    recipes/grpo.toml through the real loop on each built-in task (addition, word problems), in fp32 on a CPU:
-         greedy accuracy on the held-out prompts before and after, a one-sided two-proportion z-test against no
-         change, the KL (mean and largest over the steps), wall and CPU seconds and the 15-minute load average.
+         greedy accuracy on the held-out prompts before and after, the one-sided exact McNemar (sign) test against
+         no change on the same prompts (and the unpaired two-proportion z-test of earlier rounds), the KL (mean
+         and largest over the steps), wall and CPU seconds and the 15-minute load average.
 vs-ppo   the addition task with GRPO (operands 1-30; recipes/grpo.toml, reward 1 when the last number is the sum) and PPO
          (recipes/ppo.toml with reward_fn arithmetic: 1 when the first number is the sum, as PPO's responses do not stop
          at a newline; GRPO's do, so a response holds one line and its last number is the answer), the same prompts,
@@ -213,18 +214,23 @@ def run_learn(args, work: Path) -> dict:
         seconds, cpu, load = time.perf_counter() - t0, cpu_seconds() - cpu0, os.getloadavg()[2]
         kls = [r["kl"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
         p = one_sided_p(s["before"], s["after"], args.val)
-        results[task] = {"before": s["before"], "after": s["after"], "p_one_sided": p, "kl_mean": statistics.mean(kls),
+        # the paired (McNemar) test on the same 200 prompts, and the unpaired two-proportion one of earlier rounds
+        results[task] = {"before": s["before"], "after": s["after"], "improved": s["val_improved"],
+                         "worsened": s["val_worsened"], "p_paired": s["val_p_one_sided"],
+                         "p_one_sided": p, "kl_mean": statistics.mean(kls),
                          "kl_max": max(kls), "seconds": seconds, "cpu_seconds": cpu, "load_15min": load,
                          "steps": args.learn_steps, "reward_first": s["reward_first"], "reward_last": s["reward_last"],
                          "dropped_groups": s["dropped_groups"]}
-        print(f"{task}: held-out accuracy {s['before']:.3f} -> {s['after']:.3f} (n={args.val}, one-sided p={p:.3g}), "
+        print(f"{task}: held-out accuracy {s['before']:.3f} -> {s['after']:.3f} (n={args.val}; "
+              f"{s['val_improved']} prompts right only after, {s['val_worsened']} only before: paired one-sided "
+              f"p={s['val_p_one_sided']:.3g}; two-proportion p={p:.3g}), "
               f"KL mean {results[task]['kl_mean']:.4f} (max {max(kls):.4f}), {seconds:.0f} s wall, {cpu:.0f} s CPU, "
               f"load {load:.1f}", flush=True)
         case = ",".join(["smollm2-135m,fp32", task, f"steps={args.learn_steps}", f"new_tokens={new_tokens}",
                          f"val={args.val}", *args.overrides])
         rows += [{"case": case, "impl": "qtune-grpo", "metric": k, "value": float(f"{results[task][k]:.5g}"),
                   "unit": u}
-                 for k, u in (("before", "fraction"), ("after", "fraction"), ("p_one_sided", "p"),
+                 for k, u in (("before", "fraction"), ("after", "fraction"), ("p_paired", "p"), ("p_one_sided", "p"),
                               ("kl_mean", "nats/token"), ("kl_max", "nats/token"), ("seconds", "s"),
                               ("cpu_seconds", "s"), ("load_15min", "load"))]
     append_rows("grpo_learn", "cpu", rows)

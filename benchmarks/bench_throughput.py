@@ -10,8 +10,10 @@ alpha=16 on every linear of the decoder layers, gradient checkpointing (non-reen
 clipping at 0.3, and the same batch of token ids (every position trained). The two models live in one
 process and their steps alternate (each side first every other round), so both see the same machine
 load. Each side's tokens/s is taken from its fastest timed step after one warm-up step (the step least
-slowed by other processes on a shared machine; the median and slowest are reported too). Rows go to benchmarks/results.csv; the last stdout
-line is JSON with tokens/s of each side and their ratio.
+slowed by other processes on a shared machine; the median and slowest are reported too). Rows go to
+benchmarks/results.csv; the last stdout line is JSON with tokens/s of each side and their ratio;
+`paired_median_speedup` is the median over rounds of the peer's step time over qtune's in the same round (the
+two steps ran back to back).
 
 --families runs the same comparison once per family on a random checkpoint of a tiny-but-real shape (FAMILY_SHAPE:
 SmolLM2-135M's widths, 6 layers, a 32K vocabulary) with each family's own features switched on (Qwen3's q/k norms,
@@ -175,6 +177,9 @@ def compare(model_dir: Path, args) -> dict:
     result["speedup"] = round(result["qtune"]["tokens_per_s"] / result["peer"]["tokens_per_s"], 3)
     medians = result["qtune"]["median_tokens_per_s"], result["peer"]["median_tokens_per_s"]
     result["median_speedup"] = round(medians[0] / medians[1], 3)
+    # each round's two steps ran back to back, so their ratio cancels load that drifts slower than a step
+    paired = [p / q for p, q in zip(times["peer"], times["qtune"])]
+    result["paired_median_speedup"] = round(statistics.median(paired), 3)
     return result
 
 
@@ -198,7 +203,8 @@ def run_families(args) -> None:
             result = compare(write_family_checkpoint(family, Path(tmp)), args)
         results[family] = result
         print(f"{family}: qtune {result['qtune']['tokens_per_s']} tok/s, peer {result['peer']['tokens_per_s']} tok/s, "
-              f"ratio {result['speedup']}x (medians: {result['median_speedup']}x)", flush=True)
+              f"ratio {result['speedup']}x (medians: {result['median_speedup']}x, paired rounds: "
+              f"{result['paired_median_speedup']}x)", flush=True)
         rows += csv_rows(f"{family}-tiny,b={args.batch},T={args.seq},r={args.rank}", result)
     if not args.no_csv:
         append_rows("throughput", "cpu", rows)
@@ -218,7 +224,7 @@ def main() -> None:
     print(f"{args.model} QLoRA step, {args.batch} x {args.seq} tokens, r={args.rank}, checkpointing, fp32 CPU: "
           f"{dropout}qtune {result['qtune']['tokens_per_s']} tok/s ({result['qtune']['min_s']} s), peer "
           f"{result['peer']['tokens_per_s']} tok/s ({result['peer']['min_s']} s), ratio {result['speedup']}x "
-          f"(medians: {result['median_speedup']}x)")
+          f"(medians: {result['median_speedup']}x, paired rounds: {result['paired_median_speedup']}x)")
     if not args.no_csv:
         case = f"{args.model},b={args.batch},T={args.seq},r={args.rank}"
         append_rows("throughput", "cpu", csv_rows(case + (f",p={args.dropout}" if args.dropout else ""), result))

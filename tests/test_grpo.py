@@ -86,6 +86,25 @@ def test_two_steps_through_the_cli(tiny_dir, tmp_path):  # noqa: F811
     assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-6) and logged[0]["updates"] == 1
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "run" / "reward_curve.png").is_file()
+    # the paired test reads the per-prompt rewards kept before training; metrics.jsonl stays free of them
+    kept = json.loads((tmp_path / "run" / "held_out_before.json").read_text())["val_scores"]
+    assert len(kept) == 4 and sum(kept) / 4 == pytest.approx(summary["before"])
+    assert summary["val_improved"] + summary["val_worsened"] <= 4 and 0 < summary["val_p_one_sided"] <= 1
+    assert not any("val_scores" in json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open())
+
+
+def test_sign_test_against_hand_values_and_scipy():
+    from qtune.train.grpo import paired_change, sign_test_p
+
+    assert sign_test_p(3, 0) == 1 / 8 and sign_test_p(5, 1) == 7 / 64 and sign_test_p(0, 0) == 1.0
+    assert sign_test_p(0, 4) == 1.0 and sign_test_p(2, 2) == 11 / 16
+    stats = pytest.importorskip("scipy.stats")
+    for improved, worsened in ((12, 3), (40, 25), (7, 7), (1, 9)):
+        ref = stats.binomtest(improved, improved + worsened, 0.5, alternative="greater").pvalue
+        assert sign_test_p(improved, worsened) == pytest.approx(ref, rel=1e-12)
+    change = paired_change({"val_scores": [0, 1, 0, 1, 0]}, {"val_scores": [1, 1, 0, 0, 1]})
+    assert change == {"val_improved": 2, "val_worsened": 1, "val_p_one_sided": 0.5}
+    assert paired_change({"val_accuracy": 0.5}, {"val_scores": [1.0]}) == {}
 
 
 def test_later_passes_use_the_rollout_policy_as_old(tiny_dir, tmp_path):  # noqa: F811

@@ -17,6 +17,7 @@ Losses and advantages live in `qtune.align.grpo_losses`; rewards, sampling and b
 """
 
 import contextlib
+import math
 import time
 
 import numpy as np
@@ -180,13 +181,37 @@ def no_update() -> dict:
 
 @torch.no_grad()
 def held_out_accuracy(model, scorers, prompts, tokenizer, recipe: GRPORecipe) -> dict:
-    """The mean of the accuracy reward (grpo.accuracy_reward) over greedy responses to held-out prompts ({} without)."""
+    """The mean of the accuracy reward (grpo.accuracy_reward) over greedy responses to held-out prompts ({} without),
+    and each prompt's reward (`val_scores`, kept in held_out_before.json for the paired test, not logged)."""
     if not prompts:
         return {}
     prompts, generations = sample_groups(model, prompts, tokenizer, recipe, seed=None, greedy=True)
     scores = scorers[recipe.grpo.accuracy_reward].score(prompts, generations)
     return {"val_accuracy": float(scores.mean()),
-            "val_completion_length": float(np.mean([len(x.token_ids) for x in generations]))}
+            "val_completion_length": float(np.mean([len(x.token_ids) for x in generations])),
+            "val_scores": [float(x) for x in scores]}
+
+
+def logged(held_out: dict) -> dict:
+    """A held-out result as metrics.jsonl records it: without the per-prompt scores."""
+    return {k: v for k, v in held_out.items() if k != "val_scores"}
+
+
+def sign_test_p(improved: int, worsened: int) -> float:
+    """One-sided exact McNemar (sign) test of "no better": P(X >= improved) for X ~ Binomial(improved + worsened,
+    1/2), over the held-out prompts whose reward changed (those that did not carry no evidence either way)."""
+    n = improved + worsened
+    return sum(math.comb(n, i) for i in range(improved, n + 1)) / 2 ** n
+
+
+def paired_change(before: dict, after: dict) -> dict:
+    """Prompts whose greedy reward rose / fell between the two evaluations of the same held-out prompts, and
+    `sign_test_p` of them ({} unless both evaluations kept their per-prompt scores)."""
+    a, b = before.get("val_scores"), after.get("val_scores")
+    if not a or not b or len(a) != len(b):
+        return {}
+    improved, worsened = sum(y > x for x, y in zip(a, b)), sum(y < x for x, y in zip(a, b))
+    return {"val_improved": improved, "val_worsened": worsened, "val_p_one_sided": sign_test_p(improved, worsened)}
 
 
 @contextlib.contextmanager
@@ -218,7 +243,8 @@ def describe_step(record: dict) -> str:
 
 
 def finish(run: Run, recipe: GRPORecipe, steps: int, before: dict, after: dict) -> dict:
-    """Plot, summarise (metric, before, after, kl: the last step's mean KL, null with β = 0) and save the adapter."""
+    """Plot, summarise (metric, before, after, kl: the last step's mean KL, null with β = 0; the paired test of the
+    held-out prompts, `paired_change`) and save the adapter."""
     records = run.metrics.read()
     names = reward_names(recipe)
     curves = [("reward", "reward (weighted sum)")] + ([(n, n) for n in names] if len(names) > 1 else [])
@@ -228,6 +254,7 @@ def finish(run: Run, recipe: GRPORecipe, steps: int, before: dict, after: dict) 
     kls = [r["kl"] for r in logged]
     return run.finish({
         "metric": "val_accuracy", "before": before.get("val_accuracy"), "after": after.get("val_accuracy"),
+        **paired_change(before, after),
         "kl": kls[-1] if kls and recipe.grpo.beta > 0 else None,
         "kl_max": max(kls) if kls and recipe.grpo.beta > 0 else None, "steps": steps,
         "reward_first": logged[0]["reward"] if logged else None,
@@ -255,7 +282,7 @@ def run_grpo(recipe: GRPORecipe, resume: bool = False, console=None) -> dict:
         before = held_out_accuracy(*held_out) if start_step == 0 else run.load_before()
     if start_step == 0:
         run.save_before(before)
-        run.log({"step": 0, **before})
+        run.log({"step": 0, **logged(before)})
     batches = prompt_batches(len(train_prompts), per_step, t.seed, recipe.data.shuffle, position)
     after = {}
     with run.training(steps, start_step) as stop, reward_errors_stop(run):
@@ -271,7 +298,7 @@ def run_grpo(recipe: GRPORecipe, resume: bool = False, console=None) -> dict:
                 run.check_collapse(step, update["grad_norm"])
             record = step_record(step, rollout_stats, update, scheduler, t0, device)
             after = held_out_accuracy(*held_out) if recipe.eval.every and step % recipe.eval.every == 0 else {}
-            record.update(after)
+            record.update(logged(after))
             log = step % t.log_every == 0 or step == steps or bool(after)
             run.step_done(record, log=log)
             if log:
@@ -281,5 +308,5 @@ def run_grpo(recipe: GRPORecipe, resume: bool = False, console=None) -> dict:
     if not after and val_prompts:
         with reward_errors_stop(run):
             after = held_out_accuracy(*held_out)
-        run.log({"step": steps, **after})
+        run.log({"step": steps, **logged(after)})
     return finish(run, recipe, steps, before, after)
