@@ -32,8 +32,9 @@ the plain-torch path holds at most two chunk_size x VOCAB_CHUNK fp32 tiles (4 MB
 and one chunk_size x D product. On a CPU its products run through oneDNN (kernels/cpu/linear.py).
 
 Soft-capped logits (Gemma 2, `softcap` = cap): every formula above reads c = cap · tanh(z / cap) for z, and
-the chain rule adds one factor, dL/dz = dL/dc · (1 − (c / cap)²). Both paths apply it tile by tile; the
-one-pass cross-entropy below does not cover it, so capped losses take the recomputing path.
+the chain rule adds one factor, dL/dz = dL/dc · (1 − (c / cap)²). Both paths apply it tile by tile, the
+one-pass cross-entropy too (its accumulated rows are weighted by that factor: two vocabulary products per
+tile for Gemma 2's loss as for any other).
 
 Masked tokens (ignore_index) cost the Triton path nothing: its kernels read the scored rows through an
 index. The torch path computes them and zeroes them, since gathering rows would copy them.
@@ -170,7 +171,7 @@ def logits_backward_torch(hidden, weight, targets, lse, mean_logit, grad_logp, g
     return grad_h, grad_w
 
 
-def cross_entropy_one_pass_torch(hidden, weight, targets, valid, chunk_size):
+def cross_entropy_one_pass_torch(hidden, weight, targets, valid, chunk_size, softcap=None):
     """Per-token -log p(target) (N,) and d(sum of them)/dh (N, D), both fp32 and 0 where not `valid`, in one
     walk over the vocabulary: with a frozen weight and a summed loss, dL/dh is known during the forward.
 
@@ -178,6 +179,9 @@ def cross_entropy_one_pass_torch(hidden, weight, targets, valid, chunk_size):
     exp(m_old - m_new) whenever the running max m grows, so that at the end
 
         dL/dh = softmax(z) W - W_y = acc / s - W_y
+
+    With `softcap` the logits are c = cap · tanh(z / cap) and each row j of W carries dc_j/dz_j = 1 − (c_j / cap)²:
+    acc = sum_j exp(c_j - m) (1 − (c_j / cap)²) W_j and dL/dh = acc / s − (1 − (c_y / cap)²) W_y.
 
     Two matmuls per logit tile (z = h W_cᵀ and acc += exp(z - m) W_c) instead of the three that
     forward + recomputing backward take; the price is the (N, D) fp32 gradient held from forward to backward.
@@ -191,23 +195,28 @@ def cross_entropy_one_pass_torch(hidden, weight, targets, valid, chunk_size):
         w = weight[v0:v0 + VOCAB_CHUNK].float()  # (Vc, D)
         for n0 in tile_starts(N, chunk_size):
             rows = slice(n0, n0 + chunk_size)
-            z = linear(h[rows], w)  # (C, Vc) fp32: the only logits alive
+            z = _cap_inplace(linear(h[rows], w), softcap)  # (C, Vc) fp32: the only logits alive
             local = targets[rows] - v0
             in_slice = (local >= 0) & (local < w.shape[0])
             picked = z.gather(1, local.clamp(0, w.shape[0] - 1)[:, None]).squeeze(1)
             z_target[rows] += torch.where(in_slice, picked, 0.0)
             m_new = torch.maximum(m[rows], z.max(dim=1).values)  # (C,)
             rescale = (m[rows] - m_new).exp_()  # 0 on the first tile, where m = -inf
+            cap_grad = None if softcap is None else (z / softcap).square_().neg_().add_(1)  # dc/dz (C, Vc)
             e = z.sub_(m_new[:, None]).exp_()  # (C, Vc), in z's storage
             s[rows] = s[rows] * rescale + e.sum(1)
+            e = e if cap_grad is None else e.mul_(cap_grad)
             acc[rows].mul_(rescale[:, None]).add_(matmul(e, w))  # a row slice of acc, in place
             m[rows] = m_new
     lse = m + s.log()
     safe_targets = torch.where(valid, targets, 0)
     grad_h = acc.div_(s[:, None])  # (N, D), in acc's storage
+    target_grad = None if softcap is None else (z_target / softcap).square_().neg_().add_(1)  # dc_y/dz_y (N,)
     for n0 in tile_starts(N, chunk_size):  # - W_y by row chunks: gathering all N target rows at once would copy (N, D)
         rows = slice(n0, n0 + chunk_size)
-        grad_h[rows].sub_(weight[safe_targets[rows]].float()).mul_(valid[rows, None])
+        w_y = weight[safe_targets[rows]].float()
+        w_y = w_y if target_grad is None else w_y.mul_(target_grad[rows, None])
+        grad_h[rows].sub_(w_y).mul_(valid[rows, None])
     return torch.where(valid, lse - z_target, 0.0), grad_h
 
 
@@ -216,8 +225,9 @@ class CrossEntropySumFn(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
-        nll, grad_h = cross_entropy_one_pass_torch(hidden, weight, targets, targets != ignore_index, chunk_size)
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, softcap):
+        nll, grad_h = cross_entropy_one_pass_torch(hidden, weight, targets, targets != ignore_index, chunk_size,
+                                                   softcap)
         # Held on ctx, not saved for backward: it is no input or output autograd could see modified, and the
         # backward scales it in place and hands it over (no second (N, D) fp32 buffer at the loss's peak).
         ctx.grad_h = grad_h
@@ -231,7 +241,7 @@ class CrossEntropySumFn(torch.autograd.Function):
         if grad_h is None:
             raise RuntimeError("cross_entropy_sum's backward ran twice (retain_graph=True): its one-pass gradient "
                                "is handed over on the first; call it again instead")
-        return grad_h.mul_(grad_loss).to(ctx.hidden_dtype), None, None, None, None
+        return grad_h.mul_(grad_loss).to(ctx.hidden_dtype), None, None, None, None, None
 
 
 class LogprobsEntropyFn(torch.autograd.Function):
@@ -354,13 +364,13 @@ def cross_entropy_sum(hidden, weight, targets, ignore_index=-100, chunk_size=102
     """
     count = (targets != ignore_index).sum()
     hidden, weight = _autocast_inputs(hidden, weight)
-    one_pass = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and softcap is None
+    one_pass = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
                 and not _use_triton_kernels(kernels, hidden))
     if one_pass:  # QLoRA's frozen lm_head on the plain-torch path: dL/dh during the forward
-        _check_inputs(hidden, weight, targets, ignore_index, chunk_size)  # token_logprobs checks the other path
+        _check_inputs(hidden, weight, targets, ignore_index, chunk_size, softcap)  # token_logprobs checks the rest
         flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (N, D)
         loss = CrossEntropySumFn.apply(flat_hidden, weight.contiguous(), targets.reshape(-1).long().contiguous(),
-                                       ignore_index, chunk_size)
+                                       ignore_index, chunk_size, None if softcap is None else float(softcap))
         return loss, count
     logp = token_logprobs(hidden, weight, targets, ignore_index, chunk_size, kernels, softcap)
     return -logp.sum(), count

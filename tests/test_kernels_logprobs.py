@@ -112,11 +112,19 @@ def test_soft_capped_logits_match_reference(shape, kernels):
         assert_rel_close(value, ref_value, what=f"{name} value")
         assert_rel_close(grad_h, ref_grad_h, what=f"{name} dL/dhidden")
         assert_rel_close(grad_w, ref_grad_w, what=f"{name} dL/dweight")
-    # a frozen weight (QLoRA's lm_head) skips the one-pass cross-entropy, which has no capped form
+    # a frozen weight (QLoRA's lm_head): on the torch path the one-pass cross-entropy, dL/dh weighted by dc/dz
+    # during the forward (two products per logit tile, none in backward)
     h = hidden.clone().requires_grad_()
-    loss = cross_entropy_sum(h, weight, targets, chunk_size=chunk, kernels=kernels, softcap=cap)[0]
-    loss.backward()
-    assert_rel_close(h.grad, grads(ce_reference, hidden, weight, torch.float64)[1], what="frozen-weight dL/dhidden")
+    with CountMatmuls() as forward:
+        loss = cross_entropy_sum(h, weight, targets, chunk_size=chunk, kernels=kernels, softcap=cap)[0]
+    with CountMatmuls() as backward:
+        (0.37 * loss).backward()
+    if kernels == "torch":
+        assert forward.count == 2 * -(-V // VOCAB_CHUNK) * -(-N // chunk) and backward.count == 0
+    assert_rel_close(loss, ce_reference(h64, w64), what="frozen-weight loss")
+    assert_rel_close(h.grad, 0.37 * grads(ce_reference, hidden, weight, torch.float64)[1],
+                     what="frozen-weight dL/dhidden")
+    assert not h.grad[targets == -100].any()
 
 
 def test_temperature_on_capped_logits_is_a_rescaled_cap():

@@ -258,9 +258,9 @@ def loss_bytes(s: StepShape) -> int:
     """The loss: the final norm's saved input, the hidden states and their scored copy, their fp32 copy,
     and the one-pass cross-entropy of a frozen lm_head (`cross_entropy_one_pass_torch`).
 
-    Its forward holds one fp32 logit tile (1024 tokens x VOCAB_CHUNK columns, exponentiated in place) and
-    the fp32 gradient being accumulated (N x D); at the end the target rows of the lm_head are gathered
-    (in its dtype and in fp32) while the last tile is still referenced. Backward holds the saved
+    Its forward holds one fp32 logit tile (1024 tokens x VOCAB_CHUNK columns, exponentiated in place; soft-capped
+    logits add their derivative's tile) and the fp32 gradient being accumulated (N x D); at the end the target
+    rows of the lm_head are gathered (in its dtype and in fp32) while the last tile is still referenced. Backward holds the saved
     gradient and its scaled copy (cast to a 16-bit compute dtype). A 16-bit lm_head slice is upcast to
     fp32 per vocabulary chunk.
     """
@@ -270,7 +270,7 @@ def loss_bytes(s: StepShape) -> int:
         return triton_loss_bytes(s)
     N, D, b = s.tokens, s.cfg.hidden_size, s.b
     chunk = min(VOCAB_CHUNK, s.cfg.vocab_size)
-    tile = min(N, CE_CHUNK) * chunk * 4
+    tile = min(N, CE_CHUNK) * chunk * 4 * (2 if s.cfg.final_logit_softcapping else 1)  # and Gemma 2's dc/dz tile
     widened = 4 if b < 4 else 0
     held = N * D * (b + widened + 2 * b + widened) + (4 * chunk * D if b < 4 else 0)
     grad = N * D * 4
