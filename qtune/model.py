@@ -220,11 +220,11 @@ class Attention(nn.Module):
             q, k, v = lora_qkv(x, *map(fused_params, projections), training=self.training, kernels=self.kernels)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
+        q, k = q.view(B, T, self.n_head, self.head_dim), k.view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm:  # over each head's d features, while they are contiguous rows
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, d), (B, H_kv, T, d)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)  # over each head's d features
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, d)
