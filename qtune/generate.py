@@ -180,7 +180,8 @@ def decoding_weights(model: CausalLM, nf4_cpu_kernel: str = "dense"):
     in the model's dtype (exact), or with nf4_cpu_kernel="bitsandbytes" bitsandbytes' 4-bit kernel in bf16
     where the CPU has it (a quarter of the bytes to read per token). The stand-ins are in the model only for
     the generate call and only while they fit in a quarter of the free memory; the NF4 modules are put back
-    afterwards, even on error (the kernel's relaid copy stays cached on its NF4 layer until the weights change). On CUDA the fused NF4 kernel reads the 4-bit weights directly, so nothing is made there.
+    afterwards, even on error (the kernel's relaid copy stays cached on its NF4 layer until the weights change).
+    On CUDA the fused NF4 kernel reads the 4-bit weights directly, so nothing is made there.
     """
     # A quantized projection is one that can give a decoding stand-in (NF4Linear.decoding_module): asking for
     # that, rather than testing for a class, keeps the model family free of quantization code.

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qtune.kernels.nf4 import NF4_CODE
-from qtune.weights.nf4 import NF4Weight, _bnb_ops, quantize_nf4
+from qtune.weights.nf4 import NF4Weight, _bnb_ops, _nf4_levels, quantize_nf4
 
 GEMV_TILE = 32  # output rows per tile of the kernel's layout
 GEMV_BLOCKSIZE = 64  # the kernel reads one absmax per 64 inputs of a row
@@ -40,8 +40,7 @@ def reference_nf4_gemv(x: torch.Tensor, q: NF4Weight) -> torch.Tensor:
     """The kernel's result in plain torch: x (..., in) -> (..., out) in x's dtype, from bf16 operands, for a
     weight of the kernel's layout (`gemv_layout_applies`)."""
     out_features, in_features = q.shape
-    codes = torch.stack([q.packed >> 4, q.packed & 15], dim=-1).view(-1).long()  # (n,) element order
-    levels = NF4_CODE.to(x.device).bfloat16().float()[codes].view(out_features, -1, q.blocksize)
+    levels = _nf4_levels(q.packed, q.numel).bfloat16().float().view(out_features, -1, q.blocksize)
     scales = q.absmax_fp32().bfloat16().float().view(out_features, -1, 1)
     w = (levels * scales).view(out_features, in_features)  # exact in fp32: a product of two bf16 values
     y = x.bfloat16().float() @ w.t()
